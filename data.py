@@ -1,0 +1,247 @@
+"""Image datasets behind one function, `build_dataset`, each item a uint8 (C, H, W) tensor and a label.
+
+    fashion-mnist  the embedded default: the standard gzipped idx files, from --data-dir or
+                   Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)
+    cifar10        --data-dir holding cifar-10-batches-py/ (the "python version" from the CIFAR site)
+    cifar100       --data-dir holding cifar-100-python/ (fine labels)
+    in1k           --data-dir with train/ and val/ class folders (ImageNet's usual layout), 224 px
+    imagefolder    the same layout for any labelled image set
+    images         a plain folder of images, searched recursively, no labels (pretraining only)
+
+Normalisation happens on the device, inside the models, so loaders ship uint8.
+"""
+import gzip
+import os
+import pickle
+import subprocess
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+from torchvision import datasets
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know of a dataset."""
+
+    in_chans: int
+    img_size: int  # square side, pixels
+    num_classes: int  # 0 for unlabelled data
+    mean: tuple
+    std: tuple
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = {
+    "fashion-mnist": DataInfo(1, 28, 10, (0.2860,), (0.3530,)),
+    "cifar10": DataInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DataInfo(3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "in1k": DataInfo(3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD),
+    "imagefolder": DataInfo(3, 224, 0, IMAGENET_MEAN, IMAGENET_STD),  # classes counted on load
+    "images": DataInfo(3, 224, 0, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def data_info(name, img_size=None, in_chans=None):
+    """The dataset's defaults, with --img-size and --in-chans overrides."""
+    if name not in DATASETS:
+        raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
+    info = DATASETS[name]
+    chans = in_chans or info.in_chans
+    mean, std = info.mean, info.std
+    if chans != info.in_chans:  # e.g. grayscale ImageNet: average the per-channel statistics
+        mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
+    return DataInfo(chans, img_size or info.img_size, info.num_classes, mean, std)
+
+
+class DataError(ValueError):
+    """A dataset is missing or not in the expected layout; the message says which and how."""
+
+
+# ---------------------------------------------------------------- in-memory sets
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W), with labels (N,)."""
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+def read_idx(path):
+    """A gzipped idx file (the MNIST format) as a numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != np.prod(shape):
+        raise DataError(f"{path} holds {body.size} bytes, its header promises {shape}")
+    return body.reshape(shape)
+
+
+def fashion_mnist_dir(data_dir):
+    """--data-dir if given, else where Debian's dataset-fashion-mnist installs the files."""
+    if data_dir:
+        return Path(data_dir)
+    if Path(FASHION_MNIST_DEBIAN).is_dir():
+        return Path(FASHION_MNIST_DEBIAN)
+    try:  # the package may one day install elsewhere
+        listing = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True).stdout
+        return next(Path(p).parent for p in listing.split() if p.endswith("train-images-idx3-ubyte.gz"))
+    except (OSError, StopIteration):
+        raise DataError(
+            "Fashion-MNIST not found: pass --data-dir with the four *-idx?-ubyte.gz files, "
+            "or install Debian's package: apt-get install dataset-fashion-mnist"
+        ) from None
+
+
+def load_fashion_mnist(data_dir, split):
+    root = fashion_mnist_dir(data_dir)
+    prefix = "train" if split == "train" else "t10k"
+    paths = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p} not found: Fashion-MNIST expects {[q.name for q in paths]} in {root}")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DataError(f"{paths[0]}: expected (N, 28, 28) images and N labels, got {images.shape} and {labels.shape}")
+    return torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))
+
+
+def load_cifar(data_dir, split, classes):
+    folder, label_key = ("cifar-10-batches-py", b"labels") if classes == 10 else ("cifar-100-python", b"fine_labels")
+    root = Path(data_dir or ".") / folder
+    names = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]) if classes == 10 else [split if split == "train" else "test"]
+    images, labels = [], []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')")
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # the format CIFAR is published in
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+# ---------------------------------------------------------------- folders
+
+
+class ImageFiles(Dataset):
+    """Image files, unlabelled (label -1), for pretraining on one's own data."""
+
+    def __init__(self, files, mode, transform):
+        self.files, self.mode, self.transform = files, mode, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert(self.mode)), -1
+
+
+def image_files(root, split, mode, transform):
+    """Every image below root, searched recursively; every 50th file (by name) is held out as val."""
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if len(files) < 2:
+        raise DataError(f"found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}) below {root}, need at least 2")
+    held_out = set(range(0, len(files), 50))
+    return ImageFiles([f for i, f in enumerate(files) if (i in held_out) == (split == "val")], mode, transform)
+
+
+def image_folder(root, mode, transform):
+    """train/ or val/ of an ImageNet-style tree: one sub-folder per class."""
+    if not Path(root).is_dir():
+        raise DataError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
+    try:
+        return datasets.ImageFolder(root, transform=transform, loader=lambda p: Image.open(p).convert(mode))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
+        raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
+
+
+# ---------------------------------------------------------------- one entry point
+
+
+def pretrain_transform(info, name):
+    """Pretraining augmentation: MAE's random resized crop and flip for large photos, flip alone for small sets."""
+    if name in ("in1k", "imagefolder", "images"):
+        return v2.Compose([v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    return v2.Compose([*resize_if_needed(info, name), v2.RandomHorizontalFlip()])
+
+
+def eval_transform(info, name):
+    """Held-out images: resize to 1/0.875 and centre crop (DeiT) for photos, resize only for small sets."""
+    if name in ("in1k", "imagefolder", "images"):
+        return v2.Compose([v2.Resize(int(info.img_size / 0.875), antialias=True), v2.CenterCrop(info.img_size), v2.PILToTensor()])
+    return v2.Compose(resize_if_needed(info, name) or [v2.Identity()])
+
+
+def resize_if_needed(info, name):
+    """Small in-memory sets are used at their native size unless --img-size asks otherwise."""
+    return [] if info.img_size == DATASETS[name].img_size else [v2.Resize(info.img_size, antialias=True)]
+
+
+def finetune_transform(info, name, randaug_n, randaug_m, reprob):
+    """DeiT's finetuning augmentation, torchvision's ops on uint8: random resized crop for photos
+    (random crop with 1/8 padding for small sets), flip, RandAugment(n, m), RandomErasing(p)."""
+    if name in ("in1k", "imagefolder"):
+        crop = [v2.RandomResizedCrop(info.img_size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+    else:
+        crop = [*resize_if_needed(info, name), v2.RandomCrop(info.img_size, padding=info.img_size // 8), v2.RandomHorizontalFlip()]
+    augment = [v2.RandAugment(randaug_n, randaug_m)] if randaug_n else []
+    erase = [v2.RandomErasing(reprob)] if reprob else []
+    return v2.Compose([*crop, *augment, *erase])
+
+
+def mix_collate(mixup, cutmix, num_classes):
+    """DeiT's MixUp / CutMix, one of them per batch, as a training collate_fn; None when both are off.
+
+    Labels become soft targets (B, classes); images become floats in [0, 1] so they can be blended.
+    """
+    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+    return partial(mix_batch, mix=v2.RandomChoice(mixes)) if mixes else None
+
+
+def mix_batch(batch, mix):
+    images, labels = default_collate(batch)  # (B, C, H, W) uint8, (B,)
+    return mix(images.float() / 255, labels)
+
+
+def build_dataset(name, data_dir, split, info, transform):
+    """The `split` ("train" or "val") of dataset `name`, items (uint8 (C, H, W), label)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if data_dir and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is not a folder")
+    if name == "fashion-mnist":
+        return TensorImages(*load_fashion_mnist(data_dir, split), transform)
+    if name in ("cifar10", "cifar100"):
+        return TensorImages(*load_cifar(data_dir, split, 10 if name == "cifar10" else 100), transform)
+    if not data_dir:
+        raise DataError(f"--data {name} needs --data-dir")
+    mode = "L" if info.in_chans == 1 else "RGB"
+    if name == "images":
+        return image_files(data_dir, split, mode, transform)
+    if name in ("in1k", "imagefolder"):
+        return image_folder(Path(data_dir) / split, mode, transform)
+    raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")

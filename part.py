@@ -1,0 +1,681 @@
+"""PART: the patch sampler, the ViT encoder, the relative heads and the loss.
+
+Ayoughi et al., "How PARTs assemble into wholes: learning the relative
+composition of images", NLDL 2026, section 4 (method) and 8.1 (details).
+
+    sample N boxes -> crop-and-resize to P x P -> ViT without position
+    embeddings -> relative head on K (reference, target) pairs -> MSE on
+    the relative translation (and, with scale, the relative size).
+
+Everything here is shape-generic over the number of spatial dimensions d:
+a box is (lo_1..lo_d, hi_1..hi_d), so (x0, y0, x1, y1) for images and
+(t0, t1) for 1D windows (sleep1d.py). The ViT takes a sequence of patches
+(B, N, C, *patch) and never sees where they came from.
+
+    python train.py pretrain          # trains PART on Fashion-MNIST
+"""
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+# ---------------------------------------------------------------- sampling
+
+SAMPLERS = ("offgrid", "offgrid-scale", "grid")
+
+
+def grid_boxes(H, W, P, device=None):
+    """The canonical non-overlapping grid in raster order, (N, 4) as x0, y0, x1, y1."""
+    ys, xs = torch.meshgrid(torch.arange(0, H, P, device=device), torch.arange(0, W, P, device=device), indexing="ij")
+    x0, y0 = xs.flatten().float(), ys.flatten().float()
+    return torch.stack([x0, y0, x0 + P, y0 + P], dim=1)
+
+
+def sample_boxes(B, H, W, P, N, mode, device=None):
+    """Draw N boxes per image independently, (B, N, 4) float pixels as x0, y0, x1, y1.
+
+    offgrid:       P x P boxes at uniform continuous positions (section 4 "Sampling").
+    offgrid-scale: width and height each uniform in [P/2, 2P] (section 5.1 ii).
+    grid:          the canonical grid in a random order per image (PART-grid, Table 4).
+    """
+    if mode == "grid":
+        boxes = grid_boxes(H, W, P, device)  # (N, 4)
+        order = torch.rand(B, boxes.shape[0], device=device).argsort(dim=1)  # a permutation per image
+        return boxes[order]
+    if mode == "offgrid":
+        size = torch.full((B, N, 2), float(P), device=device)
+    elif mode == "offgrid-scale":
+        size = torch.empty(B, N, 2, device=device).uniform_(P / 2, 2 * P)
+        size = torch.minimum(size, torch.tensor([W, H], device=device, dtype=size.dtype))
+    else:
+        raise ValueError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
+    room = torch.tensor([W, H], device=device, dtype=size.dtype) - size  # top-left range, (B, N, 2)
+    lo = torch.rand(B, N, 2, device=device) * room
+    return torch.cat([lo, lo + size], dim=-1)
+
+
+def crop_patches(images, boxes, P):
+    """Crop every box and resize it to P x P in one batched call: (B, C, H, W), (B, N, 4) -> (B, N, C, P, P).
+
+    roi_align with aligned=True reads pixel centres at integer coordinates, so an
+    integer P x P box returns its pixels exactly; a larger box is averaged over
+    ceil(size / P) samples per output pixel rather than aliased.
+    """
+    B, N, _ = boxes.shape
+    C = images.shape[1]
+    index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(N)[:, None]
+    rois = torch.cat([index, boxes.reshape(B * N, 4)], dim=1)  # (B*N, 5): batch index, x0, y0, x1, y1
+    patches = roi_align(images, rois.to(images.dtype), output_size=P, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return patches.reshape(B, N, C, P, P)
+
+
+def patchify(images, P):
+    """On-grid patches in raster order: (B, C, H, W) -> (B, N, C, P, P), N = (H/P)(W/P)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // P, P, W // P, P)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // P) * (W // P), C, P, P)
+
+
+def sample_pairs(B, N, K, device=None):
+    """K distinct ordered (reference, target) index pairs per item, (B, K, 2).
+
+    Drawn without replacement from all N*N ordered pairs (a patch paired with
+    itself has target 0): CIFAR's 64 patches and the paper's 4096 pairs need that.
+    """
+    if K > N * N:
+        raise ValueError(f"--pairs {K} is more than the {N * N} ordered pairs of {N} patches")
+    flat = torch.rand(B, N * N, device=device).topk(K, dim=1).indices  # (B, K) a random K-subset
+    return torch.stack([flat // N, flat % N], dim=-1)
+
+
+def centres_sizes(boxes):
+    """Boxes (..., 2d) as (lo, hi) per dimension -> float centres (..., d) and sizes (..., d)."""
+    d = boxes.shape[-1] // 2
+    return (boxes[..., :d] + boxes[..., d:]).float() / 2, (boxes[..., d:] - boxes[..., :d]).float()
+
+
+def relative_targets(boxes, pairs, scale=False):
+    """Relative translation (and size) of target w.r.t. reference box (section 4 "Objective").
+
+    boxes (B, N, 2d) as (lo, hi) per dimension, pairs (B, K, 2) -> (B, K, d) or (B, K, 2d):
+    d_i = (c_tgt - c_ref) / s_ref for box centres c and sizes s; with scale, also s_tgt / s_ref.
+    Always float: rounding these to integers would erase the off-grid signal.
+    """
+    d = boxes.shape[-1] // 2
+    centre, size = centres_sizes(boxes)  # (B, N, d) each
+    take = lambda t, i: torch.gather(t, 1, pairs[..., i : i + 1].expand(-1, -1, d))  # noqa: E731 (B, K, d)
+    c_ref, c_tgt, s_ref, s_tgt = take(centre, 0), take(centre, 1), take(size, 0), take(size, 1)
+    shift = (c_tgt - c_ref) / s_ref
+    return torch.cat([shift, s_tgt / s_ref], dim=-1) if scale else shift
+
+
+# ---------------------------------------------------------------- ViT
+
+
+@dataclass
+class ViTConfig:
+    patch_size: int = 16  # P, pixels (or samples, for 1D windows)
+    in_chans: int = 3
+    embed_dim: int = 768  # D
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0  # stochastic depth, max rate at the last block
+    patch_ndim: int = 2  # 2: P x P image patches; 1: windows of P samples
+    # finetuning only: PART pretrains with neither (section 4 "Training setup")
+    class_token: bool = False
+    pos_grid: tuple = ()  # token grid of the learnable position embeddings, () for none
+    num_classes: int = 0  # 0: no head, forward returns pooled features
+    pool: str = "cls"  # "cls" or "avg"
+
+
+PRESETS = {  # widths and depths of DeiT / timm
+    "vit_test": dict(embed_dim=32, depth=2, num_heads=2),  # for the test suite only
+    "vit_mini": dict(embed_dim=128, depth=4, num_heads=4),  # CPU-sized default
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_s": dict(embed_dim=384, depth=12, num_heads=6),  # the paper's CIFAR-100 backbone (ViT-S/4)
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12),  # the paper's ImageNet / COCO backbone (ViT-B/16)
+}
+
+
+def vit_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}, expected one of {list(PRESETS)}")
+    return ViTConfig(**{**PRESETS[preset], **overrides})
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention on x, or cross-attention from x to ctx."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx=None):
+        B, N, D = x.shape
+        nh, hs = self.num_heads, D // self.num_heads
+        if ctx is None:
+            q, k, v = self.qkv(x).split(D, dim=-1)
+        else:  # queries from x, keys and values from ctx, with the same weights
+            w_q, w_kv = self.qkv.weight.split([D, 2 * D])
+            b_q, b_kv = self.qkv.bias.split([D, 2 * D])
+            q, (k, v) = F.linear(x, w_q, b_q), F.linear(ctx, w_kv, b_kv).split(D, dim=-1)
+        q, k, v = (t.reshape(B, -1, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, N|M, hs)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, out=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Linear embedding of patches that are already cut out: (B, N, C, *patch) -> (B, N, D).
+
+    The weight is stored as timm's Conv2d (Conv1d for 1D windows), so checkpoints
+    load into timm, but applied as one matmul because the patches may come from anywhere.
+    """
+
+    def __init__(self, patch_size, in_chans, dim, patch_ndim=2):
+        super().__init__()
+        conv = nn.Conv2d if patch_ndim == 2 else nn.Conv1d
+        self.proj = conv(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, patches):
+        return F.linear(patches.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
+
+
+class VisionTransformer(nn.Module):
+    """A ViT over a sequence of patches, with timm / DINO parameter names.
+
+    PART pretrains it without class token and position embeddings, so it is
+    permutation-equivariant in its patches; finetuning adds both (cfg.class_token,
+    cfg.pos_grid) and a linear head (cfg.num_classes).
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D, cfg.patch_ndim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        num_pos = math.prod(cfg.pos_grid) + int(cfg.class_token) if cfg.pos_grid else 0
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, D)) if cfg.pos_grid else None
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.apply(_init_weights)
+        for p in (self.cls_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)  # timm's init for tokens and position embeddings
+
+    def forward_features(self, patches, pos_keep=None):
+        """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
+
+        pos_keep (B, T), optional: 1 where a token gets its position embedding, 0 where it is
+        masked out (the paper's 20% in EEG finetuning, 8.1; sleep1d.py).
+        """
+        x = self.patch_embed(patches)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + (self.pos_embed if pos_keep is None else self.pos_embed * pos_keep[..., None].to(x.dtype))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, patches, pos_keep=None):
+        """(B, N, C, *patch) -> logits (B, classes), or pooled features (B, D) without a head."""
+        x = self.forward_features(patches, pos_keep)
+        x = x[:, 0] if self.cfg.pool == "cls" else x[:, int(self.cfg.class_token) :].mean(dim=1)
+        return self.head(x)
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)  # ViT / DeiT init
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.Conv1d, nn.Conv2d)):  # patch embedding initialised as a linear layer (MAE)
+        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        nn.init.zeros_(m.bias)
+
+
+def feature_map(tokens, grid):
+    """Patch tokens in raster order back to a map: (B, N, D) -> (B, D, *grid)."""
+    B, N, D = tokens.shape
+    return tokens.transpose(1, 2).reshape(B, D, *grid)
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid, num_prefix):
+    """Interpolate position embeddings to another token grid (bicubic in 2D, linear in 1D).
+
+    (1, num_prefix + prod(old_grid), D) -> (1, num_prefix + prod(new_grid), D); the class
+    token's embedding is kept as it is. Non-square grids are fine.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    grid = feature_map(grid, old_grid)  # (1, D, *old_grid)
+    mode = "bicubic" if len(old_grid) == 2 else "linear"
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=mode, align_corners=False).to(pos_embed.dtype)
+    return torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+def encoder_state_dict(checkpoint):
+    """The encoder's weights from any checkpoint layout, in timm's names.
+
+    Takes a training dict ({"model": ...}), {"state_dict": ...} or a bare state dict;
+    strips DDP's "module.", torch.compile's "_orig_mod." and PART's "encoder." prefixes;
+    drops the pretext head ("relative.").
+    """
+    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        if not key.startswith("relative."):
+            out[key.removeprefix("encoder.")] = value
+    return out
+
+
+def load_encoder(model, state, source="checkpoint"):
+    """Load encoder weights into a VisionTransformer that may add a class token, position
+    embeddings and a head; every other parameter must come from `state` with the same shape.
+
+    Class token, position embeddings or head of another shape are left at their init
+    (resize_pos_embed first to keep position embeddings). Returns (keys left at init,
+    unexpected keys ignored).
+    """
+    state = dict(state)
+    own = model.state_dict()
+    fresh = [k for k in own if k in ("cls_token", "pos_embed") or k.startswith("head.")]
+    for key in fresh:  # finetuning's additions start fresh unless the checkpoint already has them in shape
+        if key in state and state[key].shape != own[key].shape:
+            state.pop(key)
+    missing = [k for k in own if k not in state and k not in fresh]
+    if missing:
+        raise ValueError(f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT checkpoint?")
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
+    unexpected = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return [k for k in fresh if k not in state], unexpected
+
+
+# ---------------------------------------------------------------- relative heads
+
+HEADS = ("cross-attention", "pairwise-mlp", "mlp")
+
+
+def gather_pairs(x, pairs):
+    """Embeddings of both members of each pair, concatenated: (B, N, D), (B, K, 2) -> (B, K, 2D)."""
+    B, N, D = x.shape
+    K = pairs.shape[1]
+    picked = torch.gather(x, 1, pairs.reshape(B, 2 * K, 1).expand(-1, -1, D))  # (B, 2K, D)
+    return picked.reshape(B, K, 2 * D)
+
+
+class CrossAttentionHead(nn.Module):
+    """The paper's relative encoder (section 4): query = Linear(concat(x_ref, x_tgt)),
+    cross-attending to all patch embeddings (keys = values = X'), then a linear regressor.
+
+    A residual around the attention and pre-norms, as in a transformer block,
+    keep the pair's own content in the query's output.
+    """
+
+    def __init__(self, dim, num_heads, n_out):
+        super().__init__()
+        self.pair_proj = nn.Linear(2 * dim, dim)
+        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.out = nn.Linear(dim, n_out)
+
+    def forward(self, x, pairs):
+        q = self.pair_proj(gather_pairs(x, pairs))  # (B, K, D)
+        q = q + self.attn(self.norm_q(q), ctx=self.norm_kv(x))  # (B, K, D)
+        return self.out(self.norm(q))  # (B, K, n_out)
+
+
+class PairwiseMlpHead(nn.Module):
+    """Table 5's pairwise MLP: sees only the two patches of a pair, weights shared across pairs."""
+
+    def __init__(self, dim, n_out):
+        super().__init__()
+        self.mlp = Mlp(2 * dim, dim, n_out)
+
+    def forward(self, x, pairs):
+        return self.mlp(gather_pairs(x, pairs))  # (B, K, n_out)
+
+
+class MlpHead(nn.Module):
+    """Table 5's MLP: all patch embeddings flattened, regressing every ordered pair at once."""
+
+    def __init__(self, dim, num_patches, n_out):
+        super().__init__()
+        self.n_out = n_out
+        self.mlp = Mlp(num_patches * dim, dim, num_patches * num_patches * n_out)
+
+    def forward(self, x, pairs):
+        B, N, D = x.shape
+        every = self.mlp(x.reshape(B, N * D)).reshape(B, N * N, self.n_out)  # (B, N*N, n_out)
+        flat = pairs[..., 0] * N + pairs[..., 1]  # (B, K)
+        return torch.gather(every, 1, flat[..., None].expand(-1, -1, self.n_out))
+
+
+def relative_head(kind, dim, num_heads, num_patches, n_out):
+    if kind == "cross-attention":
+        return CrossAttentionHead(dim, num_heads, n_out)
+    if kind == "pairwise-mlp":
+        return PairwiseMlpHead(dim, n_out)
+    if kind == "mlp":
+        return MlpHead(dim, num_patches, n_out)
+    raise ValueError(f"unknown relative head {kind!r}, expected one of {HEADS}")
+
+
+def relative_errors(pred, target):
+    """The paper's Table 5 errors, in units of the reference patch size, as 0-dim tensors.
+
+    mae_x, mae_y: mean absolute error of the first two translation coordinates (only
+    mae_x in 1D); euclid: mean Euclidean error of the translation; euclid_zero: the same
+    for the trivial predictor of zero translation, the baseline to beat.
+    """
+    d = target.shape[-1] // 2 if target.shape[-1] == 4 else target.shape[-1]  # translation dims
+    err = (pred[..., :d] - target[..., :d]).float()
+    out = {"mae_x": err[..., 0].abs().mean()}
+    if d > 1:
+        out["mae_y"] = err[..., 1].abs().mean()
+    out["euclid"] = err.norm(dim=-1).mean()
+    out["euclid_zero"] = target[..., :d].float().norm(dim=-1).mean()
+    return out
+
+
+def relative_loss(pred, target):
+    """MSE over pairs and coordinates (section 4), in fp32 -> (loss, metrics)."""
+    pred = pred.float()
+    loss = F.mse_loss(pred, target)
+    return loss, {"loss": loss.detach(), **relative_errors(pred.detach(), target)}
+
+
+# ---------------------------------------------------------------- the PART model
+
+
+@dataclass
+class PARTConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    img_size: tuple = (224, 224)  # (H, W)
+    sampler: str = "offgrid"  # one of SAMPLERS
+    num_patches: int = 0  # N; 0 means (H/P)(W/P), the paper's choice
+    num_pairs: int = 1024  # K per image; the paper searches {512, 1024, 2048, 4096} (8.1)
+    head: str = "cross-attention"  # one of HEADS
+    mean: tuple = (0.485, 0.456, 0.406)  # input normalisation, per channel
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        if isinstance(self.vit, dict):
+            self.vit = ViTConfig(**self.vit)
+        self.img_size = tuple(self.img_size)
+        P, (H, W) = self.vit.patch_size, self.img_size
+        if H % P or W % P:
+            raise ValueError(f"--patch-size {P} must divide the image size {H}x{W}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
+        grid_n = (H // P) * (W // P)
+        self.num_patches = self.num_patches or grid_n
+        if self.sampler == "grid" and self.num_patches != grid_n:
+            raise ValueError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
+        if self.num_pairs > self.num_patches**2:
+            raise ValueError(f"--pairs {self.num_pairs} is more than the {self.num_patches**2} ordered pairs of {self.num_patches} patches")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def normalize(images, mean, std):
+    """uint8 images, or floats taken as [0, 1], (B, C, H, W) -> normalised float images."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return (x - mean) / std
+
+
+class PART(nn.Module):
+    """PART pretraining: sample -> encode -> relative head -> loss (section 4, Figure 3)."""
+
+    def __init__(self, cfg: PARTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)
+        self.scale = cfg.sampler == "offgrid-scale"  # also regress dw, dh
+        n_out = 4 if self.scale else 2
+        self.relative = relative_head(cfg.head, cfg.vit.embed_dim, cfg.vit.num_heads, cfg.num_patches, n_out)
+        self.relative.apply(_init_weights)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+
+    def sample(self, images):
+        """uint8 or float images (B, C, H, W) -> patches (B, N, C, P, P), boxes (B, N, 4)."""
+        B, C, H, W = images.shape
+        x = normalize(images, self.mean, self.std)
+        boxes = sample_boxes(B, H, W, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler, images.device)
+        return crop_patches(x, boxes, self.cfg.vit.patch_size), boxes
+
+    def predict(self, patches, pairs):
+        """Predicted relative translations for given pairs: (B, N, C, P, P), (B, K, 2) -> (B, K, 2|4)."""
+        return self.relative(self.encoder.forward_features(patches), pairs)
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) -> (loss, metrics). labels are ignored: PART is self-supervised."""
+        patches, boxes = self.sample(images)  # (B, N, C, P, P), (B, N, 4)
+        B, N = boxes.shape[:2]
+        pairs = sample_pairs(B, N, self.cfg.num_pairs, images.device)  # (B, K, 2)
+        pred = self.predict(patches, pairs)  # (B, K, 2|4)
+        return relative_loss(pred, relative_targets(boxes, pairs, self.scale))
+
+
+# ---------------------------------------------------------------- finetuning
+
+POOLS = ("cls", "avg")
+
+
+@dataclass
+class ClassifierConfig:
+    """The ViT the paper finetunes (section 4 "Training setup"): the pretrained encoder plus a
+    class token, new learnable position embeddings over the patch grid and a linear head."""
+
+    vit: ViTConfig = field(default_factory=ViTConfig)  # the encoder's; token, grid and head are set below
+    img_size: tuple = (224, 224)  # (H, W)
+    num_classes: int = 1000
+    pool: str = "cls"  # "cls": the class token (the paper); "avg": mean of the patch tokens
+    linear_probe: bool = False  # frozen encoder, BatchNorm without affine before the head (MAE)
+    smoothing: float = 0.1  # label smoothing (DeiT)
+    mean: tuple = (0.485, 0.456, 0.406)  # input normalisation, per channel
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        if isinstance(self.vit, dict):
+            self.vit = ViTConfig(**self.vit)
+        self.img_size = tuple(self.img_size)
+        P, (H, W) = self.vit.patch_size, self.img_size
+        if self.vit.patch_ndim != 2:
+            raise ValueError(f"the classifier takes 2D image patches, not patch_ndim={self.vit.patch_ndim}")
+        if H % P or W % P:
+            raise ValueError(f"patch size {P} must divide the image size {H}x{W}")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
+        # a probed encoder stays as pretrained: random position embeddings it could not adapt to would be noise
+        grid = () if self.linear_probe else (H // P, W // P)
+        self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Classifier(nn.Module):
+    """Finetuning and linear probing: on-grid patches -> ViT -> linear head -> cross-entropy.
+
+    Labels are class indices (B,) or soft targets (B, classes), as MixUp / CutMix make them.
+    """
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)
+        if cfg.linear_probe:  # MAE's probe: only a BatchNorm without affine and the linear head learn
+            self.encoder.head = nn.Sequential(nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6), self.encoder.head)
+            for name, p in self.encoder.named_parameters():
+                p.requires_grad = name.startswith("head.")
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images, labels):
+        """uint8 or [0, 1] float images (B, C, H, W), labels (B,) or (B, classes) -> (loss, metrics)."""
+        patches = patchify(normalize(images, self.mean, self.std), self.cfg.vit.patch_size)  # (B, N, C, P, P)
+        logits = self.encoder(patches).float()  # (B, classes)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.smoothing)
+        hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # a mixed target's dominant class
+        acc = (logits.argmax(dim=-1) == hard).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc}
+
+
+# ---------------------------------------------------------------- what PART learned (section 5.1, Figures 4-6)
+#
+# For one image: all N*N ordered pairs predicted, pred[i, j] = target j relative to reference i.
+# figures.py draws these numbers; `python train.py show` prints them.
+
+
+def all_pairs(N, device=None):
+    """Every ordered (reference, target) pair, reference-major: (N*N, 2), row i*N + j = (i, j)."""
+    ref, tgt = torch.meshgrid(torch.arange(N, device=device), torch.arange(N, device=device), indexing="ij")
+    return torch.stack([ref.flatten(), tgt.flatten()], dim=1)
+
+
+@torch.no_grad()
+def predict_all_pairs(model, patches, chunk=4096):
+    """A PART's predictions for all ordered pairs, the patches encoded once and the pairs in chunks:
+    (B, N, C, P, P) -> (B, N, N, 2|4)."""
+    B, N = patches.shape[:2]
+    x = model.encoder.forward_features(patches)  # (B, N, D)
+    pairs = all_pairs(N, patches.device).expand(B, -1, -1)  # (B, N*N, 2)
+    pred = torch.cat([model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1)  # (B, N*N, 2|4)
+    return pred.float().reshape(B, N, N, -1)
+
+
+def all_pair_targets(boxes, scale=False):
+    """The ground truth for all ordered pairs of one image's boxes: (N, 4) -> (N, N, 2|4)."""
+    N = boxes.shape[0]
+    return relative_targets(boxes[None], all_pairs(N, boxes.device)[None], scale).reshape(N, N, -1)
+
+
+def off_diagonal(m):
+    """The entries (i, j), i != j, of (N, N, ...) in row-major order -> (N*(N-1), ...)."""
+    N = m.shape[0]
+    return m[~torch.eye(N, dtype=torch.bool, device=m.device)]
+
+
+def placed_boxes(boxes, pred):
+    """Where each reference puts each target (Figure 4): boxes (N, 4), pred (N, N, 2|4) -> (N, N, 4).
+
+    Entry [i, j] is box i's centre moved by the predicted shift times box i's size, with
+    the predicted relative size (offgrid-scale) or else box i's own size (all patches are P x P).
+    """
+    N = boxes.shape[0]
+    centre, size = centres_sizes(boxes)  # (N, 2) each
+    shift, rel_size = pred[..., :2], pred[..., 2:]  # (N, N, 2), (N, N, 0|2)
+    new_centre = centre[:, None] + shift * size[:, None]  # (N, N, 2)
+    new_size = size[:, None] * rel_size if rel_size.shape[-1] else size[:, None].expand(N, N, 2)
+    return torch.cat([new_centre - new_size / 2, new_centre + new_size / 2], dim=-1)
+
+
+def placement_errors(boxes, placed):
+    """Pixel distance of every placed centre from its target's true centre: (N, 4), (N, N, 4) -> (N, N)."""
+    return (centres_sizes(placed)[0] - centres_sizes(boxes)[0][None]).norm(dim=-1)
+
+
+def patch_uncertainty(placed):
+    """Each patch's uncertainty (Figure 5): the RMS distance, in pixels, of the N-1 centres that the
+    other patches predict for it from their mean. placed (N, N, 4) -> (N,)."""
+    N = placed.shape[0]
+    centres = off_diagonal(centres_sizes(placed)[0].transpose(0, 1)).reshape(N, N - 1, 2)  # [j] = j's centre from every i != j
+    return (centres - centres.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1).sqrt()
+
+
+def pearson(a, b):
+    """Pearson correlation of two equally long tensors, a float; 0 when either is constant."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm()).clamp_min(1e-12)).item()
+
+
+OUTPUT_NAMES = ("dx", "dy", "dw", "dh")
+
+
+def correlations(a, b):
+    """Per output, the correlation of a and b over the pairs i != j: (N, N, k) twice -> {"dx": r, ...}."""
+    return {name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k])) for k, name in enumerate(OUTPUT_NAMES[: a.shape[-1]])}
+
+
+def symmetry_scores(pred):
+    """Negative symmetry (Figure 6) of all-pair predictions (N, N, 2|4): {"dx", "dy"(, "dw", "dh")},
+    each corr(P, -P^T) over i != j, 1 for a perfectly symmetric model.
+
+    dx_ij = -dx_ji holds for equal-sized patches. With offgrid-scale a shift is measured in the
+    reference's size, so dx_ij = -dx_ji * dw_ij, and sizes are multiplicative, dw_ij * dw_ji = 1,
+    scored as log dw_ij = -log dw_ji.
+    """
+    shift, rel_size = pred[..., :2], pred[..., 2:]
+    if not rel_size.shape[-1]:
+        return correlations(shift, -shift.transpose(0, 1))
+    log_size = rel_size.clamp_min(1e-3).log()  # a size predicted <= 0 counts as tiny
+    mirror = torch.cat([-shift.transpose(0, 1) * rel_size, -log_size.transpose(0, 1)], dim=-1)
+    return correlations(torch.cat([shift, log_size], dim=-1), mirror)
+
+
+def raster_order(boxes, P):
+    """Patch indices from top-left to bottom-right (Figure 6): rows of height P by centre, then left to right."""
+    centre = centres_sizes(boxes)[0]  # (N, 2)
+    order = centre[:, 0].argsort()
+    return order[(centre[order, 1] // P).argsort(stable=True)]

@@ -1,0 +1,409 @@
+"""Tests for PART, on CPU with tiny configurations: `pytest -q`."""
+import gzip
+import json
+import os
+import socket
+import struct
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+
+import data
+import part
+import train
+
+# ---------------------------------------------------------------- helpers
+
+
+def tiny_config(**overrides):
+    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
+    return part.PARTConfig(**{"vit": vit, "img_size": (16, 16), "num_pairs": 32, "mean": (0.5,), "std": (0.25,), **overrides})
+
+
+def write_idx(path, array):
+    """An idx file as the MNIST format describes it, written independently of data.read_idx."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    """A Fashion-MNIST folder of 96 train and 32 test images with simple learnable structure."""
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        images = torch.zeros(n, 28, 28)
+        images[:, 6:22, 6:22] = torch.rand(n, 1, 1, generator=g) * 200 + 55  # a bright square on black
+        images += torch.rand(n, 28, 28, generator=g) * 30
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images.clamp(0, 255).numpy())
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g).numpy())
+    return tmp_path
+
+
+TINY_RUN = ["--preset", "vit_test", "--pairs", "16", "--batch-size", "32", "--log-every", "1", "--warmup-epochs", "0.5"]
+
+# ---------------------------------------------------------------- sampler and targets
+
+
+def test_targets_match_hand_computation():
+    # boxes as x0, y0, x1, y1 with non-integer positions, all 4x4 (offgrid)
+    boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0], [2.5, 1.25, 6.5, 5.25], [10.75, 3.0, 14.75, 7.0]]])
+    pairs = torch.tensor([[[0, 1], [1, 2], [2, 0], [1, 1]]])
+    # centres (2, 2), (4.5, 3.25), (12.75, 5); width = height = 4
+    expected = torch.tensor([[[2.5 / 4, 1.25 / 4], [8.25 / 4, 1.75 / 4], [-10.75 / 4, -3 / 4], [0, 0]]])
+    torch.testing.assert_close(part.relative_targets(boxes, pairs), expected)
+
+
+def test_scale_targets_match_hand_computation():
+    boxes = torch.tensor([[[1.0, 2.0, 3.0, 8.0], [4.5, 0.5, 12.5, 4.5]]])  # 2x6 at (2, 5); 8x4 at (8.5, 2.5)
+    pairs = torch.tensor([[[0, 1], [1, 0]]])
+    expected = torch.tensor([[[6.5 / 2, -2.5 / 6, 8 / 2, 4 / 6], [-6.5 / 8, 2.5 / 4, 2 / 8, 6 / 4]]])
+    torch.testing.assert_close(part.relative_targets(boxes, pairs, scale=True), expected)
+
+
+def test_targets_stay_fractional():
+    boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0], [0.3, 0.0, 4.3, 4.0]]])
+    target = part.relative_targets(boxes, torch.tensor([[[0, 1]]]))
+    assert target.dtype == torch.float32 and target[0, 0, 0].item() == pytest.approx(0.3 / 4)
+
+
+@pytest.mark.parametrize("mode", part.SAMPLERS)
+def test_sampled_boxes_inside_image(mode):
+    H, W, P = 24, 32, 4
+    boxes = part.sample_boxes(64, H, W, P, (H // P) * (W // P), mode)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= W).all() and (y1 <= H).all()
+    w, h = x1 - x0, y1 - y0
+    if mode == "offgrid-scale":
+        assert (w >= P / 2).all() and (w <= 2 * P).all() and (h >= P / 2).all() and (h <= 2 * P).all()
+        assert (w - h).abs().max() > 1  # width and height are drawn independently
+    else:
+        torch.testing.assert_close(w, torch.full_like(w, P))
+    if mode == "offgrid":
+        assert (x0 != x0.round()).float().mean() > 0.99  # continuous positions, not on a grid
+    if mode == "grid":
+        canonical = part.grid_boxes(H, W, P)
+        for b in boxes:  # each image: a permutation of the grid
+            assert sorted(map(tuple, b.tolist())) == sorted(map(tuple, canonical.tolist()))
+        assert not torch.equal(boxes[0], canonical)
+
+
+def test_crop_is_exact_on_integer_boxes_and_interpolates_between():
+    ramp = torch.arange(16.0).repeat(16, 1)[None, None]  # (1, 1, 16, 16): pixel value = x
+    boxes = torch.tensor([[[4.0, 8.0, 8.0, 12.0], [4.5, 8.0, 8.5, 12.0]]])
+    patches = part.crop_patches(ramp, boxes, 4)  # (1, 2, 1, 4, 4)
+    torch.testing.assert_close(patches[0, 0, 0], ramp[0, 0, 8:12, 4:8])
+    torch.testing.assert_close(patches[0, 1, 0], ramp[0, 0, 8:12, 4:8] + 0.5)
+
+
+def test_patchify_matches_grid_crops():
+    images = torch.rand(2, 3, 8, 12)
+    boxes = part.grid_boxes(8, 12, 4).expand(2, -1, -1)
+    torch.testing.assert_close(part.patchify(images, 4), part.crop_patches(images, boxes, 4))
+
+
+def test_pairs_are_distinct_and_bounded():
+    pairs = part.sample_pairs(8, 5, 25)  # all ordered pairs of 5 patches
+    assert pairs.shape == (8, 25, 2) and pairs.min() >= 0 and pairs.max() < 5
+    for p in pairs:
+        assert len(set(map(tuple, p.tolist()))) == 25
+    with pytest.raises(ValueError, match="more than the 25"):
+        part.sample_pairs(8, 5, 26)
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_vit_without_pos_embed_is_permutation_equivariant():
+    vit = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1)).eval()
+    patches = torch.randn(2, 10, 1, 4, 4)
+    perm = torch.randperm(10)
+    torch.testing.assert_close(vit.forward_features(patches)[:, perm], vit.forward_features(patches[:, perm]))
+    with_pos = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1, pos_grid=(2, 5))).eval()
+    assert not torch.allclose(with_pos.forward_features(patches)[:, perm], with_pos.forward_features(patches[:, perm]))
+
+
+def test_loss_is_zero_on_perfect_prediction():
+    boxes = part.sample_boxes(3, 16, 16, 4, 16, "offgrid-scale")
+    target = part.relative_targets(boxes, part.sample_pairs(3, 16, 20), scale=True)
+    loss, metrics = part.relative_loss(target.clone(), target)
+    assert loss.item() == 0 and metrics["euclid"].item() == 0 and metrics["mae_x"].item() == 0
+    # the trivial baseline: mean length of the translation
+    assert metrics["euclid_zero"].item() == pytest.approx(target[..., :2].norm(dim=-1).mean().item())
+    loss, _ = part.relative_loss(target + 0.5, target)
+    assert loss.item() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("head", part.HEADS)
+@pytest.mark.parametrize("sampler", ["offgrid", "offgrid-scale"])
+def test_a_few_steps_lower_the_loss(head, sampler):
+    torch.manual_seed(0)
+    model = part.PART(tiny_config(head=head, sampler=sampler))
+    images = torch.rand(8, 1, 16, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        torch.manual_seed(1)  # the same boxes and pairs each step: a fixed batch
+        loss, _ = model(images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_every_parameter_gets_a_gradient():
+    for head in part.HEADS:
+        model = part.PART(tiny_config(head=head))
+        model(torch.rand(2, 1, 16, 16))[0].backward()
+        assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="--patch-size 5 must divide"):
+        tiny_config(vit=part.vit_config("vit_test", patch_size=5, in_chans=1))
+    with pytest.raises(ValueError, match="--pairs 300 is more than the 256"):
+        tiny_config(num_pairs=300)
+
+
+def test_encoder_loads_into_timm_with_the_same_features():
+    timm = pytest.importorskip("timm")
+    model = part.PART(tiny_config())
+    state = part.encoder_state_dict({"model": model.state_dict()})
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=2, num_heads=2,
+        class_token=False, pos_embed="none", global_pool="avg", fc_norm=False)
+    ref.load_state_dict(state)  # strict: every key matches by name and shape
+    images = torch.rand(2, 1, 16, 16)
+    ours = model.encoder.eval().forward_features(part.patchify(images, 4))
+    torch.testing.assert_close(ours, ref.eval().forward_features(images), atol=1e-5, rtol=1e-4)
+
+
+def test_resize_pos_embed_keeps_prefix_and_is_identity_on_same_grid():
+    pos = torch.randn(1, 1 + 12, 8)
+    assert part.resize_pos_embed(pos, (3, 4), (3, 4), 1) is pos
+    big = part.resize_pos_embed(pos, (3, 4), (6, 2), 1)
+    assert big.shape == (1, 13, 8) and torch.equal(big[:, :1], pos[:, :1])
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_idx_reader_round_trips_and_rejects_garbage(tmp_path):
+    array = torch.randint(0, 256, (5, 28, 28)).numpy()
+    write_idx(tmp_path / "x.gz", array)
+    assert (data.read_idx(tmp_path / "x.gz") == array).all()
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(b"\x12\x34\x56\x78garbage")
+    with pytest.raises(data.DataError, match="bad.gz is not an idx file"):
+        data.read_idx(tmp_path / "bad.gz")
+
+
+def test_image_folder_of_unlabelled_files(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    info = data.data_info("images", img_size=16)
+    ds = data.build_dataset("images", str(tmp_path), "train", info, data.pretrain_transform(info, "images"))
+    x, y = ds[0]
+    assert len(ds) == 3 and x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == -1
+
+
+# ---------------------------------------------------------------- training CLI
+
+
+def invoke(*args):
+    return CliRunner().invoke(train.cli, [str(a) for a in args])
+
+
+def crash_after_epoch(monkeypatch, epoch):
+    """The next run dies at the end of the epoch after `epoch`, before that checkpoint is written."""
+    save = train.save_checkpoint
+
+    def save_or_crash(path, state):
+        if state["epoch"] > epoch:
+            raise KeyboardInterrupt
+        save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_or_crash)
+
+
+def test_pretrain_resume_continues_exactly(fake_fmnist, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--img-size", 16, "--epochs", 2]
+    assert invoke(*common, "--out-dir", straight).exit_code == 0
+    crash_after_epoch(monkeypatch, 1)
+    assert invoke(*common, "--out-dir", resumed).exit_code != 0
+    first = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    monkeypatch.undo()
+    result = invoke(*common, "--out-dir", resumed)
+    assert result.exit_code == 0 and "resuming from" in result.output
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and first["epoch"] == 1
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    assert not torch.equal(first["model"]["encoder.norm.weight"], b["model"]["encoder.norm.weight"])
+    assert not (resumed / "checkpoint.pt.tmp").exists()
+    rows = [line for line in open(resumed / "log.jsonl")]
+    assert any('"val_euclid"' in r for r in rows) and any('"img_per_s"' in r for r in rows)
+
+
+def test_checkpoint_round_trips_into_a_fresh_model(fake_fmnist, tmp_path):
+    assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path).exit_code == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain types only
+    model = part.PART(part.PARTConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+    torch.testing.assert_close(model.state_dict(), ckpt["model"])
+    assert invoke("export", "--ckpt", tmp_path / "checkpoint.pt", "--out", tmp_path / "enc.pt").exit_code == 0
+    assert not any(k.startswith(("relative.", "encoder.")) for k in torch.load(tmp_path / "enc.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not a folder"),
+    (["--patch-size", 5], "--patch-size 5 must divide the image size 28x28"),
+    (["--pairs", 100000], "--pairs 100000 is more than the 2401 ordered pairs"),
+    (["--data", "cifar10", "--data-dir", "."], "cifar-10-batches-py/data_batch_1 not found"),
+])
+def test_bad_input_stops_with_a_clear_message(fake_fmnist, tmp_path, args, message):
+    args = ["--data-dir", fake_fmnist, *args] if "--data-dir" not in args else args
+    result = invoke("pretrain", *args, "--out-dir", tmp_path)
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_fmnist, tmp_path):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    result = invoke(*common, "--epochs", 2, "--blr", "1e30")
+    assert result.exit_code != 0 and "loss is nan" in result.output.lower()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["model"]["encoder.norm.weight"], good["model"]["encoder.norm.weight"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dd = train.setup_distributed()
+    torch.manual_seed(0)
+    model = part.PART(tiny_config())
+    g = torch.Generator().manual_seed(rank)  # deliberately different data per process
+    images = (torch.rand(64, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    ds = data.TensorImages(images, torch.zeros(64, dtype=torch.long))
+    recipe = train.Recipe(epochs=2, batch_size=8, blr=1e-3, warmup_epochs=0.5, workers=0, log_every=1)
+    train.fit(model, ds, ds, recipe, out_dir, {"kind": "test"}, dd)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    init = part.PART(tiny_config()).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert not torch.equal(a["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"])
+
+
+# ---------------------------------------------------------------- finetuning
+
+
+@pytest.fixture
+def pretrained(fake_fmnist, tmp_path):
+    """A tiny PART checkpoint trained for one epoch on the fake Fashion-MNIST."""
+    out = tmp_path / "pretrain"
+    assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", out).exit_code == 0
+    return out / "checkpoint.pt"
+
+
+def classifier_from(path, **overrides):
+    """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
+    state, source_vit = train.pretrained_encoder(str(path))
+    info = data.data_info("fashion-mnist")
+    cfg = train.classifier_config(info, 10, source_vit, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
+                                  overrides.get("linear_probe", False), 0.0)
+    model = part.Classifier(cfg)
+    train.load_pretrained(model, state, source_vit, str(path), main=False)
+    return model
+
+
+def test_finetune_model_takes_the_encoder_and_adds_new_tokens_and_head(pretrained):
+    ckpt = torch.load(pretrained, weights_only=True)["model"]
+    model = classifier_from(pretrained)
+    own = model.encoder.state_dict()
+    assert own["pos_embed"].shape == (1, 1 + 7 * 7, 32) and own["cls_token"].shape == (1, 1, 32)
+    assert own["head.weight"].shape == (10, 32)
+    for key in ("pos_embed", "cls_token", "head.weight"):
+        assert "encoder." + key not in ckpt
+    for key, value in own.items():
+        if "encoder." + key in ckpt:
+            assert torch.equal(value, ckpt["encoder." + key]), key
+    assert sum("encoder." + k in ckpt for k in own) == len(ckpt) - sum(k.startswith("relative.") for k in ckpt)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--preset", "vit_mini", "its ViT has embed_dim 32, depth 2"),
+    ("--patch-size", 7, "ask for embed_dim 32, depth 2, num_heads 2, patch_size 7"),
+])
+def test_finetune_from_a_checkpoint_of_another_size_fails_clearly(pretrained, fake_fmnist, tmp_path, flag, value, message):
+    result = invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, flag, value, "--out-dir", tmp_path / "ft")
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_finetune_without_a_checkpoint_says_which_it_needs(fake_fmnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("finetune", "--data-dir", fake_fmnist)
+    assert result.exit_code != 0 and "run `python train.py pretrain` first" in result.output
+
+
+def test_a_few_finetune_steps_raise_accuracy_on_a_fixed_batch(pretrained):
+    torch.manual_seed(0)
+    model = classifier_from(pretrained)
+    images = (torch.rand(32, 1, 28, 28) * 255).to(torch.uint8)
+    labels = torch.arange(32) % 10
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, before = model(images, labels)
+    for _ in range(40):
+        loss, _ = model(images, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    _, after = model(images, labels)
+    assert before["acc"] < 0.3 and after["acc"] > 0.9
+
+
+def test_linear_probe_leaves_the_encoder_unchanged(pretrained, fake_fmnist, tmp_path):
+    out = tmp_path / "probe"
+    result = invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--linear-probe", "--batch-size", 32,
+                    "--epochs", 2, "--blr", 1e-2, "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    before = torch.load(pretrained, weights_only=True)["model"]
+    after = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    encoder = [k for k in before if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert not torch.equal(after["encoder.head.1.weight"], torch.zeros_like(after["encoder.head.1.weight"]))
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["epoch"] for r in rows if "val_acc" in r] == [1, 2] and (out / "checkpoint_best.pt").exists()
+
+
+def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, monkeypatch):
+    common = ["finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--batch-size", 32, "--epochs", 2, "--mixup", 0.8,
+              "--cutmix", 1.0]
+    assert invoke(*common, "--out-dir", tmp_path / "a").exit_code == 0
+    crash_after_epoch(monkeypatch, 1)
+    assert invoke(*common, "--out-dir", tmp_path / "b").exit_code != 0
+    monkeypatch.undo()
+    assert "resuming from" in invoke(*common, "--out-dir", tmp_path / "b").output
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

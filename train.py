@@ -1,0 +1,749 @@
+"""Training commands for PART, one loop for all of them.
+
+    python train.py pretrain                          # PART on Fashion-MNIST, CPU-sized
+    torchrun --nproc_per_node=8 train.py pretrain --data in1k --data-dir /data/imagenet --preset vit_b --patch-size 16
+    python train.py bench --preset vit_b --img-size 224 --patch-size 16
+    python train.py export --ckpt out/pretrain/checkpoint.pt --out part_encoder.pt
+    python train.py show --ckpt out/pretrain/checkpoint.pt --image photo.jpg   # section 5.1's figures
+
+Every model here returns (loss, metrics) from forward(x, y), so `fit` knows nothing
+of the method: setup -> distributed -> data -> model -> optimizer -> resume ->
+compile -> wrap -> loop. Checkpoints are written atomically at every epoch and a
+run resumes from its output directory by itself.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+from PIL import Image, ImageOps
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
+
+import data
+import figures
+import part
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed():
+    """Distributed when launched by torchrun (RANK in the environment), else one process."""
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world, device)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def fail(message):
+    """Stop with a one-line message instead of a traceback."""
+    raise click.ClickException(message)
+
+
+# ---------------------------------------------------------------- recipe, schedule, checkpoints
+
+
+@dataclass
+class Recipe:
+    """Optimisation settings shared by every command; each is a CLI flag."""
+
+    epochs: int = 100
+    batch_size: int = 256  # per process
+    accum: int = 1  # gradient accumulation steps
+    blr: float = 1.25e-4  # base lr; lr = blr * effective batch / 256 (MAE). The paper: 5e-4 at batch 1024 (8.1)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0  # layer-wise lr decay; 1.0 is off
+    clip_grad: float = 0.0  # max grad norm; 0 is off
+    workers: int = -1  # data-loader workers per process; -1: 8 on CUDA, 0 on CPU
+    seed: int = 0
+    compile: bool = False
+    log_every: int = 50  # optimizer steps
+    lr_drops: str = ""  # a step schedule: epochs where the lr drops x0.1, e.g. "8,11" (Detectron's 1x of 12); "": cosine
+
+
+def lr_at(step, lr, warmup_steps, total_steps, min_lr, drop_steps=()):
+    """Linear warmup, then cosine decay to min_lr, or x0.1 at each of drop_steps (a step schedule)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if drop_steps:
+        return lr * 0.1 ** sum(step >= s for s in drop_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def encoder_name(name):
+    """A parameter's name inside the ViT: after the last "encoder." (PART, classifiers, detect.py's backbone)."""
+    return name.rpartition("encoder.")[2]
+
+
+def layer_id(name, depth):
+    """0 for embeddings and tokens, i+1 for blocks.i, depth+1 for everything after the blocks (BEiT)."""
+    name = encoder_name(name)
+    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay):
+    """AdamW groups: no decay on norms, biases, tokens and position embeddings (ndim < 2),
+    and, with layer_decay < 1, lr scaled by layer_decay ** (depth + 1 - layer)."""
+    depth = 1 + max((int(encoder_name(n).split(".")[1]) for n, _ in model.named_parameters()
+                     if encoder_name(n).startswith("blocks.")), default=-1)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+        layer = layer_id(name, depth)
+        key = (layer, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": layer_decay ** (depth + 1 - layer)}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of ours, or any state dict, with weights_only=True; clear errors on bad files."""
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds for truncated or foreign files
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def to_device(batch, device):
+    """Tensors, and lists / tuples / dicts of them (detection targets), onto the device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
+    """Every process sees its own shard; order depends only on (seed, epoch), also in one process."""
+    sampler = DistributedSampler(dataset, num_replicas=dd.world, rank=dd.rank, shuffle=train, seed=seed, drop_last=train)
+    workers = (8 if dd.device.type == "cuda" else 0) if workers < 0 else workers
+    if train and len(dataset) // dd.world < batch_size:
+        fail(f"--batch-size {batch_size} is larger than the {len(dataset) // dd.world} training images per process")
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=dd.device.type == "cuda",
+                      drop_last=train, persistent_workers=workers > 0, collate_fn=collate_fn)
+
+
+@torch.no_grad()
+def evaluate(model, loader, dd, seed):
+    """Metrics averaged over a held-out set, weighted by batch size and reduced over processes.
+
+    Runs under a fixed seed (the sampler and pairs of PART are random), so epochs compare
+    like with like, and restores the training RNG after.
+    """
+    model.eval()
+    sums, count = {}, torch.zeros((), device=dd.device)
+    devices = [dd.device] if dd.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for x, y in loader:
+            x, y = to_device((x, y), dd.device)
+            with autocast(dd.device):
+                _, metrics = model(x, y)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float() * len(x)
+            count += len(x)
+    total = torch.stack([*sums.values(), count])
+    if dd.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return {k: (v / total[-1]).item() for k, v in zip(sums, total[:-1])}
+
+
+def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=evaluate, collate_fn=None,
+        train_collate_fn=None):
+    """Train `model` (forward(x, y) -> (loss, metrics)) and return the last held-out metrics.
+
+    evaluate_fn(model, val_loader, dd, seed) -> {name: float} runs after every epoch (default:
+    `evaluate`, the batch-weighted mean of the model's metrics). out_dir gets checkpoint.pt
+    (every epoch), checkpoint_best.pt (when metric best_key improves, higher is better) and
+    log.jsonl. A run finds its own checkpoint there and resumes. collate_fn batches both sets;
+    train_collate_fn, when given, the training set alone (MixUp / CutMix).
+    """
+    out_dir = Path(out_dir)
+    train_loader = make_loader(train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True, train_collate_fn or collate_fn)
+    val_loader = make_loader(val_set, recipe.batch_size, dd, recipe.seed, recipe.workers, False, collate_fn)
+    steps_per_epoch = len(train_loader) // recipe.accum
+    if steps_per_epoch == 0:
+        fail(f"--accum {recipe.accum} is more than the {len(train_loader)} batches of an epoch")
+    total_steps, warmup_steps = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
+    try:
+        drop_steps = [int(float(e) * steps_per_epoch) for e in recipe.lr_drops.split(",") if e.strip()]
+    except ValueError:
+        fail(f"--lr-drops {recipe.lr_drops!r}: expected comma-separated epochs, e.g. 8,11")
+    eff_batch = recipe.batch_size * recipe.accum * dd.world
+    lr = recipe.blr * eff_batch / 256
+
+    model.to(dd.device)
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, 0.95))
+
+    start_epoch, best = 0, -math.inf
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if without_recipe(ckpt.get("config", {})) != without_recipe(config):
+            fail(f"{ckpt_path} holds a run of another model or data; pass a new --out-dir, or delete it to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best = ckpt["epoch"], ckpt.get("best", -math.inf)
+        if dd.main:
+            print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    if dd.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = {eff_batch} effective; "
+              f"base lr {recipe.blr:.3g} -> lr {lr:.3g}; {steps_per_epoch} steps/epoch, {total_steps} steps in all; device {dd.device}")
+
+    raw = model
+    if recipe.compile:
+        model = torch.compile(model)
+    if dd.world > 1:
+        model = DDP(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
+
+    log = open(out_dir / "log.jsonl", "a") if dd.main else None
+    metrics = {}
+    for epoch in range(start_epoch, recipe.epochs):
+        torch.manual_seed(recipe.seed + 1000 * dd.rank + epoch)  # resume at an epoch replays the same randomness
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not dd.main, leave=False, total=steps_per_epoch * recipe.accum)
+        t_epoch = t_log = t0 = time.perf_counter()
+        t_data, n_img = 0.0, 0
+        for i, (x, y) in enumerate(bar):
+            if i >= steps_per_epoch * recipe.accum:
+                break
+            x, y = to_device((x, y), dd.device)
+            t_data += time.perf_counter() - t0
+            step = epoch * steps_per_epoch + i // recipe.accum
+            last_micro = (i + 1) % recipe.accum == 0
+            sync = nullcontext() if last_micro or dd.world == 1 else model.no_sync()
+            with sync:
+                with autocast(dd.device):
+                    loss, metrics = model(x, y)
+                (loss / recipe.accum).backward()
+            n_img += len(x) * dd.world
+            if last_micro:
+                step_lr = lr_at(step, lr, warmup_steps, total_steps, recipe.min_lr, drop_steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = step_lr * g["lr_scale"]
+                if recipe.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if (step + 1) % recipe.log_every == 0:
+                    elapsed = time.perf_counter() - t_log
+                    row = {"epoch": epoch, "step": step + 1, "lr": step_lr, **{k: v.item() for k, v in metrics.items()},
+                           "img_per_s": n_img / elapsed, "data_share": t_data / elapsed}
+                    check_finite(row["loss"], step + 1, ckpt_path)
+                    if dd.main:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    t_log, t_data, n_img = time.perf_counter(), 0.0, 0
+            t0 = time.perf_counter()
+        check_finite(loss.item(), step + 1, ckpt_path)
+        metrics = evaluate_fn(raw, val_loader, dd, recipe.seed)
+        if dd.main:
+            if torch.cuda.is_available():
+                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            summary = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "epoch_s": time.perf_counter() - t_epoch, **{f"val_{k}": v for k, v in metrics.items()}}
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+            log.write(json.dumps(summary) + "\n")
+            log.flush()
+            improved = best_key is not None and metrics[best_key] > best
+            best = metrics[best_key] if improved else best
+            state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                     "config": config, "best": best, "metrics": metrics}
+            save_checkpoint(ckpt_path, state)
+            if improved:
+                save_checkpoint(out_dir / "checkpoint_best.pt", state)
+    if log:
+        log.close()
+    return metrics
+
+
+def without_recipe(config):
+    """What must match to resume: the model and data, not the optimisation flags (so --epochs can grow)."""
+    return {k: v for k, v in config.items() if k != "recipe"}
+
+
+def check_finite(loss, step, ckpt_path):
+    if not math.isfinite(loss):
+        fail(f"loss is {loss} at step {step}; stopping. The last good checkpoint, if any, is {ckpt_path}. Try a lower --blr or --clip-grad 1.0")
+
+
+def run(command):
+    """Run a training command with distributed setup and teardown around it."""
+    dd = setup_distributed()
+    try:
+        return command(dd)
+    finally:
+        if dd.world > 1:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def recipe_options(**defaults):
+    """The Recipe's fields as click options, with per-command defaults."""
+    def decorate(f):
+        for name, default in reversed(list({**asdict(Recipe()), **defaults}.items())):
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                f = click.option(flag, is_flag=True, default=default, help=f"(default {default})")(f)
+            else:
+                f = click.option(flag, type=type(default), default=default, show_default=True)(f)
+        return f
+    return decorate
+
+
+def recipe_from(kwargs):
+    return Recipe(**{k: kwargs.pop(k) for k in asdict(Recipe())})
+
+
+@click.group()
+def cli():
+    """PART: pretraining, finetuning and tools. See README.md."""
+
+
+def data_options(f):
+    f = click.option("--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist", show_default=True)(f)
+    f = click.option("--data-dir", default=None, help="dataset root; fashion-mnist falls back to Debian's package")(f)
+    f = click.option("--img-size", type=int, default=None, help="default: the dataset's native size")(f)
+    f = click.option("--in-chans", type=int, default=None, help="default: the dataset's")(f)
+    f = click.option("--train-subset", type=int, default=0, help="train on N random training images (drawn under --seed); 0: all")(f)
+    return f
+
+
+def load_sets(name, data_dir, img_size, in_chans, train_transform, val_transform, train_subset=0, seed=0):
+    """Train and val sets with data.DataError turned into a clean CLI error; train_subset > 0
+    keeps that many training images, the first of a permutation drawn under `seed`."""
+    try:
+        info = data.data_info(name, img_size, in_chans)
+        train_set = data.build_dataset(name, data_dir, "train", info, train_transform(info, name))
+        val_set = data.build_dataset(name, data_dir, "val", info, val_transform(info, name))
+    except data.DataError as e:
+        fail(str(e))
+    if train_subset > len(train_set):
+        fail(f"--train-subset {train_subset} is more than the {len(train_set)} training images")
+    if train_subset:
+        keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:train_subset]
+        train_set = Subset(train_set, keep.tolist())
+    return info, train_set, val_set
+
+
+def pretrain_config(info, preset, patch_size, sampler, num_patches, pairs, head, drop_path):
+    try:
+        vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
+        return part.PARTConfig(vit=vit, img_size=(info.img_size, info.img_size), sampler=sampler, num_patches=num_patches,
+                               num_pairs=pairs, head=head, mean=info.mean, std=info.std)
+    except ValueError as e:
+        fail(str(e))
+
+
+def model_options(f):
+    f = click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True)(f)
+    f = click.option("--patch-size", type=int, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px")(f)
+    f = click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True)(f)
+    f = click.option("--num-patches", type=int, default=0, help="N; 0: (H/P)(W/P) as the paper")(f)
+    f = click.option("--pairs", type=int, default=128, show_default=True,
+                     help="K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)")(f)
+    f = click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)(f)
+    f = click.option("--drop-path", type=float, default=0.0, show_default=True)(f)
+    return f
+
+
+@cli.command()
+@data_options
+@model_options
+@recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
+@click.option("--out-dir", default="out/pretrain", show_default=True)
+def pretrain(data_name, data_dir, img_size, in_chans, train_subset, preset, patch_size, sampler, num_patches, pairs, head, drop_path, out_dir,
+             **kwargs):
+    """PART pretraining (section 4): relative positions of off-grid patches."""
+    recipe = recipe_from(kwargs)
+    info, train_set, val_set = load_sets(data_name, data_dir, img_size, in_chans, data.pretrain_transform, data.eval_transform,
+                                         train_subset, recipe.seed)
+    cfg = pretrain_config(info, preset, patch_size, sampler, num_patches, pairs, head, drop_path)
+
+    def command(dd):
+        torch.manual_seed(recipe.seed)  # the same initial weights on every process
+        model = part.PART(cfg)
+        config = {"kind": "part", "data": data_name, "model": cfg.to_dict(), "recipe": asdict(recipe)}
+        fit(model, train_set, val_set, recipe, out_dir, config, dd)
+
+    run(command)
+
+
+# ---------------------------------------------------------------- finetuning and linear probing
+
+DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by default
+
+
+def pretrained_encoder(path):
+    """(encoder weights in timm names, the checkpoint's ViT config or None) from any checkpoint layout."""
+    if path == DEFAULT_INIT and not Path(path).is_file():
+        fail(f"finetuning starts from a PART checkpoint, by default {DEFAULT_INIT}: run `python train.py pretrain` first, "
+             "or pass --init PATH, or --init scratch for the supervised baseline")
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    return part.encoder_state_dict(ckpt), config.get("model", {}).get("vit")
+
+
+def count_classes(name, info, train_set):
+    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    classes = info.num_classes or len(getattr(base, "classes", ()))  # imagefolder counts its class folders
+    if not classes:
+        fail(f"--data {name} has no labels; finetuning needs fashion-mnist, cifar10, cifar100, in1k or imagefolder")
+    return classes
+
+
+def classifier_config(info, classes, source_vit, preset, patch_size, drop_path, pool, linear_probe, smoothing):
+    """The checkpoint's ViT (vit_mini / 4 from scratch) unless --preset / --patch-size say otherwise,
+    in which case loading checks that they agree with the checkpoint."""
+    vit = part.ViTConfig(**source_vit) if source_vit else part.vit_config("vit_mini", patch_size=4)
+    vit = replace(vit, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or vit.patch_size, in_chans=info.in_chans,
+                  drop_path=0.0 if linear_probe else drop_path)
+    size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
+    if source_vit and any(getattr(vit, k) != source_vit[k] for k in size):
+        fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {source_vit[k]}' for k in size)}; "
+             f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}")
+    try:
+        return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
+                                     linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std)
+    except ValueError as e:
+        fail(str(e))
+
+
+def load_pretrained(model, state, source_vit, path, main):
+    """The checkpoint's encoder into the classifier. Class token, position embeddings and head start
+    fresh unless the checkpoint has them (a finetuned one: its position embeddings resized to the new grid)."""
+    old_grid = tuple(source_vit.get("pos_grid") or ()) if source_vit else ()
+    if "pos_embed" in state and old_grid and model.encoder.pos_embed is not None:
+        state["pos_embed"] = part.resize_pos_embed(state["pos_embed"], old_grid, model.cfg.vit.pos_grid, int(source_vit["class_token"]))
+    try:
+        fresh, unexpected = part.load_encoder(model.encoder, state, path)
+    except ValueError as e:
+        fail(str(e))
+    if main:
+        print(f"encoder from {path}; new: {', '.join(fresh) or 'none'}; ignored: {', '.join(unexpected) or 'none'}")
+
+
+@cli.command()
+@data_options
+@click.option("--init", default=DEFAULT_INIT, show_default=True,
+              help="a PART checkpoint (training dict, {'model'}, {'state_dict'} or bare; module.-prefixed or not), or 'scratch'")
+@click.option("--linear-probe", is_flag=True, help="freeze the encoder; train BatchNorm without affine + a linear head (MAE)")
+@click.option("--preset", type=click.Choice(list(part.PRESETS)), default=None, help="default: the checkpoint's; vit_mini from scratch")
+@click.option("--patch-size", type=int, default=None, help="default: the checkpoint's; 4 from scratch")
+@click.option("--pool", type=click.Choice(part.POOLS), default="cls", show_default=True, help="the paper: cls")
+@click.option("--drop-path", type=float, default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
+@click.option("--smoothing", type=float, default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
+@click.option("--randaug-n", type=int, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
+@click.option("--randaug-m", type=int, default=9, show_default=True, help="RandAugment magnitude; DeiT: 9")
+@click.option("--mixup", type=float, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
+@click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
+@click.option("--reprob", type=float, default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
+@recipe_options(epochs=10, batch_size=128, blr=1e-3, warmup_epochs=1.0, layer_decay=0.75, log_every=50)
+@click.option("--out-dir", default="out/finetune", show_default=True)
+def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
+             randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs):
+    """Finetune a PART encoder as the paper does (section 4 "Training setup": class token, new
+    position embeddings, linear head; DeiT's recipe), or linear-probe it. --init scratch trains the
+    same ViT from random weights, without layer decay unless --layer-decay is given (DeiT)."""
+    recipe = recipe_from(kwargs)
+    if init == "scratch" and click.get_current_context().get_parameter_source("layer_decay") is ParameterSource.DEFAULT:
+        recipe = replace(recipe, layer_decay=1.0)
+    state, source_vit = (None, None) if init == "scratch" else pretrained_encoder(init)
+    augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
+    info, train_set, val_set = load_sets(data_name, data_dir, img_size, in_chans, augment, data.eval_transform, train_subset, recipe.seed)
+    cfg = classifier_config(info, count_classes(data_name, info, train_set), source_vit, preset, patch_size, drop_path, pool, linear_probe,
+                            smoothing)
+
+    def command(dd):
+        torch.manual_seed(recipe.seed)  # the same new weights on every process
+        model = part.Classifier(cfg)
+        if state is not None:
+            load_pretrained(model, state, source_vit, init, dd.main)
+        augmentation = {"randaug_n": randaug_n, "randaug_m": randaug_m, "mixup": mixup, "cutmix": cutmix, "reprob": reprob}
+        config = {"kind": "classifier", "data": data_name, "train_subset": train_subset, "init": init, "model": cfg.to_dict(),
+                  "recipe": {**asdict(recipe), **augmentation}}
+        fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
+            train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes))
+
+    run(command)
+
+
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, vendor sheets
+
+
+def timed(fn, steps, device):
+    """Mean seconds per call of fn, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True)
+@click.option("--img-size", type=int, default=28, show_default=True)
+@click.option("--patch-size", type=int, default=4, show_default=True)
+@click.option("--in-chans", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--pairs", type=int, default=512, show_default=True)
+@click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True)
+@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True)
+@click.option("--compile", "use_compile", is_flag=True)
+def bench(preset, img_size, patch_size, in_chans, batch_size, pairs, sampler, head, steps, use_compile):
+    """Time a PART pretraining step on this device: images/s, sampler + head share, MFU on CUDA."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = data.DataInfo(in_chans, img_size, 0, (0.5,) * in_chans, (0.25,) * in_chans)
+    cfg = pretrain_config(info, preset, patch_size, sampler, 0, pairs, head, 0.0)
+    model = part.PART(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    images = torch.randint(0, 256, (batch_size, in_chans, img_size, img_size), dtype=torch.uint8, device=device)
+    forward = torch.compile(model) if use_compile else model
+    patches, _ = model.sample(images)
+
+    def step():  # the whole PART step
+        with autocast(device):
+            loss, _ = forward(images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def encoder_step():  # the same step without sampler and relative head
+        with autocast(device):
+            loss = model.encoder.forward_features(patches).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sample():
+        model.sample(images)
+
+    t_step, t_encoder, t_sample = timed(step, steps, device), timed(encoder_step, steps, device), timed(sample, steps, device)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    print(f"{preset}/{patch_size} at {img_size}px, {cfg.num_patches} patches, {pairs} pairs, batch {batch_size}, {head}, "
+          f"{sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f}M encoder parameters, on {describe(device)}")
+    print(f"step {t_step * 1e3:.1f} ms = {batch_size / t_step:.1f} img/s; sampler {t_sample / t_step:.1%}, "
+          f"sampler + relative head {1 - t_encoder / t_step:.1%} of the step; {flops / batch_size / 1e9:.2f} GFLOP/img (fwd+bwd)")
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in describe(device)), None)
+    if peak:
+        print(f"model FLOP utilisation {flops / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16")
+
+
+def describe(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+@cli.command()
+@click.option("--ckpt", required=True, help="a PART checkpoint (out/pretrain/checkpoint.pt)")
+@click.option("--out", "out_path", required=True, help="where to write the encoder's state dict, in timm's names")
+def export(ckpt, out_path):
+    """Write the encoder's weights alone, loadable into timm's VisionTransformer (see README)."""
+    state = part.encoder_state_dict(load_checkpoint(ckpt))
+    torch.save(state, out_path)
+    print(f"wrote {len(state)} tensors to {out_path}")
+
+
+# ---------------------------------------------------------------- show: what PART learned (section 5.1)
+
+
+def load_part(path):
+    """The PART model of a pretraining checkpoint, in eval mode, and the run's config."""
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict) or config.get("kind") != "part" or "model" not in ckpt:
+        fail(f"{path} is not a PART pretraining checkpoint: expected the checkpoint.pt of `train.py pretrain`, with config kind 'part'")
+    try:
+        model = part.PART(part.PARTConfig(**config["model"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        fail(f"{path}: its weights do not fit its own model config ({str(e).splitlines()[0]})")
+    return model.eval(), config
+
+
+def read_image(path, chans, size):
+    """An image file as uint8 (C, H, W): converted to `chans` channels, centre-cropped to the
+    aspect ratio of size = (H, W) and resized to it."""
+    if chans not in (1, 3):
+        fail(f"--image needs a 1- or 3-channel checkpoint, this one takes {chans} channels")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.fit(img.convert("L" if chans == 1 else "RGB"), (size[1], size[0]), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # missing, unreadable or not an image (PIL's UnidentifiedImageError is an OSError)
+        fail(f"--image {path} is not a readable image ({e})")
+    return pil_to_tensor(img)
+
+
+def held_out_images(config, cfg, data_dir, indices):
+    """[(name, uint8 (C, H, W))] from the validation split of the checkpoint's dataset."""
+    name = config.get("data")
+    if not name:
+        fail("the checkpoint records no dataset: pass --image")
+    try:
+        info = data.data_info(name, cfg.img_size[0], cfg.vit.in_chans)
+        val_set = data.build_dataset(name, data_dir, "val", info, data.eval_transform(info, name))
+    except data.DataError as e:
+        fail(f"{e} (or pass --image)")
+    for i in indices:
+        if not 0 <= i < len(val_set):
+            fail(f"--index {i} is outside the {len(val_set)} held-out images of {name}")
+    return [(f"{name}_val{i}", val_set[i][0]) for i in indices]
+
+
+def show_image(model, name, image, ref, target, seed, out_dir):
+    """Figures 4-6 and the numbers behind them for one uint8 image (C, H, W)."""
+    P, scale = model.cfg.vit.patch_size, model.scale
+    torch.manual_seed(seed)  # the same boxes and shuffle for every image of one size
+    patches, boxes = model.sample(image[None])  # (1, N, C, P, P), (1, N, 4)
+    pred = part.predict_all_pairs(model, patches)[0]  # (N, N, 2|4): pred[i, j] = target j from reference i
+    boxes = boxes[0]
+    N = len(boxes)
+    truth = part.all_pair_targets(boxes, scale)  # (N, N, 2|4)
+    pixels = image.float() / 255  # (C, H, W) for display
+    crops = part.crop_patches(pixels[None], boxes[None], P)[0]  # (N, C, P, P): what the model saw, unnormalised
+    centre = part.centres_sizes(boxes)[0]  # (N, 2)
+    for flag, index in (("--ref", ref), ("--target", target)):
+        if index >= N:
+            fail(f"{flag} {index} is not a patch: the checkpoint samples {N} patches, 0..{N - 1}")
+    if ref < 0:  # the patch nearest the image centre sees the others in every direction
+        ref = int((centre - torch.tensor([image.shape[2], image.shape[1]]) / 2).norm(dim=1).argmin())
+
+    # Figure 4: every patch placed from one reference
+    placed = part.placed_boxes(boxes, pred)  # (N, N, 4)
+    err_px = part.off_diagonal(part.placement_errors(boxes, placed))  # (N*(N-1),)
+    zero_px = part.off_diagonal(part.placement_errors(boxes, boxes[:, None].expand(N, N, 4)))  # every patch on its reference
+    err_ref = part.off_diagonal((pred[..., :2] - truth[..., :2]).norm(dim=-1))  # in the reference's size, as val_euclid
+    zero_ref = part.off_diagonal(truth[..., :2].norm(dim=-1))
+    row = slice(ref * (N - 1), (ref + 1) * (N - 1))  # the reference's own pairs in off-diagonal order
+    print(f"{name}: {N} {model.cfg.sampler} patches of {P} px, all {N * N} ordered pairs predicted")
+    print(f"  Figure 4, off-grid reconstruction from reference #{ref} at ({centre[ref, 0]:.1f}, {centre[ref, 1]:.1f}): "
+          f"mean placement error {err_px[row].mean():.2f} px = {err_ref[row].mean():.3f} reference sizes over {N - 1} targets "
+          f"(all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); "
+          f"over all {N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: {zero_px.mean():.2f} px = {zero_ref.mean():.3f})")
+
+    # Figure 5: how much the references agree on each patch
+    spread = part.patch_uncertainty(placed)  # (N,)
+    targets = [target] if target >= 0 else [int(spread.argmin()), int(spread.argmax())]
+    contrast = crops.flatten(1).std(dim=1)  # a flat patch could sit anywhere alike
+    print(f"  Figure 5, patch uncertainty (RMS spread of a patch's {N - 1} predicted centres): median {spread.median():.2f} px, "
+          + ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
+          + f"; correlation with the patch's pixel std {part.pearson(spread, contrast):+.2f}")
+
+    # Figure 6: the N x N prediction matrices
+    names = part.OUTPUT_NAMES[: pred.shape[-1]]
+    symmetry, agreement = part.symmetry_scores(pred), part.correlations(pred, truth)
+    print("  Figure 6, negative symmetry corr(P, -P^T): " + " ".join(f"{k} {v:.3f}" for k, v in symmetry.items())
+          + "; correlation with the truth: " + " ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    if scale:
+        print("  (offgrid-scale: shifts are in the reference's size, so dx, dy are scored as dx_ij = -dx_ji * dw_ij; "
+              "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry")]
+    figures.reconstruction(paths[0], pixels, crops, boxes, placed[ref], ref, err_px[row].mean().item())
+    figures.uncertainty(paths[1], pixels, boxes, placed, spread, targets)
+    order = part.raster_order(boxes, P)
+    figures.symmetry(paths[2], pred, truth, order, torch.randperm(N), names)
+    numbers = {"image": name, "sampler": model.cfg.sampler, "patch_size": P, "reference": ref, "targets": targets,
+               "boxes": boxes.tolist(), "pred": pred.tolist(), "truth": truth.tolist(), "uncertainty_px": spread.tolist(),
+               "placement_error_px": err_px[row].mean().item(), "placement_error_ref": err_ref[row].mean().item(),
+               "symmetry": symmetry, "correlation_with_truth": agreement, "raster_order": order.tolist()}
+    (out_dir / f"{name}_numbers.json").write_text(json.dumps(numbers))
+    print("  wrote " + ", ".join(str(p) for p in paths) + f" and {name}_numbers.json")
+
+
+@cli.command()
+@click.option("--ckpt", required=True, help="a PART pretraining checkpoint (out/pretrain/checkpoint.pt)")
+@click.option("--image", "image_paths", multiple=True, help="an image file (repeatable); default: held-out images of the checkpoint's dataset")
+@click.option("--index", "indices", type=int, multiple=True, default=(0,), show_default=True, help="held-out image(s) shown without --image")
+@click.option("--data-dir", default=None, help="the checkpoint's dataset, for held-out images (fashion-mnist falls back to Debian's package)")
+@click.option("--ref", type=int, default=-1, help="reference patch of Figure 4; -1: the one nearest the image centre")
+@click.option("--target", type=int, default=-1, help="target patch of Figure 5; -1: the most and the least certain")
+@click.option("--seed", type=int, default=0, show_default=True, help="seeds the patch sampler and the shuffled order")
+@click.option("--out-dir", default="out/show", show_default=True)
+def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
+    """What PART learned (section 5.1): off-grid reconstruction, patch uncertainty, negative symmetry."""
+    model, config = load_part(ckpt)
+    cfg = model.cfg
+    if image_paths:
+        images = [(Path(p).stem, read_image(p, cfg.vit.in_chans, cfg.img_size)) for p in image_paths]
+    else:
+        images = held_out_images(config, cfg, data_dir, indices)
+    for name, image in images:
+        show_image(model, name, image, ref, target, seed, Path(out_dir))
+
+
+if __name__ == "__main__":
+    cli()
