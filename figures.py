@@ -100,8 +100,8 @@ def uncertainty(path, image, boxes, placed, spread, targets):
         ax.scatter(points[:, 0], points[:, 1], s=6, color=colour, alpha=0.7, linewidths=0)
         ax.scatter(*points.mean(axis=0), s=40, color=colour, marker="x")
         outline(ax, boxes[t], colour)
-    label = ", ".join(f"#{t}: {spread[t]:.2f} px" for t in targets)
-    frame(ax, H, W, placed[:, targets], f"targets from every reference ({label})")
+    label = ", ".join(f"#{t} {spread[t]:.1f} px" for t in targets)
+    frame(ax, H, W, placed[:, targets], f"from every reference\n{label}")
     ax = axes[0, 1]
     heat = ax.imshow(coverage_map(boxes, spread, H, W), extent=(0, W, H, 0), cmap="magma", interpolation="nearest")
     fig.colorbar(heat, ax=ax, shrink=0.8, label="spread of predicted centre (px)")

@@ -445,6 +445,16 @@ def relative_loss(pred, target):
 # ---------------------------------------------------------------- the PART model
 
 
+def image_vit(vit, img_size):
+    """A config's ViT (a dict after a checkpoint round trip) and image size, checked against each
+    other -> (ViTConfig, (H, W), token grid (H/P, W/P))."""
+    vit = ViTConfig(**vit) if isinstance(vit, dict) else vit
+    (H, W), P = img_size, vit.patch_size
+    if H % P or W % P:
+        raise ValueError(f"--patch-size {P} must divide the image size {H}x{W}")
+    return vit, (H, W), (H // P, W // P)
+
+
 @dataclass
 class PARTConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -457,15 +467,10 @@ class PARTConfig:
     std: tuple = (0.229, 0.224, 0.225)
 
     def __post_init__(self):
-        if isinstance(self.vit, dict):
-            self.vit = ViTConfig(**self.vit)
-        self.img_size = tuple(self.img_size)
-        P, (H, W) = self.vit.patch_size, self.img_size
-        if H % P or W % P:
-            raise ValueError(f"--patch-size {P} must divide the image size {H}x{W}")
+        self.vit, self.img_size, grid = image_vit(self.vit, self.img_size)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
-        grid_n = (H // P) * (W // P)
+        grid_n = math.prod(grid)
         self.num_patches = self.num_patches or grid_n
         if self.sampler == "grid" and self.num_patches != grid_n:
             raise ValueError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
@@ -536,18 +541,13 @@ class ClassifierConfig:
     std: tuple = (0.229, 0.224, 0.225)
 
     def __post_init__(self):
-        if isinstance(self.vit, dict):
-            self.vit = ViTConfig(**self.vit)
-        self.img_size = tuple(self.img_size)
-        P, (H, W) = self.vit.patch_size, self.img_size
+        self.vit, self.img_size, grid = image_vit(self.vit, self.img_size)
         if self.vit.patch_ndim != 2:
             raise ValueError(f"the classifier takes 2D image patches, not patch_ndim={self.vit.patch_ndim}")
-        if H % P or W % P:
-            raise ValueError(f"patch size {P} must divide the image size {H}x{W}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
         # a probed encoder stays as pretrained: random position embeddings it could not adapt to would be noise
-        grid = () if self.linear_probe else (H // P, W // P)
+        grid = () if self.linear_probe else grid
         self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool)
 
     def to_dict(self):

@@ -501,7 +501,7 @@ def load_pretrained(model, state, source_vit, path, main):
 @click.option("--mixup", type=float, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
 @click.option("--reprob", type=float, default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
-@recipe_options(epochs=10, batch_size=128, blr=1e-3, warmup_epochs=1.0, layer_decay=0.75, log_every=50)
+@recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, layer_decay=0.75, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True)
 def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
              randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs):
@@ -553,8 +553,8 @@ def timed(fn, steps, device):
 @click.option("--img-size", type=int, default=28, show_default=True)
 @click.option("--patch-size", type=int, default=4, show_default=True)
 @click.option("--in-chans", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--pairs", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--pairs", type=int, default=128, show_default=True)
 @click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True)
 @click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True)
