@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The paper's comparisons at CPU scale, on the embedded Fashion-MNIST (README, "Comparisons").
 #   bash compare.sh            # every run below, one after another, then the table
+#   PY="torchrun --nproc_per_node=8" bash compare.sh   # the same on a bigger machine
 # Pretraining: 20k training images, 2 epochs, seed 0. Finetuning: 5k labelled images,
-# 5 epochs, seed 0, the same recipe for every row; top-1 on the 10k held-out images.
+# 10 epochs, seed 0, the same recipe for every row; top-1 on the 10k held-out images.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/compare}
+PY=${PY:-python}
 PRE="--train-subset 20000 --epochs 2 --seed 0"
-FT="--train-subset 5000 --epochs 5 --seed 0"
+FT="--train-subset 5000 --epochs 10 --seed 0"
 
 pretrain() {  # name, flags
-  python train.py pretrain $PRE "${@:2}" --out-dir "$OUT/pre_$1"
-  python train.py finetune $FT --init "$OUT/pre_$1/checkpoint.pt" --out-dir "$OUT/ft_$1"
+  $PY train.py pretrain $PRE "${@:2}" --out-dir "$OUT/pre_$1"
+  $PY train.py finetune $FT --init "$OUT/pre_$1/checkpoint.pt" --out-dir "$OUT/ft_$1"
 }
 
-python train.py finetune $FT --init scratch --out-dir "$OUT/ft_scratch"  # Tables 6/7: supervised from scratch
+$PY train.py finetune $FT --init scratch --out-dir "$OUT/ft_scratch"  # Tables 6/7: supervised from scratch
 pretrain offgrid                                                         # PART: cross-attention, 128 pairs
 pretrain grid --sampler grid                                             # Table 4: PART-grid
 pretrain pairwise-mlp --head pairwise-mlp                                # Table 5: relative encoders

@@ -1,0 +1,667 @@
+"""COCO detection and instance segmentation with a PART ViT: torchvision's Mask R-CNN on
+the ViTDet simple feature pyramid (paper section 5.2, Table 2; details in 8.1).
+
+    python train.py pretrain                    # a PART checkpoint, out/pretrain/checkpoint.pt
+    python detect.py                            # finetune it on the embedded nuclei tiles
+    python detect.py --init scratch --out-dir out/detect_scratch
+    python detect.py eval --ckpt out/detect/checkpoint.pt
+    torchrun --nproc_per_node=8 detect.py --data-dir coco/ --init part_vitb16.pt --img-size 1024 ...  # README
+
+The encoder runs on the on-grid patches of the whole image with learnable position
+embeddings (PART pretrains without them), resized to each input's token grid; its
+stride-P map feeds ViTDet's simple feature pyramid (strides 4, 8, 16, 32, plus 64 for the
+RPN) and torchvision's ViTDet-like heads. Training is train.fit, the loop of pretraining;
+evaluation is pycocotools' COCOeval on the held-out split.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.ops import box_convert
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import data
+import part
+import train
+
+# ---------------------------------------------------------------- the backbone
+
+STRIDES = (4, 8, 16, 32)  # the pyramid's levels "0".."3"; "pool" adds 64 (ViTDet, Li et al. 2022)
+PYRAMID_DIM = 256  # out_channels of ViTDet's pyramid and torchvision's FPN alike
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels at every position of a (B, C, H, W) map: ViTDet's "LN".
+
+    nn.GroupNorm(1, C) is not the same: it also averages over H and W.
+    """
+
+    def __init__(self, C, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(C))
+        self.bias = nn.Parameter(torch.zeros(C))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def pyramid_level(dim, patch_size, stride):
+    """One level of the simple feature pyramid: the stride-P map (B, dim, h, w) rescaled to
+    `stride`, then 1x1 conv -> LN -> 3x3 conv -> LN to 256 channels (ViTDet, no biases).
+
+    ViTDet's scales 4, 2, 1, 1/2 of a stride-16 map generalise to P / stride: 2x2 transposed
+    convs (LN + GELU between, halving the width each time) to go up, max-pooling to go down.
+    A PART checkpoint with P = 4 thus keeps its own map at stride 4 and pools the coarser levels.
+    """
+    layers = []
+    if stride < patch_size:
+        for i in range(int(math.log2(patch_size // stride))):
+            if i:
+                layers += [LayerNorm2d(dim), nn.GELU()]
+            layers.append(nn.ConvTranspose2d(dim, dim // 2, 2, stride=2))
+            dim //= 2
+    elif stride > patch_size:
+        layers.append(nn.MaxPool2d(stride // patch_size))
+    layers += [nn.Conv2d(dim, PYRAMID_DIM, 1, bias=False), LayerNorm2d(PYRAMID_DIM),
+               nn.Conv2d(PYRAMID_DIM, PYRAMID_DIM, 3, padding=1, bias=False), LayerNorm2d(PYRAMID_DIM)]
+    return nn.Sequential(*layers)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's pyramid from one stride-P map: (B, D, h, w) -> {"0".."3": strides 4..32, "pool": 64}."""
+
+    def __init__(self, dim, patch_size):
+        super().__init__()
+        if patch_size & (patch_size - 1):
+            raise ValueError(f"the feature pyramid needs a power-of-two patch size, not {patch_size}")
+        self.levels = nn.ModuleList(pyramid_level(dim, patch_size, s) for s in STRIDES)
+
+    def forward(self, x):
+        maps = OrderedDict((str(i), level(x)) for i, level in enumerate(self.levels))
+        maps["pool"] = F.max_pool2d(maps["3"], kernel_size=1, stride=2)  # stride 64 for the RPN (torchvision's LastLevelMaxPool)
+        return maps
+
+
+def window_partition(x, window):
+    """(B, h, w, D) -> (B * windows, window * window, D), zero-padding h and w to multiples of window."""
+    B, h, w, D = x.shape
+    x = F.pad(x, (0, 0, 0, -w % window, 0, -h % window))
+    nh, nw = x.shape[1] // window, x.shape[2] // window
+    x = x.reshape(B, nh, window, nw, window, D).transpose(2, 3)  # (B, nh, nw, window, window, D)
+    return x.reshape(B * nh * nw, window * window, D)
+
+
+def window_unpartition(x, window, B, h, w):
+    """The inverse of window_partition, dropping the padding: -> (B, h, w, D)."""
+    nh, nw, D = -(-h // window), -(-w // window), x.shape[-1]
+    x = x.reshape(B, nh, nw, window, window, D).transpose(2, 3)  # (B, nh, window, nw, window, D)
+    return x.reshape(B, nh * window, nw * window, D)[:, :h, :w]
+
+
+class GridAttention(part.Attention):
+    """part.Attention on a token grid (B, h, w, D): global, or within non-overlapping windows
+    of window x window tokens (ViTDet, without its relative position biases; as there, the
+    zero padding of a grid that the windows do not tile takes part in attention). The same
+    parameters and names as part.Attention, so PART weights load as they are."""
+
+    def __init__(self, dim, num_heads, window=0):
+        super().__init__(dim, num_heads)
+        self.window = window
+
+    def forward(self, x):
+        B, h, w, D = x.shape
+        if not self.window:
+            return super().forward(x.reshape(B, h * w, D)).reshape(B, h, w, D)
+        windows = window_partition(x, self.window)  # (B * windows, window^2, D)
+        return window_unpartition(super().forward(windows), self.window, B, h, w)
+
+
+class ViTBackbone(nn.Module):
+    """The PART encoder as a detection backbone: normalised images (B, C, H, W) of any size ->
+    OrderedDict of five (B, 256, H/s, W/s) maps, s = 4, 8, 16, 32, 64.
+
+    Images are zero-padded to multiples of P; the position embeddings, learnt for the grid
+    cfg.pos_grid, are resized to each input's grid. Blocks run on a (B, h, w, D) token grid,
+    so GridAttention can window them; LayerNorm and MLP act per token either way.
+    """
+
+    out_channels = PYRAMID_DIM  # what torchvision's MaskRCNN reads
+
+    def __init__(self, vit_cfg, window=0, global_blocks=()):
+        super().__init__()
+        self.encoder = part.VisionTransformer(vit_cfg)
+        for i, block in enumerate(self.encoder.blocks):
+            block.attn = GridAttention(vit_cfg.embed_dim, vit_cfg.num_heads, 0 if i in global_blocks else window)
+            block.attn.apply(part._init_weights)
+        self.pyramid = SimpleFeaturePyramid(vit_cfg.embed_dim, vit_cfg.patch_size)
+
+    def forward(self, images):
+        with train.autocast(images.device):  # bf16 on CUDA; the heads stay fp32 (see Detector)
+            return {k: v.float() for k, v in self.features(images).items()}
+
+    def features(self, images):
+        P, D = self.encoder.cfg.patch_size, self.encoder.cfg.embed_dim
+        images = F.pad(images, (0, -images.shape[-1] % P, 0, -images.shape[-2] % P))
+        B, C, H, W = images.shape
+        grid = (H // P, W // P)
+        x = self.encoder.patch_embed(part.patchify(images, P))  # (B, N, D)
+        x = x + part.resize_pos_embed(self.encoder.pos_embed, self.encoder.cfg.pos_grid, grid, num_prefix=0)
+        x = x.reshape(B, *grid, D)  # (B, h, w, D)
+        for block in self.encoder.blocks:
+            x = block(x)
+        x = self.encoder.norm(x).reshape(B, -1, D)  # (B, N, D)
+        return self.pyramid(part.feature_map(x, grid))  # from (B, D, h, w)
+
+
+# ---------------------------------------------------------------- the detector
+
+
+@dataclass
+class DetectConfig:
+    vit: part.ViTConfig = field(default_factory=part.ViTConfig)  # the encoder; pos_grid: the token grid of img_size
+    num_classes: int = 80  # object categories, background not counted
+    masks: bool = True  # Mask R-CNN; False: Faster R-CNN, for box-only data
+    img_size: int = 1024  # longest side the images are resized to (ViTDet: 1024)
+    window: int = 0  # window attention, in tokens (ViTDet: 14); 0: global attention in every block
+    global_blocks: tuple = ()  # blocks that stay global with window > 0 (ViTDet, 12 blocks: 2, 5, 8, 11)
+    rois: int = 512  # RoIs sampled per image for the box head in training (ViTDet: 512)
+    anchor_size: int = 32  # the stride-4 level's anchor side, doubling per level (COCO: 32 ... 512)
+    proposals: int = 1000  # RPN proposals kept per image after NMS (ViTDet: 1000)
+    mean: tuple = data.IMAGENET_MEAN  # input normalisation, per channel
+    std: tuple = data.IMAGENET_STD
+
+    def __post_init__(self):
+        if isinstance(self.vit, dict):
+            self.vit = part.ViTConfig(**self.vit)
+        self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0)
+        self.global_blocks = tuple(self.global_blocks)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if not len(self.mean) == len(self.std) == self.vit.in_chans:
+            raise ValueError(f"mean {self.mean} and std {self.std} need one value per input channel, {self.vit.in_chans}")
+        if any(not 0 <= i < self.vit.depth for i in self.global_blocks):
+            raise ValueError(f"--global-blocks {list(self.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
+
+
+class Detector(nn.Module):
+    """torchvision's Mask R-CNN (Faster R-CNN without masks) on ViTBackbone with ViTDet's heads:
+    a two-conv RPN head, a 4conv1fc box head and a four-conv mask head, both with LN.
+
+    forward(images, targets): uint8 images, a list of (C, H, W), and torchvision's target
+    dicts -> (loss, the five losses) in training mode, torchvision's detections in eval mode.
+    """
+
+    def __init__(self, cfg: DetectConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = PYRAMID_DIM
+        sizes = tuple((cfg.anchor_size * 2**i,) for i in range(len(STRIDES) + 1))  # one size per level, as torchvision's FPN
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        heads = dict(rpn_anchor_generator=anchors, rpn_head=RPNHead(C, 3, conv_depth=2),
+                     box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [1024], norm_layer=LayerNorm2d))
+        if cfg.masks:
+            heads["mask_head"] = MaskRCNNHeads(C, [C] * 4, 1, norm_layer=LayerNorm2d)
+        rcnn = MaskRCNN if cfg.masks else FasterRCNN
+        # min_size = max_size: the longest side becomes img_size (ViTDet); padding to 64 makes every level's stride exact
+        self.rcnn = rcnn(ViTBackbone(cfg.vit, cfg.window, cfg.global_blocks), cfg.num_classes + 1, min_size=cfg.img_size,
+                         max_size=cfg.img_size, image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=64,
+                         box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
+                         rpn_post_nms_top_n_test=cfg.proposals, **heads)
+
+    def forward(self, images, targets=None):
+        images = [x.float() / 255 for x in images]
+        # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round
+        # coordinates by up to 4 px at 1024: only the backbone runs under autocast
+        with torch.autocast(images[0].device.type, enabled=False):
+            if not self.training:
+                return self.rcnn(images)
+            losses = self.rcnn(images, targets)
+        loss = sum(losses.values())
+        return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+
+# ---------------------------------------------------------------- COCO data
+
+
+@contextlib.contextmanager
+def quiet():
+    """pycocotools prints progress to stdout; keep it out of the log."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def read_coco(path):
+    """A COCO instances JSON as a pycocotools COCO index; data.DataError naming the file when it is not one."""
+    try:
+        with open(path) as f:
+            dataset = json.load(f)
+    except FileNotFoundError:
+        raise data.DataError(f"{path} not found: --data-dir must hold annotations/instances_{{train2017,val2017}}.json "
+                             "and the image folders train2017/, val2017/ (COCO's layout)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path} is not valid JSON ({e})") from None
+    needs = {"images": ("id", "file_name", "height", "width"), "annotations": ("id", "image_id", "category_id", "bbox"),
+             "categories": ("id",)}
+    for key, fields in needs.items():
+        if not isinstance(dataset, dict) or not isinstance(dataset.get(key), list):
+            raise data.DataError(f"{path} has no list {key!r}: not a COCO instances file")
+        for entry in dataset[key]:
+            if not isinstance(entry, dict) or any(k not in entry for k in fields):
+                raise data.DataError(f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}")
+    for ann in dataset["annotations"]:  # what COCOeval reads, as COCO defines it where a file leaves it out
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
+    coco = COCO()
+    coco.dataset = dataset
+    with quiet():
+        coco.createIndex()
+    return coco
+
+
+def read_image(path, mode):
+    """An image file as uint8 (C, H, W) in PIL mode "L" or "RGB"."""
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.array(img.convert(mode))).reshape(img.height, img.width, -1).permute(2, 0, 1)
+    except (UnidentifiedImageError, OSError) as e:
+        raise data.DataError(f"{path} is not a readable image ({e})") from None
+
+
+class CocoDetection(Dataset):
+    """One split of a COCO-format folder: annotations/instances_{split}.json and {split}/ images.
+
+    Items: a uint8 image (C, H, W) and {boxes (n, 4) x0 y0 x1 y1, labels (n,) in 1..K, masks
+    (n, H, W) when the split has any segmentation, image_id}. Polygons and RLE are decoded by
+    pycocotools; crowd regions are left to COCOeval; images without objects are kept.
+    in_chans 0 takes the channels of the first image (1 for grayscale, else 3).
+    """
+
+    def __init__(self, root, split, in_chans=0, transform=None):
+        self.coco = read_coco(Path(root) / "annotations" / f"instances_{split}.json")
+        self.image_dir, self.transform = Path(root) / split, transform
+        self.ids = sorted(self.coco.imgs)
+        self.cat_ids = sorted(self.coco.cats)  # label i + 1 is category cat_ids[i]; 0 is background
+        self.label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.masks = any("segmentation" in a for a in self.coco.anns.values())
+        files = [self.image_dir / self.coco.imgs[i]["file_name"] for i in self.ids]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise data.DataError(f"{len(missing)} images of instances_{split}.json are missing, e.g. {missing[0]}")
+        if not in_chans and files:
+            with Image.open(files[0]) as img:
+                in_chans = 1 if img.mode in ("L", "I", "I;16", "F") else 3
+        self.in_chans = in_chans
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        info = self.coco.imgs[self.ids[i]]
+        image = read_image(self.image_dir / info["file_name"], "L" if self.in_chans == 1 else "RGB")  # (C, H, W)
+        anns = [a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
+                  "labels": torch.tensor([self.label[a["category_id"]] for a in anns], dtype=torch.int64)}
+        if self.masks:  # an object without segmentation in a set with masks gets an empty mask
+            masks = [self.coco.annToMask(a) if "segmentation" in a else np.zeros(image.shape[-2:], np.uint8) for a in anns]
+            target["masks"] = tv_tensors.Mask(np.stack(masks) if masks else np.zeros((0, *image.shape[-2:]), np.uint8))
+        if self.transform:
+            image, target = self.transform(image, target)
+        target = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+        return image.as_subclass(torch.Tensor), {**target, "image_id": torch.tensor(info["id"])}
+
+
+def train_transform(img_size, scale_range):
+    """ViTDet's large-scale jitter: resize by a random factor of the img_size square, crop or
+    pad to it, flip; boxes and masks follow, objects cropped away are dropped."""
+    return v2.Compose([v2.ScaleJitter((img_size, img_size), scale_range=scale_range), v2.RandomCrop(img_size, pad_if_needed=True),
+                       v2.RandomHorizontalFlip(), v2.SanitizeBoundingBoxes()])
+
+
+def collate(batch):
+    """Detection batches are lists: images differ in size, targets in object count."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+# ---------------------------------------------------------------- the embedded default: nuclei tiles
+
+NUCLEI_TILE, NUCLEI_STRIDE = 128, 32  # pixels; 125 nuclei of ~22 px in a 512 x 512 image
+MIN_FRAGMENT = 20  # pixels: slivers of nuclei cut by a tile border are dropped (the smallest whole nucleus has 25)
+
+
+def stardist_images():
+    """The data folder of the stardist package (pip install --no-deps stardist==0.9.2), found without importing it."""
+    spec = importlib.util.find_spec("stardist")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "images" if spec else None
+    if folder is None or not (folder / "img2d.tif").is_file():
+        raise data.DataError("the default data set is the nuclei image of the stardist package: pip install --no-deps "
+                             "stardist==0.9.2, or pass --data-dir with a COCO-format folder")
+    return folder
+
+
+def write_nuclei(root):
+    """The 2018 Data Science Bowl nuclei image that ships with stardist (512 x 512, 16-bit, 125
+    instance masks) as COCO-format tiles: the bottom-right 256 x 256 quadrant, 4 tiles, is
+    held out (val2017); the 105 overlapping tiles that do not touch it train (train2017).
+    Intensities are scaled from the 1st..99.8th percentile to uint8; masks are stored as RLE.
+    """
+    root = Path(root)
+    if (root / "annotations" / "instances_val2017.json").is_file():
+        return
+    folder = stardist_images()
+    image = np.asarray(Image.open(folder / "img2d.tif"), dtype=np.float32)
+    labels = np.asarray(Image.open(folder / "mask2d.tif"))
+    lo, hi = np.percentile(image, (1, 99.8))
+    image = ((image - lo) / (hi - lo)).clip(0, 1) * 255
+    T, S, H = NUCLEI_TILE, NUCLEI_STRIDE, image.shape[0]
+    corners = [(y, x) for y in range(0, H - T + 1, S) for x in range(0, H - T + 1, S)]
+    splits = {"train2017": [(y, x) for y, x in corners if y + T <= H // 2 or x + T <= H // 2],
+              "val2017": [(y, x) for y in range(H // 2, H, T) for x in range(H // 2, H, T)]}
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, tiles in splits.items():
+        (root / split).mkdir(exist_ok=True)
+        images, anns = [], []
+        for y, x in tiles:
+            name = f"nuclei_y{y:03d}_x{x:03d}.png"
+            Image.fromarray(image[y : y + T, x : x + T].round().astype(np.uint8)).save(root / split / name)
+            images.append({"id": len(images) + 1, "file_name": name, "height": T, "width": T})
+            tile = labels[y : y + T, x : x + T]
+            for k in np.unique(tile[tile > 0]):
+                rle = mask_utils.encode(np.asfortranarray((tile == k).astype(np.uint8)))
+                if mask_utils.area(rle) >= MIN_FRAGMENT:
+                    anns.append({"id": len(anns) + 1, "image_id": len(images), "category_id": 1, "iscrowd": 0,
+                                 "bbox": mask_utils.toBbox(rle).tolist(), "area": int(mask_utils.area(rle)),
+                                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+        coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def data_root(data_dir, out_dir, dd):
+    """--data-dir, or the nuclei tiles, written by rank 0 to OUT_DIR/nuclei on first use."""
+    if data_dir:
+        return data_dir
+    root = Path(out_dir) / "nuclei"
+    if dd.main:
+        try:
+            write_nuclei(root)
+        except data.DataError as e:
+            train.fail(str(e))
+    if dd.world > 1:
+        dist.barrier()
+    return str(root)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def image_results(out, image_id, cat_ids):
+    """One image's torchvision detections -> COCO result entries for boxes and, where predicted, masks."""
+    common = [{"image_id": image_id, "category_id": cat_ids[int(label) - 1], "score": float(score)}
+              for label, score in zip(out["labels"], out["scores"])]
+    xywh = box_convert(out["boxes"].float().cpu(), "xyxy", "xywh")
+    boxes = [{**c, "bbox": [round(float(v), 2) for v in box]} for c, box in zip(common, xywh)]
+    if "masks" not in out or not common:
+        return boxes, []
+    binary = (out["masks"][:, 0] > 0.5).to(torch.uint8).cpu().numpy()  # (n, H, W)
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    return boxes, [{**c, "segmentation": rle} for c, rle in zip(common, rles)]
+
+
+def coco_metrics(coco, results, iou_type):
+    """COCOeval's AP, AP50, AP75 in percent; 0 for a model that detects nothing."""
+    if not results:
+        return dict.fromkeys(("AP", "AP50", "AP75"), 0.0)
+    with quiet():
+        evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # python floats: numpy's would make the checkpoint unreadable with torch.load(weights_only=True)
+    return {name: 100 * float(v) for name, v in zip(("AP", "AP50", "AP75"), evaluator.stats)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, dd, seed):
+    """COCOeval on the held-out split -> {AP_box, AP50_box, AP75_box (, AP_mask, ...)} on rank 0.
+
+    Each process detects on its shard and rank 0 scores them all; the images DistributedSampler
+    repeats to even out shards collapse by image id. Other ranks return {} (train.fit reads rank 0's).
+    """
+    model.eval()
+    dataset = loader.dataset
+    per_image = {}  # image_id -> (box results, mask results)
+    for images, targets in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
+        outputs = model(train.to_device(images, dd.device))
+        for out, target in zip(outputs, targets):
+            per_image[int(target["image_id"])] = image_results(out, int(target["image_id"]), dataset.cat_ids)
+    model.train()
+    if dd.world > 1:
+        shards = [None] * dd.world if dd.main else None
+        dist.gather_object(per_image, shards, dst=0)
+        if not dd.main:
+            return {}
+        per_image = {k: v for shard in shards for k, v in shard.items()}
+    metrics = {f"{k}_box": v for k, v in coco_metrics(dataset.coco, [r for b, _ in per_image.values() for r in b], "bbox").items()}
+    if dataset.masks:
+        masks = [r for _, m in per_image.values() for r in m]
+        metrics.update({f"{k}_mask": v for k, v in coco_metrics(dataset.coco, masks, "segm").items()})
+    return metrics
+
+
+def table(metrics):
+    """The COCO numbers as a small fixed-width table."""
+    rows = [f"{'':6}{'AP':>8}{'AP50':>8}{'AP75':>8}"]
+    for kind in ("box", "mask"):
+        if f"AP_{kind}" in metrics:
+            rows.append(f"{kind:6}" + "".join(f"{metrics[f'{m}_{kind}']:8.1f}" for m in ("AP", "AP50", "AP75")))
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- building a run
+
+
+def encoder_init(init, preset, patch_size, in_chans):
+    """(ViTConfig, encoder weights or None) for --init: a PART checkpoint brings its own encoder
+    config; a bare encoder state dict (train.py export) and scratch take --preset and --patch-size."""
+    if init == "scratch":
+        return part.vit_config(preset, patch_size=patch_size, in_chans=in_chans), None
+    state, source_vit = train.pretrained_encoder(init)
+    if source_vit:
+        return part.ViTConfig(**source_vit), state
+    if "patch_embed.proj.weight" not in state:
+        train.fail(f"{init} is neither a PART checkpoint nor an encoder state dict (it has no patch_embed.proj.weight)")
+    return part.vit_config(preset, patch_size=patch_size, in_chans=state["patch_embed.proj.weight"].shape[1]), state
+
+
+def build_detector(cfg, state, source):
+    """The Detector with the encoder weights loaded; a checkpoint of another size stops with a clear message.
+    Position embeddings are new (PART has none) and start fresh for either init."""
+    try:
+        model = Detector(cfg)
+        if state is not None:
+            part.load_encoder(model.rcnn.backbone.encoder, state, source)
+    except ValueError as e:
+        train.fail(str(e))
+    return model
+
+
+def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, drop_path=0.0, rois=512,
+            scale_range=(0.1, 2.0)):
+    """The splits of `root`, the DetectConfig and the encoder weights (None for scratch) of a run.
+
+    Both inits normalise the images alike, with data.py's statistics for "images" (ImageNet's,
+    averaged for grayscale), so that a PART and a scratch run differ in the weights alone.
+    """
+    try:
+        train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
+        val_set = CocoDetection(root, "val2017")
+    except data.DataError as e:
+        train.fail(str(e))
+    vit, state = encoder_init(init, preset, patch_size, train_set.in_chans)
+    train_set.in_chans = val_set.in_chans = vit.in_chans  # the encoder's channels win: a grayscale one reads RGB as L
+    info = data.data_info("images", in_chans=vit.in_chans)
+    if img_size % vit.patch_size:
+        train.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
+    grid = (img_size // vit.patch_size,) * 2
+    try:
+        blocks = tuple(int(b) for b in global_blocks.split(",") if b.strip())
+    except ValueError:
+        train.fail(f"--global-blocks {global_blocks!r}: expected comma-separated block indices, e.g. 2,5,8,11")
+    try:
+        cfg = DetectConfig(vit=replace(vit, pos_grid=grid, drop_path=drop_path), num_classes=len(train_set.cat_ids), masks=train_set.masks,
+                           img_size=img_size, window=window, global_blocks=blocks, rois=rois, anchor_size=anchor_size,
+                           proposals=proposals, mean=info.mean, std=info.std)
+    except ValueError as e:
+        train.fail(str(e))
+    return cfg, state, train_set, val_set
+
+
+# ---------------------------------------------------------------- CLI
+
+
+class DefaultGroup(click.Group):
+    """`python detect.py [flags]` means `python detect.py train [flags]`."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup)
+def cli():
+    """Detection and instance segmentation transfer (section 5.2). See README.md."""
+
+
+def data_options(f):
+    options = [click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
+                                                            "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
+               click.option("--out-dir", default="out/detect", show_default=True)]
+    for option in reversed(options):  # click lists the last applied first
+        f = option(f)
+    return f
+
+
+def model_options(f):
+    """The detector's flags; their defaults are the embedded default's (the paper's in the help)."""
+    options = [
+        click.option("--img-size", type=int, default=NUCLEI_TILE, show_default=True, help="longest side; ViTDet: 1024"),
+        click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+                     help="for scratch or a bare state dict; a PART checkpoint brings its own"),
+        click.option("--patch-size", type=int, default=4, show_default=True, help="as --preset"),
+        click.option("--window", type=int, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
+        click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
+        click.option("--anchor-size", type=int, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
+        click.option("--proposals", type=int, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@cli.command("train")
+@click.option("--init", default=train.DEFAULT_INIT, show_default=True,
+              help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch")
+@data_options
+@model_options
+@click.option("--drop-path", type=float, default=0.0, show_default=True, help="ViTDet, ViT-B: 0.1")
+@click.option("--rois", type=int, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
+@click.option("--scale-range", type=float, nargs=2, default=(0.5, 2.0), show_default=True,
+              help="large-scale jitter of training images (ViTDet: 0.1 2.0)")
+@train.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, lr_drops="4,5.5",
+                      log_every=5)
+def train_cmd(init, data_dir, out_dir, **kwargs):
+    """Finetune Mask R-CNN end to end: AdamW, layer decay 0.7, warmup, x0.1 at 2/3 and 11/12 of the run (ViTDet's
+    1x: epochs 8 and 11 of 12). The defaults are the embedded default's; see README.md for COCO's.
+    --init scratch trains without layer decay unless --layer-decay is given (as train.py finetune)."""
+    recipe = train.recipe_from(kwargs)
+    if init == "scratch" and click.get_current_context().get_parameter_source("layer_decay") is ParameterSource.DEFAULT:
+        recipe = replace(recipe, layer_decay=1.0)
+
+    def command(dd):
+        root = data_root(data_dir, out_dir, dd)
+        cfg, state, train_set, val_set = prepare(init, root, **kwargs)
+        torch.manual_seed(recipe.seed)  # the same initial heads on every process
+        model = build_detector(cfg, state, init)
+        config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
+        metrics = train.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
+                            collate_fn=collate)
+        if dd.main and metrics:
+            print(f"held-out COCO metrics, {len(val_set)} images of {root}/val2017:\n{table(metrics)}")
+
+    train.run(command)
+
+
+def trained_detector(ckpt, data_dir):
+    """A detect.py checkpoint's Detector and held-out split (its own data unless --data-dir)."""
+    state = train.load_checkpoint(ckpt)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or config.get("kind") != "detect":
+        train.fail(f"{ckpt} is not a detect.py checkpoint (expected the checkpoint.pt of `detect.py train`)")
+    cfg = DetectConfig(**config["model"])
+    try:
+        val_set = CocoDetection(data_dir or config["data"], "val2017", cfg.vit.in_chans)
+    except data.DataError as e:
+        train.fail(str(e))
+    model = Detector(cfg)
+    model.load_state_dict(state["model"])
+    return model, val_set
+
+
+@cli.command("eval")
+@click.option("--ckpt", default=None, help="a detect.py checkpoint (out/detect/checkpoint.pt)")
+@click.option("--init", default=None, help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)")
+@data_options
+@model_options
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="the untrained heads' initialisation, with --init")
+def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
+    """COCOeval on the held-out split (val2017) of a trained detector, or of an untrained one with --init."""
+    if (ckpt is None) == (init is None):
+        train.fail("pass --ckpt (a trained detector) or --init (an untrained one), one of them")
+
+    def command(dd):
+        if ckpt:
+            detector, val_set = trained_detector(ckpt, data_dir)
+        else:
+            cfg, state, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model)
+            torch.manual_seed(seed)
+            detector = build_detector(cfg, state, init)
+        loader = train.make_loader(val_set, batch_size, dd, 0, 0, False, collate)
+        metrics = evaluate(detector.to(dd.device), loader, dd, 0)
+        if dd.main:
+            name = ckpt or f"the untrained detector on --init {init}"
+            print(f"{name}, {len(val_set)} held-out images of {val_set.image_dir}:\n{table(metrics)}")
+
+    train.run(command)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,274 @@
+"""Tests for detect.py on CPU with a tiny ViT and small images: `pytest -q test_detect.py`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import detect
+import part
+
+LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+
+
+def tiny_config(masks=True, patch_size=4, **overrides):
+    vit = part.vit_config("vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16))
+    return detect.DetectConfig(vit=vit, num_classes=2, masks=masks, img_size=64, rois=32, anchor_size=16, proposals=50,
+                               mean=(0.5,), std=(0.25,), **overrides)
+
+
+def square_mask(H, W, x0, y0, x1, y1):
+    m = np.zeros((H, W), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def write_coco(root, masks=True):
+    """A COCO folder written without detect.py: 64 x 48 grayscale images with bright squares,
+    categories 3 and 7 (labels 1 and 2), polygon and compressed-RLE masks (or none), and in each
+    split one image without objects."""
+    H, W = 48, 64
+    objects = [(4, 4, 20, 20), (30, 10, 50, 30), (10, 26, 28, 44)]  # x0, y0, x1, y1
+    for split, n in (("train2017", 4), ("val2017", 2)):
+        (root / split).mkdir(parents=True)
+        images, anns = [], []
+        for i in range(n):
+            pixels = np.full((H, W), 20, np.uint8)
+            placed = objects[: i % 3 + 1] if i else []  # image 0 is empty
+            for k, (x0, y0, x1, y1) in enumerate(placed):
+                pixels[y0:y1, x0:x1] = 200
+                ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": (3, 7)[k % 2], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                       "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                if masks and k % 2 == 0:  # a polygon around the square's pixels
+                    ann["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+                elif masks:
+                    rle = mask_utils.encode(np.asfortranarray(square_mask(H, W, x0, y0, x1, y1)))
+                    ann["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode("ascii")}
+                anns.append(ann)
+            Image.fromarray(pixels).save(root / split / f"img{i}.png")
+            images.append({"id": i + 1, "file_name": f"img{i}.png", "height": H, "width": W})
+        categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                                                  "categories": categories}))
+    return root
+
+
+@pytest.fixture
+def coco(tmp_path):
+    return write_coco(tmp_path / "coco")
+
+
+@pytest.fixture
+def part_checkpoint(tmp_path):
+    """A PART pretraining checkpoint as train.fit writes it, of a vit_test / 4 on 16 x 16 images."""
+    cfg = part.PARTConfig(vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16)
+    torch.manual_seed(1)
+    model = part.PART(cfg)
+    path = tmp_path / "part.pt"
+    torch.save({"model": model.state_dict(), "config": {"kind": "part", "model": cfg.to_dict()}, "epoch": 1}, path)
+    return path, model
+
+
+def run_cli(*args):
+    return CliRunner().invoke(detect.cli, [str(a) for a in args])
+
+
+TINY_RUN = ["--preset", "vit_test", "--img-size", "64", "--rois", "32", "--proposals", "50", "--epochs", "1", "--batch-size", "2",
+            "--blr", "0.01", "--log-every", "1"]
+
+# ---------------------------------------------------------------- the backbone
+
+
+@pytest.mark.parametrize("patch_size", [4, 16])
+def test_pyramid_gives_five_maps_of_256_channels_at_strides_4_to_64(patch_size):
+    backbone = detect.ViTBackbone(tiny_config(patch_size=patch_size).vit)
+    maps = backbone(torch.randn(2, 1, 128, 64))
+    assert list(maps) == ["0", "1", "2", "3", "pool"]
+    for (name, x), stride in zip(maps.items(), (4, 8, 16, 32, 64)):
+        assert x.shape == (2, 256, 128 // stride, 64 // stride), name
+    assert backbone.out_channels == 256
+
+
+def test_layernorm2d_normalises_over_channels_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 5) * torch.arange(1.0, 16.0).reshape(1, 1, 3, 5) + 3  # scale and offset vary per position
+    ln = detect.LayerNorm2d(6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+        ln.bias.uniform_(-1, 1)
+    mean, var = x.mean(dim=1, keepdim=True), x.var(dim=1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + ln.eps) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), expected)
+    assert not torch.allclose(torch.nn.GroupNorm(1, 6, eps=ln.eps)(x), (x - mean) / torch.sqrt(var + ln.eps), atol=1e-3)
+
+
+def test_window_attention_covering_the_grid_is_global_attention():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 32)  # (B, h, w, D), neither side a multiple of the window
+    assert torch.equal(detect.window_unpartition(detect.window_partition(x, 3), 3, 2, 5, 7), x)
+    x = x[:, :, :5]  # one window of 5 x 5 tokens, without padding (padded tokens take part as zeros, as in ViTDet)
+    attn = detect.GridAttention(32, 2, window=0)
+    windowed = detect.GridAttention(32, 2, window=5)
+    windowed.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(windowed(x), attn(x))
+    small = detect.GridAttention(32, 2, window=2)
+    small.load_state_dict(attn.state_dict())
+    assert not torch.allclose(small(x), attn(x), atol=1e-4)  # a real restriction, not global attention again
+
+
+# ---------------------------------------------------------------- Mask R-CNN
+
+
+def targets_for(images, with_masks=True):
+    """Two squares in the first image, none in the second."""
+    H, W = images[0].shape[-2:]
+    boxes = torch.tensor([[4.0, 4.0, 20.0, 20.0], [30.0, 10.0, 50.0, 30.0]])
+    first = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    if with_masks:
+        first["masks"] = torch.from_numpy(np.stack([square_mask(H, W, 4, 4, 20, 20), square_mask(H, W, 30, 10, 50, 30)]))
+        empty["masks"] = torch.zeros(0, H, W, dtype=torch.uint8)
+    return [first, empty]
+
+
+def test_mask_rcnn_gives_five_losses_in_training_and_detections_in_eval():
+    torch.manual_seed(0)
+    model = detect.Detector(tiny_config())
+    images = [torch.randint(0, 256, (1, 48, 64), dtype=torch.uint8), torch.randint(0, 256, (1, 40, 56), dtype=torch.uint8)]
+    loss, losses = model(images, targets_for(images))
+    assert set(losses) == LOSSES | {"loss"} and torch.isfinite(loss)
+    loss.backward()
+    encoder = model.rcnn.backbone.encoder
+    assert encoder.patch_embed.proj.weight.grad.abs().sum() > 0 and encoder.pos_embed.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    for out, image in zip(outputs, images):
+        assert set(out) == {"boxes", "labels", "scores", "masks"}
+        n = len(out["scores"])
+        assert n > 0 and out["boxes"].shape == (n, 4) and out["labels"].shape == (n,)
+        assert out["masks"].shape == (n, 1, *image.shape[-2:])  # pasted back at the input's own size
+        assert (out["boxes"][:, 2] <= image.shape[-1]).all() and (out["boxes"][:, 3] <= image.shape[-2]).all()
+
+
+def test_box_only_config_is_faster_rcnn_without_a_mask_loss():
+    model = detect.Detector(tiny_config(masks=False))
+    images = [torch.randint(0, 256, (1, 48, 64), dtype=torch.uint8)] * 2
+    loss, losses = model(images, targets_for(images, with_masks=False))
+    assert set(losses) == LOSSES - {"loss_mask"} | {"loss"} and torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- COCO data
+
+
+def test_coco_loader_decodes_polygons_and_rle_and_keeps_empty_images(coco):
+    ds = detect.CocoDetection(coco, "train2017")
+    assert len(ds) == 4 and ds.in_chans == 1 and ds.masks and ds.cat_ids == [3, 7]
+    image, target = ds[0]
+    assert image.shape == (1, 48, 64) and target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 48, 64)
+    image, target = ds[2]  # polygons (category 3) and an RLE mask (category 7)
+    assert image.dtype == torch.uint8 and int(target["image_id"]) == 3
+    torch.testing.assert_close(target["boxes"], torch.tensor([[4.0, 4, 20, 20], [30, 10, 50, 30], [10, 26, 28, 44]]))
+    assert target["labels"].tolist() == [1, 2, 1]
+    assert torch.equal(target["masks"][1], torch.from_numpy(square_mask(48, 64, 30, 10, 50, 30)))  # RLE: exact
+    polygon = target["masks"][0].bool()
+    inside = torch.from_numpy(square_mask(48, 64, 4, 4, 20, 20)).bool()
+    assert polygon[inside].all() and (polygon & ~inside).sum() <= 2 * 17 + 1  # rasterised outline may add one row and column
+
+
+def test_ground_truth_as_detections_scores_100_ap(coco):
+    """The loader's targets, turned into detections and results, round-trip through COCOeval to AP 100."""
+    ds = detect.CocoDetection(coco, "val2017")
+    boxes, masks = [], []
+    for _, target in (ds[i] for i in range(len(ds))):
+        out = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"])),
+               "masks": target["masks"][:, None].float()}
+        b, m = detect.image_results(out, int(target["image_id"]), ds.cat_ids)
+        boxes, masks = boxes + b, masks + m
+    for iou_type, results in (("bbox", boxes), ("segm", masks)):
+        metrics = detect.coco_metrics(ds.coco, results, iou_type)
+        assert metrics == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
+        assert all(type(v) is float for v in metrics.values())  # numpy floats would break torch.load(weights_only=True)
+    shifted = [{**r, "bbox": [r["bbox"][0] + 8, *r["bbox"][1:]]} for r in boxes]  # half a square off: a miss at IoU 0.5
+    assert detect.coco_metrics(ds.coco, shifted, "bbox")["AP50"] < 50
+
+
+def test_train_from_a_part_checkpoint_then_eval(coco, part_checkpoint, tmp_path):
+    path, pretrained = part_checkpoint
+    out = tmp_path / "run"
+    result = run_cli("train", "--data-dir", coco, "--init", path, "--out-dir", out, *TINY_RUN)
+    assert result.exit_code == 0, result.output
+    assert "box" in result.output and "mask" in result.output  # the final table
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["model"]["vit"]["embed_dim"] == 32 and ckpt["metrics"]["AP_mask"] >= 0
+    result = run_cli("eval", "--ckpt", out / "checkpoint.pt")
+    assert result.exit_code == 0, result.output
+    assert f"{ckpt['metrics']['AP_box']:8.1f}" in result.output  # eval alone reproduces the run's own number
+
+
+def test_part_weights_reach_the_backbone(part_checkpoint, coco):
+    path, pretrained = part_checkpoint
+    cfg, state, _, _ = detect.prepare(str(path), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks="",
+                                      anchor_size=16, proposals=50)
+    assert cfg.vit.embed_dim == 32 and cfg.vit.patch_size == 4  # the checkpoint's encoder, not --preset / --patch-size
+    encoder = detect.build_detector(cfg, state, str(path)).rcnn.backbone.encoder
+    for name, value in pretrained.encoder.state_dict().items():
+        if name != "pos_embed":
+            torch.testing.assert_close(encoder.state_dict()[name], value, msg=name)
+
+
+def test_box_only_data_trains_without_masks(tmp_path):
+    root = write_coco(tmp_path / "boxes", masks=False)
+    result = run_cli("train", "--data-dir", root, "--init", "scratch", "--out-dir", tmp_path / "run", *TINY_RUN)
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["model"]["masks"] is False and "AP_box" in ckpt["metrics"] and "AP_mask" not in ckpt["metrics"]
+    assert not any(k.startswith("rcnn.roi_heads.mask") for k in ckpt["model"])
+
+
+def break_json(root):
+    (root / "annotations" / "instances_train2017.json").write_text('{"images": [')
+    return "instances_train2017.json is not valid JSON"
+
+
+def drop_image(root):
+    (root / "val2017" / "img1.png").unlink()
+    return "img1.png"
+
+
+def drop_a_required_field(root):
+    path = root / "annotations" / "instances_val2017.json"
+    coco = json.loads(path.read_text())
+    del coco["images"][0]["file_name"]
+    path.write_text(json.dumps(coco))
+    return "needs ['id', 'file_name', 'height', 'width']"
+
+
+@pytest.mark.parametrize("corrupt", [break_json, drop_image, drop_a_required_field])
+def test_bad_data_stops_with_a_message_naming_it(coco, tmp_path, corrupt):
+    message = corrupt(coco)
+    result = run_cli("train", "--data-dir", coco, "--init", "scratch", "--out-dir", tmp_path / "run", *TINY_RUN)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output  # not a traceback
+    assert message in result.output
+
+
+def test_checkpoint_of_the_wrong_size_stops_with_a_message_naming_it(coco, part_checkpoint, tmp_path):
+    path, pretrained = part_checkpoint
+    bare = tmp_path / "vit_test_encoder.pt"
+    torch.save(part.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # as train.py export writes it
+    for flags, message in ((["--patch-size", "8"], "is of another size"), (["--preset", "vit_mini"], "lacks encoder weights")):
+        args = ["--data-dir", coco, "--init", bare, "--out-dir", tmp_path / "run", "--preset", "vit_test", "--img-size", "64", *flags]
+        result = run_cli("train", *args)
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+        assert f"vit_test_encoder.pt {message}" in result.output
+    result = run_cli("eval", "--ckpt", path)  # a PART checkpoint is not a detector
+    assert result.exit_code != 0 and "part.pt is not a detect.py checkpoint" in result.output
+
+
+def test_pyramid_needs_a_power_of_two_patch_size():
+    with pytest.raises(ValueError, match="power-of-two patch size, not 6"):
+        detect.SimpleFeaturePyramid(32, 6)
