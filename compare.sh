@@ -17,12 +17,18 @@ pretrain() {  # name, flags
 }
 
 $PY train.py finetune $FT --init scratch --out-dir "$OUT/ft_scratch"  # Tables 6/7: supervised from scratch
+[ -f out/pretrain/checkpoint.pt ] || $PY train.py pretrain                # the default run: 60k images, 3 epochs
+$PY train.py finetune $FT --init out/pretrain/checkpoint.pt --out-dir "$OUT/ft_default"
 pretrain offgrid                                                         # PART: cross-attention, 128 pairs
 pretrain grid --sampler grid                                             # Table 4: PART-grid
 pretrain pairwise-mlp --head pairwise-mlp                                # Table 5: relative encoders
 pretrain mlp --head mlp
 pretrain pairs32 --pairs 32                                              # Figure 8: number of pairs
 pretrain pairs512 --pairs 512
+LIGHT="--randaug-n 0 --reprob 0"                                         # the same without RandAugment / RandomErasing
+$PY train.py finetune $FT $LIGHT --init scratch --out-dir "$OUT/ft_scratch_light"
+$PY train.py finetune $FT $LIGHT --init out/pretrain/checkpoint.pt --out-dir "$OUT/ft_default_light"
+$PY train.py finetune $FT $LIGHT --init "$OUT/pre_offgrid/checkpoint.pt" --out-dir "$OUT/ft_offgrid_light"
 
 python - "$OUT" <<'PY'
 import json, sys
@@ -36,8 +42,11 @@ def last(run, key):
 out = Path(sys.argv[1])
 print("| run | val mae_x | val mae_y | val euclid | euclid of zero | finetune top-1 |")
 print("|---|---|---|---|---|---|")
-for name in ["scratch", "offgrid", "grid", "pairwise-mlp", "mlp", "pairs32", "pairs512"]:
-    pre, ft = out / f"pre_{name}", out / f"ft_{name}"
+rows = {name: (out / f"pre_{name}", out / f"ft_{name}") for name in ["offgrid", "grid", "pairwise-mlp", "mlp", "pairs32", "pairs512"]}
+rows = {"scratch": (out / "none", out / "ft_scratch"), "default": (Path("out/pretrain"), out / "ft_default"), **rows,
+        "scratch, light": (out / "none", out / "ft_scratch_light"), "default, light": (Path("out/pretrain"), out / "ft_default_light"),
+        "offgrid, light": (out / "pre_offgrid", out / "ft_offgrid_light")}
+for name, (pre, ft) in rows.items():
     cells = [last(pre, k) for k in ("val_mae_x", "val_mae_y", "val_euclid", "val_euclid_zero")]
     print(f"| {name} | " + " | ".join(cells) + f" | {last(ft, 'val_acc')} |")
 PY
