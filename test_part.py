@@ -213,6 +213,50 @@ def test_image_folder_of_unlabelled_files(tmp_path):
     assert len(ds) == 3 and x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == -1
 
 
+@pytest.mark.parametrize("name, folder, files, label_key", [
+    ("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"),
+    ("cifar100", "cifar-100-python", ["train", "test"], b"fine_labels"),
+])
+def test_cifar_python_pickles_load_in_channel_row_column_order(tmp_path, name, folder, files, label_key):
+    import pickle
+
+    (tmp_path / folder).mkdir()
+    rows = {}
+    for i, file in enumerate(files):  # the published layout: each row is 1024 red, then green, then blue values
+        rows[file] = torch.randint(0, 256, (3, 3072), dtype=torch.uint8).numpy()
+        batch = {b"data": rows[file], label_key: [i, i + 1, i + 2], b"coarse_labels": [0, 0, 0]}
+        with open(tmp_path / folder / file, "wb") as f:
+            pickle.dump(batch, f)
+    info = data.data_info(name)
+    train_set = data.build_dataset(name, str(tmp_path), "train", info, None)
+    val_set = data.build_dataset(name, str(tmp_path), "val", info, None)
+    assert len(train_set) == 3 * (len(files) - 1) and len(val_set) == 3
+    x, y = val_set[1]
+    red, green, blue = (rows[files[-1]][1, c * 1024 : (c + 1) * 1024].reshape(32, 32) for c in range(3))
+    assert x.shape == (3, 32, 32) and y == len(files)
+    assert (x[0].numpy() == red).all() and (x[1].numpy() == green).all() and (x[2, 5, 7] == blue[5, 7])
+
+
+def test_finetune_on_an_image_folder_tree_at_another_size(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 8), ("val", 4)):
+        for label, colour in enumerate(("cat", "dog")):
+            (tmp_path / split / colour).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (30 + i, 24), (200 * label, 40, 20 * i)).save(tmp_path / split / colour / f"{i}.jpg")
+    out = tmp_path / "ft"
+    result = invoke("finetune", "--data", "imagefolder", "--data-dir", tmp_path, "--img-size", 24, "--init", "scratch",
+                    "--preset", "vit_test", "--patch-size", 8, "--batch-size", 4, "--epochs", 1, "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert model["encoder.pos_embed"].shape == (1, 1 + 3 * 3, 32) and model["encoder.head.weight"].shape == (2, 32)
+    accuracies = [json.loads(line)["val_acc"] for line in open(out / "log.jsonl") if "val_acc" in line]
+    assert len(accuracies) == 1 and accuracies[0] in (0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1)  # of 8 val images
+    result = invoke("finetune", "--data", "imagefolder", "--data-dir", tmp_path / "train", "--init", "scratch", "--out-dir", out)
+    assert result.exit_code != 0 and "train/train not found" in result.output and "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------- training CLI
 
 
@@ -292,25 +336,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def tiny_model(kind):
+    """The pretraining model or the finetuning classifier, at the same tiny size, seeded."""
+    torch.manual_seed(0)
+    if kind == "part":
+        return part.PART(tiny_config())
+    return part.Classifier(part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,)))
+
+
+def _ddp_worker(rank, world, port, out_dir, kind):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dd = train.setup_distributed()
-    torch.manual_seed(0)
-    model = part.PART(tiny_config())
+    model = tiny_model(kind)
     g = torch.Generator().manual_seed(rank)  # deliberately different data per process
     images = (torch.rand(64, 1, 16, 16, generator=g) * 255).to(torch.uint8)
-    ds = data.TensorImages(images, torch.zeros(64, dtype=torch.long))
+    ds = data.TensorImages(images, torch.randint(0, 4, (64,), generator=g))
     recipe = train.Recipe(epochs=2, batch_size=8, blr=1e-3, warmup_epochs=0.5, workers=0, log_every=1)
     train.fit(model, ds, ds, recipe, out_dir, {"kind": "test"}, dd)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_keeps_replicas_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("kind", ["part", "classifier"])
+def test_two_process_ddp_keeps_replicas_identical(tmp_path, kind):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    torch.manual_seed(0)
-    init = part.PART(tiny_config()).state_dict()
+    init = tiny_model(kind).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert not torch.equal(a["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"])
