@@ -753,7 +753,8 @@ def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split
                   f"{len(split['finetune'])} subjects ({len(train_set)} epochs: {stage_counts(train_set)}); "
                   f"test on {len(split['test'])} held-out subjects ({len(val_set)} epochs: {stage_counts(val_set)})")
         config = {"kind": "sleep-stager", "init": init, "data": data_config, "model": cfg.to_dict(), "recipe": asdict(recipe)}
-        train.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="kappa", evaluate_fn=evaluate_staging)
+        # no checkpoint_best.pt: the evaluation set is the held-out test subjects, not one to select on
+        train.fit(model, train_set, val_set, recipe, out_dir, config, dd, evaluate_fn=evaluate_staging)
 
     train.run(command)
 

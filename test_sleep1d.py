@@ -324,7 +324,7 @@ def test_cli_pretrain_resume_then_finetune(tmp_path, monkeypatch):
     assert not torch.equal(ft["model"]["encoder.blocks.1.mlp.fc2.weight"], a["model"]["encoder.blocks.1.mlp.fc2.weight"])  # trained on
     confusion = torch.tensor(ft["metrics"]["confusion"])
     assert confusion.shape == (5, 5) and confusion.sum() == 2 * 8  # every epoch of the 2 held-out subjects, once
-    assert ft["metrics"]["kappa"] == pytest.approx(sleep1d.cohen_kappa(confusion)) and (tmp_path / "ft" / "checkpoint_best.pt").exists()
+    assert ft["metrics"]["kappa"] == pytest.approx(sleep1d.cohen_kappa(confusion)) and not (tmp_path / "ft" / "checkpoint_best.pt").exists()
     result = invoke(*finetune, "--init", "scratch", "--out-dir", tmp_path / "scratch")
     assert result.exit_code == 0 and "loaded" not in result.output
     result = invoke(*finetune, "--init", straight / "checkpoint.pt", "--split-seed", 1, "--out-dir", tmp_path / "leak")
