@@ -174,8 +174,7 @@ class ViTBackbone(nn.Module):
         x = self.encoder.patch_embed(part.patchify(images, P))  # (B, N, D)
         x = x + part.resize_pos_embed(self.encoder.pos_embed, self.encoder.cfg.pos_grid, grid, num_prefix=0)
         x = x.reshape(B, *grid, D)  # (B, h, w, D)
-        for block in self.encoder.blocks:
-            x = block(x)
+        x = part.run_blocks(self.encoder.blocks, x, self.encoder.grad_checkpointing)
         x = self.encoder.norm(x).reshape(B, -1, D)  # (B, N, D)
         return self.pyramid(part.feature_map(x, grid))  # from (B, D, h, w)
 

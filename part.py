@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import roi_align
 
 # ---------------------------------------------------------------- sampling
@@ -244,6 +245,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.grad_checkpointing = False  # timm's name; a memory setting, not part of the model (train.fit sets it)
         self.apply(_init_weights)
         for p in (self.cls_token, self.pos_embed):
             if p is not None:
@@ -260,15 +262,22 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + (self.pos_embed if pos_keep is None else self.pos_embed * pos_keep[..., None].to(x.dtype))
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def forward(self, patches, pos_keep=None):
         """(B, N, C, *patch) -> logits (B, classes), or pooled features (B, D) without a head."""
         x = self.forward_features(patches, pos_keep)
         x = x[:, 0] if self.cfg.pool == "cls" else x[:, int(self.cfg.class_token) :].mean(dim=1)
         return self.head(x)
+
+
+def run_blocks(blocks, x, checkpointed=False):
+    """x through the blocks in order. checkpointed: while training, keep no activations inside a
+    block and recompute them in backward (activation checkpointing: less memory, ~1/3 more compute;
+    the recomputation replays drop path's random draws, so gradients are the same)."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x)
+    return x
 
 
 def _init_weights(m):

@@ -162,6 +162,33 @@ def test_every_parameter_gets_a_gradient():
         assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
 
 
+def test_grad_checkpointing_recomputes_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    vit = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1, drop_path=0.5)).train()
+    patches = torch.randn(3, 9, 1, 4, 4)
+    calls, forward = [], vit.blocks[0].forward
+    vit.blocks[0].forward = lambda x: calls.append(1) or forward(x)  # counts runs, recomputation included
+    grads = []
+    for checkpointed in (False, True):
+        vit.grad_checkpointing, calls[:] = checkpointed, []
+        vit.zero_grad()
+        torch.manual_seed(1)  # the same drop-path draws in both runs
+        vit.forward_features(patches).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in vit.named_parameters()})
+        assert len(calls) == (2 if checkpointed else 1)  # the checkpointed block ran again in backward
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_grad_ckpt_flag_reaches_the_encoder_and_changes_no_result(fake_fmnist, tmp_path, monkeypatch):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1]
+    assert invoke(*common, "--out-dir", tmp_path / "plain").exit_code == 0
+    calls = []
+    monkeypatch.setattr(part, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
+    assert invoke(*common, "--grad-ckpt", "--out-dir", tmp_path / "ckpt").exit_code == 0
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("plain", "ckpt"))
+    assert calls and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="--patch-size 5 must divide"):
         tiny_config(vit=part.vit_config("vit_test", patch_size=5, in_chans=1))
