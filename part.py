@@ -590,6 +590,19 @@ class Classifier(nn.Module):
         return loss, {"loss": loss.detach(), "acc": acc}
 
 
+def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
+    """DINO's weighted k-nearest-neighbour classifier on L2-normalised features: each of a query's
+    k most cosine-similar bank features votes for its class with weight exp(similarity / temperature).
+    bank (M, D), bank_labels (M,), queries (Q, D) -> predicted classes (Q,)."""
+    classes = int(bank_labels.max()) + 1
+    preds = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k) the nearest neighbours
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
 # ---------------------------------------------------------------- what PART learned (section 5.1, Figures 4-6)
 #
 # For one image: all N*N ordered pairs predicted, pred[i, j] = target j relative to reference i.

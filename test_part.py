@@ -1,6 +1,7 @@
 """Tests for PART, on CPU with tiny configurations: `pytest -q`."""
 import gzip
 import json
+import math
 import os
 import socket
 import struct
@@ -473,6 +474,28 @@ def test_linear_probe_leaves_the_encoder_unchanged(pretrained, fake_fmnist, tmp_
     assert not torch.equal(after["encoder.head.1.weight"], torch.zeros_like(after["encoder.head.1.weight"]))
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in rows if "val_acc" in r] == [1, 2] and (out / "checkpoint_best.pt").exists()
+
+
+def test_knn_matches_a_loop_over_neighbours():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    expected = []
+    for q in queries:
+        sims = sorted(((float(q @ b), int(y)) for b, y in zip(bank, labels)), reverse=True)[:5]
+        votes = [sum(math.exp(s / 0.1) for s, y in sims if y == c) for c in range(3)]
+        expected.append(votes.index(max(votes)))
+    assert part.knn_predict(bank, labels, queries, k=5, temperature=0.1, chunk=3).tolist() == expected
+    assert part.knn_predict(bank, labels, bank, k=1).tolist() == labels.tolist()  # each point is its own neighbour
+
+
+def test_knn_command_scores_held_out_images(pretrained, fake_fmnist):
+    result = invoke("knn", "--ckpt", pretrained, "--data-dir", fake_fmnist, "--k", 5)
+    assert result.exit_code == 0 and "32 held-out fashion-mnist images, 96 training images vote, k 5" in result.output
+    assert 0 <= float(result.output.split("kNN top-1 ")[1].split(":")[0]) <= 1
+    result = invoke("knn", "--ckpt", pretrained, "--data-dir", fake_fmnist, "--k", 500)
+    assert result.exit_code != 0 and "--k 500: expected 1 to the 96 training images" in result.output
 
 
 def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from click.core import ParameterSource
 from PIL import Image, ImageOps
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.flop_counter import FlopCounterMode
@@ -747,6 +748,44 @@ def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
         images = held_out_images(config, cfg, data_dir, indices)
     for name, image in images:
         show_image(model, name, image, ref, target, seed, Path(out_dir))
+
+
+@torch.no_grad()
+def knn_features(model, dataset, batch_size=512):
+    """A PART encoder's features for kNN: the mean of its on-grid patch tokens (no position
+    embeddings, as pretrained), L2-normalised. -> (n, D), labels (n,)"""
+    feats, labels = [], []
+    for images, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="features", leave=False):
+        patches = part.patchify(part.normalize(images, model.mean, model.std), model.cfg.vit.patch_size)  # (B, N, C, P, P)
+        feats.append(F.normalize(model.encoder.forward_features(patches).mean(dim=1), dim=-1))  # (B, D)
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@cli.command()
+@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
+@click.option("--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)")
+@click.option("--k", type=int, default=20, show_default=True, help="neighbours (DINO: 20)")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
+@click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
+def knn(ckpt, data_dir, k, temperature, random_init):
+    """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
+    model, config = load_part(ckpt)
+    if random_init:
+        torch.manual_seed(0)
+        model = part.PART(model.cfg).eval()
+    cfg, name = model.cfg, config.get("data")
+    if not name:
+        fail(f"{ckpt} records no dataset")
+    info, train_set, val_set = load_sets(name, data_dir, cfg.img_size[0], cfg.vit.in_chans, data.eval_transform, data.eval_transform)
+    count_classes(name, info, train_set)  # stops on unlabelled data
+    if not 0 < k <= len(train_set):
+        fail(f"--k {k}: expected 1 to the {len(train_set)} training images")
+    bank, bank_labels = knn_features(model, train_set)
+    queries, labels = knn_features(model, val_set)
+    acc = (part.knn_predict(bank, bank_labels, queries, k, temperature) == labels).float().mean().item()
+    print(f"kNN top-1 {acc:.4f}: {len(val_set)} held-out {name} images, {len(train_set)} training images vote, "
+          f"k {k}, T {temperature}, {'random' if random_init else 'pretrained'} encoder of {ckpt}")
 
 
 if __name__ == "__main__":
