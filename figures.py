@@ -3,6 +3,7 @@
     reconstruction   Figure 4: the patches at their true places and where one reference puts them
     uncertainty      Figure 5: one target placed from every reference, and every patch's spread
     symmetry         Figure 6: the N x N matrices of predicted dx, dy (dw, dh) beside the truth
+    errors           the placement errors of every pair, beside those of putting each patch on its reference
 
     python train.py show --ckpt out/pretrain/checkpoint.pt [--image photo.jpg]
 
@@ -137,4 +138,19 @@ def symmetry(path, pred, target, order, shuffled, names):
             ax.set_yticks([])
             ax.set_title(f"{kind} {'log ' if log else ''}{name}, {'ordered' if idx is order else 'shuffled'}", fontsize=9)
         fig.colorbar(im, ax=axes[k, :], shrink=0.8)
+    save(fig, path)
+
+
+def errors(path, error_px, zero_px):
+    """Histograms of the placement errors of all ordered pairs (pixels, centre to centre): the
+    model's and the trivial answer's (every target on its reference), with their medians."""
+    fig, axes = figure(1)
+    ax = axes[0, 0]
+    bins = np.linspace(0, float(max(error_px.max(), zero_px.max())), 30)
+    for values, label, colour in ((zero_px, "on the reference", "tab:gray"), (error_px, "PART", "tab:blue")):
+        ax.hist(values.numpy(), bins=bins, color=colour, alpha=0.6, label=f"{label}, median {values.median():.1f} px")
+    ax.set_xlabel("placement error (px)", fontsize=9)
+    ax.set_ylabel("pairs", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title(f"all {len(error_px)} ordered pairs", fontsize=9)
     save(fig, path)

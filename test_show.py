@@ -96,7 +96,7 @@ def assert_png(path, cols, rows):
 
 
 @pytest.mark.parametrize("sampler", ["offgrid", "offgrid-scale"])
-def test_show_writes_the_three_figures_from_an_image_file(tmp_path, sampler):
+def test_show_writes_the_four_figures_from_an_image_file(tmp_path, sampler):
     photo = tmp_path / "photo.jpg"
     Image.new("RGB", (40, 30), "orange").save(photo)  # RGB and another size: converted to 1 x 16 x 16
     result = invoke("show", "--ckpt", save_checkpoint(tmp_path, sampler), "--image", photo, "--out-dir", tmp_path / "show")
@@ -106,6 +106,7 @@ def test_show_writes_the_three_figures_from_an_image_file(tmp_path, sampler):
     assert_png(tmp_path / "show/photo_reconstruction.png", 3, 1)
     assert_png(tmp_path / "show/photo_uncertainty.png", 2, 1)
     assert_png(tmp_path / "show/photo_symmetry.png", 4, 4 if sampler == "offgrid-scale" else 2)
+    assert_png(tmp_path / "show/photo_errors.png", 1, 1)
 
 
 def test_show_takes_held_out_images_of_the_checkpoints_dataset(tmp_path, fake_fmnist):  # noqa: F811

@@ -716,11 +716,12 @@ def show_image(model, name, image, ref, target, seed, out_dir):
               "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry")]
+    paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry", "errors")]
     figures.reconstruction(paths[0], pixels, crops, boxes, placed[ref], ref, err_px[row].mean().item())
     figures.uncertainty(paths[1], pixels, boxes, placed, spread, targets)
     order = part.raster_order(boxes, P)
     figures.symmetry(paths[2], pred, truth, order, torch.randperm(N), names)
+    figures.errors(paths[3], err_px, zero_px)
     numbers = {"image": name, "sampler": model.cfg.sampler, "patch_size": P, "reference": ref, "targets": targets,
                "boxes": boxes.tolist(), "pred": pred.tolist(), "truth": truth.tolist(), "uncertainty_px": spread.tolist(),
                "placement_error_px": err_px[row].mean().item(), "placement_error_ref": err_ref[row].mean().item(),
