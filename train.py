@@ -752,14 +752,17 @@ def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
 
 
 @torch.no_grad()
-def knn_features(model, dataset, batch_size=512):
+def knn_features(model, dataset, dd, batch_size=512):
     """A PART encoder's features for kNN: the mean of its on-grid patch tokens (no position
-    embeddings, as pretrained), L2-normalised. -> (n, D), labels (n,)"""
+    embeddings, as pretrained), L2-normalised, on dd.device. -> (n, D), labels (n,)"""
     feats, labels = [], []
-    for images, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="features", leave=False):
+    for images, y in tqdm(make_loader(dataset, batch_size, dd, 0, -1, False), desc="features", leave=False):
+        images = images.to(dd.device, non_blocking=True)
         patches = part.patchify(part.normalize(images, model.mean, model.std), model.cfg.vit.patch_size)  # (B, N, C, P, P)
-        feats.append(F.normalize(model.encoder.forward_features(patches).mean(dim=1), dim=-1))  # (B, D)
-        labels.append(y)
+        with autocast(dd.device):
+            tokens = model.encoder.forward_features(patches)  # (B, N, D)
+        feats.append(F.normalize(tokens.float().mean(dim=1), dim=-1))  # (B, D)
+        labels.append(y.to(dd.device))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -782,8 +785,10 @@ def knn(ckpt, data_dir, k, temperature, random_init):
     count_classes(name, info, train_set)  # stops on unlabelled data
     if not 0 < k <= len(train_set):
         fail(f"--k {k}: expected 1 to the {len(train_set)} training images")
-    bank, bank_labels = knn_features(model, train_set)
-    queries, labels = knn_features(model, val_set)
+    dd = Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # one process
+    model.to(dd.device)
+    bank, bank_labels = knn_features(model, train_set, dd)
+    queries, labels = knn_features(model, val_set, dd)
     acc = (part.knn_predict(bank, bank_labels, queries, k, temperature) == labels).float().mean().item()
     print(f"kNN top-1 {acc:.4f}: {len(val_set)} held-out {name} images, {len(train_set)} training images vote, "
           f"k {k}, T {temperature}, {'random' if random_init else 'pretrained'} encoder of {ckpt}")
