@@ -51,10 +51,15 @@ class Dist:
         return self.rank == 0
 
 
+def local_device():
+    """This process's device when not launched by torchrun: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed():
     """Distributed when launched by torchrun (RANK in the environment), else one process."""
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(0, 0, 1, local_device())
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -566,7 +571,7 @@ def timed(fn, steps, device):
 @click.option("--compile", "use_compile", is_flag=True)
 def bench(preset, img_size, patch_size, in_chans, batch_size, pairs, sampler, head, steps, use_compile):
     """Time a PART pretraining step on this device: images/s, sampler + head share, MFU on CUDA."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device()
     info = data.DataInfo(in_chans, img_size, 0, (0.5,) * in_chans, (0.25,) * in_chans)
     cfg = pretrain_config(info, preset, patch_size, sampler, 0, pairs, head, 0.0)
     model = part.PART(cfg).to(device)
@@ -785,7 +790,7 @@ def knn(ckpt, data_dir, k, temperature, random_init):
     count_classes(name, info, train_set)  # stops on unlabelled data
     if not 0 < k <= len(train_set):
         fail(f"--k {k}: expected 1 to the {len(train_set)} training images")
-    dd = Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # one process
+    dd = Dist(0, 0, 1, local_device())  # one process, even under torchrun
     model.to(dd.device)
     bank, bank_labels = knn_features(model, train_set, dd)
     queries, labels = knn_features(model, val_set, dd)
