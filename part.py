@@ -517,6 +517,11 @@ class PART(nn.Module):
         boxes = sample_boxes(B, H, W, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler, images.device)
         return crop_patches(x, boxes, self.cfg.vit.patch_size), boxes
 
+    def grid_tokens(self, images):
+        """uint8 or float images (B, C, H, W) -> the encoder's tokens of the on-grid patches (B, N, D),
+        in raster order and without position embeddings, as pretrained (part.feature_map makes them a map)."""
+        return self.encoder.forward_features(patchify(normalize(images, self.mean, self.std), self.cfg.vit.patch_size))
+
     def predict(self, patches, pairs):
         """Predicted relative translations for given pairs: (B, N, C, P, P), (B, K, 2) -> (B, K, 2|4)."""
         return self.relative(self.encoder.forward_features(patches), pairs)

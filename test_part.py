@@ -106,6 +106,13 @@ def test_patchify_matches_grid_crops():
     torch.testing.assert_close(part.patchify(images, 4), part.crop_patches(images, boxes, 4))
 
 
+def test_grid_tokens_are_the_encoders_tokens_of_the_normalised_grid_crops():
+    model = part.PART(tiny_config()).eval()
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    crops = part.crop_patches((images.float() / 255 - 0.5) / 0.25, part.grid_boxes(16, 16, 4).expand(2, -1, -1), 4)
+    torch.testing.assert_close(model.grid_tokens(images), model.encoder.forward_features(crops))
+
+
 def test_pairs_are_distinct_and_bounded():
     pairs = part.sample_pairs(8, 5, 25)  # all ordered pairs of 5 patches
     assert pairs.shape == (8, 25, 2) and pairs.min() >= 0 and pairs.max() < 5

@@ -762,10 +762,8 @@ def knn_features(model, dataset, dd, batch_size=512):
     embeddings, as pretrained), L2-normalised, on dd.device. -> (n, D), labels (n,)"""
     feats, labels = [], []
     for images, y in tqdm(make_loader(dataset, batch_size, dd, 0, -1, False), desc="features", leave=False):
-        images = images.to(dd.device, non_blocking=True)
-        patches = part.patchify(part.normalize(images, model.mean, model.std), model.cfg.vit.patch_size)  # (B, N, C, P, P)
         with autocast(dd.device):
-            tokens = model.encoder.forward_features(patches)  # (B, N, D)
+            tokens = model.grid_tokens(images.to(dd.device, non_blocking=True))  # (B, N, D)
         feats.append(F.normalize(tokens.float().mean(dim=1), dim=-1))  # (B, D)
         labels.append(y.to(dd.device))
     return torch.cat(feats), torch.cat(labels)
