@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -599,10 +598,8 @@ def model_options(f):
 def train_cmd(init, data_dir, out_dir, **kwargs):
     """Finetune Mask R-CNN end to end: AdamW, layer decay 0.7, warmup, x0.1 at 2/3 and 11/12 of the run (ViTDet's
     1x: epochs 8 and 11 of 12). The defaults are the embedded default's; see README.md for COCO's.
-    --init scratch trains without layer decay unless --layer-decay is given (as train.py finetune)."""
+    --init scratch trains with the same recipe, layer decay included (the paper follows ViTDet)."""
     recipe = train.recipe_from(kwargs)
-    if init == "scratch" and click.get_current_context().get_parameter_source("layer_decay") is ParameterSource.DEFAULT:
-        recipe = replace(recipe, layer_decay=1.0)
 
     def command(dd):
         root = data_root(data_dir, out_dir, dd)

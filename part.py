@@ -58,18 +58,21 @@ def sample_boxes(B, H, W, P, N, mode, device=None):
     return torch.cat([lo, lo + size], dim=-1)
 
 
-def crop_patches(images, boxes, P):
+def crop_patches(images, boxes, P, scaled=False):
     """Crop every box and resize it to P x P in one batched call: (B, C, H, W), (B, N, 4) -> (B, N, C, P, P).
 
-    roi_align with aligned=True reads pixel centres at integer coordinates, so an
-    integer P x P box returns its pixels exactly; a larger box is averaged over
-    ceil(size / P) samples per output pixel rather than aliased.
+    roi_align with aligned=True reads pixel centres at integer coordinates. A P x P box
+    (scaled=False) takes exactly one bilinear sample per output pixel, at that pixel's centre,
+    so an integer box returns its pixels exactly. With scaled=True (boxes of other sizes) each
+    output pixel averages ceil(size / P) samples per dimension rather than aliasing; that
+    adaptive rule is not used for P x P boxes, whose float width P + eps would get two.
     """
     B, N, _ = boxes.shape
     C = images.shape[1]
     index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(N)[:, None]
     rois = torch.cat([index, boxes.reshape(B * N, 4)], dim=1)  # (B*N, 5): batch index, x0, y0, x1, y1
-    patches = roi_align(images, rois.to(images.dtype), output_size=P, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    patches = roi_align(images, rois.to(images.dtype), output_size=P, spatial_scale=1.0, sampling_ratio=-1 if scaled else 1,
+                        aligned=True)
     return patches.reshape(B, N, C, P, P)
 
 
@@ -357,7 +360,7 @@ def load_encoder(model, state, source="checkpoint"):
 
 # ---------------------------------------------------------------- relative heads
 
-HEADS = ("cross-attention", "pairwise-mlp", "mlp")
+HEADS = ("cross-attention", "cross-attention-residual", "pairwise-mlp", "mlp")
 
 
 def gather_pairs(x, pairs):
@@ -368,58 +371,111 @@ def gather_pairs(x, pairs):
     return picked.reshape(B, K, 2 * D)
 
 
-class CrossAttentionHead(nn.Module):
-    """The paper's relative encoder (section 4): query = Linear(concat(x_ref, x_tgt)),
-    cross-attending to all patch embeddings (keys = values = X'), then a linear regressor.
+def take_rows(table, index):
+    """Rows of a per-item table: (B, N, M), (B, K) -> (B, K, M), row index[b, k] of table[b]."""
+    return torch.gather(table, 1, index[..., None].expand(-1, -1, table.shape[-1]))
 
-    A residual around the attention and pre-norms, as in a transformer block,
-    keep the pair's own content in the query's output.
+
+class CrossAttentionHead(nn.Module):
+    """The paper's relative encoder (section 4, "Relative encoder architecture"), for K pairs (ref, tgt):
+
+        Q = W [X'_ref ; X'_tgt] + b                 (K, D)  a linear map of the concatenated pair
+        A = softmax(Q X'^T / sqrt(D))               (K, N)  X' as keys ...
+        out = R (A X') + r                          (K, n_out)  ... and values, then the regressor R
+
+    No linear map runs per pair. W = [W_ref W_tgt] splits over the concatenation, so
+    Q X'^T = (X' W_ref^T X'^T)[ref] + (X' W_tgt^T X'^T)[tgt] + b X'^T: two N x N score tables per
+    image, whose rows the pairs gather; and since A's rows sum to one, R (A X') + r = A (X' R^T + r):
+    the regressor runs on the N tokens before A averages them. A pair costs O(N n_out), not
+    O(N D + D^2); the straightforward form is `reference_forward`, kept for the tests.
     """
+
+    def __init__(self, dim, n_out):
+        super().__init__()
+        self.query = nn.Linear(2 * dim, dim)  # W, b
+        self.regressor = nn.Linear(dim, n_out)  # R, r
+
+    def forward(self, x, pairs):
+        """x (B, N, D), pairs (B, K, 2) -> (B, K, n_out)."""
+        B, N, D = x.shape
+        w = self.query.weight.view(D, 2, D).transpose(0, 1).reshape(2 * D, D) / math.sqrt(D)  # [W_ref; W_tgt] / sqrt(D)
+        q = F.linear(x, w).view(B, N, 2, D).transpose(1, 2).reshape(B, 2 * N, D)  # (B, 2N, D): W_ref x_i, then W_tgt x_i
+        tables = q @ x.transpose(1, 2)  # (B, 2N, N): row i (or N + i) = token i's score for every key as reference (target)
+        rows = pairs + torch.tensor([0, N], device=pairs.device)  # (B, K, 2): each pair's rows in the tables
+        scores = take_rows(tables, rows.reshape(B, -1)).view(B, -1, 2, N).sum(dim=2)  # (B, K, N)
+        scores = scores + (x @ self.query.bias / math.sqrt(D))[:, None]  # + b . x_j / sqrt(D)
+        return scores.softmax(dim=-1) @ self.regressor(x)  # (B, K, N) @ (B, N, n_out)
+
+    def reference_forward(self, x, pairs):
+        """The same, written as the paper's equation: every map applied per pair."""
+        q = self.query(gather_pairs(x, pairs))  # (B, K, D)
+        attn = (q @ x.transpose(1, 2) / math.sqrt(x.shape[-1])).softmax(dim=-1)  # (B, K, N)
+        return self.regressor(attn @ x)  # (B, K, n_out)
+
+
+class ResidualCrossAttentionHead(nn.Module):
+    """Not the paper's: the cross-attention head as a pre-norm transformer block, with a residual
+    around the attention and multi-head projections, so the pair's own query reaches the regressor
+    directly. `--head cross-attention-residual`; its cost is per pair (README, "Performance")."""
 
     def __init__(self, dim, num_heads, n_out):
         super().__init__()
-        self.pair_proj = nn.Linear(2 * dim, dim)
+        self.query = nn.Linear(2 * dim, dim)
         self.norm_q = nn.LayerNorm(dim, eps=1e-6)
         self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.out = nn.Linear(dim, n_out)
+        self.regressor = nn.Linear(dim, n_out)
 
     def forward(self, x, pairs):
-        q = self.pair_proj(gather_pairs(x, pairs))  # (B, K, D)
+        """x (B, N, D), pairs (B, K, 2) -> (B, K, n_out)."""
+        q = self.query(gather_pairs(x, pairs))  # (B, K, D)
         q = q + self.attn(self.norm_q(q), ctx=self.norm_kv(x))  # (B, K, D)
-        return self.out(self.norm(q))  # (B, K, n_out)
+        return self.regressor(self.norm(q))
 
 
 class PairwiseMlpHead(nn.Module):
-    """Table 5's pairwise MLP: sees only the two patches of a pair, weights shared across pairs."""
+    """Table 5's pairwise MLP: one linear map of the concatenated pair, 2D x n_out weights (the
+    paper's "2*d*2 parameters") shared across pairs; it sees only the two patches of a pair.
+
+    W [x_ref ; x_tgt] + b = W_ref x_ref + W_tgt x_tgt + b, so both halves run on the N tokens
+    and the pairs gather the results; `reference_forward` is the per-pair form.
+    """
 
     def __init__(self, dim, n_out):
         super().__init__()
-        self.mlp = Mlp(2 * dim, dim, n_out)
+        self.linear = nn.Linear(2 * dim, n_out)
 
     def forward(self, x, pairs):
-        return self.mlp(gather_pairs(x, pairs))  # (B, K, n_out)
+        """x (B, N, D), pairs (B, K, 2) -> (B, K, n_out)."""
+        w_ref, w_tgt = self.linear.weight.split(x.shape[-1], dim=1)  # (n_out, D) each
+        return take_rows(x @ w_ref.T, pairs[..., 0]) + take_rows(x @ w_tgt.T, pairs[..., 1]) + self.linear.bias
+
+    def reference_forward(self, x, pairs):
+        return self.linear(gather_pairs(x, pairs))
 
 
 class MlpHead(nn.Module):
-    """Table 5's MLP: all patch embeddings flattened, regressing every ordered pair at once."""
+    """Table 5's fully connected MLP: all N patch embeddings flattened, one linear map to every
+    ordered pair's output (the paper's N*d*N^2*2 parameters), no weights shared."""
 
     def __init__(self, dim, num_patches, n_out):
         super().__init__()
         self.n_out = n_out
-        self.mlp = Mlp(num_patches * dim, dim, num_patches * num_patches * n_out)
+        self.linear = nn.Linear(num_patches * dim, num_patches * num_patches * n_out)
 
     def forward(self, x, pairs):
+        """x (B, N, D), pairs (B, K, 2) -> (B, K, n_out)."""
         B, N, D = x.shape
-        every = self.mlp(x.reshape(B, N * D)).reshape(B, N * N, self.n_out)  # (B, N*N, n_out)
-        flat = pairs[..., 0] * N + pairs[..., 1]  # (B, K)
-        return torch.gather(every, 1, flat[..., None].expand(-1, -1, self.n_out))
+        every = self.linear(x.reshape(B, N * D)).reshape(B, N * N, self.n_out)  # (B, N*N, n_out)
+        return take_rows(every, pairs[..., 0] * N + pairs[..., 1])
 
 
 def relative_head(kind, dim, num_heads, num_patches, n_out):
     if kind == "cross-attention":
-        return CrossAttentionHead(dim, num_heads, n_out)
+        return CrossAttentionHead(dim, n_out)
+    if kind == "cross-attention-residual":
+        return ResidualCrossAttentionHead(dim, num_heads, n_out)
     if kind == "pairwise-mlp":
         return PairwiseMlpHead(dim, n_out)
     if kind == "mlp":
@@ -428,17 +484,19 @@ def relative_head(kind, dim, num_heads, num_patches, n_out):
 
 
 def relative_errors(pred, target):
-    """The paper's Table 5 errors, in units of the reference patch size, as 0-dim tensors.
+    """The paper's Table 5 errors (8.1: "the l2 error, and the mean squared error in x and y"),
+    in units of the reference patch size, as 0-dim tensors.
 
-    mae_x, mae_y: mean absolute error of the first two translation coordinates (only
-    mae_x in 1D); euclid: mean Euclidean error of the translation; euclid_zero: the same
-    for the trivial predictor of zero translation, the baseline to beat.
+    mse_x, mse_y: mean squared error of the first two translation coordinates (only x in 1D);
+    euclid: mean Euclidean (l2) error of the translation; euclid_zero: the same for the trivial
+    predictor of zero translation, the baseline to beat; mae_x, mae_y: mean absolute errors.
     """
     d = target.shape[-1] // 2 if target.shape[-1] == 4 else target.shape[-1]  # translation dims
     err = (pred[..., :d] - target[..., :d]).float()
-    out = {"mae_x": err[..., 0].abs().mean()}
-    if d > 1:
-        out["mae_y"] = err[..., 1].abs().mean()
+    out = {}
+    for k, axis in zip(range(d), "xy"):
+        out[f"mse_{axis}"] = err[..., k].square().mean()
+        out[f"mae_{axis}"] = err[..., k].abs().mean()
     out["euclid"] = err.norm(dim=-1).mean()
     out["euclid_zero"] = target[..., :d].float().norm(dim=-1).mean()
     return out
@@ -515,7 +573,7 @@ class PART(nn.Module):
         B, C, H, W = images.shape
         x = normalize(images, self.mean, self.std)
         boxes = sample_boxes(B, H, W, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler, images.device)
-        return crop_patches(x, boxes, self.cfg.vit.patch_size), boxes
+        return crop_patches(x, boxes, self.cfg.vit.patch_size, self.scale), boxes
 
     def grid_tokens(self, images):
         """uint8 or float images (B, C, H, W) -> the encoder's tokens of the on-grid patches (B, N, D),

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import click
-from click.core import ParameterSource
 import numpy as np
 import scipy.fft
 import scipy.io
@@ -715,15 +714,14 @@ def encoder_from(init, preset, channels, drop_path):
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="default: the checkpoint's, or eeg_tiny from scratch")
 @click.option("--pos-mask", type=float, default=0.2, show_default=True, help="share of position embeddings masked in training (8.1)")
 @click.option("--drop-path", type=float, default=0.1, show_default=True)
-@train.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, layer_decay=0.75, log_every=20)
+@train.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, log_every=20)
 @click.option("--out-dir", default="out/sleep-finetune", show_default=True)
 def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
              init, preset, pos_mask, drop_path, out_dir, **kwargs):
     """Sleep staging on the finetuning subjects; kappa, accuracy and confusion matrix on the held-out ones.
-    --init scratch trains the same ViT from random weights, without layer decay unless --layer-decay is given (DeiT)."""
+    --init scratch trains the same ViT from random weights with the same recipe (no layer decay, as DeiT,
+    unless --layer-decay is given, then for either init)."""
     recipe = train.recipe_from(kwargs)
-    if init == "scratch" and click.get_current_context().get_parameter_source("layer_decay") is ParameterSource.DEFAULT:
-        recipe = replace(recipe, layer_decay=1.0)
     refs, channels, split, data_config = load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed,
                                                     synthetic_subjects, synthetic_epochs)
     vit, state, pretrained_data = encoder_from(init, preset, channels, drop_path)

@@ -100,6 +100,31 @@ def test_crop_is_exact_on_integer_boxes_and_interpolates_between():
     torch.testing.assert_close(patches[0, 1, 0], ramp[0, 0, 8:12, 4:8] + 0.5)
 
 
+def bilinear_at(image, xs, ys):
+    """Bilinear interpolation of one (H, W) image at float pixel-index coordinates, written out."""
+    x0, y0 = xs.floor().long(), ys.floor().long()
+    x1, y1 = (x0 + 1).clamp(max=image.shape[1] - 1), (y0 + 1).clamp(max=image.shape[0] - 1)
+    fx, fy = xs - x0, ys - y0
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+@pytest.mark.parametrize("H, W, P", [(28, 28, 4), (32, 32, 4), (224, 224, 16)])
+def test_offgrid_crops_are_one_bilinear_sample_per_pixel(H, W, P):
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, H, W, dtype=torch.float64)
+    boxes = part.sample_boxes(1, H, W, P, 1000, "offgrid").double()  # (1, 1000, 4)
+    boxes[0, :4, :2] = torch.tensor([[0.0, 0.0], [W - P, H - P], [0.0, H - P], [W - P, 0.0]], dtype=torch.float64)  # the corners
+    boxes[0, :4, 2:] = boxes[0, :4, :2] + P
+    patches = part.crop_patches(image, boxes, P)[0, :, 0]  # (1000, P, P)
+    steps = torch.arange(P, dtype=torch.float64) + 0.5
+    for box, patch in zip(boxes[0], patches):  # crop pixel i: the centre of the box's i-th 1/P, in pixel-index coordinates
+        xs, ys = box[0] + steps * (box[2] - box[0]) / P - 0.5, box[1] + steps * (box[3] - box[1]) / P - 0.5
+        ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+        assert (patch - bilinear_at(image[0, 0], xs, ys)).abs().max() <= 1e-6
+
+
 def test_patchify_matches_grid_crops():
     images = torch.rand(2, 3, 8, 12)
     boxes = part.grid_boxes(8, 12, 4).expand(2, -1, -1)
@@ -134,6 +159,51 @@ def test_vit_without_pos_embed_is_permutation_equivariant():
     assert not torch.allclose(with_pos.forward_features(patches)[:, perm], with_pos.forward_features(patches[:, perm]))
 
 
+def test_cross_attention_head_is_the_papers_equation():
+    torch.manual_seed(0)
+    head = part.CrossAttentionHead(8, 2)
+    x, pairs = torch.randn(2, 5, 8), part.sample_pairs(2, 5, 7)
+    q = torch.stack([torch.stack([head.query.weight @ torch.cat([x[b, i], x[b, j]]) + head.query.bias for i, j in p]) for b, p in
+                     enumerate(pairs)])  # (2, 7, 8): X_hat = Linear(concat(X'_S0, X'_S1)), pair by pair
+    theta = torch.softmax(q @ x.transpose(1, 2) / math.sqrt(8), dim=-1) @ x  # softmax(X_hat X'^T / sqrt(d)) X'
+    expected = theta @ head.regressor.weight.T + head.regressor.bias  # then the regressor
+    torch.testing.assert_close(head(x, pairs), expected)
+
+
+def test_pairwise_head_has_the_papers_parameter_count():
+    head = part.PairwiseMlpHead(8, 2)
+    assert sum(p.numel() for p in head.parameters()) == 2 * (2 * 8) + 2  # 2*d*2 weights and 2 biases
+    N, D = 6, 8
+    assert sum(p.numel() for p in part.MlpHead(D, N, 2).parameters()) == N * D * N * N * 2 + N * N * 2
+
+
+@pytest.mark.parametrize("head_cls", [part.CrossAttentionHead, part.PairwiseMlpHead])
+@pytest.mark.parametrize("K", [5, 40])  # fewer and more pairs than the N = 9 tokens
+def test_restructured_heads_equal_the_per_pair_computation(head_cls, K):
+    torch.manual_seed(0)
+    head = head_cls(16, 4)
+    head.apply(part._init_weights)
+    x, pairs = torch.randn(3, 9, 16, requires_grad=True), part.sample_pairs(3, 9, K)
+    grads = []
+    for forward in (head.forward, head.reference_forward):
+        out = forward(x, pairs)
+        weights = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        grads.append((out, *torch.autograd.grad((out * weights).sum(), [x, *head.parameters()])))
+    for fast, slow in zip(*grads):
+        assert ((fast - slow).norm() / slow.norm()).item() <= 1e-5
+
+
+def test_table5_metrics_match_a_hand_computation():
+    pred = torch.tensor([[[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]]])
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [3.0, 2.5]]])
+    _, m = part.relative_loss(pred, target)
+    # errors (1, 2), (-1, -2), (0, -2)
+    assert m["mse_x"].item() == pytest.approx((1 + 1 + 0) / 3) and m["mse_y"].item() == pytest.approx((4 + 4 + 4) / 3)
+    assert m["mae_x"].item() == pytest.approx(2 / 3) and m["mae_y"].item() == pytest.approx(2)
+    assert m["euclid"].item() == pytest.approx((5**0.5 + 5**0.5 + 2) / 3)
+    assert m["euclid_zero"].item() == pytest.approx((0 + 2**0.5 + (9 + 6.25) ** 0.5) / 3)
+
+
 def test_loss_is_zero_on_perfect_prediction():
     boxes = part.sample_boxes(3, 16, 16, 4, 16, "offgrid-scale")
     target = part.relative_targets(boxes, part.sample_pairs(3, 16, 20), scale=True)
@@ -153,7 +223,7 @@ def test_a_few_steps_lower_the_loss(head, sampler):
     images = torch.rand(8, 1, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(100):
         torch.manual_seed(1)  # the same boxes and pairs each step: a fixed batch
         loss, _ = model(images)
         opt.zero_grad()

@@ -11,9 +11,11 @@ of the method: setup -> distributed -> data -> model -> optimizer -> resume ->
 compile -> wrap -> loop. Checkpoints are written atomically at every epoch and a
 run resumes from its output directory by itself.
 """
+import itertools
 import json
 import math
 import os
+import resource
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 from PIL import Image, ImageOps
 import torch
 import torch.distributed as dist
@@ -457,6 +458,12 @@ def pretrained_encoder(path):
     return part.encoder_state_dict(ckpt), config.get("model", {}).get("vit")
 
 
+def default_pool(state, linear_probe):
+    """The class token (the paper's), except for a probe of weights whose class token was never
+    trained (PART pretrains without one): a frozen random token would be probed, so average the patches."""
+    return "avg" if linear_probe and (state is None or "cls_token" not in state) else "cls"
+
+
 def count_classes(name, info, train_set):
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
     classes = info.num_classes or len(getattr(base, "classes", ()))  # imagefolder counts its class folders
@@ -503,7 +510,8 @@ def load_pretrained(model, state, source_vit, path, main):
 @click.option("--linear-probe", is_flag=True, help="freeze the encoder; train BatchNorm without affine + a linear head (MAE)")
 @click.option("--preset", type=click.Choice(list(part.PRESETS)), default=None, help="default: the checkpoint's; vit_mini from scratch")
 @click.option("--patch-size", type=int, default=None, help="default: the checkpoint's; 4 from scratch")
-@click.option("--pool", type=click.Choice(part.POOLS), default="cls", show_default=True, help="the paper: cls")
+@click.option("--pool", type=click.Choice(part.POOLS), default=None,
+              help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)")
 @click.option("--drop-path", type=float, default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
 @click.option("--smoothing", type=float, default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
 @click.option("--randaug-n", type=int, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
@@ -511,17 +519,17 @@ def load_pretrained(model, state, source_vit, path, main):
 @click.option("--mixup", type=float, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
 @click.option("--reprob", type=float, default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
-@recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, layer_decay=0.75, log_every=50)
+@recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True)
 def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
              randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs):
     """Finetune a PART encoder as the paper does (section 4 "Training setup": class token, new
     position embeddings, linear head; DeiT's recipe), or linear-probe it. --init scratch trains the
-    same ViT from random weights, without layer decay unless --layer-decay is given (DeiT)."""
+    same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
+    --layer-decay is given, and then for either init alike."""
     recipe = recipe_from(kwargs)
-    if init == "scratch" and click.get_current_context().get_parameter_source("layer_decay") is ParameterSource.DEFAULT:
-        recipe = replace(recipe, layer_decay=1.0)
     state, source_vit = (None, None) if init == "scratch" else pretrained_encoder(init)
+    pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(data_name, data_dir, img_size, in_chans, augment, data.eval_transform, train_subset, recipe.seed)
     cfg = classifier_config(info, count_classes(data_name, info, train_set), source_vit, preset, patch_size, drop_path, pool, linear_probe,
@@ -544,18 +552,28 @@ def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear
 PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, vendor sheets
 
 
-def timed(fn, steps, device):
-    """Mean seconds per call of fn, after two warm-up calls."""
-    for _ in range(2):
-        fn()
+def timed(fns, steps, device):
+    """Median seconds per call of each of fns, called in turn (so that a change of machine load
+    hits all alike), after two warm-up rounds."""
+    times = [[] for _ in fns]
+    for i in range(steps + 2):
+        for fn, spent in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                spent.append(time.perf_counter() - t)
+    return [sorted(spent)[len(spent) // 2] for spent in times]
+
+
+def peak_memory_gib(device):
+    """Peak memory so far: CUDA's allocated tensors, or this process's resident set on CPU (Linux, kB)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 @cli.command()
@@ -564,50 +582,64 @@ def timed(fn, steps, device):
 @click.option("--patch-size", type=int, default=4, show_default=True)
 @click.option("--in-chans", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--pairs", type=int, default=128, show_default=True)
+@click.option("--num-patches", type=int, multiple=True, default=(0,), show_default=True,
+              help="N (repeatable, for a sweep); 0: (H/P)(W/P) as the paper")
+@click.option("--pairs", type=int, multiple=True, default=(128,), show_default=True, help="K (repeatable, for a sweep)")
 @click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True)
 @click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--compile", "use_compile", is_flag=True)
-def bench(preset, img_size, patch_size, in_chans, batch_size, pairs, sampler, head, steps, use_compile):
-    """Time a PART pretraining step on this device: images/s, sampler + head share, MFU on CUDA."""
+def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile):
+    """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
+    the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
     device = local_device()
     info = data.DataInfo(in_chans, img_size, 0, (0.5,) * in_chans, (0.25,) * in_chans)
-    cfg = pretrain_config(info, preset, patch_size, sampler, 0, pairs, head, 0.0)
+    print(f"{preset}/{patch_size} at {img_size}px, batch {batch_size}, {head}, {sampler}, on {describe(device)}; "
+          "PART: sampler + ViT + head + loss; bare ViT: the same ViT on the same patches, no sampler, no head")
+    for n, k in itertools.product(num_patches, pairs):
+        bench_one(pretrain_config(info, preset, patch_size, sampler, n, k, head, 0.0), batch_size, steps, use_compile, device)
+
+
+def bench_one(cfg, batch_size, steps, use_compile, device):
+    """One line of `bench`: the PART step and the bare ViT step of config cfg, timed side by side."""
+    torch.manual_seed(0)
     model = part.PART(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    images = torch.randint(0, 256, (batch_size, in_chans, img_size, img_size), dtype=torch.uint8, device=device)
+    H, W = cfg.img_size
+    images = torch.randint(0, 256, (batch_size, cfg.vit.in_chans, H, W), dtype=torch.uint8, device=device)
     forward = torch.compile(model) if use_compile else model
     patches, _ = model.sample(images)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def optimise(loss):
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def step():  # the whole PART step
         with autocast(device):
             loss, _ = forward(images)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimise(loss)
 
-    def encoder_step():  # the same step without sampler and relative head
+    def vit_step():  # the bare ViT: the same patches through the encoder, a stand-in loss
         with autocast(device):
             loss = model.encoder.forward_features(patches).float().square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimise(loss)
 
-    def sample():
-        model.sample(images)
-
-    t_step, t_encoder, t_sample = timed(step, steps, device), timed(encoder_step, steps, device), timed(sample, steps, device)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    print(f"{preset}/{patch_size} at {img_size}px, {cfg.num_patches} patches, {pairs} pairs, batch {batch_size}, {head}, "
-          f"{sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f}M encoder parameters, on {describe(device)}")
-    print(f"step {t_step * 1e3:.1f} ms = {batch_size / t_step:.1f} img/s; sampler {t_sample / t_step:.1%}, "
-          f"sampler + relative head {1 - t_encoder / t_step:.1%} of the step; {flops / batch_size / 1e9:.2f} GFLOP/img (fwd+bwd)")
+    t_step, t_vit, t_sample = timed([step, vit_step, lambda: model.sample(images)], steps, device)
+    flops, vit_flops = (count_flops(fn) / batch_size / 1e9 for fn in (step, vit_step))  # per image
+    line = (f"N {cfg.num_patches:4d}, K {cfg.num_pairs:5d}: PART step {t_step * 1e3:8.1f} ms = {batch_size / t_step:7.1f} img/s, "
+            f"bare ViT {t_vit * 1e3:8.1f} ms, ratio {t_step / t_vit:.3f}; sampler {t_sample / t_step:.1%}; "
+            f"GFLOP/img (fwd+bwd) {flops:.2f} vs {vit_flops:.2f}; peak memory {peak_memory_gib(device):.2f} GiB")
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in describe(device)), None)
-    if peak:
-        print(f"model FLOP utilisation {flops / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16")
+    print(line + (f"; MFU {flops * 1e9 * batch_size / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def describe(device):
@@ -682,7 +714,7 @@ def show_image(model, name, image, ref, target, seed, out_dir):
     N = len(boxes)
     truth = part.all_pair_targets(boxes, scale)  # (N, N, 2|4)
     pixels = image.float() / 255  # (C, H, W) for display
-    crops = part.crop_patches(pixels[None], boxes[None], P)[0]  # (N, C, P, P): what the model saw, unnormalised
+    crops = part.crop_patches(pixels[None], boxes[None], P, scale)[0]  # (N, C, P, P): what the model saw, unnormalised
     centre = part.centres_sizes(boxes)[0]  # (N, 2)
     for flag, index in (("--ref", ref), ("--target", target)):
         if index >= N:
