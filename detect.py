@@ -147,7 +147,8 @@ class ViTBackbone(nn.Module):
     OrderedDict of five (B, 256, H/s, W/s) maps, s = 4, 8, 16, 32, 64.
 
     Images are zero-padded to multiples of P; the position embeddings, learnt for the grid
-    cfg.pos_grid, are resized to each input's grid. Blocks run on a (B, h, w, D) token grid,
+    cfg.pos_grid, are resized to each input's grid (the identity inside Detector, which pads every
+    batch to the fixed canvas whose grid that is). Blocks run on a (B, h, w, D) token grid,
     so GridAttention can window them; LayerNorm and MLP act per token either way.
     """
 
@@ -186,7 +187,7 @@ class DetectConfig:
     vit: part.ViTConfig = field(default_factory=part.ViTConfig)  # the encoder; pos_grid: the token grid of img_size
     num_classes: int = 80  # object categories, background not counted
     masks: bool = True  # Mask R-CNN; False: Faster R-CNN, for box-only data
-    img_size: int = 1024  # longest side the images are resized to (ViTDet: 1024)
+    img_size: int = 1024  # longest side the images are resized to, and the side of the square canvas they are padded to (ViTDet: 1024)
     window: int = 0  # window attention, in tokens (ViTDet: 14); 0: global attention in every block
     global_blocks: tuple = ()  # blocks that stay global with window > 0 (ViTDet, 12 blocks: 2, 5, 8, 11)
     rois: int = 512  # RoIs sampled per image for the box head in training (ViTDet: 512)
@@ -200,9 +201,10 @@ class DetectConfig:
             self.vit = part.ViTConfig(**self.vit)
         self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0)
         self.global_blocks = tuple(self.global_blocks)
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-        if not len(self.mean) == len(self.std) == self.vit.in_chans:
-            raise ValueError(f"mean {self.mean} and std {self.std} need one value per input channel, {self.vit.in_chans}")
+        self.mean, self.std = part.check_stats(self.mean, self.std, self.vit.in_chans)
+        if self.img_size % 64 or self.img_size % self.vit.patch_size:
+            raise ValueError(f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
+                             f"and of the patch size {self.vit.patch_size}")
         if any(not 0 <= i < self.vit.depth for i in self.global_blocks):
             raise ValueError(f"--global-blocks {list(self.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
 
@@ -226,9 +228,11 @@ class Detector(nn.Module):
         if cfg.masks:
             heads["mask_head"] = MaskRCNNHeads(C, [C] * 4, 1, norm_layer=LayerNorm2d)
         rcnn = MaskRCNN if cfg.masks else FasterRCNN
-        # min_size = max_size: the longest side becomes img_size (ViTDet); padding to 64 makes every level's stride exact
+        # min_size = max_size: the longest side becomes img_size; size_divisible = img_size pads every batch to the fixed
+        # img_size x img_size canvas (ViTDet's 1024^2), in training and evaluation alike, so the token grid is always
+        # the position embeddings' own and no image's layout depends on the others in its batch
         self.rcnn = rcnn(ViTBackbone(cfg.vit, cfg.window, cfg.global_blocks), cfg.num_classes + 1, min_size=cfg.img_size,
-                         max_size=cfg.img_size, image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=64,
+                         max_size=cfg.img_size, image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=cfg.img_size,
                          box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
                          rpn_post_nms_top_n_test=cfg.proposals, **heads)
 
@@ -486,16 +490,22 @@ def table(metrics):
 
 
 def encoder_init(init, preset, patch_size, in_chans):
-    """(ViTConfig, encoder weights or None) for --init: a PART checkpoint brings its own encoder
-    config; a bare encoder state dict (train.py export) and scratch take --preset and --patch-size."""
+    """(ViTConfig, encoder weights or None, (mean, std) or None) for --init: a PART checkpoint brings its
+    own encoder config and input statistics; a bare encoder state dict (train.py export) takes --preset
+    and --patch-size, scratch those and --in-chans."""
     if init == "scratch":
-        return part.vit_config(preset, patch_size=patch_size, in_chans=in_chans), None
-    state, source_vit = train.pretrained_encoder(init)
-    if source_vit:
-        return part.ViTConfig(**source_vit), state
-    if "patch_embed.proj.weight" not in state:
+        return part.vit_config(preset, patch_size=patch_size, in_chans=in_chans), None, None
+    state, source = train.pretrained_encoder(init)
+    stats = (tuple(source["mean"]), tuple(source["std"])) if "mean" in source else None
+    if source.get("vit"):
+        vit = part.ViTConfig(**source["vit"])
+    elif "patch_embed.proj.weight" in state:
+        vit = part.vit_config(preset, patch_size=patch_size, in_chans=state["patch_embed.proj.weight"].shape[1])
+    else:
         train.fail(f"{init} is neither a PART checkpoint nor an encoder state dict (it has no patch_embed.proj.weight)")
-    return part.vit_config(preset, patch_size=patch_size, in_chans=state["patch_embed.proj.weight"].shape[1]), state
+    if in_chans and in_chans != vit.in_chans:
+        train.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to use them")
+    return vit, state, stats
 
 
 def build_detector(cfg, state, source):
@@ -510,21 +520,27 @@ def build_detector(cfg, state, source):
     return model
 
 
-def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, drop_path=0.0, rois=512,
-            scale_range=(0.1, 2.0)):
+def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, in_chans=None, mean=(), std=(),
+            drop_path=0.0, rois=512, scale_range=(0.1, 2.0), main=True):
     """The splits of `root`, the DetectConfig and the encoder weights (None for scratch) of a run.
 
-    Both inits normalise the images alike, with data.py's statistics for "images" (ImageNet's,
-    averaged for grayscale), so that a PART and a scratch run differ in the weights alone.
+    The images are read with the encoder's channels (a grayscale encoder reads colour as grey; for
+    scratch, --in-chans or the data's) and normalised with --mean / --std, else the statistics the
+    encoder was pretrained with, else data.py's for "images" (ImageNet's, averaged for grayscale). So a
+    scratch row given a PART row's --in-chans, --mean and --std sees the same inputs: the rows differ
+    in the weights alone.
     """
     try:
         train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
         val_set = CocoDetection(root, "val2017")
     except data.DataError as e:
         train.fail(str(e))
-    vit, state = encoder_init(init, preset, patch_size, train_set.in_chans)
-    train_set.in_chans = val_set.in_chans = vit.in_chans  # the encoder's channels win: a grayscale one reads RGB as L
+    vit, state, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
+    train_set.in_chans = val_set.in_chans = vit.in_chans
     info = data.data_info("images", in_chans=vit.in_chans)
+    if mean or std:
+        stats = (tuple(mean), tuple(std))
+    mean, std = stats or (info.mean, info.std)
     if img_size % vit.patch_size:
         train.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
     grid = (img_size // vit.patch_size,) * 2
@@ -535,9 +551,13 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
     try:
         cfg = DetectConfig(vit=replace(vit, pos_grid=grid, drop_path=drop_path), num_classes=len(train_set.cat_ids), masks=train_set.masks,
                            img_size=img_size, window=window, global_blocks=blocks, rois=rois, anchor_size=anchor_size,
-                           proposals=proposals, mean=info.mean, std=info.std)
+                           proposals=proposals, mean=mean, std=std)
     except ValueError as e:
         train.fail(str(e))
+    if main:
+        origin = "--mean / --std or the encoder's pretraining" if stats else "ImageNet's"
+        print(f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std {', '.join(f'{s:.3f}' for s in std)} "
+              f"({origin}), padded to a {img_size}x{img_size} canvas")
     return cfg, state, train_set, val_set
 
 
@@ -570,10 +590,16 @@ def data_options(f):
 def model_options(f):
     """The detector's flags; their defaults are the embedded default's (the paper's in the help)."""
     options = [
-        click.option("--img-size", type=int, default=NUCLEI_TILE, show_default=True, help="longest side; ViTDet: 1024"),
+        click.option("--img-size", type=int, default=NUCLEI_TILE, show_default=True,
+                     help="longest side, and the square canvas every image is padded to; ViTDet: 1024"),
         click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
                      help="for scratch or a bare state dict; a PART checkpoint brings its own"),
         click.option("--patch-size", type=int, default=4, show_default=True, help="as --preset"),
+        click.option("--in-chans", type=click.IntRange(min=1), default=None,
+                     help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
+        click.option("--mean", type=float, multiple=True, help="input mean per channel (repeat the flag); default: the "
+                     "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
+        click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
         click.option("--window", type=int, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
         click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
         click.option("--anchor-size", type=int, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
@@ -603,7 +629,7 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
 
     def command(dd):
         root = data_root(data_dir, out_dir, dd)
-        cfg, state, train_set, val_set = prepare(init, root, **kwargs)
+        cfg, state, train_set, val_set = prepare(init, root, **kwargs, main=dd.main)
         torch.manual_seed(recipe.seed)  # the same initial heads on every process
         model = build_detector(cfg, state, init)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
@@ -647,7 +673,7 @@ def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
         if ckpt:
             detector, val_set = trained_detector(ckpt, data_dir)
         else:
-            cfg, state, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model)
+            cfg, state, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
             torch.manual_seed(seed)
             detector = build_detector(cfg, state, init)
         loader = train.make_loader(val_set, batch_size, dd, 0, 0, False, collate)

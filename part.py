@@ -512,6 +512,14 @@ def relative_loss(pred, target):
 # ---------------------------------------------------------------- the PART model
 
 
+def check_stats(mean, std, in_chans):
+    """Input statistics as tuples, one value per channel -> (mean, std)."""
+    mean, std = tuple(mean), tuple(std)
+    if not len(mean) == len(std) == in_chans:
+        raise ValueError(f"mean {mean} and std {std} need one value per input channel, {in_chans}")
+    return mean, std
+
+
 def image_vit(vit, img_size):
     """A config's ViT (a dict after a checkpoint round trip) and image size, checked against each
     other -> (ViTConfig, (H, W), token grid (H/P, W/P))."""
@@ -535,6 +543,7 @@ class PARTConfig:
 
     def __post_init__(self):
         self.vit, self.img_size, grid = image_vit(self.vit, self.img_size)
+        self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
         grid_n = math.prod(grid)
@@ -614,6 +623,7 @@ class ClassifierConfig:
 
     def __post_init__(self):
         self.vit, self.img_size, grid = image_vit(self.vit, self.img_size)
+        self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
         if self.vit.patch_ndim != 2:
             raise ValueError(f"the classifier takes 2D image patches, not patch_ndim={self.vit.patch_ndim}")
         if self.pool not in POOLS:

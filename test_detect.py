@@ -65,7 +65,8 @@ def coco(tmp_path):
 @pytest.fixture
 def part_checkpoint(tmp_path):
     """A PART pretraining checkpoint as train.fit writes it, of a vit_test / 4 on 16 x 16 images."""
-    cfg = part.PARTConfig(vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16)
+    cfg = part.PARTConfig(vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16, mean=(0.3,),
+                          std=(0.2,))
     torch.manual_seed(1)
     model = part.PART(cfg)
     path = tmp_path / "part.pt"
@@ -272,3 +273,46 @@ def test_checkpoint_of_the_wrong_size_stops_with_a_message_naming_it(coco, part_
 def test_pyramid_needs_a_power_of_two_patch_size():
     with pytest.raises(ValueError, match="power-of-two patch size, not 6"):
         detect.SimpleFeaturePyramid(32, 6)
+
+
+def test_landscape_and_portrait_reach_the_backbone_on_the_training_grid(monkeypatch):
+    torch.manual_seed(0)
+    model = detect.Detector(tiny_config()).eval()  # img_size 64, patch 4: the 16 x 16 grid of the position embeddings
+    seen, resized, resize = [], [], part.resize_pos_embed
+    model.rcnn.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+
+    def recording_resize(pos_embed, old_grid, new_grid, num_prefix):
+        resized.append((tuple(old_grid), tuple(new_grid)))
+        return resize(pos_embed, old_grid, new_grid, num_prefix)
+
+    monkeypatch.setattr(part, "resize_pos_embed", recording_resize)
+    images = [torch.randint(0, 256, (1, 30, 50), dtype=torch.uint8), torch.randint(0, 256, (1, 50, 20), dtype=torch.uint8)]
+    model(images)
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros(1, *im.shape[1:], dtype=torch.uint8)} for im in images]
+    model.train()(images, targets)
+    assert seen == [(2, 1, 64, 64)] * 2  # both images on the fixed 64 x 64 canvas, in evaluation and in training
+    assert resized == [((16, 16), (16, 16))] * 2  # so the position embeddings are used on their own grid, unresized
+
+
+def test_part_row_uses_its_pretraining_statistics_and_scratch_can_match_its_inputs(part_checkpoint, coco, tmp_path):
+    path, _ = part_checkpoint  # pretrained with mean 0.3, std 0.2 on one channel
+    common = dict(img_size=64, preset="vit_test", patch_size=4, window=0, global_blocks="", anchor_size=16, proposals=50)
+    cfg, _, train_set, _ = detect.prepare(str(path), str(coco), **common)
+    assert (cfg.mean, cfg.std, cfg.vit.in_chans, train_set.in_chans) == ((0.3,), (0.2,), 1, 1)
+    rgb = tmp_path / "rgb"  # the same data in colour: scratch reads it in colour unless told otherwise
+    write_coco(rgb)
+    for split in ("train2017", "val2017"):
+        for f in (rgb / split).glob("*.png"):
+            Image.open(f).convert("RGB").save(f)
+    cfg, _, train_set, _ = detect.prepare("scratch", str(rgb), **common)
+    assert cfg.vit.in_chans == 3 and len(cfg.mean) == 3
+    cfg, _, train_set, _ = detect.prepare("scratch", str(rgb), **common, in_chans=1, mean=(0.3,), std=(0.2,))
+    assert (cfg.mean, cfg.std, cfg.vit.in_chans, train_set.in_chans) == ((0.3,), (0.2,), 1, 1)
+    assert train_set[0][0].shape[0] == 1
+    result = run_cli("eval", "--init", path, "--data-dir", rgb, "--in-chans", 3, *common_flags(common))
+    assert result.exit_code != 0 and "takes 1 channel(s)" in result.output and "Traceback" not in result.output
+
+
+def common_flags(options):
+    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", v)]

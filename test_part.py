@@ -485,7 +485,8 @@ def pretrained(fake_fmnist, tmp_path):
 
 def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
-    state, source_vit = train.pretrained_encoder(str(path))
+    state, source = train.pretrained_encoder(str(path))
+    source_vit = source["vit"]
     info = data.data_info("fashion-mnist")
     cfg = train.classifier_config(info, 10, source_vit, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
                                   overrides.get("linear_probe", False), 0.0)

@@ -449,13 +449,14 @@ DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by defaul
 
 
 def pretrained_encoder(path):
-    """(encoder weights in timm names, the checkpoint's ViT config or None) from any checkpoint layout."""
+    """(encoder weights in timm names, the checkpoint's model config: {"vit": ..., "mean": ..., ...},
+    {} for a bare state dict) from any checkpoint layout."""
     if path == DEFAULT_INIT and not Path(path).is_file():
         fail(f"finetuning starts from a PART checkpoint, by default {DEFAULT_INIT}: run `python train.py pretrain` first, "
              "or pass --init PATH, or --init scratch for the supervised baseline")
     ckpt = load_checkpoint(path)
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return part.encoder_state_dict(ckpt), config.get("model", {}).get("vit")
+    return part.encoder_state_dict(ckpt), config.get("model") or {}
 
 
 def default_pool(state, linear_probe):
@@ -528,7 +529,8 @@ def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear
     same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
     --layer-decay is given, and then for either init alike."""
     recipe = recipe_from(kwargs)
-    state, source_vit = (None, None) if init == "scratch" else pretrained_encoder(init)
+    state, source = (None, {}) if init == "scratch" else pretrained_encoder(init)
+    source_vit = source.get("vit")
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(data_name, data_dir, img_size, in_chans, augment, data.eval_transform, train_subset, recipe.seed)
