@@ -540,6 +540,14 @@ def test_a_few_finetune_steps_raise_accuracy_on_a_fixed_batch(pretrained):
     assert before["acc"] < 0.3 and after["acc"] > 0.9
 
 
+def test_probe_pools_patch_tokens_unless_the_weights_trained_a_class_token(pretrained):
+    state, _ = train.pretrained_encoder(str(pretrained))
+    assert "cls_token" not in state
+    assert train.default_pool(state, linear_probe=True) == "avg"
+    assert train.default_pool(state, linear_probe=False) == "cls"  # finetuning trains the new token, as the paper
+    assert train.default_pool({**state, "cls_token": torch.zeros(1, 1, 32)}, linear_probe=True) == "cls"
+
+
 def test_linear_probe_leaves_the_encoder_unchanged(pretrained, fake_fmnist, tmp_path):
     out = tmp_path / "probe"
     result = invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--linear-probe", "--batch-size", 32,
@@ -550,6 +558,7 @@ def test_linear_probe_leaves_the_encoder_unchanged(pretrained, fake_fmnist, tmp_
     encoder = [k for k in before if k.startswith("encoder.")]
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert not torch.equal(after["encoder.head.1.weight"], torch.zeros_like(after["encoder.head.1.weight"]))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["model"]["pool"] == "avg"  # PART trained no class token
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in rows if "val_acc" in r] == [1, 2] and (out / "checkpoint_best.pt").exists()
 
