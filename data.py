@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
+FILE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # --in-chans: PIL mode image files are converted to
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 
@@ -51,12 +52,16 @@ DATASETS = {
 }
 
 
-def data_info(name, img_size=None, in_chans=None):
-    """The dataset's defaults, with --img-size and --in-chans overrides."""
+def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
+    """The dataset's defaults, with --img-size, --in-chans, --mean and --std overrides."""
     if name not in DATASETS:
         raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     info = DATASETS[name]
     chans = in_chans or info.in_chans
+    if mean or std:
+        if not len(mean) == len(std) == chans:
+            raise DataError(f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag repeated")
+        return DataInfo(chans, img_size or info.img_size, info.num_classes, tuple(mean), tuple(std))
     mean, std = info.mean, info.std
     if chans != info.in_chans:  # e.g. grayscale ImageNet: average the per-channel statistics
         mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
@@ -146,6 +151,20 @@ def load_cifar(data_dir, split, classes):
 # ---------------------------------------------------------------- folders
 
 
+class BadImageFile(DataError):
+    """An image file that cannot be read; the message names it."""
+
+
+def read_image_file(path, mode):
+    """A PIL image of the file at `path`, decoded in full and converted to `mode`; BadImageFile when
+    it is missing, truncated or not an image."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)  # convert() decodes every pixel, so a truncated file fails here
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}); --skip-bad-files skips such files") from None
+
+
 class ImageFiles(Dataset):
     """Image files, unlabelled (label -1), for pretraining on one's own data."""
 
@@ -156,8 +175,37 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert(self.mode)), -1
+        return self.transform(read_image_file(self.files[i], self.mode)), -1
+
+
+class SkipBadFiles(Dataset):
+    """A dataset whose unreadable image files become None; `skip_none_collate` drops them from the
+    batch, and train.fit counts the shortfall as skipped files."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except BadImageFile:
+            return None
+
+
+def skip_none_collate(batch, collate=default_collate):
+    """collate over the items that are not None (skipped files); None when all are."""
+    batch = [item for item in batch if item is not None]
+    return collate(batch) if batch else None
+
+
+def skips_bad_files(dataset):
+    """Whether a dataset, or one it wraps (Subset), is SkipBadFiles."""
+    while not isinstance(dataset, SkipBadFiles) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return isinstance(dataset, SkipBadFiles)
 
 
 def image_files(root, split, mode, transform):
@@ -174,7 +222,7 @@ def image_folder(root, mode, transform):
     if not Path(root).is_dir():
         raise DataError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=lambda p: Image.open(p).convert(mode))
+        return datasets.ImageFolder(root, transform=transform, loader=partial(read_image_file, mode=mode))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
 
@@ -227,21 +275,28 @@ def mix_batch(batch, mix):
     return mix(images.float() / 255, labels)
 
 
-def build_dataset(name, data_dir, split, info, transform):
-    """The `split` ("train" or "val") of dataset `name`, items (uint8 (C, H, W), label)."""
+def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
+    """The `split` ("train" or "val") of dataset `name`, items (uint8 (C, H, W), label); with
+    skip_bad_files, unreadable image files give None items (see SkipBadFiles)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if data_dir and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is not a folder")
-    if name == "fashion-mnist":
-        return TensorImages(*load_fashion_mnist(data_dir, split), transform)
-    if name in ("cifar10", "cifar100"):
-        return TensorImages(*load_cifar(data_dir, split, 10 if name == "cifar10" else 100), transform)
+    if name in ("fashion-mnist", "cifar10", "cifar100"):
+        if info.in_chans != DATASETS[name].in_chans:
+            raise DataError(f"--in-chans {info.in_chans}: {name} images have {DATASETS[name].in_chans} channel(s)")
+        images = load_fashion_mnist(data_dir, split) if name == "fashion-mnist" else load_cifar(data_dir, split, 10 if name == "cifar10" else 100)
+        return TensorImages(*images, transform)
     if not data_dir:
         raise DataError(f"--data {name} needs --data-dir")
-    mode = "L" if info.in_chans == 1 else "RGB"
+    if info.in_chans not in FILE_MODES:
+        raise DataError(f"--in-chans {info.in_chans}: image files are read as {', '.join(f'{c} ({m})' for c, m in FILE_MODES.items())} "
+                        "channels; for other counts wrap your data in a Dataset of uint8 (C, H, W) tensors (README)")
+    mode = FILE_MODES[info.in_chans]
     if name == "images":
-        return image_files(data_dir, split, mode, transform)
-    if name in ("in1k", "imagefolder"):
-        return image_folder(Path(data_dir) / split, mode, transform)
-    raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
+        dataset = image_files(data_dir, split, mode, transform)
+    elif name in ("in1k", "imagefolder"):
+        dataset = image_folder(Path(data_dir) / split, mode, transform)
+    else:
+        raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
+    return SkipBadFiles(dataset) if skip_bad_files else dataset

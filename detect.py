@@ -276,6 +276,11 @@ def read_coco(path):
         for entry in dataset[key]:
             if not isinstance(entry, dict) or any(k not in entry for k in fields):
                 raise data.DataError(f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}")
+    categories, images = {c["id"] for c in dataset["categories"]}, {i["id"] for i in dataset["images"]}
+    for ann in dataset["annotations"]:
+        if ann["category_id"] not in categories or ann["image_id"] not in images:
+            field, value = ("category_id", ann["category_id"]) if ann["category_id"] not in categories else ("image_id", ann["image_id"])
+            raise data.DataError(f"{path}: annotation {ann['id']} has {field} {value}, which is not in its {field[:-3]}s list")
     for ann in dataset["annotations"]:  # what COCOeval reads, as COCO defines it where a file leaves it out
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
@@ -495,7 +500,8 @@ def encoder_init(init, preset, patch_size, in_chans):
     and --patch-size, scratch those and --in-chans."""
     if init == "scratch":
         return part.vit_config(preset, patch_size=patch_size, in_chans=in_chans), None, None
-    state, source = train.pretrained_encoder(init)
+    state, config = train.pretrained_encoder(init)
+    source = config.get("model", {})
     stats = (tuple(source["mean"]), tuple(source["std"])) if "mean" in source else None
     if source.get("vit"):
         vit = part.ViTConfig(**source["vit"])
@@ -508,15 +514,18 @@ def encoder_init(init, preset, patch_size, in_chans):
     return vit, state, stats
 
 
-def build_detector(cfg, state, source):
-    """The Detector with the encoder weights loaded; a checkpoint of another size stops with a clear message.
-    Position embeddings are new (PART has none) and start fresh for either init."""
+def build_detector(cfg, state, source, main=True):
+    """The Detector with the encoder weights loaded, saying which; a checkpoint of another size stops
+    with a clear message. Position embeddings are new (PART has none) and start fresh for either init."""
     try:
         model = Detector(cfg)
         if state is not None:
-            part.load_encoder(model.rcnn.backbone.encoder, state, source)
+            fresh, ignored = part.load_encoder(model.rcnn.backbone.encoder, state, source)
     except ValueError as e:
         train.fail(str(e))
+    if main:
+        print("encoder: random weights (--init scratch)" if state is None else
+              f"encoder from {source}; new: {', '.join(fresh) or 'none'}; ignored: {', '.join(ignored) or 'none'}")
     return model
 
 
@@ -568,7 +577,7 @@ class DefaultGroup(click.Group):
     """`python detect.py [flags]` means `python detect.py train [flags]`."""
 
     def parse_args(self, ctx, args):
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+        if not args or (args[0] not in self.commands and args[0].startswith("-") and args[0] not in ("--help", "-h")):
             args = ["train", *args]
         return super().parse_args(ctx, args)
 
@@ -581,7 +590,7 @@ def cli():
 def data_options(f):
     options = [click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
                                                             "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
-               click.option("--out-dir", default="out/detect", show_default=True)]
+               click.option("--out-dir", default="out/detect", show_default=True, help=train.OUT_DIR_HELP + "; nuclei/ the default data")]
     for option in reversed(options):  # click lists the last applied first
         f = option(f)
     return f
@@ -590,20 +599,20 @@ def data_options(f):
 def model_options(f):
     """The detector's flags; their defaults are the embedded default's (the paper's in the help)."""
     options = [
-        click.option("--img-size", type=int, default=NUCLEI_TILE, show_default=True,
+        click.option("--img-size", type=train.POSITIVE, default=NUCLEI_TILE, show_default=True,
                      help="longest side, and the square canvas every image is padded to; ViTDet: 1024"),
         click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
                      help="for scratch or a bare state dict; a PART checkpoint brings its own"),
-        click.option("--patch-size", type=int, default=4, show_default=True, help="as --preset"),
+        click.option("--patch-size", type=train.POSITIVE, default=4, show_default=True, help="as --preset"),
         click.option("--in-chans", type=click.IntRange(min=1), default=None,
                      help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
         click.option("--mean", type=float, multiple=True, help="input mean per channel (repeat the flag); default: the "
                      "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
         click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
-        click.option("--window", type=int, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
+        click.option("--window", type=train.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
         click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
-        click.option("--anchor-size", type=int, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
-        click.option("--proposals", type=int, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
+        click.option("--anchor-size", type=train.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
+        click.option("--proposals", type=train.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -615,9 +624,9 @@ def model_options(f):
               help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch")
 @data_options
 @model_options
-@click.option("--drop-path", type=float, default=0.0, show_default=True, help="ViTDet, ViT-B: 0.1")
-@click.option("--rois", type=int, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
-@click.option("--scale-range", type=float, nargs=2, default=(0.5, 2.0), show_default=True,
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth; ViTDet, ViT-B: 0.1")
+@click.option("--rois", type=train.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
+@click.option("--scale-range", type=click.FloatRange(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
               help="large-scale jitter of training images (ViTDet: 0.1 2.0)")
 @train.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, lr_drops="4,5.5",
                       log_every=5)
@@ -631,7 +640,7 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
         root = data_root(data_dir, out_dir, dd)
         cfg, state, train_set, val_set = prepare(init, root, **kwargs, main=dd.main)
         torch.manual_seed(recipe.seed)  # the same initial heads on every process
-        model = build_detector(cfg, state, init)
+        model = build_detector(cfg, state, init, dd.main)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
         metrics = train.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
                             collate_fn=collate)
@@ -662,7 +671,7 @@ def trained_detector(ckpt, data_dir):
 @click.option("--init", default=None, help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)")
 @data_options
 @model_options
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=train.POSITIVE, default=4, show_default=True, help="images per evaluation batch")
 @click.option("--seed", type=int, default=0, show_default=True, help="the untrained heads' initialisation, with --init")
 def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
     """COCOeval on the held-out split (val2017) of a trained detector, or of an untrained one with --init."""
@@ -675,7 +684,7 @@ def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
         else:
             cfg, state, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
             torch.manual_seed(seed)
-            detector = build_detector(cfg, state, init)
+            detector = build_detector(cfg, state, init, dd.main)
         loader = train.make_loader(val_set, batch_size, dd, 0, 0, False, collate)
         metrics = evaluate(detector.to(dd.device), loader, dd, 0)
         if dd.main:

@@ -550,6 +550,9 @@ class PARTConfig:
         self.num_patches = self.num_patches or grid_n
         if self.sampler == "grid" and self.num_patches != grid_n:
             raise ValueError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
+        if self.num_patches > 16 * grid_n:
+            raise ValueError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a {self.img_size[0]}x"
+                             f"{self.img_size[1]} image (the paper samples as many as the grid has)")
         if self.num_pairs > self.num_patches**2:
             raise ValueError(f"--pairs {self.num_pairs} is more than the {self.num_patches**2} ordered pairs of {self.num_patches} patches")
 

@@ -626,11 +626,11 @@ def data_options(f):
                      help="synthetic: made-up polysomnography, not recordings")(f)
     f = click.option("--data-dir", default=None, help="recordings: PhysioNet 2018 training/ (and test/) or Sleep-EDF's *.edf")(f)
     f = click.option("--channels", default=None, help="comma-separated channel names; default: the source's EEG channels")(f)
-    f = click.option("--finetune-subjects", type=int, default=10, show_default=True, help="labelled subjects (8.1: 10)")(f)
-    f = click.option("--test-subjects", type=int, default=10, show_default=True, help="held out from pretraining and finetuning")(f)
-    f = click.option("--split-seed", type=int, default=0, show_default=True)(f)
-    f = click.option("--synthetic-subjects", type=int, default=50, show_default=True)(f)
-    f = click.option("--synthetic-epochs", type=int, default=120, show_default=True, help="30-s epochs per synthetic night")(f)
+    f = click.option("--finetune-subjects", type=train.POSITIVE, default=10, show_default=True, help="labelled subjects (8.1: 10)")(f)
+    f = click.option("--test-subjects", type=train.POSITIVE, default=10, show_default=True, help="held out from pretraining and finetuning")(f)
+    f = click.option("--split-seed", type=int, default=0, show_default=True, help="seeds which subjects go to which split")(f)
+    f = click.option("--synthetic-subjects", type=train.POSITIVE, default=50, show_default=True, help="synthetic nights, one per subject")(f)
+    f = click.option("--synthetic-epochs", type=train.POSITIVE, default=120, show_default=True, help="30-s epochs per synthetic night")(f)
     return f
 
 
@@ -657,13 +657,13 @@ def load_or_fail(refs, subjects, channels, scored_only, desc):
 
 @cli.command()
 @data_options
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="eeg_tiny", show_default=True)
-@click.option("--num-windows", type=int, default=40, show_default=True, help="N 1-s windows per 30-s epoch (8.1: 40)")
-@click.option("--pairs", type=int, default=1024, show_default=True, help="K (ref, tgt) pairs per epoch")
-@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)
-@click.option("--drop-path", type=float, default=0.0, show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="eeg_tiny", show_default=True, help="ViT width and depth; eeg_base is near the paper's 12.9M")
+@click.option("--num-patches", "num_windows", type=train.POSITIVE, default=40, show_default=True, help="N 1-s windows per 30-s epoch (8.1: 40)")
+@click.option("--pairs", type=train.POSITIVE, default=1024, show_default=True, help="K (ref, tgt) pairs per epoch")
+@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=train.HEAD_HELP)
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth")
 @train.recipe_options(epochs=25, batch_size=64, blr=2e-3, warmup_epochs=2.0, log_every=20)
-@click.option("--out-dir", default="out/sleep-pretrain", show_default=True)
+@click.option("--out-dir", default="out/sleep-pretrain", show_default=True, help=train.OUT_DIR_HELP)
 def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
              preset, num_windows, pairs, head, drop_path, out_dir, **kwargs):
     """PART pretraining on the pretraining subjects' epochs; dt error on the held-out test subjects."""
@@ -693,29 +693,26 @@ DEFAULT_INIT = "out/sleep-pretrain/checkpoint.pt"  # where `python sleep1d.py pr
 
 
 def encoder_from(init, preset, channels, drop_path):
-    """The encoder config and weights to finetune: from a sleep1d PART checkpoint, or fresh (scratch)."""
+    """The encoder config and weights to finetune, and the data config they were pretrained on:
+    from a 1D checkpoint (sleep1d.py pretrain or finetune, or an exported 1D encoder), or fresh (scratch)."""
     if init == "scratch":
         return eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path), None, {}
-    if init == DEFAULT_INIT and not Path(init).is_file():
-        train.fail(f"finetuning starts from a PART checkpoint, by default {DEFAULT_INIT}: run `python sleep1d.py pretrain` first, "
-                   "or pass --init PATH, or --init scratch for the supervised baseline")
-    ckpt = train.load_checkpoint(init)
-    config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    state, config = train.pretrained_encoder(init, patch_ndim=1)
     if preset or "vit" not in config.get("model", {}):  # a bare state dict, or an explicit --preset
         vit = eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path)
     else:
         vit = replace(part.ViTConfig(**config["model"]["vit"]), drop_path=drop_path)
-    return vit, part.encoder_state_dict(ckpt), config.get("data", {})
+    return vit, state, config.get("data", {})
 
 
 @cli.command()
 @data_options
 @click.option("--init", default=DEFAULT_INIT, show_default=True, help="a sleep1d.py pretrain checkpoint, or 'scratch' for the supervised baseline")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="default: the checkpoint's, or eeg_tiny from scratch")
-@click.option("--pos-mask", type=float, default=0.2, show_default=True, help="share of position embeddings masked in training (8.1)")
-@click.option("--drop-path", type=float, default=0.1, show_default=True)
+@click.option("--pos-mask", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="share of position embeddings masked in training (8.1)")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="stochastic depth; DeiT: 0.1")
 @train.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, log_every=20)
-@click.option("--out-dir", default="out/sleep-finetune", show_default=True)
+@click.option("--out-dir", default="out/sleep-finetune", show_default=True, help=train.OUT_DIR_HELP)
 def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
              init, preset, pos_mask, drop_path, out_dir, **kwargs):
     """Sleep staging on the finetuning subjects; kappa, accuracy and confusion matrix on the held-out ones.

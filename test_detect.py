@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 import detect
 import part
+from conftest import square_mask, write_coco
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
@@ -18,43 +18,6 @@ def tiny_config(masks=True, patch_size=4, **overrides):
     vit = part.vit_config("vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16))
     return detect.DetectConfig(vit=vit, num_classes=2, masks=masks, img_size=64, rois=32, anchor_size=16, proposals=50,
                                mean=(0.5,), std=(0.25,), **overrides)
-
-
-def square_mask(H, W, x0, y0, x1, y1):
-    m = np.zeros((H, W), np.uint8)
-    m[y0:y1, x0:x1] = 1
-    return m
-
-
-def write_coco(root, masks=True):
-    """A COCO folder written without detect.py: 64 x 48 grayscale images with bright squares,
-    categories 3 and 7 (labels 1 and 2), polygon and compressed-RLE masks (or none), and in each
-    split one image without objects."""
-    H, W = 48, 64
-    objects = [(4, 4, 20, 20), (30, 10, 50, 30), (10, 26, 28, 44)]  # x0, y0, x1, y1
-    for split, n in (("train2017", 4), ("val2017", 2)):
-        (root / split).mkdir(parents=True)
-        images, anns = [], []
-        for i in range(n):
-            pixels = np.full((H, W), 20, np.uint8)
-            placed = objects[: i % 3 + 1] if i else []  # image 0 is empty
-            for k, (x0, y0, x1, y1) in enumerate(placed):
-                pixels[y0:y1, x0:x1] = 200
-                ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": (3, 7)[k % 2], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                       "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
-                if masks and k % 2 == 0:  # a polygon around the square's pixels
-                    ann["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
-                elif masks:
-                    rle = mask_utils.encode(np.asfortranarray(square_mask(H, W, x0, y0, x1, y1)))
-                    ann["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode("ascii")}
-                anns.append(ann)
-            Image.fromarray(pixels).save(root / split / f"img{i}.png")
-            images.append({"id": i + 1, "file_name": f"img{i}.png", "height": H, "width": W})
-        categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
-        (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                                                  "categories": categories}))
-    return root
 
 
 @pytest.fixture

@@ -4,47 +4,16 @@ import json
 import math
 import os
 import socket
-import struct
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from click.testing import CliRunner
 
 import data
 import part
 import train
-
-# ---------------------------------------------------------------- helpers
-
-
-def tiny_config(**overrides):
-    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
-    return part.PARTConfig(**{"vit": vit, "img_size": (16, 16), "num_pairs": 32, "mean": (0.5,), "std": (0.25,), **overrides})
-
-
-def write_idx(path, array):
-    """An idx file as the MNIST format describes it, written independently of data.read_idx."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype("uint8").tobytes())
-
-
-@pytest.fixture
-def fake_fmnist(tmp_path):
-    """A Fashion-MNIST folder of 96 train and 32 test images with simple learnable structure."""
-    g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        images = torch.zeros(n, 28, 28)
-        images[:, 6:22, 6:22] = torch.rand(n, 1, 1, generator=g) * 200 + 55  # a bright square on black
-        images += torch.rand(n, 28, 28, generator=g) * 30
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images.clamp(0, 255).numpy())
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g).numpy())
-    return tmp_path
-
-
-TINY_RUN = ["--preset", "vit_test", "--pairs", "16", "--batch-size", "32", "--log-every", "1", "--warmup-epochs", "0.5"]
+from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_config, write_idx
 
 # ---------------------------------------------------------------- sampler and targets
 
@@ -365,22 +334,6 @@ def test_finetune_on_an_image_folder_tree_at_another_size(tmp_path):
 # ---------------------------------------------------------------- training CLI
 
 
-def invoke(*args):
-    return CliRunner().invoke(train.cli, [str(a) for a in args])
-
-
-def crash_after_epoch(monkeypatch, epoch):
-    """The next run dies at the end of the epoch after `epoch`, before that checkpoint is written."""
-    save = train.save_checkpoint
-
-    def save_or_crash(path, state):
-        if state["epoch"] > epoch:
-            raise KeyboardInterrupt
-        save(path, state)
-
-    monkeypatch.setattr(train, "save_checkpoint", save_or_crash)
-
-
 def test_pretrain_resume_continues_exactly(fake_fmnist, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--img-size", 16, "--epochs", 2]
@@ -408,8 +361,9 @@ def test_checkpoint_round_trips_into_a_fresh_model(fake_fmnist, tmp_path):
     model = part.PART(part.PARTConfig(**ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
     torch.testing.assert_close(model.state_dict(), ckpt["model"])
-    assert invoke("export", "--ckpt", tmp_path / "checkpoint.pt", "--out", tmp_path / "enc.pt").exit_code == 0
-    assert not any(k.startswith(("relative.", "encoder.")) for k in torch.load(tmp_path / "enc.pt", weights_only=True))
+    assert invoke("export", "--ckpt", tmp_path / "checkpoint.pt", "--out-dir", tmp_path / "export").exit_code == 0
+    exported = torch.load(tmp_path / "export" / "encoder.pt", weights_only=True)
+    assert not any(k.startswith(("relative.", "encoder.")) for k in exported)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -429,7 +383,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_fmnist, tmp_pa
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
     assert invoke(*common, "--epochs", 1).exit_code == 0
     good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    result = invoke(*common, "--epochs", 2, "--blr", "1e30")
+    result = invoke(*common, "--epochs", 2, "--blr", "1e30", "--resume-changed")
     assert result.exit_code != 0 and "loss is nan" in result.output.lower()
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["model"]["encoder.norm.weight"], good["model"]["encoder.norm.weight"])
@@ -485,8 +439,8 @@ def pretrained(fake_fmnist, tmp_path):
 
 def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
-    state, source = train.pretrained_encoder(str(path))
-    source_vit = source["vit"]
+    state, config = train.pretrained_encoder(str(path))
+    source_vit = config["model"]["vit"]
     info = data.data_info("fashion-mnist")
     cfg = train.classifier_config(info, 10, source_vit, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
                                   overrides.get("linear_probe", False), 0.0)

@@ -6,7 +6,7 @@ from PIL import Image
 
 import figures
 import part
-from test_part import fake_fmnist, invoke, tiny_config  # noqa: F401 (fake_fmnist is a fixture)
+from conftest import invoke, tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -109,7 +109,7 @@ def test_show_writes_the_four_figures_from_an_image_file(tmp_path, sampler):
     assert_png(tmp_path / "show/photo_errors.png", 1, 1)
 
 
-def test_show_takes_held_out_images_of_the_checkpoints_dataset(tmp_path, fake_fmnist):  # noqa: F811
+def test_show_takes_held_out_images_of_the_checkpoints_dataset(tmp_path, fake_fmnist):
     result = invoke("show", "--ckpt", save_checkpoint(tmp_path), "--data-dir", fake_fmnist, "--index", 3, "--target", 5,
                     "--out-dir", tmp_path)
     assert result.exit_code == 0, result.output

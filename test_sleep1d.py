@@ -19,7 +19,7 @@ from wfdb.io.convert.matlab import wfdb_to_mat
 import part
 import sleep1d
 from data import DataError
-from test_part import crash_after_epoch
+from conftest import crash_after_epoch
 
 # ---------------------------------------------------------------- windows and targets
 

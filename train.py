@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
@@ -103,6 +103,7 @@ class Recipe:
     grad_ckpt: bool = False  # activation checkpointing in the ViT blocks: less memory, ~1/3 more compute
     log_every: int = 50  # optimizer steps
     lr_drops: str = ""  # a step schedule: epochs where the lr drops x0.1, e.g. "8,11" (Detectron's 1x of 12); "": cosine
+    resume_changed: bool = False  # resume a run whose checkpoint has another recipe, with the new values
 
 
 def lr_at(step, lr, warmup_steps, total_steps, min_lr, drop_steps=()):
@@ -148,11 +149,15 @@ def param_groups(model, weight_decay, layer_decay):
     return list(groups.values())
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def write_atomic(path, write):
+    """write(temporary path), then rename it to path: a crash never leaves a half-written file."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, state):
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path):
@@ -183,6 +188,8 @@ def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
     """Every process sees its own shard; order depends only on (seed, epoch), also in one process."""
     sampler = DistributedSampler(dataset, num_replicas=dd.world, rank=dd.rank, shuffle=train, seed=seed, drop_last=train)
     workers = (8 if dd.device.type == "cuda" else 0) if workers < 0 else workers
+    if data.skips_bad_files(dataset):
+        collate_fn = partial(data.skip_none_collate, collate=collate_fn or default_collate)
     if train and len(dataset) // dd.world < batch_size:
         fail(f"--batch-size {batch_size} is larger than the {len(dataset) // dd.world} training images per process")
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=dd.device.type == "cuda",
@@ -201,8 +208,10 @@ def evaluate(model, loader, dd, seed):
     devices = [dd.device] if dd.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for x, y in loader:
-            x, y = to_device((x, y), dd.device)
+        for batch in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
+            if batch is None:  # every file of the batch unreadable (--skip-bad-files)
+                continue
+            x, y = to_device(batch, dd.device)
             with autocast(dd.device):
                 _, metrics = model(x, y)
             for k, v in metrics.items():
@@ -225,96 +234,54 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     log.jsonl. A run finds its own checkpoint there and resumes. collate_fn batches both sets;
     train_collate_fn, when given, the training set alone (MixUp / CutMix).
     """
-    out_dir = Path(out_dir)
+    out_dir, ckpt_path = Path(out_dir), Path(out_dir) / "checkpoint.pt"
     train_loader = make_loader(train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True, train_collate_fn or collate_fn)
     val_loader = make_loader(val_set, recipe.batch_size, dd, recipe.seed, recipe.workers, False, collate_fn)
     steps_per_epoch = len(train_loader) // recipe.accum
     if steps_per_epoch == 0:
         fail(f"--accum {recipe.accum} is more than the {len(train_loader)} batches of an epoch")
-    total_steps, warmup_steps = recipe.epochs * steps_per_epoch, int(recipe.warmup_epochs * steps_per_epoch)
-    try:
-        drop_steps = [int(float(e) * steps_per_epoch) for e in recipe.lr_drops.split(",") if e.strip()]
-    except ValueError:
-        fail(f"--lr-drops {recipe.lr_drops!r}: expected comma-separated epochs, e.g. 8,11")
     eff_batch = recipe.batch_size * recipe.accum * dd.world
     lr = recipe.blr * eff_batch / 256
+    schedule = partial(lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), total_steps=recipe.epochs * steps_per_epoch,
+                       min_lr=recipe.min_lr, drop_steps=drop_steps(recipe.lr_drops, steps_per_epoch))
 
     model.to(dd.device)
     for m in model.modules():
         if isinstance(m, part.VisionTransformer):
             m.grad_checkpointing = recipe.grad_ckpt
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, 0.95))
-
-    start_epoch, best = 0, -math.inf
-    ckpt_path = out_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if without_recipe(ckpt.get("config", {})) != without_recipe(config):
-            fail(f"{ckpt_path} holds a run of another model or data; pass a new --out-dir, or delete it to start over")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"], ckpt.get("best", -math.inf)
+    start_epoch, best, metrics = resume(ckpt_path, model, optimizer, config, dd)
+    if start_epoch >= recipe.epochs:
         if dd.main:
-            print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+            print(f"{ckpt_path} is a finished run of {start_epoch} epochs: nothing to train (raise --epochs to continue it)")
+        return metrics
     if dd.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = {eff_batch} effective; "
-              f"base lr {recipe.blr:.3g} -> lr {lr:.3g}; {steps_per_epoch} steps/epoch, {total_steps} steps in all; device {dd.device}")
+              f"base lr {recipe.blr:.3g} -> lr {lr:.3g}; {steps_per_epoch} steps/epoch, {recipe.epochs * steps_per_epoch} steps in all; "
+              f"device {dd.device}")
 
     raw = model
     if recipe.compile:
         model = torch.compile(model)
     if dd.world > 1:
         model = DDP(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
-
     log = open(out_dir / "log.jsonl", "a") if dd.main else None
-    metrics = {}
+    t_run = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
         torch.manual_seed(recipe.seed + 1000 * dd.rank + epoch)  # resume at an epoch replays the same randomness
         train_loader.sampler.set_epoch(epoch)
-        model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not dd.main, leave=False, total=steps_per_epoch * recipe.accum)
-        t_epoch = t_log = t0 = time.perf_counter()
-        t_data, n_img = 0.0, 0
-        for i, (x, y) in enumerate(bar):
-            if i >= steps_per_epoch * recipe.accum:
-                break
-            x, y = to_device((x, y), dd.device)
-            t_data += time.perf_counter() - t0
-            step = epoch * steps_per_epoch + i // recipe.accum
-            last_micro = (i + 1) % recipe.accum == 0
-            sync = nullcontext() if last_micro or dd.world == 1 else model.no_sync()
-            with sync:
-                with autocast(dd.device):
-                    loss, metrics = model(x, y)
-                (loss / recipe.accum).backward()
-            n_img += len(x) * dd.world
-            if last_micro:
-                step_lr = lr_at(step, lr, warmup_steps, total_steps, recipe.min_lr, drop_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = step_lr * g["lr_scale"]
-                if recipe.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if (step + 1) % recipe.log_every == 0:
-                    elapsed = time.perf_counter() - t_log
-                    row = {"epoch": epoch, "step": step + 1, "lr": step_lr, **{k: v.item() for k, v in metrics.items()},
-                           "img_per_s": n_img / elapsed, "data_share": t_data / elapsed}
-                    check_finite(row["loss"], step + 1, ckpt_path)
-                    if dd.main:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                    t_log, t_data, n_img = time.perf_counter(), 0.0, 0
-            t0 = time.perf_counter()
-        check_finite(loss.item(), step + 1, ckpt_path)
+        t_epoch = time.perf_counter()
+        skipped = train_one_epoch(model, train_loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path)
         metrics = evaluate_fn(raw, val_loader, dd, recipe.seed)
         if dd.main:
+            eta = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
+            summary = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "epoch_s": time.perf_counter() - t_epoch,
+                       **({"skipped_files": skipped} if skipped else {}), **{f"val_{k}": v for k, v in metrics.items()}}
             if torch.cuda.is_available():
-                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            summary = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "epoch_s": time.perf_counter() - t_epoch, **{f"val_{k}": v for k, v in metrics.items()}}
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+                summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+                  + (f"; {recipe.epochs - epoch - 1} epochs to go, about {eta / 60:.1f} min" if epoch + 1 < recipe.epochs else ""))
             log.write(json.dumps(summary) + "\n")
             log.flush()
             improved = best_key is not None and metrics[best_key] > best
@@ -329,21 +296,122 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     return metrics
 
 
-def without_recipe(config):
-    """What must match to resume: the model and data, not the optimisation flags (so --epochs can grow)."""
-    return {k: v for k, v in config.items() if k != "recipe"}
+def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path):
+    """One pass over `loader`: forward, backward, and every `recipe.accum` micro-batches an optimizer
+    step at lr schedule(step); a log.jsonl row every `recipe.log_every` steps. Returns the number of
+    image files skipped as unreadable (the batches' shortfall, with --skip-bad-files), summed over processes."""
+    model.train()
+    micro_batches = steps_per_epoch * recipe.accum
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not dd.main, leave=False, total=micro_batches)
+    t_log = t0 = time.perf_counter()
+    t_data, n_img, skipped = 0.0, 0, 0
+    for i, batch in enumerate(bar):
+        if i >= micro_batches:
+            break
+        if batch is None:  # every file of the batch unreadable (--skip-bad-files)
+            skipped += recipe.batch_size
+            continue
+        x, y = to_device(batch, dd.device)
+        skipped += recipe.batch_size - len(x)
+        t_data += time.perf_counter() - t0
+        step = epoch * steps_per_epoch + i // recipe.accum  # optimizer steps before this one
+        last_micro = (i + 1) % recipe.accum == 0
+        with nullcontext() if last_micro or dd.world == 1 else model.no_sync():  # DDP all-reduces on the last micro-batch only
+            with autocast(dd.device):
+                loss, metrics = model(x, y)
+            (loss / recipe.accum).backward()
+        n_img += len(x) * dd.world
+        if last_micro:
+            step_lr = schedule(step)
+            for g in optimizer.param_groups:
+                g["lr"] = step_lr * g["lr_scale"]  # the lr_scale of layer decay
+            if recipe.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % recipe.log_every == 0:
+                elapsed = time.perf_counter() - t_log
+                row = {"epoch": epoch + 1, "step": step + 1, "lr": step_lr, **{k: v.item() for k, v in metrics.items()},
+                       "img_per_s": n_img / elapsed, "data_share": t_data / elapsed}
+                check_finite(row["loss"], step + 1, ckpt_path)
+                if dd.main:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                t_log, t_data, n_img = time.perf_counter(), 0.0, 0
+        t0 = time.perf_counter()
+    check_finite(loss.item(), step + 1, ckpt_path)
+    if dd.world > 1:
+        count = torch.tensor(skipped, device=dd.device)
+        dist.all_reduce(count)
+        skipped = int(count)
+    return skipped
+
+
+def drop_steps(lr_drops, steps_per_epoch):
+    """--lr-drops "8,11" -> the optimizer steps where the lr drops x0.1."""
+    try:
+        return [int(float(e) * steps_per_epoch) for e in lr_drops.split(",") if e.strip()]
+    except ValueError:
+        fail(f"--lr-drops {lr_drops!r}: expected comma-separated epochs, e.g. 8,11")
+
+
+RESUMABLE = {"epochs", "workers", "log_every", "compile", "grad_ckpt", "resume_changed"}  # recipe fields a resume may change
+
+
+def flat(config, prefix=""):
+    """A nested config as {"a.b": value} pairs."""
+    out = {}
+    for k, v in config.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume(ckpt_path, model, optimizer, config, dd):
+    """The run's own checkpoint into model and optimizer -> (epochs done, best metric, last metrics);
+    (0, -inf, {}) without one. Stops when the checkpoint is of another model or data, or of another
+    recipe unless --resume-changed; cuts log.jsonl back to the checkpoint's step."""
+    if not ckpt_path.exists():
+        return 0, -math.inf, {}
+    ckpt = load_checkpoint(ckpt_path)
+    old, new = flat(ckpt.get("config", {})), flat(config)
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k.removeprefix("recipe.") not in RESUMABLE]
+    run_changed = [k for k in changed if not k.startswith("recipe.")]
+    if run_changed:
+        fail(f"{ckpt_path} holds a run of another model or data ({', '.join(f'{k}: {old.get(k)} -> {new.get(k)}' for k in run_changed[:4])}); "
+             "pass a new --out-dir, or delete it to start over")
+    if changed and not config.get("recipe", {}).get("resume_changed"):
+        fail(f"{ckpt_path} was trained with another recipe ({', '.join(f'{k[7:]}: {old.get(k)} -> {new.get(k)}' for k in changed)}); "
+             "rerun with its flags, or add --resume-changed to continue with the new values")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if dd.main:
+        truncate_log(ckpt_path.parent / "log.jsonl", ckpt["step"])
+        print(f"resuming from {ckpt_path} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt.get("best", -math.inf), ckpt.get("metrics", {})
+
+
+def truncate_log(path, step):
+    """Keep the log.jsonl lines of steps up to `step`: an interrupted epoch's lines go, as its steps are redone."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def check_finite(loss, step, ckpt_path):
     if not math.isfinite(loss):
-        fail(f"loss is {loss} at step {step}; stopping. The last good checkpoint, if any, is {ckpt_path}. Try a lower --blr or --clip-grad 1.0")
+        last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        fail(f"loss is {loss} at step {step}; stopping ({last}). Try a lower --blr or --clip-grad 1.0")
 
 
 def run(command):
-    """Run a training command with distributed setup and teardown around it."""
+    """Run a training command with distributed setup and teardown around it; a dataset error met
+    while training (an unreadable file) stops it with one line."""
     dd = setup_distributed()
     try:
         return command(dd)
+    except data.DataError as e:  # from a loader worker, the message ends with the original exception's line
+        fail(str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: "))
     finally:
         if dd.world > 1:
             dist.destroy_process_group()
@@ -352,17 +420,49 @@ def run(command):
 # ---------------------------------------------------------------- CLI
 
 
-def recipe_options(**defaults):
-    """The Recipe's fields as click options, with per-command defaults."""
-    def decorate(f):
-        for name, default in reversed(list({**asdict(Recipe()), **defaults}.items())):
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                f = click.option(flag, is_flag=True, default=default, help=f"(default {default})")(f)
-            else:
-                f = click.option(flag, type=type(default), default=default, show_default=True)(f)
+def options(*decorators):
+    """Apply click options so that --help lists them in the order given."""
+    def apply(f):
+        for decorate in reversed(decorators):
+            f = decorate(f)
         return f
-    return decorate
+    return apply
+
+
+POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), click.FloatRange(min=0)
+OUT_DIR_HELP = "gets checkpoint.pt, log.jsonl (and checkpoint_best.pt); a run resumes from its own"
+HEAD_HELP = "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
+RECIPE_FLAGS = {  # Recipe field: (click type, help)
+    "epochs": (POSITIVE, "training epochs"),
+    "batch_size": (POSITIVE, "images per process and step"),
+    "accum": (POSITIVE, "gradient accumulation: micro-batches per optimizer step"),
+    "blr": (click.FloatRange(min=0, min_open=True), "base learning rate: lr = blr x effective batch / 256 (printed at start)"),
+    "min_lr": (NON_NEGATIVE, "the cosine schedule's last lr"),
+    "warmup_epochs": (NON_NEGATIVE, "linear lr warmup, in epochs (fractions allowed)"),
+    "weight_decay": (NON_NEGATIVE, "AdamW's, not on norms, biases, tokens and position embeddings"),
+    "layer_decay": (click.FloatRange(min=0, max=1, min_open=True), "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off"),
+    "clip_grad": (NON_NEGATIVE, "max gradient norm; 0: no clipping"),
+    "workers": (click.IntRange(min=-1), "data-loader workers per process; -1: 8 on CUDA, 0 on CPU"),
+    "seed": (int, "seeds weights, sampling and data order: the same seed repeats a run"),
+    "compile": (bool, "torch.compile the model"),
+    "grad_ckpt": (bool, "activation checkpointing in the ViT blocks: less memory, ~1/3 more compute, same gradients"),
+    "log_every": (POSITIVE, "optimizer steps between log.jsonl lines"),
+    "lr_drops": (str, "a step schedule instead of cosine: epochs where the lr drops x0.1, e.g. 8,11"),
+    "resume_changed": (bool, "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's"),
+}
+
+
+def recipe_options(**defaults):
+    """The Recipe's fields as click options, with per-command defaults, in the Recipe's order."""
+    flags = []
+    for name, default in {**asdict(Recipe()), **defaults}.items():
+        kind, text = RECIPE_FLAGS[name]
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            flags.append(click.option(flag, is_flag=True, default=default, help=text))
+        else:
+            flags.append(click.option(flag, type=kind, default=default, show_default=True, help=text))
+    return options(*flags)
 
 
 def recipe_from(kwargs):
@@ -374,28 +474,44 @@ def cli():
     """PART: pretraining, finetuning and tools. See README.md."""
 
 
-def data_options(f):
-    f = click.option("--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist", show_default=True)(f)
-    f = click.option("--data-dir", default=None, help="dataset root; fashion-mnist falls back to Debian's package")(f)
-    f = click.option("--img-size", type=int, default=None, help="default: the dataset's native size")(f)
-    f = click.option("--in-chans", type=int, default=None, help="default: the dataset's")(f)
-    f = click.option("--train-subset", type=int, default=0, help="train on N random training images (drawn under --seed); 0: all")(f)
-    return f
+data_options = options(
+    click.option("--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist", show_default=True,
+                 help="dataset; README lists the --data-dir layout of each"),
+    click.option("--data-dir", default=None, help="dataset root; fashion-mnist falls back to Debian's package"),
+    click.option("--img-size", type=POSITIVE, default=None, help="square side in pixels; default: the dataset's"),
+    click.option("--in-chans", type=POSITIVE, default=None,
+                 help="default: the dataset's; folders of images read 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)"),
+    click.option("--mean", type=float, multiple=True, help="input mean per channel, the flag repeated; default: the dataset's"),
+    click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
+    click.option("--train-subset", type=COUNT, default=0, help="train on N random training images (drawn under --seed); 0: all"),
+    click.option("--skip-bad-files", is_flag=True, help="skip and count unreadable image files instead of stopping at the first"),
+)
 
 
-def load_sets(name, data_dir, img_size, in_chans, train_transform, val_transform, train_subset=0, seed=0):
-    """Train and val sets with data.DataError turned into a clean CLI error; train_subset > 0
-    keeps that many training images, the first of a permutation drawn under `seed`."""
+DATA_FLAGS = ("data_name", "data_dir", "img_size", "in_chans", "mean", "std", "train_subset", "skip_bad_files")
+
+
+def data_from(kwargs):
+    """The data_options' values, taken out of a command's kwargs."""
+    return {k: kwargs.pop(k) for k in DATA_FLAGS}
+
+
+def load_sets(flags, train_transform, val_transform, seed=0):
+    """Train and val sets of the data_options `flags`, with data.DataError turned into a clean CLI
+    error; a train_subset > 0 keeps that many training images, the first of a permutation drawn under
+    `seed`; with skip_bad_files, unreadable image files are skipped (and counted by `fit`)."""
+    name = flags["data_name"]
     try:
-        info = data.data_info(name, img_size, in_chans)
-        train_set = data.build_dataset(name, data_dir, "train", info, train_transform(info, name))
-        val_set = data.build_dataset(name, data_dir, "val", info, val_transform(info, name))
+        info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
+        train_set = data.build_dataset(name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"])
+        val_set = data.build_dataset(name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"])
     except data.DataError as e:
         fail(str(e))
-    if train_subset > len(train_set):
-        fail(f"--train-subset {train_subset} is more than the {len(train_set)} training images")
-    if train_subset:
-        keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:train_subset]
+    subset = flags["train_subset"]
+    if subset > len(train_set):
+        fail(f"--train-subset {subset} is more than the {len(train_set)} training images")
+    if subset:
+        keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:subset]
         train_set = Subset(train_set, keep.tolist())
     return info, train_set, val_set
 
@@ -409,35 +525,36 @@ def pretrain_config(info, preset, patch_size, sampler, num_patches, pairs, head,
         fail(str(e))
 
 
-def model_options(f):
-    f = click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True)(f)
-    f = click.option("--patch-size", type=int, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px")(f)
-    f = click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True)(f)
-    f = click.option("--num-patches", type=int, default=0, help="N; 0: (H/P)(W/P) as the paper")(f)
-    f = click.option("--pairs", type=int, default=128, show_default=True,
-                     help="K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)")(f)
-    f = click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)(f)
-    f = click.option("--drop-path", type=float, default=0.0, show_default=True)(f)
-    return f
+model_options = options(
+    click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+                 help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px"),
+    click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"),
+    click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"),
+    click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
+                 help="offgrid: the paper's; offgrid-scale: also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
+    click.option("--num-patches", type=COUNT, default=0, help="N; 0: (H/P)(W/P) as the paper"),
+    click.option("--pairs", type=POSITIVE, default=128, show_default=True,
+                 help="K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)"),
+    click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP),
+)
 
 
 @cli.command()
 @data_options
 @model_options
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
-@click.option("--out-dir", default="out/pretrain", show_default=True)
-def pretrain(data_name, data_dir, img_size, in_chans, train_subset, preset, patch_size, sampler, num_patches, pairs, head, drop_path, out_dir,
-             **kwargs):
+@click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
+def pretrain(preset, patch_size, drop_path, sampler, num_patches, pairs, head, out_dir, **kwargs):
     """PART pretraining (section 4): relative positions of off-grid patches."""
-    recipe = recipe_from(kwargs)
-    info, train_set, val_set = load_sets(data_name, data_dir, img_size, in_chans, data.pretrain_transform, data.eval_transform,
-                                         train_subset, recipe.seed)
+    recipe, flags = recipe_from(kwargs), data_from(kwargs)
+    info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
     cfg = pretrain_config(info, preset, patch_size, sampler, num_patches, pairs, head, drop_path)
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
         model = part.PART(cfg)
-        config = {"kind": "part", "data": data_name, "model": cfg.to_dict(), "recipe": asdict(recipe)}
+        config = {"kind": "part", "data": flags["data_name"], "train_subset": flags["train_subset"], "model": cfg.to_dict(),
+                  "recipe": asdict(recipe)}
         fit(model, train_set, val_set, recipe, out_dir, config, dd)
 
     run(command)
@@ -448,15 +565,45 @@ def pretrain(data_name, data_dir, img_size, in_chans, train_subset, preset, patc
 DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by default
 
 
-def pretrained_encoder(path):
-    """(encoder weights in timm names, the checkpoint's model config: {"vit": ..., "mean": ..., ...},
-    {} for a bare state dict) from any checkpoint layout."""
-    if path == DEFAULT_INIT and not Path(path).is_file():
-        fail(f"finetuning starts from a PART checkpoint, by default {DEFAULT_INIT}: run `python train.py pretrain` first, "
-             "or pass --init PATH, or --init scratch for the supervised baseline")
+KINDS = {  # what a checkpoint's config "kind" says it is
+    "part": "a PART 2D pretraining checkpoint (train.py pretrain)",
+    "part1d": "a PART 1D pretraining checkpoint (sleep1d.py pretrain)",
+    "classifier": "an image classifier (train.py finetune)",
+    "sleep-stager": "a sleep stager (sleep1d.py finetune)",
+    "detect": "a detector (detect.py)",
+    "encoder": "an exported encoder (train.py export)",
+}
+ENCODER_KINDS = {2: ("part", "classifier", "encoder"), 1: ("part1d", "sleep-stager", "encoder")}  # starting weights, by patch_ndim
+
+
+def read_config(path, ckpt):
+    """A checkpoint's config: its own, or for an exported encoder the JSON that train.py export writes
+    beside it; {} for a foreign state dict."""
+    beside = Path(path).with_suffix(".json")
+    if beside.is_file():
+        try:
+            return json.loads(beside.read_text())
+        except json.JSONDecodeError as e:
+            fail(f"{beside} is not the JSON that train.py export writes ({e})")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def pretrained_encoder(path, patch_ndim=2):
+    """(encoder weights in timm names, the checkpoint's config, {} for a foreign state dict) from any
+    checkpoint layout; stops with one line when the file is missing or of a kind that does not hold
+    a `patch_ndim`-D encoder to start from."""
+    if not Path(path).is_file():
+        fail(f"{path} not found: finetuning starts from a PART checkpoint; run `python {'train.py' if patch_ndim == 2 else 'sleep1d.py'} "
+             "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline")
     ckpt = load_checkpoint(path)
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return part.encoder_state_dict(ckpt), config.get("model") or {}
+    config = read_config(path, ckpt)
+    kind, ndim = config.get("kind"), config.get("model", {}).get("vit", {}).get("patch_ndim", patch_ndim)
+    if kind and (kind not in ENCODER_KINDS[patch_ndim] or ndim != patch_ndim):
+        expected = " or ".join(KINDS[k] for k in ENCODER_KINDS[patch_ndim])
+        got = KINDS.get(kind, f"a checkpoint of kind {kind!r}") + (f" of a {ndim}D ViT" if ndim != patch_ndim else "")
+        fail(f"{path} is {got}; this command starts from {expected} of a {patch_ndim}D ViT")
+    return part.encoder_state_dict(ckpt), config
 
 
 def default_pool(state, linear_probe):
@@ -466,7 +613,9 @@ def default_pool(state, linear_probe):
 
 
 def count_classes(name, info, train_set):
-    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    base = train_set
+    while hasattr(base, "dataset"):  # under Subset (--train-subset) and SkipBadFiles
+        base = base.dataset
     classes = info.num_classes or len(getattr(base, "classes", ()))  # imagefolder counts its class folders
     if not classes:
         fail(f"--data {name} has no labels; finetuning needs fashion-mnist, cifar10, cifar100, in1k or imagefolder")
@@ -510,31 +659,31 @@ def load_pretrained(model, state, source_vit, path, main):
               help="a PART checkpoint (training dict, {'model'}, {'state_dict'} or bare; module.-prefixed or not), or 'scratch'")
 @click.option("--linear-probe", is_flag=True, help="freeze the encoder; train BatchNorm without affine + a linear head (MAE)")
 @click.option("--preset", type=click.Choice(list(part.PRESETS)), default=None, help="default: the checkpoint's; vit_mini from scratch")
-@click.option("--patch-size", type=int, default=None, help="default: the checkpoint's; 4 from scratch")
+@click.option("--patch-size", type=POSITIVE, default=None, help="default: the checkpoint's; 4 from scratch")
 @click.option("--pool", type=click.Choice(part.POOLS), default=None,
               help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)")
-@click.option("--drop-path", type=float, default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
-@click.option("--smoothing", type=float, default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
-@click.option("--randaug-n", type=int, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
-@click.option("--randaug-m", type=int, default=9, show_default=True, help="RandAugment magnitude; DeiT: 9")
-@click.option("--mixup", type=float, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
-@click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
-@click.option("--reprob", type=float, default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
+@click.option("--smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
+@click.option("--randaug-n", type=COUNT, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
+@click.option("--randaug-m", type=click.IntRange(0, 30), default=9, show_default=True, help="RandAugment magnitude; DeiT: 9")
+@click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
+@click.option("--cutmix", type=NON_NEGATIVE, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
+@click.option("--reprob", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
 @recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, log_every=50)
-@click.option("--out-dir", default="out/finetune", show_default=True)
-def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
-             randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs):
+@click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
+def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing, randaug_n, randaug_m, mixup, cutmix, reprob, out_dir,
+             **kwargs):
     """Finetune a PART encoder as the paper does (section 4 "Training setup": class token, new
     position embeddings, linear head; DeiT's recipe), or linear-probe it. --init scratch trains the
     same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
     --layer-decay is given, and then for either init alike."""
-    recipe = recipe_from(kwargs)
+    recipe, flags = recipe_from(kwargs), data_from(kwargs)
     state, source = (None, {}) if init == "scratch" else pretrained_encoder(init)
-    source_vit = source.get("vit")
+    source_vit = source.get("model", {}).get("vit")
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
-    info, train_set, val_set = load_sets(data_name, data_dir, img_size, in_chans, augment, data.eval_transform, train_subset, recipe.seed)
-    cfg = classifier_config(info, count_classes(data_name, info, train_set), source_vit, preset, patch_size, drop_path, pool, linear_probe,
+    info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
+    cfg = classifier_config(info, count_classes(flags["data_name"], info, train_set), source_vit, preset, patch_size, drop_path, pool, linear_probe,
                             smoothing)
 
     def command(dd):
@@ -543,7 +692,8 @@ def finetune(data_name, data_dir, img_size, in_chans, train_subset, init, linear
         if state is not None:
             load_pretrained(model, state, source_vit, init, dd.main)
         augmentation = {"randaug_n": randaug_n, "randaug_m": randaug_m, "mixup": mixup, "cutmix": cutmix, "reprob": reprob}
-        config = {"kind": "classifier", "data": data_name, "train_subset": train_subset, "init": init, "model": cfg.to_dict(),
+        config = {"kind": "classifier", "data": flags["data_name"], "train_subset": flags["train_subset"], "init": init,
+                  "model": cfg.to_dict(),
                   "recipe": {**asdict(recipe), **augmentation}}
         fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
             train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes))
@@ -579,18 +729,18 @@ def peak_memory_gib(device):
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True)
-@click.option("--img-size", type=int, default=28, show_default=True)
-@click.option("--patch-size", type=int, default=4, show_default=True)
-@click.option("--in-chans", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--num-patches", type=int, multiple=True, default=(0,), show_default=True,
+@click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True, help="ViT width and depth")
+@click.option("--img-size", type=POSITIVE, default=28, show_default=True, help="square side of the random images")
+@click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P")
+@click.option("--in-chans", type=POSITIVE, default=1, show_default=True, help="image channels")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="images per step")
+@click.option("--num-patches", type=COUNT, multiple=True, default=(0,), show_default=True,
               help="N (repeatable, for a sweep); 0: (H/P)(W/P) as the paper")
-@click.option("--pairs", type=int, multiple=True, default=(128,), show_default=True, help="K (repeatable, for a sweep)")
-@click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True)
-@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True)
-@click.option("--compile", "use_compile", is_flag=True)
+@click.option("--pairs", type=POSITIVE, multiple=True, default=(128,), show_default=True, help="K (repeatable, for a sweep)")
+@click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True, help="as pretrain's")
+@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP)
+@click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
+@click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
 def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile):
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
@@ -650,14 +800,30 @@ def describe(device):
     return f"CPU, {torch.get_num_threads()} threads"
 
 
+EXPORTABLE = ("part", "part1d", "classifier", "sleep-stager")
+
+
 @cli.command()
-@click.option("--ckpt", required=True, help="a PART checkpoint (out/pretrain/checkpoint.pt)")
-@click.option("--out", "out_path", required=True, help="where to write the encoder's state dict, in timm's names")
-def export(ckpt, out_path):
-    """Write the encoder's weights alone, loadable into timm's VisionTransformer (see README)."""
-    state = part.encoder_state_dict(load_checkpoint(ckpt))
-    torch.save(state, out_path)
-    print(f"wrote {len(state)} tensors to {out_path}")
+@click.option("--ckpt", required=True, help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune")
+@click.option("--out-dir", default="out/export", show_default=True, help="gets encoder.pt (timm's names) and encoder.json (its config)")
+def export(ckpt, out_dir):
+    """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
+    them, so that `--init OUT_DIR/encoder.pt` needs no other flag (README)."""
+    checkpoint = load_checkpoint(ckpt)
+    config = read_config(ckpt, checkpoint)
+    kind = config.get("kind")
+    if kind not in EXPORTABLE or "model" not in checkpoint:
+        got = KINDS.get(kind, "not a checkpoint of this project (its config names no kind)")
+        fail(f"{ckpt} is {got}; export takes " + " or ".join(KINDS[k] for k in EXPORTABLE))
+    state = part.encoder_state_dict(checkpoint)
+    model = config["model"]
+    meta = {"kind": "encoder", "source": str(ckpt), "source_kind": kind,
+            "model": {k: model[k] for k in ("vit", "img_size", "mean", "std") if k in model}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "encoder.pt", state)
+    write_atomic(out / "encoder.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    print(f"wrote {len(state)} tensors to {out / 'encoder.pt'} and their config to {out / 'encoder.json'}")
 
 
 # ---------------------------------------------------------------- show: what PART learned (section 5.1)
@@ -772,12 +938,12 @@ def show_image(model, name, image, ref, target, seed, out_dir):
 @cli.command()
 @click.option("--ckpt", required=True, help="a PART pretraining checkpoint (out/pretrain/checkpoint.pt)")
 @click.option("--image", "image_paths", multiple=True, help="an image file (repeatable); default: held-out images of the checkpoint's dataset")
-@click.option("--index", "indices", type=int, multiple=True, default=(0,), show_default=True, help="held-out image(s) shown without --image")
+@click.option("--index", "indices", type=COUNT, multiple=True, default=(0,), show_default=True, help="held-out image(s) shown without --image")
 @click.option("--data-dir", default=None, help="the checkpoint's dataset, for held-out images (fashion-mnist falls back to Debian's package)")
 @click.option("--ref", type=int, default=-1, help="reference patch of Figure 4; -1: the one nearest the image centre")
 @click.option("--target", type=int, default=-1, help="target patch of Figure 5; -1: the most and the least certain")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the patch sampler and the shuffled order")
-@click.option("--out-dir", default="out/show", show_default=True)
+@click.option("--out-dir", default="out/show", show_default=True, help="gets the figures and their numbers")
 def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
     """What PART learned (section 5.1): off-grid reconstruction, patch uncertainty, negative symmetry."""
     model, config = load_part(ckpt)
@@ -806,8 +972,8 @@ def knn_features(model, dataset, dd, batch_size=512):
 @cli.command()
 @click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
 @click.option("--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)")
-@click.option("--k", type=int, default=20, show_default=True, help="neighbours (DINO: 20)")
-@click.option("--temperature", type=float, default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
+@click.option("--k", type=POSITIVE, default=20, show_default=True, help="neighbours (DINO: 20)")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
 @click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
 def knn(ckpt, data_dir, k, temperature, random_init):
     """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
@@ -818,7 +984,9 @@ def knn(ckpt, data_dir, k, temperature, random_init):
     cfg, name = model.cfg, config.get("data")
     if not name:
         fail(f"{ckpt} records no dataset")
-    info, train_set, val_set = load_sets(name, data_dir, cfg.img_size[0], cfg.vit.in_chans, data.eval_transform, data.eval_transform)
+    flags = {"data_name": name, "data_dir": data_dir, "img_size": cfg.img_size[0], "in_chans": cfg.vit.in_chans, "mean": cfg.mean,
+             "std": cfg.std, "train_subset": 0, "skip_bad_files": False}
+    info, train_set, val_set = load_sets(flags, data.eval_transform, data.eval_transform)
     count_classes(name, info, train_set)  # stops on unlabelled data
     if not 0 < k <= len(train_set):
         fail(f"--k {k}: expected 1 to the {len(train_set)} training images")

@@ -1,0 +1,95 @@
+"""Shared test fixtures and helpers: tiny data written by the tests, tiny configs, the CLI, a crash."""
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import part
+import train
+
+
+def tiny_config(**overrides):
+    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
+    return part.PARTConfig(**{"vit": vit, "img_size": (16, 16), "num_pairs": 32, "mean": (0.5,), "std": (0.25,), **overrides})
+
+
+def write_idx(path, array):
+    """An idx file as the MNIST format describes it, written independently of data.read_idx."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    """A Fashion-MNIST folder of 96 train and 32 test images with simple learnable structure."""
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        images = torch.zeros(n, 28, 28)
+        images[:, 6:22, 6:22] = torch.rand(n, 1, 1, generator=g) * 200 + 55  # a bright square on black
+        images += torch.rand(n, 28, 28, generator=g) * 30
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images.clamp(0, 255).numpy())
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g).numpy())
+    return tmp_path
+
+
+TINY_RUN = ["--preset", "vit_test", "--pairs", "16", "--batch-size", "32", "--log-every", "1", "--warmup-epochs", "0.5"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(train.cli, [str(a) for a in args])
+
+
+def crash_after_epoch(monkeypatch, epoch):
+    """The next run dies at the end of the epoch after `epoch`, before that checkpoint is written."""
+    save = train.save_checkpoint
+
+    def save_or_crash(path, state):
+        if state["epoch"] > epoch:
+            raise KeyboardInterrupt
+        save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_or_crash)
+
+
+def square_mask(H, W, x0, y0, x1, y1):
+    m = np.zeros((H, W), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def write_coco(root, masks=True):
+    """A COCO folder written without detect.py: 64 x 48 grayscale images with bright squares,
+    categories 3 and 7 (labels 1 and 2), polygon and compressed-RLE masks (or none), and in each
+    split one image without objects."""
+    H, W = 48, 64
+    objects = [(4, 4, 20, 20), (30, 10, 50, 30), (10, 26, 28, 44)]  # x0, y0, x1, y1
+    for split, n in (("train2017", 4), ("val2017", 2)):
+        (root / split).mkdir(parents=True)
+        images, anns = [], []
+        for i in range(n):
+            pixels = np.full((H, W), 20, np.uint8)
+            placed = objects[: i % 3 + 1] if i else []  # image 0 is empty
+            for k, (x0, y0, x1, y1) in enumerate(placed):
+                pixels[y0:y1, x0:x1] = 200
+                ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": (3, 7)[k % 2], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                       "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                if masks and k % 2 == 0:  # a polygon around the square's pixels
+                    ann["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+                elif masks:
+                    rle = mask_utils.encode(np.asfortranarray(square_mask(H, W, x0, y0, x1, y1)))
+                    ann["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode("ascii")}
+                anns.append(ann)
+            Image.fromarray(pixels).save(root / split / f"img{i}.png")
+            images.append({"id": i + 1, "file_name": f"img{i}.png", "height": H, "width": W})
+        categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                                                  "categories": categories}))
+    return root

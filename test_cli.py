@@ -1,0 +1,197 @@
+"""Bad input as a new user gives it: every case one line naming the flag or file, no traceback,
+nothing already written lost. Checkpoints say what they are; exports carry their config."""
+import json
+from dataclasses import asdict
+
+import click
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import detect
+import part
+import sleep1d
+import train
+from conftest import TINY_RUN, crash_after_epoch, invoke, write_coco
+
+def one_line_error(result, *needles):
+    """The command stopped with exit code 1 and a single 'Error: ...' line holding every needle, no traceback."""
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    return result.exit_code == 1 and "Traceback" not in result.output and len(lines) == 1 and all(str(n) in lines[0] for n in needles)
+
+
+def photo_folder(root, n, size=32, corrupt=None):
+    """n small noise JPEGs (and one truncated file named `corrupt`) below root."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"img_{i:03d}.jpg")
+    if corrupt:
+        good = (root / "img_000.jpg").read_bytes()
+        (root / corrupt).write_bytes(good[: len(good) // 3])  # a JPEG cut short
+    return root
+
+
+TINY_IMAGES = ["--data", "images", "--img-size", 32, "--patch-size", 8, "--preset", "vit_test", "--pairs", 16, "--log-every", 1]
+
+
+def test_a_corrupt_jpeg_stops_the_run_naming_it_and_can_be_skipped_and_counted(tmp_path):
+    photos = photo_folder(tmp_path / "photos", 60, corrupt="img_030_bad.jpg")  # 61 files: 0 and 50 held out, 59 train
+    common = ["pretrain", "--data-dir", photos, *TINY_IMAGES, "--batch-size", 59, "--epochs", 1]
+    result = invoke(*common, "--out-dir", tmp_path / "stop")
+    assert one_line_error(result, "img_030_bad.jpg", "--skip-bad-files")
+    result = invoke(*common, "--skip-bad-files", "--out-dir", tmp_path / "skip")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
+    assert [r["skipped_files"] for r in rows if "epoch_s" in r] == [1]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--epochs", -1], "--epochs"), (["--epochs", 0], "--epochs"), (["--pairs", 0], "--pairs"), (["--pairs", -3], "--pairs"),
+    (["--batch-size", 0], "--batch-size"), (["--accum", 0], "--accum"), (["--patch-size", 0], "--patch-size"),
+    (["--num-patches", -5], "--num-patches"), (["--blr", 0], "--blr"), (["--layer-decay", 1.5], "--layer-decay"),
+    (["--drop-path", 1.0], "--drop-path"), (["--in-chans", 0], "--in-chans"),
+])
+def test_out_of_range_numbers_are_refused_at_parse_time(fake_fmnist, tmp_path, args, flag):
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, *args, "--out-dir", tmp_path)
+    assert result.exit_code == 2 and flag in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_bench_steps_zero_is_refused():
+    result = invoke("bench", "--steps", 0)
+    assert result.exit_code == 2 and "--steps" in result.output
+
+
+def test_too_many_patches_are_refused_before_training(fake_fmnist, tmp_path):
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--num-patches", 100000, "--out-dir", tmp_path)
+    assert one_line_error(result, "--num-patches 100000", "16 x the 49 grid patches")
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def fake_checkpoint(path, kind, patch_ndim):
+    """A checkpoint of `kind` as our commands write them, with a ViT of `patch_ndim` dimensions."""
+    vit = part.vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=patch_ndim)
+    model = part.VisionTransformer(vit)
+    torch.save({"model": {f"encoder.{k}": v for k, v in model.state_dict().items()},
+                "config": {"kind": kind, "model": {"vit": asdict(vit)}}}, path)
+    return path
+
+
+def test_sleep_finetune_refuses_an_image_checkpoint_naming_both_kinds(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "image.pt", "part", 2)
+    result = CliRunner().invoke(sleep1d.cli, ["finetune", "--init", str(ckpt), "--synthetic-subjects", 6, "--finetune-subjects", 2,
+                                              "--test-subjects", 2, "--out-dir", str(tmp_path / "ft")])
+    assert one_line_error(result, "image.pt", "PART 2D pretraining checkpoint", "PART 1D pretraining checkpoint")
+
+
+def test_detect_refuses_a_sleep_checkpoint_naming_both_kinds(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "sleep.pt", "part1d", 1)
+    coco = write_coco(tmp_path / "coco")
+    result = CliRunner().invoke(detect.cli, ["eval", "--init", str(ckpt), "--data-dir", str(coco)])
+    assert one_line_error(result, "sleep.pt", "PART 1D pretraining checkpoint", "2D ViT")
+
+
+def test_detect_names_an_unknown_command_instead_of_training():
+    result = CliRunner().invoke(detect.cli, ["evl", "--ckpt", "x.pt"])
+    assert result.exit_code == 2 and "No such command 'evl'" in result.output
+
+
+def test_export_of_a_non_default_preset_carries_its_config_into_finetune_and_timm(fake_fmnist, tmp_path):
+    assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path / "pre").exit_code == 0
+    out = tmp_path / "new" / "folder"  # does not exist yet
+    result = invoke("export", "--ckpt", tmp_path / "pre" / "checkpoint.pt", "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "encoder.pt"]  # no .tmp left
+    config = json.loads((out / "encoder.json").read_text())
+    assert config["kind"] == "encoder" and config["model"]["vit"]["embed_dim"] == 32  # vit_test, not the default vit_mini
+    result = invoke("finetune", "--data-dir", fake_fmnist, "--init", out / "encoder.pt", "--epochs", 1, "--batch-size", 32,
+                    "--out-dir", tmp_path / "ft")
+    assert result.exit_code == 0, result.output
+    vit = config["model"]["vit"]  # timm from the exported config alone
+    (H, W), state = config["model"]["img_size"], torch.load(out / "encoder.pt", weights_only=True)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=(H, W), patch_size=vit["patch_size"], in_chans=vit["in_chans"], embed_dim=vit["embed_dim"], depth=vit["depth"],
+        num_heads=vit["num_heads"], mlp_ratio=vit["mlp_ratio"], num_classes=0, class_token=False, pos_embed="none",
+        global_pool="avg", fc_norm=False)
+    model.load_state_dict(state)  # strict
+
+
+def test_export_refuses_a_detector_and_writes_nothing(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "det.pt", "detect", 2)
+    result = invoke("export", "--ckpt", ckpt, "--out-dir", tmp_path / "out")
+    assert one_line_error(result, "det.pt", "a detector") and not (tmp_path / "out").exists()
+
+
+def test_coco_with_an_unknown_category_is_refused_at_load_naming_the_file(tmp_path):
+    root = write_coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_train2017.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["category_id"] = 99
+    path.write_text(json.dumps(coco))
+    result = CliRunner().invoke(detect.cli, ["--data-dir", str(root), "--init", "scratch", "--preset", "vit_test", "--img-size", 64,
+                                             "--out-dir", str(tmp_path / "out")])
+    assert one_line_error(result, "instances_train2017.json", "category_id 99")
+
+
+@pytest.mark.parametrize("chans", [2, 4])
+def test_folders_of_2_or_4_channels_train_with_their_own_statistics(tmp_path, chans):
+    photos = photo_folder(tmp_path / "photos", 12)
+    stats = [a for c in range(chans) for a in ("--mean", 0.5, "--std", 0.25)]
+    result = invoke("pretrain", "--data-dir", photos, *TINY_IMAGES, "--in-chans", chans, *stats, "--batch-size", 4, "--epochs", 1,
+                    "--out-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["model"]
+    assert model["vit"]["in_chans"] == chans and tuple(model["mean"]) == (0.5,) * chans
+    result = invoke("pretrain", "--data-dir", photos, *TINY_IMAGES, "--in-chans", chans, "--mean", 0.5, "--std", 0.25,
+                    "--out-dir", tmp_path / "bad")
+    assert one_line_error(result, "--mean", f"one value per input channel, {chans}")
+    result = invoke("pretrain", "--data-dir", photos, *TINY_IMAGES, "--in-chans", 5, "--out-dir", tmp_path / "five")
+    assert one_line_error(result, "--in-chans 5")
+
+
+def test_in_chans_that_the_data_do_not_have_is_refused(fake_fmnist, tmp_path):
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--in-chans", 3, "--out-dir", tmp_path)
+    assert one_line_error(result, "--in-chans 3", "fashion-mnist images have 1 channel")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", 16, "another recipe (batch_size: 32 -> 16)"), ("--blr", 1e-2, "another recipe (blr: 0.0015 -> 0.01)"),
+    ("--train-subset", 64, "another model or data (train_subset: 0 -> 64)"),
+])
+def test_resume_refuses_a_changed_recipe_unless_asked(fake_fmnist, tmp_path, flag, value, message):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    before = (tmp_path / "log.jsonl").read_text()
+    assert one_line_error(invoke(*common, "--epochs", 2, flag, value), str(tmp_path / "checkpoint.pt"), message)
+    assert (tmp_path / "log.jsonl").read_text() == before and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    if flag != "--train-subset":  # a recipe change may be forced; other data may not
+        assert invoke(*common, "--epochs", 2, flag, value, "--resume-changed").exit_code == 0
+
+
+def test_resume_after_a_crash_logs_each_step_once_and_a_finished_run_says_so(fake_fmnist, tmp_path, monkeypatch):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 2, "--out-dir", tmp_path]
+    crash_after_epoch(monkeypatch, 1)
+    assert invoke(*common).exit_code != 0  # dies after logging epoch 2's steps, before its checkpoint
+    monkeypatch.undo()
+    assert invoke(*common).exit_code == 0
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl") if "img_per_s" in line]
+    assert steps == sorted(set(steps)) and len(steps) == 2 * 3  # 96 images / 32: 3 steps per epoch, each logged once
+    result = invoke(*common)
+    assert result.exit_code == 0 and "finished run of 2 epochs" in result.output
+    assert len([line for line in open(tmp_path / "log.jsonl")]) == 2 * 3 + 2
+
+
+def test_progress_counts_epochs_from_one(fake_fmnist, tmp_path):
+    assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path).exit_code == 0
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert {r["epoch"] for r in rows} == {1}
+
+
+def test_every_flag_of_every_command_has_help():
+    for cli in (train.cli, sleep1d.cli, detect.cli):
+        for name, command in cli.commands.items():
+            assert [p.name for p in command.params if isinstance(p, click.Option) and not p.help] == [], name
