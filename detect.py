@@ -587,36 +587,30 @@ def cli():
     """Detection and instance segmentation transfer (section 5.2). See README.md."""
 
 
-def data_options(f):
-    options = [click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
-                                                            "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
-               click.option("--out-dir", default="out/detect", show_default=True, help=train.OUT_DIR_HELP + "; nuclei/ the default data")]
-    for option in reversed(options):  # click lists the last applied first
-        f = option(f)
-    return f
+data_options = train.options(
+    click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
+                                                "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
+    click.option("--out-dir", default="out/detect", show_default=True, help=train.OUT_DIR_HELP + "; nuclei/ the default data"),
+)
 
 
-def model_options(f):
-    """The detector's flags; their defaults are the embedded default's (the paper's in the help)."""
-    options = [
-        click.option("--img-size", type=train.POSITIVE, default=NUCLEI_TILE, show_default=True,
-                     help="longest side, and the square canvas every image is padded to; ViTDet: 1024"),
-        click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
-                     help="for scratch or a bare state dict; a PART checkpoint brings its own"),
-        click.option("--patch-size", type=train.POSITIVE, default=4, show_default=True, help="as --preset"),
-        click.option("--in-chans", type=click.IntRange(min=1), default=None,
-                     help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
-        click.option("--mean", type=float, multiple=True, help="input mean per channel (repeat the flag); default: the "
-                     "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
-        click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
-        click.option("--window", type=train.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
-        click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
-        click.option("--anchor-size", type=train.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
-        click.option("--proposals", type=train.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+# the detector's flags; their defaults are the embedded default's (the paper's in the help)
+model_options = train.options(
+    click.option("--img-size", type=train.POSITIVE, default=NUCLEI_TILE, show_default=True,
+                 help="longest side, and the square canvas every image is padded to; ViTDet: 1024"),
+    click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+                 help="for scratch or a bare state dict; a PART checkpoint brings its own"),
+    click.option("--patch-size", type=train.POSITIVE, default=4, show_default=True, help="as --preset"),
+    click.option("--in-chans", type=train.POSITIVE, default=None,
+                 help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
+    click.option("--mean", type=float, multiple=True, help="input mean per channel (repeat the flag); default: the "
+                 "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
+    click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
+    click.option("--window", type=train.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
+    click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
+    click.option("--anchor-size", type=train.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
+    click.option("--proposals", type=train.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
+)
 
 
 @cli.command("train")

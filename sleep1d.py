@@ -621,17 +621,17 @@ def cli():
     """PART on EEG: 1D pretraining and sleep-staging finetuning. See README.md."""
 
 
-def data_options(f):
-    f = click.option("--data", "source", type=click.Choice(SOURCES), default="synthetic", show_default=True,
-                     help="synthetic: made-up polysomnography, not recordings")(f)
-    f = click.option("--data-dir", default=None, help="recordings: PhysioNet 2018 training/ (and test/) or Sleep-EDF's *.edf")(f)
-    f = click.option("--channels", default=None, help="comma-separated channel names; default: the source's EEG channels")(f)
-    f = click.option("--finetune-subjects", type=train.POSITIVE, default=10, show_default=True, help="labelled subjects (8.1: 10)")(f)
-    f = click.option("--test-subjects", type=train.POSITIVE, default=10, show_default=True, help="held out from pretraining and finetuning")(f)
-    f = click.option("--split-seed", type=int, default=0, show_default=True, help="seeds which subjects go to which split")(f)
-    f = click.option("--synthetic-subjects", type=train.POSITIVE, default=50, show_default=True, help="synthetic nights, one per subject")(f)
-    f = click.option("--synthetic-epochs", type=train.POSITIVE, default=120, show_default=True, help="30-s epochs per synthetic night")(f)
-    return f
+data_options = train.options(
+    click.option("--data", "source", type=click.Choice(SOURCES), default="synthetic", show_default=True,
+                 help="synthetic: made-up polysomnography, not recordings"),
+    click.option("--data-dir", default=None, help="recordings: PhysioNet 2018 training/ (and test/) or Sleep-EDF's *.edf"),
+    click.option("--channels", default=None, help="comma-separated channel names; default: the source's EEG channels"),
+    click.option("--finetune-subjects", type=train.POSITIVE, default=10, show_default=True, help="labelled subjects (8.1: 10)"),
+    click.option("--test-subjects", type=train.POSITIVE, default=10, show_default=True, help="held out from pretraining and finetuning"),
+    click.option("--split-seed", type=int, default=0, show_default=True, help="seeds which subjects go to which split"),
+    click.option("--synthetic-subjects", type=train.POSITIVE, default=50, show_default=True, help="synthetic nights, one per subject"),
+    click.option("--synthetic-epochs", type=train.POSITIVE, default=120, show_default=True, help="30-s epochs per synthetic night"),
+)
 
 
 def load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs):
