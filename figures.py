@@ -1,4 +1,4 @@
-"""The figures of what PART learned (paper section 5.1), drawn with matplotlib:
+"""What PART learned (paper section 5.1), end to end: the numbers and their figures.
 
     reconstruction   Figure 4: the patches at their true places and where one reference puts them
     uncertainty      Figure 5: one target placed from every reference, and every patch's spread
@@ -7,17 +7,125 @@
 
     python train.py show --ckpt out/pretrain/checkpoint.pt [--image photo.jpg]
 
-The numbers come from part.py's last section; this file only draws them. Images are
-(C, H, W) floats in [0, 1], boxes pixels as x0, y0, x1, y1. Every panel is PANEL x PANEL
-inches at DPI, so a figure of c x r panels is exactly (c * PANEL * DPI, r * PANEL * DPI) pixels;
-small images are upscaled by nearest neighbour.
+First the analysis (all-pair predictions and the numbers behind each figure), then the drawings,
+then `show_image`, which does both for one image. Only `train.py show` imports this file, so
+matplotlib loads for it alone. Images are (C, H, W) floats in [0, 1], boxes pixels as x0, y0, x1,
+y1. Every panel is PANEL x PANEL inches at DPI, so a figure of c x r panels is exactly
+(c * PANEL * DPI, r * PANEL * DPI) pixels; small images are upscaled by nearest neighbour.
 """
+import json
+
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+
+import part
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+# ---------------------------------------------------------------- what PART learned (section 5.1, Figures 4-6)
+#
+# For one image: all N*N ordered pairs predicted, pred[i, j] = target j relative to reference i.
+# `show_image` prints these numbers and draws them below.
+
+
+def all_pairs(N, device=None):
+    """Every ordered (reference, target) pair, reference-major: (N*N, 2), row i*N + j = (i, j)."""
+    ref, tgt = torch.meshgrid(torch.arange(N, device=device), torch.arange(N, device=device), indexing="ij")
+    return torch.stack([ref.flatten(), tgt.flatten()], dim=1)
+
+
+@torch.no_grad()
+def predict_all_pairs(model, patches, chunk=4096):
+    """A PART's predictions for all ordered pairs, the patches encoded once and the pairs in chunks:
+    (B, N, C, P, P) -> (B, N, N, 2|4)."""
+    B, N = patches.shape[:2]
+    x = model.encoder.forward_features(patches)  # (B, N, D)
+    pairs = all_pairs(N, patches.device).expand(B, -1, -1)  # (B, N*N, 2)
+    pred = torch.cat([model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1)  # (B, N*N, 2|4)
+    return pred.float().reshape(B, N, N, -1)
+
+
+def all_pair_targets(boxes, scale=False):
+    """The ground truth for all ordered pairs of one image's boxes: (N, 4) -> (N, N, 2|4)."""
+    N = boxes.shape[0]
+    return part.relative_targets(boxes[None], all_pairs(N, boxes.device)[None], scale).reshape(N, N, -1)
+
+
+def off_diagonal(m):
+    """The entries (i, j), i != j, of (N, N, ...) in row-major order -> (N*(N-1), ...)."""
+    N = m.shape[0]
+    return m[~torch.eye(N, dtype=torch.bool, device=m.device)]
+
+
+def placed_boxes(boxes, pred):
+    """Where each reference puts each target (Figure 4): boxes (N, 4), pred (N, N, 2|4) -> (N, N, 4).
+
+    Entry [i, j] is box i's centre moved by the predicted shift times box i's size, with
+    the predicted relative size (offgrid-scale) or else box i's own size (all patches are P x P).
+    """
+    N = boxes.shape[0]
+    centre, size = part.centres_sizes(boxes)  # (N, 2) each
+    shift, rel_size = pred[..., :2], pred[..., 2:]  # (N, N, 2), (N, N, 0|2)
+    new_centre = centre[:, None] + shift * size[:, None]  # (N, N, 2)
+    new_size = size[:, None] * rel_size if rel_size.shape[-1] else size[:, None].expand(N, N, 2)
+    return torch.cat([new_centre - new_size / 2, new_centre + new_size / 2], dim=-1)
+
+
+def placement_errors(boxes, placed):
+    """Pixel distance of every placed centre from its target's true centre: (N, 4), (N, N, 4) -> (N, N)."""
+    return (part.centres_sizes(placed)[0] - part.centres_sizes(boxes)[0][None]).norm(dim=-1)
+
+
+def patch_uncertainty(placed):
+    """Each patch's uncertainty (Figure 5): the RMS distance, in pixels, of the N-1 centres that the
+    other patches predict for it from their mean. placed (N, N, 4) -> (N,)."""
+    N = placed.shape[0]
+    centres = off_diagonal(part.centres_sizes(placed)[0].transpose(0, 1)).reshape(N, N - 1, 2)  # [j] = j's centre from every i != j
+    return (centres - centres.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1).sqrt()
+
+
+def pearson(a, b):
+    """Pearson correlation of two equally long tensors, a float; 0 when either is constant."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm()).clamp_min(1e-12)).item()
+
+
+OUTPUT_NAMES = ("dx", "dy", "dw", "dh")
+
+
+def correlations(a, b):
+    """Per output, the correlation of a and b over the pairs i != j: (N, N, k) twice -> {"dx": r, ...}."""
+    return {name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k])) for k, name in enumerate(OUTPUT_NAMES[: a.shape[-1]])}
+
+
+def symmetry_scores(pred):
+    """Negative symmetry (Figure 6) of all-pair predictions (N, N, 2|4): {"dx", "dy"(, "dw", "dh")},
+    each corr(P, -P^T) over i != j, 1 for a perfectly symmetric model.
+
+    dx_ij = -dx_ji holds for equal-sized patches. With offgrid-scale a shift is measured in the
+    reference's size, so dx_ij = -dx_ji * dw_ij, and sizes are multiplicative, dw_ij * dw_ji = 1,
+    scored as log dw_ij = -log dw_ji.
+    """
+    shift, rel_size = pred[..., :2], pred[..., 2:]
+    if not rel_size.shape[-1]:
+        return correlations(shift, -shift.transpose(0, 1))
+    log_size = rel_size.clamp_min(1e-3).log()  # a size predicted <= 0 counts as tiny
+    mirror = torch.cat([-shift.transpose(0, 1) * rel_size, -log_size.transpose(0, 1)], dim=-1)
+    return correlations(torch.cat([shift, log_size], dim=-1), mirror)
+
+
+def raster_order(boxes, P):
+    """Patch indices from top-left to bottom-right (Figure 6): rows of height P by centre, then left to right."""
+    centre = part.centres_sizes(boxes)[0]  # (N, 2)
+    order = centre[:, 0].argsort()
+    return order[(centre[order, 1] // P).argsort(stable=True)]
+
+
+# ---------------------------------------------------------------- the drawings
 
 PANEL, DPI = 3.0, 100  # 300 x 300 pixels per panel
 REFERENCE_COLOUR = "red"
@@ -154,3 +262,69 @@ def errors(path, error_px, zero_px):
     ax.legend(fontsize=7)
     ax.set_title(f"all {len(error_px)} ordered pairs", fontsize=9)
     save(fig, path)
+
+
+# ---------------------------------------------------------------- one image end to end
+
+
+def show_image(model, name, image, ref, target, seed, out_dir):
+    """Figures 4-6 and the numbers behind them for one uint8 image (C, H, W)."""
+    P, scale = model.cfg.vit.patch_size, model.scale
+    torch.manual_seed(seed)  # the same boxes and shuffle for every image of one size
+    patches, boxes = model.sample(image[None])  # (1, N, C, P, P), (1, N, 4)
+    pred = predict_all_pairs(model, patches)[0]  # (N, N, 2|4): pred[i, j] = target j from reference i
+    boxes = boxes[0]
+    N = len(boxes)
+    truth = all_pair_targets(boxes, scale)  # (N, N, 2|4)
+    pixels = image.float() / 255  # (C, H, W) for display
+    crops = part.crop_patches(pixels[None], boxes[None], P, scale)[0]  # (N, C, P, P): what the model saw, unnormalised
+    centre = part.centres_sizes(boxes)[0]  # (N, 2)
+    for flag, index in (("--ref", ref), ("--target", target)):
+        if index >= N:
+            raise ValueError(f"{flag} {index} is not a patch: the checkpoint samples {N} patches, 0..{N - 1}")
+    if ref < 0:  # the patch nearest the image centre sees the others in every direction
+        ref = int((centre - torch.tensor([image.shape[2], image.shape[1]]) / 2).norm(dim=1).argmin())
+
+    # Figure 4: every patch placed from one reference
+    placed = placed_boxes(boxes, pred)  # (N, N, 4)
+    err_px = off_diagonal(placement_errors(boxes, placed))  # (N*(N-1),)
+    zero_px = off_diagonal(placement_errors(boxes, boxes[:, None].expand(N, N, 4)))  # every patch on its reference
+    err_ref = off_diagonal((pred[..., :2] - truth[..., :2]).norm(dim=-1))  # in the reference's size, as val_euclid
+    zero_ref = off_diagonal(truth[..., :2].norm(dim=-1))
+    row = slice(ref * (N - 1), (ref + 1) * (N - 1))  # the reference's own pairs in off-diagonal order
+    print(f"{name}: {N} {model.cfg.sampler} patches of {P} px, all {N * N} ordered pairs predicted")
+    print(f"  Figure 4, off-grid reconstruction from reference #{ref} at ({centre[ref, 0]:.1f}, {centre[ref, 1]:.1f}): "
+          f"mean placement error {err_px[row].mean():.2f} px = {err_ref[row].mean():.3f} reference sizes over {N - 1} targets "
+          f"(all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); "
+          f"over all {N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: {zero_px.mean():.2f} px = {zero_ref.mean():.3f})")
+
+    # Figure 5: how much the references agree on each patch
+    spread = patch_uncertainty(placed)  # (N,)
+    targets = [target] if target >= 0 else [int(spread.argmin()), int(spread.argmax())]
+    contrast = crops.flatten(1).std(dim=1)  # a flat patch could sit anywhere alike
+    print(f"  Figure 5, patch uncertainty (RMS spread of a patch's {N - 1} predicted centres): median {spread.median():.2f} px, "
+          + ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
+          + f"; correlation with the patch's pixel std {pearson(spread, contrast):+.2f}")
+
+    # Figure 6: the N x N prediction matrices
+    names = OUTPUT_NAMES[: pred.shape[-1]]
+    mirrored, agreement = symmetry_scores(pred), correlations(pred, truth)
+    print("  Figure 6, negative symmetry corr(P, -P^T): " + " ".join(f"{k} {v:.3f}" for k, v in mirrored.items())
+          + "; correlation with the truth: " + " ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    if scale:
+        print("  (offgrid-scale: shifts are in the reference's size, so dx, dy are scored as dx_ij = -dx_ji * dw_ij; "
+              "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry", "errors")]
+    reconstruction(paths[0], pixels, crops, boxes, placed[ref], ref, err_px[row].mean().item())
+    uncertainty(paths[1], pixels, boxes, placed, spread, targets)
+    order = raster_order(boxes, P)
+    symmetry(paths[2], pred, truth, order, torch.randperm(N), names)
+    errors(paths[3], err_px, zero_px)
+    numbers = {"image": name, "sampler": model.cfg.sampler, "patch_size": P, "reference": ref, "targets": targets,
+               "boxes": boxes.tolist(), "pred": pred.tolist(), "truth": truth.tolist(), "uncertainty_px": spread.tolist(),
+               "placement_error_px": err_px[row].mean().item(), "placement_error_ref": err_ref[row].mean().item(),
+               "symmetry": mirrored, "correlation_with_truth": agreement, "raster_order": order.tolist()}
+    (out_dir / f"{name}_numbers.json").write_text(json.dumps(numbers))
+    print("  wrote " + ", ".join(str(p) for p in paths) + f" and {name}_numbers.json")

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import roi_align
 
 # ---------------------------------------------------------------- sampling
 
@@ -67,6 +66,8 @@ def crop_patches(images, boxes, P, scaled=False):
     output pixel averages ceil(size / P) samples per dimension rather than aliasing; that
     adaptive rule is not used for P x P boxes, whose float width P + eps would get two.
     """
+    from torchvision.ops import roi_align  # imported here: torchvision brings PIL and its datasets, which part.py needs not
+
     B, N, _ = boxes.shape
     C = images.shape[1]
     index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(N)[:, None]
@@ -664,116 +665,3 @@ class Classifier(nn.Module):
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # a mixed target's dominant class
         acc = (logits.argmax(dim=-1) == hard).float().mean()
         return loss, {"loss": loss.detach(), "acc": acc}
-
-
-def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
-    """DINO's weighted k-nearest-neighbour classifier on L2-normalised features: each of a query's
-    k most cosine-similar bank features votes for its class with weight exp(similarity / temperature).
-    bank (M, D), bank_labels (M,), queries (Q, D) -> predicted classes (Q,)."""
-    classes = int(bank_labels.max()) + 1
-    preds = []
-    for q in queries.split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k) the nearest neighbours
-        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
-
-
-# ---------------------------------------------------------------- what PART learned (section 5.1, Figures 4-6)
-#
-# For one image: all N*N ordered pairs predicted, pred[i, j] = target j relative to reference i.
-# figures.py draws these numbers; `python train.py show` prints them.
-
-
-def all_pairs(N, device=None):
-    """Every ordered (reference, target) pair, reference-major: (N*N, 2), row i*N + j = (i, j)."""
-    ref, tgt = torch.meshgrid(torch.arange(N, device=device), torch.arange(N, device=device), indexing="ij")
-    return torch.stack([ref.flatten(), tgt.flatten()], dim=1)
-
-
-@torch.no_grad()
-def predict_all_pairs(model, patches, chunk=4096):
-    """A PART's predictions for all ordered pairs, the patches encoded once and the pairs in chunks:
-    (B, N, C, P, P) -> (B, N, N, 2|4)."""
-    B, N = patches.shape[:2]
-    x = model.encoder.forward_features(patches)  # (B, N, D)
-    pairs = all_pairs(N, patches.device).expand(B, -1, -1)  # (B, N*N, 2)
-    pred = torch.cat([model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1)  # (B, N*N, 2|4)
-    return pred.float().reshape(B, N, N, -1)
-
-
-def all_pair_targets(boxes, scale=False):
-    """The ground truth for all ordered pairs of one image's boxes: (N, 4) -> (N, N, 2|4)."""
-    N = boxes.shape[0]
-    return relative_targets(boxes[None], all_pairs(N, boxes.device)[None], scale).reshape(N, N, -1)
-
-
-def off_diagonal(m):
-    """The entries (i, j), i != j, of (N, N, ...) in row-major order -> (N*(N-1), ...)."""
-    N = m.shape[0]
-    return m[~torch.eye(N, dtype=torch.bool, device=m.device)]
-
-
-def placed_boxes(boxes, pred):
-    """Where each reference puts each target (Figure 4): boxes (N, 4), pred (N, N, 2|4) -> (N, N, 4).
-
-    Entry [i, j] is box i's centre moved by the predicted shift times box i's size, with
-    the predicted relative size (offgrid-scale) or else box i's own size (all patches are P x P).
-    """
-    N = boxes.shape[0]
-    centre, size = centres_sizes(boxes)  # (N, 2) each
-    shift, rel_size = pred[..., :2], pred[..., 2:]  # (N, N, 2), (N, N, 0|2)
-    new_centre = centre[:, None] + shift * size[:, None]  # (N, N, 2)
-    new_size = size[:, None] * rel_size if rel_size.shape[-1] else size[:, None].expand(N, N, 2)
-    return torch.cat([new_centre - new_size / 2, new_centre + new_size / 2], dim=-1)
-
-
-def placement_errors(boxes, placed):
-    """Pixel distance of every placed centre from its target's true centre: (N, 4), (N, N, 4) -> (N, N)."""
-    return (centres_sizes(placed)[0] - centres_sizes(boxes)[0][None]).norm(dim=-1)
-
-
-def patch_uncertainty(placed):
-    """Each patch's uncertainty (Figure 5): the RMS distance, in pixels, of the N-1 centres that the
-    other patches predict for it from their mean. placed (N, N, 4) -> (N,)."""
-    N = placed.shape[0]
-    centres = off_diagonal(centres_sizes(placed)[0].transpose(0, 1)).reshape(N, N - 1, 2)  # [j] = j's centre from every i != j
-    return (centres - centres.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1).sqrt()
-
-
-def pearson(a, b):
-    """Pearson correlation of two equally long tensors, a float; 0 when either is constant."""
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return (a @ b / (a.norm() * b.norm()).clamp_min(1e-12)).item()
-
-
-OUTPUT_NAMES = ("dx", "dy", "dw", "dh")
-
-
-def correlations(a, b):
-    """Per output, the correlation of a and b over the pairs i != j: (N, N, k) twice -> {"dx": r, ...}."""
-    return {name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k])) for k, name in enumerate(OUTPUT_NAMES[: a.shape[-1]])}
-
-
-def symmetry_scores(pred):
-    """Negative symmetry (Figure 6) of all-pair predictions (N, N, 2|4): {"dx", "dy"(, "dw", "dh")},
-    each corr(P, -P^T) over i != j, 1 for a perfectly symmetric model.
-
-    dx_ij = -dx_ji holds for equal-sized patches. With offgrid-scale a shift is measured in the
-    reference's size, so dx_ij = -dx_ji * dw_ij, and sizes are multiplicative, dw_ij * dw_ji = 1,
-    scored as log dw_ij = -log dw_ji.
-    """
-    shift, rel_size = pred[..., :2], pred[..., 2:]
-    if not rel_size.shape[-1]:
-        return correlations(shift, -shift.transpose(0, 1))
-    log_size = rel_size.clamp_min(1e-3).log()  # a size predicted <= 0 counts as tiny
-    mirror = torch.cat([-shift.transpose(0, 1) * rel_size, -log_size.transpose(0, 1)], dim=-1)
-    return correlations(torch.cat([shift, log_size], dim=-1), mirror)
-
-
-def raster_order(boxes, P):
-    """Patch indices from top-left to bottom-right (Figure 6): rows of height P by centre, then left to right."""
-    centre = centres_sizes(boxes)[0]  # (N, 2)
-    order = centre[:, 0].argsort()
-    return order[(centre[order, 1] // P).argsort(stable=True)]

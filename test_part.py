@@ -4,6 +4,8 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -527,8 +529,8 @@ def test_knn_matches_a_loop_over_neighbours():
         sims = sorted(((float(q @ b), int(y)) for b, y in zip(bank, labels)), reverse=True)[:5]
         votes = [sum(math.exp(s / 0.1) for s, y in sims if y == c) for c in range(3)]
         expected.append(votes.index(max(votes)))
-    assert part.knn_predict(bank, labels, queries, k=5, temperature=0.1, chunk=3).tolist() == expected
-    assert part.knn_predict(bank, labels, bank, k=1).tolist() == labels.tolist()  # each point is its own neighbour
+    assert train.knn_predict(bank, labels, queries, k=5, temperature=0.1, chunk=3).tolist() == expected
+    assert train.knn_predict(bank, labels, bank, k=1).tolist() == labels.tolist()  # each point is its own neighbour
 
 
 def test_knn_command_scores_held_out_images(pretrained, fake_fmnist):
@@ -549,3 +551,10 @@ def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, mo
     assert "resuming from" in invoke(*common, "--out-dir", tmp_path / "b").output
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_model_file_and_the_engine_import_lean():
+    code = ("import sys, part; lean = not {'click', 'PIL', 'matplotlib'} & set(sys.modules); import train; "
+            "print(lean, 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
+    assert out.stdout.split() == ["True", "False"]  # part: no click, PIL or matplotlib; train: no matplotlib

@@ -32,9 +32,9 @@ def sampled(sampler, seed=0):
 
 
 def numbers(model, patches, boxes):
-    pred = part.predict_all_pairs(model, patches, chunk=37)[0]  # a chunk that does not divide N*N = 256
-    placed = part.placed_boxes(boxes[0], pred)
-    return pred, placed, part.placement_errors(boxes[0], placed), part.symmetry_scores(pred)
+    pred = figures.predict_all_pairs(model, patches, chunk=37)[0]  # a chunk that does not divide N*N = 256
+    placed = figures.placed_boxes(boxes[0], pred)
+    return pred, placed, figures.placement_errors(boxes[0], placed), figures.symmetry_scores(pred)
 
 
 @pytest.mark.parametrize("sampler", part.SAMPLERS)
@@ -44,18 +44,18 @@ def test_ground_truth_head_reconstructs_exactly_and_is_symmetric(sampler):
     pred, placed, errors, symmetry = numbers(model, patches, boxes)
     assert errors.max() < 1e-4  # every reference puts every target exactly on its true centre
     torch.testing.assert_close(placed, boxes[0][None].expand_as(placed))  # sizes too, with offgrid-scale
-    assert part.patch_uncertainty(placed).max() < 1e-4
-    assert set(symmetry) == set(part.OUTPUT_NAMES[: pred.shape[-1]])
+    assert figures.patch_uncertainty(placed).max() < 1e-4
+    assert set(symmetry) == set(figures.OUTPUT_NAMES[: pred.shape[-1]])
     assert all(abs(v - 1) < 1e-6 for v in symmetry.values()), symmetry
-    assert all(abs(v - 1) < 1e-6 for v in part.correlations(pred, part.all_pair_targets(boxes[0], model.scale)).values())
+    assert all(abs(v - 1) < 1e-6 for v in figures.correlations(pred, figures.all_pair_targets(boxes[0], model.scale)).values())
 
 
 @pytest.mark.parametrize("sampler", ["offgrid", "offgrid-scale"])
 def test_random_model_neither_reconstructs_nor_is_symmetric(sampler):
     model, patches, boxes = sampled(sampler)
     pred, placed, errors, symmetry = numbers(model, patches, boxes)
-    assert part.off_diagonal(errors).mean() > 1.0  # pixels, on a 16 x 16 image
-    assert part.patch_uncertainty(placed).max() > 0
+    assert figures.off_diagonal(errors).mean() > 1.0  # pixels, on a 16 x 16 image
+    assert figures.patch_uncertainty(placed).max() > 0
     assert all(v < 0.9 for v in symmetry.values()), symmetry
 
 
@@ -65,18 +65,18 @@ def test_all_pairs_in_chunks_match_predict(head):
     model = part.PART(tiny_config(head=head)).eval()
     patches, _ = model.sample(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8))
     N = patches.shape[1]
-    pairs = part.all_pairs(N).expand(2, -1, -1)
+    pairs = figures.all_pairs(N).expand(2, -1, -1)
     with torch.no_grad():
         expected = model.predict(patches, pairs).reshape(2, N, N, -1)
-    torch.testing.assert_close(part.predict_all_pairs(model, patches, chunk=50), expected)
+    torch.testing.assert_close(figures.predict_all_pairs(model, patches, chunk=50), expected)
     assert pairs[0, 3 * N + 5].tolist() == [3, 5]  # row i*N + j is the pair (reference i, target j)
 
 
 def test_raster_order_and_targets_of_a_known_layout():
     # a 2 x 2 grid of 4 px patches given in scrambled order
     boxes = torch.tensor([[4.0, 4, 8, 8], [0, 0, 4, 4], [0, 4, 4, 8], [4, 0, 8, 4]])
-    assert part.raster_order(boxes, 4).tolist() == [1, 3, 2, 0]
-    truth = part.all_pair_targets(boxes)
+    assert figures.raster_order(boxes, 4).tolist() == [1, 3, 2, 0]
+    truth = figures.all_pair_targets(boxes)
     assert truth[1, 0].tolist() == [1.0, 1.0] and truth[0, 1].tolist() == [-1.0, -1.0]
 
 

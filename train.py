@@ -34,7 +34,6 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 import data
-import figures
 import part
 
 # ---------------------------------------------------------------- setup
@@ -872,69 +871,6 @@ def held_out_images(config, cfg, data_dir, indices):
     return [(f"{name}_val{i}", val_set[i][0]) for i in indices]
 
 
-def show_image(model, name, image, ref, target, seed, out_dir):
-    """Figures 4-6 and the numbers behind them for one uint8 image (C, H, W)."""
-    P, scale = model.cfg.vit.patch_size, model.scale
-    torch.manual_seed(seed)  # the same boxes and shuffle for every image of one size
-    patches, boxes = model.sample(image[None])  # (1, N, C, P, P), (1, N, 4)
-    pred = part.predict_all_pairs(model, patches)[0]  # (N, N, 2|4): pred[i, j] = target j from reference i
-    boxes = boxes[0]
-    N = len(boxes)
-    truth = part.all_pair_targets(boxes, scale)  # (N, N, 2|4)
-    pixels = image.float() / 255  # (C, H, W) for display
-    crops = part.crop_patches(pixels[None], boxes[None], P, scale)[0]  # (N, C, P, P): what the model saw, unnormalised
-    centre = part.centres_sizes(boxes)[0]  # (N, 2)
-    for flag, index in (("--ref", ref), ("--target", target)):
-        if index >= N:
-            fail(f"{flag} {index} is not a patch: the checkpoint samples {N} patches, 0..{N - 1}")
-    if ref < 0:  # the patch nearest the image centre sees the others in every direction
-        ref = int((centre - torch.tensor([image.shape[2], image.shape[1]]) / 2).norm(dim=1).argmin())
-
-    # Figure 4: every patch placed from one reference
-    placed = part.placed_boxes(boxes, pred)  # (N, N, 4)
-    err_px = part.off_diagonal(part.placement_errors(boxes, placed))  # (N*(N-1),)
-    zero_px = part.off_diagonal(part.placement_errors(boxes, boxes[:, None].expand(N, N, 4)))  # every patch on its reference
-    err_ref = part.off_diagonal((pred[..., :2] - truth[..., :2]).norm(dim=-1))  # in the reference's size, as val_euclid
-    zero_ref = part.off_diagonal(truth[..., :2].norm(dim=-1))
-    row = slice(ref * (N - 1), (ref + 1) * (N - 1))  # the reference's own pairs in off-diagonal order
-    print(f"{name}: {N} {model.cfg.sampler} patches of {P} px, all {N * N} ordered pairs predicted")
-    print(f"  Figure 4, off-grid reconstruction from reference #{ref} at ({centre[ref, 0]:.1f}, {centre[ref, 1]:.1f}): "
-          f"mean placement error {err_px[row].mean():.2f} px = {err_ref[row].mean():.3f} reference sizes over {N - 1} targets "
-          f"(all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); "
-          f"over all {N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: {zero_px.mean():.2f} px = {zero_ref.mean():.3f})")
-
-    # Figure 5: how much the references agree on each patch
-    spread = part.patch_uncertainty(placed)  # (N,)
-    targets = [target] if target >= 0 else [int(spread.argmin()), int(spread.argmax())]
-    contrast = crops.flatten(1).std(dim=1)  # a flat patch could sit anywhere alike
-    print(f"  Figure 5, patch uncertainty (RMS spread of a patch's {N - 1} predicted centres): median {spread.median():.2f} px, "
-          + ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
-          + f"; correlation with the patch's pixel std {part.pearson(spread, contrast):+.2f}")
-
-    # Figure 6: the N x N prediction matrices
-    names = part.OUTPUT_NAMES[: pred.shape[-1]]
-    symmetry, agreement = part.symmetry_scores(pred), part.correlations(pred, truth)
-    print("  Figure 6, negative symmetry corr(P, -P^T): " + " ".join(f"{k} {v:.3f}" for k, v in symmetry.items())
-          + "; correlation with the truth: " + " ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
-    if scale:
-        print("  (offgrid-scale: shifts are in the reference's size, so dx, dy are scored as dx_ij = -dx_ji * dw_ij; "
-              "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry", "errors")]
-    figures.reconstruction(paths[0], pixels, crops, boxes, placed[ref], ref, err_px[row].mean().item())
-    figures.uncertainty(paths[1], pixels, boxes, placed, spread, targets)
-    order = part.raster_order(boxes, P)
-    figures.symmetry(paths[2], pred, truth, order, torch.randperm(N), names)
-    figures.errors(paths[3], err_px, zero_px)
-    numbers = {"image": name, "sampler": model.cfg.sampler, "patch_size": P, "reference": ref, "targets": targets,
-               "boxes": boxes.tolist(), "pred": pred.tolist(), "truth": truth.tolist(), "uncertainty_px": spread.tolist(),
-               "placement_error_px": err_px[row].mean().item(), "placement_error_ref": err_ref[row].mean().item(),
-               "symmetry": symmetry, "correlation_with_truth": agreement, "raster_order": order.tolist()}
-    (out_dir / f"{name}_numbers.json").write_text(json.dumps(numbers))
-    print("  wrote " + ", ".join(str(p) for p in paths) + f" and {name}_numbers.json")
-
-
 @cli.command()
 @click.option("--ckpt", required=True, help="a PART pretraining checkpoint (out/pretrain/checkpoint.pt)")
 @click.option("--image", "image_paths", multiple=True, help="an image file (repeatable); default: held-out images of the checkpoint's dataset")
@@ -952,8 +888,26 @@ def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
         images = [(Path(p).stem, read_image(p, cfg.vit.in_chans, cfg.img_size)) for p in image_paths]
     else:
         images = held_out_images(config, cfg, data_dir, indices)
+    import figures  # matplotlib: loaded by this command alone
+
     for name, image in images:
-        show_image(model, name, image, ref, target, seed, Path(out_dir))
+        try:
+            figures.show_image(model, name, image, ref, target, seed, Path(out_dir))
+        except ValueError as e:
+            fail(str(e))
+
+
+def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
+    """DINO's weighted k-nearest-neighbour classifier on L2-normalised features: each of a query's
+    k most cosine-similar bank features votes for its class with weight exp(similarity / temperature).
+    bank (M, D), bank_labels (M,), queries (Q, D) -> predicted classes (Q,)."""
+    classes = int(bank_labels.max()) + 1
+    preds = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k) the nearest neighbours
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
 
 
 @torch.no_grad()
@@ -994,7 +948,7 @@ def knn(ckpt, data_dir, k, temperature, random_init):
     model.to(dd.device)
     bank, bank_labels = knn_features(model, train_set, dd)
     queries, labels = knn_features(model, val_set, dd)
-    acc = (part.knn_predict(bank, bank_labels, queries, k, temperature) == labels).float().mean().item()
+    acc = (knn_predict(bank, bank_labels, queries, k, temperature) == labels).float().mean().item()
     print(f"kNN top-1 {acc:.4f}: {len(val_set)} held-out {name} images, {len(train_set)} training images vote, "
           f"k {k}, T {temperature}, {'random' if random_init else 'pretrained'} encoder of {ckpt}")
 
