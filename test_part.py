@@ -541,6 +541,25 @@ def test_knn_command_scores_held_out_images(pretrained, fake_fmnist):
     assert result.exit_code != 0 and "--k 500: expected 1 to the 96 training images" in result.output
 
 
+def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_path):
+    result = invoke("knn", "--ckpt", pretrained, "--data-dir", fake_fmnist, "--pool", "cls")
+    assert result.exit_code == 1 and "--pool cls" in result.output and "no class token" in result.output
+    ft = tmp_path / "ft"
+    assert invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--epochs", 1, "--batch-size", 32, "--out-dir", ft).exit_code == 0
+    result = invoke("knn", "--ckpt", ft / "checkpoint.pt", "--data-dir", fake_fmnist, "--pool", "cls", "--k", 5)
+    assert result.exit_code == 0 and "pool cls" in result.output, result.output
+    # the class token's features, by hand: the finetuned encoder with its position embeddings, token 0
+    encoder, model, _ = train.frozen_encoder(ft / "checkpoint.pt", random_init=False)
+    dd = train.Dist(0, 0, 1, torch.device("cpu"))
+    info, _, val_set = train.load_sets({"data_name": "fashion-mnist", "data_dir": fake_fmnist, "img_size": None, "in_chans": None,
+                                        "mean": (), "std": (), "train_subset": 0, "skip_bad_files": False},
+                                       data.eval_transform, data.eval_transform)
+    feats, _ = train.knn_features(encoder, model["mean"], model["std"], "cls", val_set, dd)
+    images = torch.stack([val_set[i][0] for i in range(len(val_set))])
+    patches = part.patchify((images.float() / 255 - torch.tensor(model["mean"]).view(1, -1, 1, 1)) / torch.tensor(model["std"]).view(1, -1, 1, 1), 4)
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(encoder.forward_features(patches)[:, 0], dim=-1))
+
+
 def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, monkeypatch):
     common = ["finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--batch-size", 32, "--epochs", 2, "--mixup", 0.8,
               "--cutmix", 1.0]

@@ -816,7 +816,7 @@ def export(ckpt, out_dir):
         fail(f"{ckpt} is {got}; export takes " + " or ".join(KINDS[k] for k in EXPORTABLE))
     state = part.encoder_state_dict(checkpoint)
     model = config["model"]
-    meta = {"kind": "encoder", "source": str(ckpt), "source_kind": kind,
+    meta = {"kind": "encoder", "source": str(ckpt), "source_kind": kind, "data": config.get("data"),
             "model": {k: model[k] for k in ("vit", "img_size", "mean", "std") if k in model}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -911,46 +911,68 @@ def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
 
 
 @torch.no_grad()
-def knn_features(model, dataset, dd, batch_size=512):
-    """A PART encoder's features for kNN: the mean of its on-grid patch tokens (no position
-    embeddings, as pretrained), L2-normalised, on dd.device. -> (n, D), labels (n,)"""
+def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
+    """A frozen encoder's features of the on-grid patches, as its checkpoint was trained (position
+    embeddings if it has them): the class token (pool "cls") or the mean of the patch tokens ("avg"),
+    L2-normalised, on dd.device -> (n, D), labels (n,)."""
     feats, labels = [], []
+    mean, std = torch.tensor(mean, device=dd.device).view(1, -1, 1, 1), torch.tensor(std, device=dd.device).view(1, -1, 1, 1)
+    prefix = int(encoder.cls_token is not None)
     for images, y in tqdm(make_loader(dataset, batch_size, dd, 0, -1, False), desc="features", leave=False):
+        patches = part.patchify(part.normalize(images.to(dd.device, non_blocking=True), mean, std), encoder.cfg.patch_size)
         with autocast(dd.device):
-            tokens = model.grid_tokens(images.to(dd.device, non_blocking=True))  # (B, N, D)
-        feats.append(F.normalize(tokens.float().mean(dim=1), dim=-1))  # (B, D)
+            tokens = encoder.forward_features(patches)  # (B, T, D)
+        pooled = tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(dim=1)  # (B, D)
+        feats.append(F.normalize(pooled.float(), dim=-1))
         labels.append(y.to(dd.device))
     return torch.cat(feats), torch.cat(labels)
 
 
+def frozen_encoder(path, random_init):
+    """The 2D encoder of a checkpoint or export, its model config and data name, in eval mode; with
+    random_init its architecture with fresh weights, the baseline."""
+    state, config = pretrained_encoder(path)
+    model = config.get("model", {})
+    if "vit" not in model or "img_size" not in model:
+        fail(f"{path} carries no model config: knn takes our checkpoints and exports (train.py export writes the config beside)")
+    encoder = part.VisionTransformer(replace(part.ViTConfig(**model["vit"]), num_classes=0))
+    if not random_init:
+        try:
+            part.load_encoder(encoder, state, path)
+        except ValueError as e:
+            fail(str(e))
+    return encoder.eval(), model, config.get("data")
+
+
 @cli.command()
-@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
+@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART checkpoint, a finetuned classifier or an export of either")
 @click.option("--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)")
+@click.option("--pool", type=click.Choice(part.POOLS), default="avg", show_default=True,
+              help="avg: the patch tokens' mean (PART trains no class token); cls: a finetuned model's class token")
 @click.option("--k", type=POSITIVE, default=20, show_default=True, help="neighbours (DINO: 20)")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
 @click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
-def knn(ckpt, data_dir, k, temperature, random_init):
+def knn(ckpt, data_dir, pool, k, temperature, random_init):
     """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
-    model, config = load_part(ckpt)
-    if random_init:
-        torch.manual_seed(0)
-        model = part.PART(model.cfg).eval()
-    cfg, name = model.cfg, config.get("data")
+    torch.manual_seed(0)  # the random baseline's weights
+    encoder, model, name = frozen_encoder(ckpt, random_init)
+    if pool == "cls" and encoder.cls_token is None:
+        fail(f"--pool cls: {ckpt} has no class token (PART pretrains without one); use --pool avg")
     if not name:
         fail(f"{ckpt} records no dataset")
-    flags = {"data_name": name, "data_dir": data_dir, "img_size": cfg.img_size[0], "in_chans": cfg.vit.in_chans, "mean": cfg.mean,
-             "std": cfg.std, "train_subset": 0, "skip_bad_files": False}
+    flags = {"data_name": name, "data_dir": data_dir, "img_size": model["img_size"][0], "in_chans": encoder.cfg.in_chans,
+             "mean": model["mean"], "std": model["std"], "train_subset": 0, "skip_bad_files": False}
     info, train_set, val_set = load_sets(flags, data.eval_transform, data.eval_transform)
     count_classes(name, info, train_set)  # stops on unlabelled data
-    if not 0 < k <= len(train_set):
+    if k > len(train_set):
         fail(f"--k {k}: expected 1 to the {len(train_set)} training images")
     dd = Dist(0, 0, 1, local_device())  # one process, even under torchrun
-    model.to(dd.device)
-    bank, bank_labels = knn_features(model, train_set, dd)
-    queries, labels = knn_features(model, val_set, dd)
+    encoder.to(dd.device)
+    bank, bank_labels = knn_features(encoder, model["mean"], model["std"], pool, train_set, dd)
+    queries, labels = knn_features(encoder, model["mean"], model["std"], pool, val_set, dd)
     acc = (knn_predict(bank, bank_labels, queries, k, temperature) == labels).float().mean().item()
     print(f"kNN top-1 {acc:.4f}: {len(val_set)} held-out {name} images, {len(train_set)} training images vote, "
-          f"k {k}, T {temperature}, {'random' if random_init else 'pretrained'} encoder of {ckpt}")
+          f"k {k}, T {temperature}, pool {pool}, {'random' if random_init else 'pretrained'} encoder of {ckpt}")
 
 
 if __name__ == "__main__":
