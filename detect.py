@@ -108,58 +108,21 @@ class SimpleFeaturePyramid(nn.Module):
         return maps
 
 
-def window_partition(x, window):
-    """(B, h, w, D) -> (B * windows, window * window, D), zero-padding h and w to multiples of window."""
-    B, h, w, D = x.shape
-    x = F.pad(x, (0, 0, 0, -w % window, 0, -h % window))
-    nh, nw = x.shape[1] // window, x.shape[2] // window
-    x = x.reshape(B, nh, window, nw, window, D).transpose(2, 3)  # (B, nh, nw, window, window, D)
-    return x.reshape(B * nh * nw, window * window, D)
-
-
-def window_unpartition(x, window, B, h, w):
-    """The inverse of window_partition, dropping the padding: -> (B, h, w, D)."""
-    nh, nw, D = -(-h // window), -(-w // window), x.shape[-1]
-    x = x.reshape(B, nh, nw, window, window, D).transpose(2, 3)  # (B, nh, window, nw, window, D)
-    return x.reshape(B, nh * window, nw * window, D)[:, :h, :w]
-
-
-class GridAttention(part.Attention):
-    """part.Attention on a token grid (B, h, w, D): global, or within non-overlapping windows
-    of window x window tokens (ViTDet, without its relative position biases; as there, the
-    zero padding of a grid that the windows do not tile takes part in attention). The same
-    parameters and names as part.Attention, so PART weights load as they are."""
-
-    def __init__(self, dim, num_heads, window=0):
-        super().__init__(dim, num_heads)
-        self.window = window
-
-    def forward(self, x):
-        B, h, w, D = x.shape
-        if not self.window:
-            return super().forward(x.reshape(B, h * w, D)).reshape(B, h, w, D)
-        windows = window_partition(x, self.window)  # (B * windows, window^2, D)
-        return window_unpartition(super().forward(windows), self.window, B, h, w)
-
-
 class ViTBackbone(nn.Module):
     """The PART encoder as a detection backbone: normalised images (B, C, H, W) of any size ->
     OrderedDict of five (B, 256, H/s, W/s) maps, s = 4, 8, 16, 32, 64.
 
-    Images are zero-padded to multiples of P; the position embeddings, learnt for the grid
-    cfg.pos_grid, are resized to each input's grid (the identity inside Detector, which pads every
-    batch to the fixed canvas whose grid that is). Blocks run on a (B, h, w, D) token grid,
-    so GridAttention can window them; LayerNorm and MLP act per token either way.
+    Images are zero-padded to multiples of P and the encoder runs on their on-grid patches with
+    the token grid given, for its window attention (vit_cfg.window, global_blocks) and its position
+    embeddings, learnt for the grid vit_cfg.pos_grid and resized to another (the identity inside
+    Detector, which pads every batch to the fixed canvas whose grid that is).
     """
 
     out_channels = PYRAMID_DIM  # what torchvision's MaskRCNN reads
 
-    def __init__(self, vit_cfg, window=0, global_blocks=()):
+    def __init__(self, vit_cfg):
         super().__init__()
         self.encoder = part.VisionTransformer(vit_cfg)
-        for i, block in enumerate(self.encoder.blocks):
-            block.attn = GridAttention(vit_cfg.embed_dim, vit_cfg.num_heads, 0 if i in global_blocks else window)
-            block.attn.apply(part._init_weights)
         self.pyramid = SimpleFeaturePyramid(vit_cfg.embed_dim, vit_cfg.patch_size)
 
     def forward(self, images):
@@ -167,15 +130,10 @@ class ViTBackbone(nn.Module):
             return {k: v.float() for k, v in self.features(images).items()}
 
     def features(self, images):
-        P, D = self.encoder.cfg.patch_size, self.encoder.cfg.embed_dim
+        P = self.encoder.cfg.patch_size
         images = F.pad(images, (0, -images.shape[-1] % P, 0, -images.shape[-2] % P))
-        B, C, H, W = images.shape
-        grid = (H // P, W // P)
-        x = self.encoder.patch_embed(part.patchify(images, P))  # (B, N, D)
-        x = x + part.resize_pos_embed(self.encoder.pos_embed, self.encoder.cfg.pos_grid, grid, num_prefix=0)
-        x = x.reshape(B, *grid, D)  # (B, h, w, D)
-        x = part.run_blocks(self.encoder.blocks, x, self.encoder.grad_checkpointing)
-        x = self.encoder.norm(x).reshape(B, -1, D)  # (B, N, D)
+        grid = (images.shape[-2] // P, images.shape[-1] // P)
+        x = self.encoder.forward_features(part.patchify(images, P), grid=grid)  # (B, N, D)
         return self.pyramid(part.feature_map(x, grid))  # from (B, D, h, w)
 
 
@@ -199,8 +157,9 @@ class DetectConfig:
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = part.ViTConfig(**self.vit)
-        self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0)
         self.global_blocks = tuple(self.global_blocks)
+        self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0, window=self.window,
+                           global_blocks=self.global_blocks)
         self.mean, self.std = part.check_stats(self.mean, self.std, self.vit.in_chans)
         if self.img_size % 64 or self.img_size % self.vit.patch_size:
             raise ValueError(f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
@@ -231,7 +190,7 @@ class Detector(nn.Module):
         # min_size = max_size: the longest side becomes img_size; size_divisible = img_size pads every batch to the fixed
         # img_size x img_size canvas (ViTDet's 1024^2), in training and evaluation alike, so the token grid is always
         # the position embeddings' own and no image's layout depends on the others in its batch
-        self.rcnn = rcnn(ViTBackbone(cfg.vit, cfg.window, cfg.global_blocks), cfg.num_classes + 1, min_size=cfg.img_size,
+        self.rcnn = rcnn(ViTBackbone(cfg.vit), cfg.num_classes + 1, min_size=cfg.img_size,
                          max_size=cfg.img_size, image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=cfg.img_size,
                          box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
                          rpn_post_nms_top_n_test=cfg.proposals, **heads)

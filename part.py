@@ -130,6 +130,8 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     drop_path: float = 0.0  # stochastic depth, max rate at the last block
     patch_ndim: int = 2  # 2: P x P image patches; 1: windows of P samples
+    window: int = 0  # attention within window x window tokens of the token grid (ViTDet; detection only), 0: global
+    global_blocks: tuple = ()  # blocks that stay global with window > 0 (ViTDet, 12 blocks: 2, 5, 8, 11)
     # finetuning only: PART pretrains with neither (section 4 "Training setup")
     class_token: bool = False
     pos_grid: tuple = ()  # token grid of the learnable position embeddings, () for none
@@ -153,15 +155,25 @@ def vit_config(preset, **overrides):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention on x, or cross-attention from x to ctx."""
+    """Multi-head attention: self-attention on x, or cross-attention from x to ctx; with window > 0
+    and the token grid (h, w) given, self-attention within non-overlapping window x window blocks of
+    the grid (ViTDet, without its relative position biases; as there, the zero padding of a grid that
+    the windows do not tile takes part in attention)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, window=0):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.window = num_heads, window
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, ctx=None):
+    def forward(self, x, ctx=None, grid=None):
+        if self.window and grid is not None:
+            B, N, D = x.shape
+            windows = window_partition(x.reshape(B, *grid, D), self.window)  # (B * windows, window^2, D)
+            return window_unpartition(self.attend(windows), self.window, B, *grid).reshape(B, N, D)
+        return self.attend(x, ctx)
+
+    def attend(self, x, ctx=None):
         B, N, D = x.shape
         nh, hs = self.num_heads, D // self.num_heads
         if ctx is None:
@@ -173,6 +185,22 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(B, -1, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, N|M, hs)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def window_partition(x, window):
+    """(B, h, w, D) -> (B * windows, window * window, D), zero-padding h and w to multiples of window."""
+    B, h, w, D = x.shape
+    x = F.pad(x, (0, 0, 0, -w % window, 0, -h % window))
+    nh, nw = x.shape[1] // window, x.shape[2] // window
+    x = x.reshape(B, nh, window, nw, window, D).transpose(2, 3)  # (B, nh, nw, window, window, D)
+    return x.reshape(B * nh * nw, window * window, D)
+
+
+def window_unpartition(x, window, B, h, w):
+    """The inverse of window_partition, dropping the padding: -> (B, h, w, D)."""
+    nh, nw, D = -(-h // window), -(-w // window), x.shape[-1]
+    x = x.reshape(B, nh, nw, window, window, D).transpose(2, 3)  # (B, nh, window, nw, window, D)
+    return x.reshape(B, nh * window, nw * window, D)[:, :h, :w]
 
 
 class Mlp(nn.Module):
@@ -200,16 +228,16 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, drop_path):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, window=0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x, grid=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), grid=grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -246,7 +274,8 @@ class VisionTransformer(nn.Module):
         num_pos = math.prod(cfg.pos_grid) + int(cfg.class_token) if cfg.pos_grid else 0
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, D)) if cfg.pos_grid else None
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates)
+        windows = [0 if i in cfg.global_blocks else cfg.window for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r, w) for r, w in zip(rates, windows))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False  # timm's name; a memory setting, not part of the model (train.fit sets it)
@@ -255,18 +284,21 @@ class VisionTransformer(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)  # timm's init for tokens and position embeddings
 
-    def forward_features(self, patches, pos_keep=None):
+    def forward_features(self, patches, pos_keep=None, grid=None):
         """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
 
         pos_keep (B, T), optional: 1 where a token gets its position embedding, 0 where it is
-        masked out (the paper's 20% in EEG finetuning, 8.1; sleep1d.py).
+        masked out (the paper's 20% in EEG finetuning, 8.1; sleep1d.py). grid, optional: the
+        token grid (h, w) of on-grid patches in raster order, for window attention (detection);
+        position embeddings learnt on another grid are resized to it.
         """
         x = self.patch_embed(patches)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
-            x = x + (self.pos_embed if pos_keep is None else self.pos_embed * pos_keep[..., None].to(x.dtype))
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+            pos = self.pos_embed if grid is None else resize_pos_embed(self.pos_embed, self.cfg.pos_grid, grid, int(self.cfg.class_token))
+            x = x + (pos if pos_keep is None else pos * pos_keep[..., None].to(x.dtype))
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, grid))
 
     def forward(self, patches, pos_keep=None):
         """(B, N, C, *patch) -> logits (B, classes), or pooled features (B, D) without a head."""
@@ -275,12 +307,12 @@ class VisionTransformer(nn.Module):
         return self.head(x)
 
 
-def run_blocks(blocks, x, checkpointed=False):
+def run_blocks(blocks, x, checkpointed=False, grid=None):
     """x through the blocks in order. checkpointed: while training, keep no activations inside a
     block and recompute them in backward (activation checkpointing: less memory, ~1/3 more compute;
     the recomputation replays drop path's random draws, so gradients are the same)."""
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x)
+        x = checkpoint(block, x, grid, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x, grid)
     return x
 
 

@@ -73,15 +73,21 @@ def test_layernorm2d_normalises_over_channels_only():
 def test_window_attention_covering_the_grid_is_global_attention():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 32)  # (B, h, w, D), neither side a multiple of the window
-    assert torch.equal(detect.window_unpartition(detect.window_partition(x, 3), 3, 2, 5, 7), x)
-    x = x[:, :, :5]  # one window of 5 x 5 tokens, without padding (padded tokens take part as zeros, as in ViTDet)
-    attn = detect.GridAttention(32, 2, window=0)
-    windowed = detect.GridAttention(32, 2, window=5)
+    assert torch.equal(part.window_unpartition(part.window_partition(x, 3), 3, 2, 5, 7), x)
+    x = x[:, :, :5].reshape(2, 25, 32)  # one window of 5 x 5 tokens, without padding (padded tokens take part as zeros, as in ViTDet)
+    attn = part.Attention(32, 2, window=0)
+    windowed = part.Attention(32, 2, window=5)
     windowed.load_state_dict(attn.state_dict())
-    torch.testing.assert_close(windowed(x), attn(x))
-    small = detect.GridAttention(32, 2, window=2)
+    torch.testing.assert_close(windowed(x, grid=(5, 5)), attn(x, grid=(5, 5)))
+    small = part.Attention(32, 2, window=2)
     small.load_state_dict(attn.state_dict())
-    assert not torch.allclose(small(x), attn(x), atol=1e-4)  # a real restriction, not global attention again
+    assert not torch.allclose(small(x, grid=(5, 5)), attn(x), atol=1e-4)  # a real restriction, not global attention again
+
+
+def test_global_blocks_stay_global_and_the_others_window():
+    cfg = tiny_config(window=4, global_blocks=(1,))
+    blocks = detect.Detector(cfg).rcnn.backbone.encoder.blocks
+    assert [b.attn.window for b in blocks] == [4, 0]
 
 
 # ---------------------------------------------------------------- Mask R-CNN
