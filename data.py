@@ -291,7 +291,7 @@ def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
         raise DataError(f"--data {name} needs --data-dir")
     if info.in_chans not in FILE_MODES:
         raise DataError(f"--in-chans {info.in_chans}: image files are read as {', '.join(f'{c} ({m})' for c, m in FILE_MODES.items())} "
-                        "channels; for other counts wrap your data in a Dataset of uint8 (C, H, W) tensors (README)")
+                        "channels; for other counts, train from a Dataset of uint8 (C, H, W) tensors in your own code")
     mode = FILE_MODES[info.in_chans]
     if name == "images":
         dataset = image_files(data_dir, split, mode, transform)
