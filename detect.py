@@ -454,9 +454,9 @@ def table(metrics):
 
 
 def encoder_init(init, preset, patch_size, in_chans):
-    """(ViTConfig, encoder weights or None, (mean, std) or None) for --init: a PART checkpoint brings its
-    own encoder config and input statistics; a bare encoder state dict (train.py export) takes --preset
-    and --patch-size, scratch those and --in-chans."""
+    """(ViTConfig, weights: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
+    for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
+    state dict takes --preset and --patch-size, scratch those and --in-chans."""
     if init == "scratch":
         return part.vit_config(preset, patch_size=patch_size, in_chans=in_chans), None, None
     state, config = train.pretrained_encoder(init)
@@ -470,21 +470,19 @@ def encoder_init(init, preset, patch_size, in_chans):
         train.fail(f"{init} is neither a PART checkpoint nor an encoder state dict (it has no patch_embed.proj.weight)")
     if in_chans and in_chans != vit.in_chans:
         train.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to use them")
-    return vit, state, stats
+    return vit, (state, source), stats
 
 
-def build_detector(cfg, state, source, main=True):
-    """The Detector with the encoder weights loaded, saying which; a checkpoint of another size stops
-    with a clear message. Position embeddings are new (PART has none) and start fresh for either init."""
-    try:
-        model = Detector(cfg)
-        if state is not None:
-            fresh, ignored = part.load_encoder(model.rcnn.backbone.encoder, state, source)
-    except ValueError as e:
-        train.fail(str(e))
-    if main:
-        print("encoder: random weights (--init scratch)" if state is None else
-              f"encoder from {source}; new: {', '.join(fresh) or 'none'}; ignored: {', '.join(ignored) or 'none'}")
+def build_detector(cfg, weights, path, main=True):
+    """The Detector with the encoder weights loaded (weights: (state, the checkpoint's model config), or
+    None from scratch), saying which it kept, interpolated or started fresh; a checkpoint of another size
+    stops with a clear message. PART pretrains without position embeddings, so they start fresh."""
+    model = Detector(cfg)
+    if weights is None:
+        if main:
+            print("encoder: random weights (--init scratch)")
+    else:
+        train.load_pretrained(model.rcnn.backbone.encoder, *weights, path, main)
     return model
 
 
@@ -503,7 +501,7 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
         val_set = CocoDetection(root, "val2017")
     except data.DataError as e:
         train.fail(str(e))
-    vit, state, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
+    vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
     train_set.in_chans = val_set.in_chans = vit.in_chans
     info = data.data_info("images", in_chans=vit.in_chans)
     if mean or std:
@@ -526,7 +524,7 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
         origin = "--mean / --std or the encoder's pretraining" if stats else "ImageNet's"
         print(f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std {', '.join(f'{s:.3f}' for s in std)} "
               f"({origin}), padded to a {img_size}x{img_size} canvas")
-    return cfg, state, train_set, val_set
+    return cfg, weights, train_set, val_set
 
 
 # ---------------------------------------------------------------- CLI
@@ -591,9 +589,9 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
 
     def command(dd):
         root = data_root(data_dir, out_dir, dd)
-        cfg, state, train_set, val_set = prepare(init, root, **kwargs, main=dd.main)
+        cfg, weights, train_set, val_set = prepare(init, root, **kwargs, main=dd.main)
         torch.manual_seed(recipe.seed)  # the same initial heads on every process
-        model = build_detector(cfg, state, init, dd.main)
+        model = build_detector(cfg, weights, init, dd.main)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
         metrics = train.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
                             collate_fn=collate)
@@ -635,9 +633,9 @@ def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
         if ckpt:
             detector, val_set = trained_detector(ckpt, data_dir)
         else:
-            cfg, state, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
+            cfg, weights, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
             torch.manual_seed(seed)
-            detector = build_detector(cfg, state, init, dd.main)
+            detector = build_detector(cfg, weights, init, dd.main)
         loader = train.make_loader(val_set, batch_size, dd, 0, 0, False, collate)
         metrics = evaluate(detector.to(dd.device), loader, dd, 0)
         if dd.main:

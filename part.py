@@ -14,6 +14,7 @@ a box is (lo_1..lo_d, hi_1..hi_d), so (x0, y0, x1, y1) for images and
 
     python train.py pretrain          # trains PART on Fashion-MNIST
 """
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -27,72 +28,113 @@ from torch.utils.checkpoint import checkpoint
 SAMPLERS = ("offgrid", "offgrid-scale", "grid")
 
 
-def grid_boxes(H, W, P, device=None):
-    """The canonical non-overlapping grid in raster order, (N, 4) as x0, y0, x1, y1."""
-    ys, xs = torch.meshgrid(torch.arange(0, H, P, device=device), torch.arange(0, W, P, device=device), indexing="ij")
-    x0, y0 = xs.flatten().float(), ys.flatten().float()
-    return torch.stack([x0, y0, x0 + P, y0 + P], dim=1)
+def grid_boxes(size, P, device=None):
+    """The canonical non-overlapping grid in raster order, (N, 2d) as (lo, hi) per coordinate:
+    x0, y0, x1, y1 for images of size (H, W), t0, t1 for signals of length (T,)."""
+    axes = [torch.arange(0, s, P, device=device, dtype=torch.float) for s in size]  # rows first: y, then x
+    lo = torch.stack([a.flatten() for a in torch.meshgrid(*axes, indexing="ij")][::-1], dim=1)  # (N, d) as x, y
+    return torch.cat([lo, lo + P], dim=1)
 
 
-def sample_boxes(B, H, W, P, N, mode, device=None):
-    """Draw N boxes per image independently, (B, N, 4) float pixels as x0, y0, x1, y1.
+def sample_boxes(B, size, P, N, mode, device=None):
+    """Draw N boxes per input independently, (B, N, 2d) float pixels as (lo, hi) per coordinate;
+    size is (H, W) for images, (T,) for signals (where a box is a window (t0, t1)).
 
-    offgrid:       P x P boxes at uniform continuous positions (section 4 "Sampling").
-    offgrid-scale: width and height each uniform in [P/2, 2P] (section 5.1 ii).
-    grid:          the canonical grid in a random order per image (PART-grid, Table 4).
+    offgrid:       P-sided boxes at uniform continuous positions (section 4 "Sampling").
+    offgrid-scale: each side uniform in [P/2, 2P] (section 5.1 ii).
+    grid:          the canonical grid in a random order per input (PART-grid, Table 4).
     """
     if mode == "grid":
-        boxes = grid_boxes(H, W, P, device)  # (N, 4)
-        order = torch.rand(B, boxes.shape[0], device=device).argsort(dim=1)  # a permutation per image
+        boxes = grid_boxes(size, P, device)  # (N, 2d)
+        order = torch.rand(B, boxes.shape[0], device=device).argsort(dim=1)  # a permutation per input
         return boxes[order]
+    extent = torch.tensor(size[::-1], device=device, dtype=torch.float)  # (d,) as x, y
     if mode == "offgrid":
-        size = torch.full((B, N, 2), float(P), device=device)
+        sides = torch.full((B, N, len(size)), float(P), device=device)
     elif mode == "offgrid-scale":
-        size = torch.empty(B, N, 2, device=device).uniform_(P / 2, 2 * P)
-        size = torch.minimum(size, torch.tensor([W, H], device=device, dtype=size.dtype))
+        sides = torch.minimum(torch.empty(B, N, len(size), device=device).uniform_(P / 2, 2 * P), extent)
     else:
         raise ValueError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
-    room = torch.tensor([W, H], device=device, dtype=size.dtype) - size  # top-left range, (B, N, 2)
-    lo = torch.rand(B, N, 2, device=device) * room
-    return torch.cat([lo, lo + size], dim=-1)
+    lo = torch.rand(B, N, len(size), device=device) * (extent - sides)  # uniform over the positions that fit
+    return torch.cat([lo, lo + sides], dim=-1)
 
 
 def crop_patches(images, boxes, P, scaled=False):
-    """Crop every box and resize it to P x P in one batched call: (B, C, H, W), (B, N, 4) -> (B, N, C, P, P).
+    """Crop every box and resize it to P pixels a side in one batched call: images (B, C, H, W) and
+    boxes (B, N, 4) -> (B, N, C, P, P); signals (B, C, T) and windows (B, N, 2) -> (B, N, C, P).
 
-    roi_align with aligned=True reads pixel centres at integer coordinates. A P x P box
+    roi_align with aligned=True reads pixel centres at integer coordinates. A box of side P
     (scaled=False) takes exactly one bilinear sample per output pixel, at that pixel's centre,
     so an integer box returns its pixels exactly. With scaled=True (boxes of other sizes) each
     output pixel averages ceil(size / P) samples per dimension rather than aliasing; that
-    adaptive rule is not used for P x P boxes, whose float width P + eps would get two.
+    adaptive rule is not used for P-sided boxes, whose float width P + eps would get two.
+    A signal is read as an image one pixel high and a window (t0, t1) as the box (t0, 0, t1, 1).
     """
     from torchvision.ops import roi_align  # imported here: torchvision brings PIL and its datasets, which part.py needs not
 
+    if images.ndim == 3:
+        zero = torch.zeros_like(boxes[..., :1])
+        rows = torch.cat([boxes[..., :1], zero, boxes[..., 1:], zero + 1], dim=-1)  # (B, N, 4)
+        return crop_patches(images[:, :, None], rows, (1, P), scaled).squeeze(-2)  # (B, N, C, P)
     B, N, _ = boxes.shape
     C = images.shape[1]
     index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(N)[:, None]
     rois = torch.cat([index, boxes.reshape(B * N, 4)], dim=1)  # (B*N, 5): batch index, x0, y0, x1, y1
     patches = roi_align(images, rois.to(images.dtype), output_size=P, spatial_scale=1.0, sampling_ratio=-1 if scaled else 1,
                         aligned=True)
-    return patches.reshape(B, N, C, P, P)
+    return patches.reshape(B, N, C, *patches.shape[-2:])
 
 
 def patchify(images, P):
-    """On-grid patches in raster order: (B, C, H, W) -> (B, N, C, P, P), N = (H/P)(W/P)."""
+    """On-grid patches in raster order: (B, C, H, W) -> (B, N, C, P, P), N = (H/P)(W/P);
+    signals (B, C, T) -> (B, T/P, C, P)."""
+    if images.ndim == 3:
+        B, C, T = images.shape
+        return images.reshape(B, C, T // P, P).transpose(1, 2)
     B, C, H, W = images.shape
     x = images.reshape(B, C, H // P, P, W // P, P)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // P) * (W // P), C, P, P)
 
 
-def sample_pairs(B, N, K, device=None):
+def random_split(B, N, ratio, device=None):
+    """A fresh random split of N tokens per item: (kept (B, N - M), dropped (B, M)) indices,
+    M = round(ratio * N) (MAE's masking, DropPos' position dropping, PART's --pos-mask)."""
+    order = torch.rand(B, N, device=device).argsort(dim=1)
+    M = round(ratio * N)
+    return order[:, : N - M], order[:, N - M :]
+
+
+def as_mask(index, N):
+    """Indices (B, M) -> a boolean mask (B, N), True at them."""
+    return torch.zeros(index.shape[0], N, dtype=torch.bool, device=index.device).scatter_(1, index, True)
+
+
+def sincos_embed(coords, dim):
+    """Fixed sin-cos position embeddings of continuous coordinates, (..., d) -> (..., dim): dim / d
+    channels per coordinate, half sines and half cosines at frequencies 10000^(-k / (dim / 2d))
+    (the Transformer's; MAE's 2D form), zero-padded to dim."""
+    d = coords.shape[-1]
+    n = dim // (2 * d)
+    freq = 10000.0 ** (-torch.arange(n, device=coords.device, dtype=torch.float) / n)  # (n,)
+    angles = coords[..., None].float() * freq  # (..., d, n)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (..., d * 2n)
+    return F.pad(emb, (0, dim - emb.shape[-1]))
+
+
+def sample_pairs(B, N, K, device=None, masked=None):
     """K distinct ordered (reference, target) index pairs per item, (B, K, 2).
 
     Drawn without replacement from all N*N ordered pairs (a patch paired with
     itself has target 0): CIFAR's 64 patches and the paper's 4096 pairs need that.
+    masked (B, N) bool, optional: only from the pairs with a masked member (--pos-mask).
     """
-    if K > N * N:
-        raise ValueError(f"--pairs {K} is more than the {N * N} ordered pairs of {N} patches")
-    flat = torch.rand(B, N * N, device=device).topk(K, dim=1).indices  # (B, K) a random K-subset
+    allowed = N * N if masked is None else N * N - (N - int(masked[0].sum())) ** 2
+    if K > allowed:
+        raise ValueError(f"--pairs {K} is more than the {allowed} ordered pairs of {N} patches" + (" with a masked one" if allowed < N * N else ""))
+    scores = torch.rand(B, N * N, device=device)  # (B, N*N)
+    if masked is not None:
+        scores = scores.masked_fill(~(masked[:, :, None] | masked[:, None, :]).flatten(1), -1.0)
+    flat = scores.topk(K, dim=1).indices  # (B, K) a random K-subset of the allowed pairs
     return torch.stack([flat // N, flat % N], dim=-1)
 
 
@@ -284,15 +326,19 @@ class VisionTransformer(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)  # timm's init for tokens and position embeddings
 
-    def forward_features(self, patches, pos_keep=None, grid=None):
+    def forward_features(self, patches, pos_keep=None, grid=None, pos=None):
         """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
 
         pos_keep (B, T), optional: 1 where a token gets its position embedding, 0 where it is
         masked out (the paper's 20% in EEG finetuning, 8.1; sleep1d.py). grid, optional: the
         token grid (h, w) of on-grid patches in raster order, for window attention (detection);
-        position embeddings learnt on another grid are resized to it.
+        position embeddings learnt on another grid are resized to it. pos (B, N, D), optional:
+        position embeddings computed by the caller, one per patch (the fixed sin-cos of MAE and
+        DropPos, PART's continuous ones with --pos-mask).
         """
         x = self.patch_embed(patches)  # (B, N, D)
+        if pos is not None:
+            x = x + pos.to(x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
@@ -354,16 +400,31 @@ def encoder_state_dict(checkpoint):
     """The encoder's weights from any checkpoint layout, in timm's names.
 
     Takes a training dict ({"model": ...}), {"state_dict": ...} or a bare state dict;
-    strips DDP's "module.", torch.compile's "_orig_mod." and PART's "encoder." prefixes;
-    drops the pretext head ("relative.").
+    strips DDP's "module." and torch.compile's "_orig_mod." prefixes; of a model with an
+    `encoder` (PART, MAE, DropPos, a classifier) keeps the encoder's weights alone, without
+    their "encoder." prefix, and drops the pretext parts (heads, decoders, mask tokens), except
+    the fixed position embeddings the encoder was pretrained with (MAE's, DropPos', PART's with
+    --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, without a class token's slot.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
-    out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("_orig_mod.")
-        if not key.startswith("relative."):
-            out[key.removeprefix("encoder.")] = value
-    return out
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):
+        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.") or k == "pos_embed"}
+    return state
+
+
+def adapt_pos_embed(pos_embed, old_grid, model):
+    """A pretrained position embedding (1, prefix + prod(old_grid), D) for `model`'s (a VisionTransformer
+    with position embeddings): resized to its grid, and given the model's own class-token slot when it has
+    a class token and the embedding has none -> (embedding, what was done, in words)."""
+    prefix = pos_embed.shape[1] - math.prod(old_grid)
+    new_grid = tuple(model.cfg.pos_grid)
+    pos = resize_pos_embed(pos_embed, old_grid, new_grid, prefix)
+    own_prefix = int(model.cfg.class_token)
+    if prefix == 0 and own_prefix:
+        pos = torch.cat([model.pos_embed[:, :1].detach(), pos], dim=1)
+    how = "kept" if tuple(old_grid) == new_grid else f"interpolated {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
+    return pos, f"pos_embed {how}" + (", class token's slot new" if prefix == 0 and own_prefix else "")
 
 
 def load_encoder(model, state, source="checkpoint"):
@@ -542,7 +603,7 @@ def relative_loss(pred, target):
     return loss, {"loss": loss.detach(), **relative_errors(pred.detach(), target)}
 
 
-# ---------------------------------------------------------------- the PART model
+# ---------------------------------------------------------------- pretraining: PART, MAE, DropPos
 
 
 def check_stats(mean, std, in_chans):
@@ -553,50 +614,91 @@ def check_stats(mean, std, in_chans):
     return mean, std
 
 
-def image_vit(vit, img_size):
-    """A config's ViT (a dict after a checkpoint round trip) and image size, checked against each
-    other -> (ViTConfig, (H, W), token grid (H/P, W/P))."""
-    vit = ViTConfig(**vit) if isinstance(vit, dict) else vit
-    (H, W), P = img_size, vit.patch_size
-    if H % P or W % P:
-        raise ValueError(f"--patch-size {P} must divide the image size {H}x{W}")
-    return vit, (H, W), (H // P, W // P)
+def check_share(name, value):
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} {value} must be in [0, 1)")
 
 
 @dataclass
-class PARTConfig:
+class InputConfig:
+    """What every model here reads: its ViT and the size and statistics of its inputs, images
+    (H, W) or signals (T,) (a dict after a checkpoint round trip), checked against each other."""
+
     vit: ViTConfig = field(default_factory=ViTConfig)
-    img_size: tuple = (224, 224)  # (H, W)
-    sampler: str = "offgrid"  # one of SAMPLERS
-    num_patches: int = 0  # N; 0 means (H/P)(W/P), the paper's choice
-    num_pairs: int = 1024  # K per image; the paper searches {512, 1024, 2048, 4096} (8.1)
-    head: str = "cross-attention"  # one of HEADS
+    img_size: tuple = (224, 224)  # (H, W) pixels, or (T,) samples for 1D signals
     mean: tuple = (0.485, 0.456, 0.406)  # input normalisation, per channel
     std: tuple = (0.229, 0.224, 0.225)
 
     def __post_init__(self):
-        self.vit, self.img_size, grid = image_vit(self.vit, self.img_size)
+        self.vit = ViTConfig(**self.vit) if isinstance(self.vit, dict) else self.vit
+        self.img_size, P = tuple(self.img_size), self.vit.patch_size
+        if len(self.img_size) != self.vit.patch_ndim:
+            raise ValueError(f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}")
+        if any(s % P for s in self.img_size):
+            raise ValueError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
         self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
-        grid_n = math.prod(grid)
-        self.num_patches = self.num_patches or grid_n
-        if self.sampler == "grid" and self.num_patches != grid_n:
-            raise ValueError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
-        if self.num_patches > 16 * grid_n:
-            raise ValueError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a {self.img_size[0]}x"
-                             f"{self.img_size[1]} image (the paper samples as many as the grid has)")
-        if self.num_pairs > self.num_patches**2:
-            raise ValueError(f"--pairs {self.num_pairs} is more than the {self.num_patches**2} ordered pairs of {self.num_patches} patches")
+
+    @property
+    def grid(self):
+        """The token grid of on-grid patches, (H/P, W/P) or (T/P,)."""
+        return tuple(s // self.vit.patch_size for s in self.img_size)
 
     def to_dict(self):
         return asdict(self)
 
 
-def normalize(images, mean, std):
-    """uint8 images, or floats taken as [0, 1], (B, C, H, W) -> normalised float images."""
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    return (x - mean) / std
+class Normalize(nn.Module):
+    """uint8 inputs, or floats taken as [0, 1] (images) or as they are (signals), -> (x - mean) / std per channel."""
+
+    def __init__(self, mean, std, ndim=2):
+        super().__init__()
+        shape = (1, -1, *(1,) * ndim)  # (1, C, 1, 1) for images, (1, C, 1) for signals
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float).view(shape), persistent=False)
+
+    def forward(self, x):
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+
+def grid_positions(cfg: InputConfig, device=None):
+    """The centres of the on-grid patches in raster order, in patch units, (N, d) as x, y."""
+    centres, _ = centres_sizes(grid_boxes(cfg.img_size, cfg.vit.patch_size, device))
+    return centres / cfg.vit.patch_size
+
+
+@dataclass
+class PARTConfig(InputConfig):
+    sampler: str = "offgrid"  # one of SAMPLERS
+    num_patches: int = 0  # N; 0 means the grid's count, (H/P)(W/P), the paper's choice
+    num_pairs: int = 1024  # K per input; the paper searches {512, 1024, 2048, 4096} (8.1)
+    head: str = "cross-attention"  # one of HEADS
+    # 0: no position information at all (section 4). > 0: every patch gets the sin-cos embedding of its
+    # centre, except a fresh random share that gets none, and the loss is on the pairs with such a one:
+    # a reading of 8.1's "mask out 20% of the position embeddings" for 1D pretraining (sleep1d.py).
+    pos_mask: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown --head {self.head!r}, expected one of {HEADS}")
+        check_share("--pos-mask", self.pos_mask)
+        grid_n = math.prod(self.grid)
+        self.num_patches = self.num_patches or grid_n
+        if self.sampler == "grid" and self.num_patches != grid_n:
+            raise ValueError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
+        if self.num_patches > 16 * grid_n:
+            raise ValueError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
+                             f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
+        N, M = self.num_patches, round(self.pos_mask * self.num_patches)
+        pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
+        if self.pos_mask and M == 0:
+            raise ValueError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
+        if self.num_pairs > pairs:
+            raise ValueError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
+                             + (f" with one of the {M} masked" if self.pos_mask else ""))
 
 
 class PART(nn.Module):
@@ -606,36 +708,209 @@ class PART(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = VisionTransformer(cfg.vit)
-        self.scale = cfg.sampler == "offgrid-scale"  # also regress dw, dh
-        n_out = 4 if self.scale else 2
+        self.scale = cfg.sampler == "offgrid-scale"  # also regress the relative sizes
+        n_out = len(cfg.img_size) * (2 if self.scale else 1)
         self.relative = relative_head(cfg.head, cfg.vit.embed_dim, cfg.vit.num_heads, cfg.num_patches, n_out)
         self.relative.apply(_init_weights)
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+        if cfg.pos_mask:  # the embeddings of the on-grid patches, saved for finetuning to start from
+            self.register_buffer("pos_embed", sincos_embed(grid_positions(cfg), cfg.vit.embed_dim)[None])  # (1, N, D)
 
     def sample(self, images):
-        """uint8 or float images (B, C, H, W) -> patches (B, N, C, P, P), boxes (B, N, 4)."""
-        B, C, H, W = images.shape
-        x = normalize(images, self.mean, self.std)
-        boxes = sample_boxes(B, H, W, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler, images.device)
-        return crop_patches(x, boxes, self.cfg.vit.patch_size, self.scale), boxes
+        """uint8 or float inputs (B, C, *size) -> patches (B, N, C, *patch), boxes (B, N, 2d)."""
+        boxes = sample_boxes(len(images), self.cfg.img_size, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler, images.device)
+        return crop_patches(self.normalize(images), boxes, self.cfg.vit.patch_size, self.scale), boxes
+
+    def positions(self, boxes, masked):
+        """--pos-mask: the sin-cos embedding of each box centre in patch units, zero for the masked
+        boxes, (B, N, D): a masked patch's input says nothing of where it lies."""
+        centres, _ = centres_sizes(boxes)  # (B, N, d)
+        return sincos_embed(centres / self.cfg.vit.patch_size, self.cfg.vit.embed_dim) * ~masked[..., None]
 
     def grid_tokens(self, images):
         """uint8 or float images (B, C, H, W) -> the encoder's tokens of the on-grid patches (B, N, D),
         in raster order and without position embeddings, as pretrained (part.feature_map makes them a map)."""
-        return self.encoder.forward_features(patchify(normalize(images, self.mean, self.std), self.cfg.vit.patch_size))
+        return self.encoder.forward_features(patchify(self.normalize(images), self.cfg.vit.patch_size))
 
-    def predict(self, patches, pairs):
-        """Predicted relative translations for given pairs: (B, N, C, P, P), (B, K, 2) -> (B, K, 2|4)."""
-        return self.relative(self.encoder.forward_features(patches), pairs)
+    def predict(self, patches, pairs, pos=None):
+        """Predicted relative translations for given pairs: (B, N, C, *patch), (B, K, 2) -> (B, K, d|2d)."""
+        return self.relative(self.encoder.forward_features(patches, pos=pos), pairs)
 
     def forward(self, images, labels=None):
-        """images (B, C, H, W) -> (loss, metrics). labels are ignored: PART is self-supervised."""
-        patches, boxes = self.sample(images)  # (B, N, C, P, P), (B, N, 4)
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics). labels are ignored: PART is self-supervised."""
+        patches, boxes = self.sample(images)  # (B, N, C, *patch), (B, N, 2d)
         B, N = boxes.shape[:2]
-        pairs = sample_pairs(B, N, self.cfg.num_pairs, images.device)  # (B, K, 2)
-        pred = self.predict(patches, pairs)  # (B, K, 2|4)
+        pos = masked = None
+        if self.cfg.pos_mask:
+            masked = as_mask(random_split(B, N, self.cfg.pos_mask, images.device)[1], N)  # (B, N)
+            pos = self.positions(boxes, masked)
+        pairs = sample_pairs(B, N, self.cfg.num_pairs, images.device, masked)  # (B, K, 2)
+        pred = self.predict(patches, pairs, pos)  # (B, K, d|2d)
         return relative_loss(pred, relative_targets(boxes, pairs, self.scale))
+
+
+class Decoder(nn.Module):
+    """MAE's light decoder, also DropPos': a linear map to its width (`embed`, applied first by the
+    caller), transformer blocks, a norm and a linear prediction per token."""
+
+    def __init__(self, dim, width, depth, n_out):
+        super().__init__()
+        self.embed = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(Block(width, max(1, width // 32), 4.0, 0.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        """Embedded tokens (B, T, width) -> predictions (B, T, n_out)."""
+        return self.pred(self.norm(run_blocks(self.blocks, x)))
+
+
+@dataclass
+class MAEConfig(InputConfig):
+    """MAE (He et al., CVPR 2022) on our ViT: decoder width and depth scaled down for CPU (the paper: 512, 8)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    norm_pix: bool = True  # targets: each patch's pixels normalised by their own mean and std (MAE's best)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_share("--mask-ratio", self.mask_ratio)
+
+
+def patch_targets(patches, norm_pix):
+    """MAE's targets: (B, N, C, *patch) -> (B, N, C * prod(patch)), each patch's pixels normalised by
+    their own mean and (unbiased) variance when norm_pix."""
+    x = patches.flatten(2).float()
+    if not norm_pix:
+        return x
+    return (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+
+
+class MAE(nn.Module):
+    """Masked autoencoding: the encoder sees the visible on-grid patches with fixed sin-cos position
+    embeddings; the decoder fills in mask tokens and predicts the pixels of the masked patches."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)
+        v = cfg.vit
+        self.decoder = Decoder(v.embed_dim, cfg.decoder_dim, cfg.decoder_depth, v.in_chans * v.patch_size**v.patch_ndim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.decoder.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+        positions = grid_positions(cfg)  # (N, d)
+        self.register_buffer("pos_embed", sincos_embed(positions, v.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
+        self.register_buffer("decoder_pos", sincos_embed(positions, cfg.decoder_dim), persistent=False)  # (N, Dd)
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics): MSE on the masked patches."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        B, N = patches.shape[:2]
+        kept, masked = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, N - M), (B, M)
+        visible = take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:])  # (B, N - M, C, *patch)
+        tokens = self.decoder.embed(self.encoder.forward_features(visible, pos=self.pos_embed[0, kept]))  # (B, N - M, Dd)
+        index = kept[..., None].expand(-1, -1, tokens.shape[-1])
+        full = self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)  # (B, N, Dd), mask tokens elsewhere
+        pred = self.decoder(full + self.decoder_pos)  # (B, N, C * prod(patch))
+        target = patch_targets(patches, self.cfg.norm_pix)
+        loss = F.mse_loss(take_rows(pred, masked).float(), take_rows(target, masked))
+        return loss, {"loss": loss.detach()}
+
+
+@dataclass
+class DropPosConfig(InputConfig):
+    """DropPos (Wang et al., NeurIPS 2023) on our ViT, with its defaults except the decoder's size
+    (the paper: 512 wide, 2 deep) and without its attentive reconstruction (which needs a class token)."""
+
+    mask_ratio: float = 0.75  # patches hidden from the encoder
+    pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    sigma: float = 1.0  # position smoothing at the start, in patches; decays linearly to 0 over training
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_share("--mask-ratio", self.mask_ratio)
+        check_share("--pos-mask-ratio", self.pos_mask_ratio)
+
+
+def smoothed_positions(positions, sigma):
+    """DropPos' position smoothing: for each true position a distribution over all positions,
+    exp(-|p_i - p_j|^2 / sigma^2) normalised; one-hot at sigma 0. (N, d) -> (N, N)."""
+    if sigma == 0:
+        return torch.eye(len(positions), device=positions.device)
+    weight = torch.exp(-torch.cdist(positions, positions).square() / sigma**2)
+    return weight / weight.sum(dim=-1, keepdim=True)
+
+
+class DropPos(nn.Module):
+    """Reconstructing dropped positions: of the visible on-grid patches, a share loses its sin-cos
+    position embedding (a learnt mask token instead); a decoder classifies each token's grid position,
+    and the loss (cross-entropy against smoothed positions) is on the tokens whose embedding was dropped."""
+
+    def __init__(self, cfg: DropPosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)
+        positions = grid_positions(cfg)  # (N, d)
+        self.decoder = Decoder(cfg.vit.embed_dim, cfg.decoder_dim, cfg.decoder_depth, len(positions))
+        self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, cfg.vit.embed_dim))
+        self.decoder.apply(_init_weights)
+        nn.init.normal_(self.mask_pos_token, std=0.02)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+        self.register_buffer("positions", positions, persistent=False)
+        self.register_buffer("pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
+        self.progress = 0.0  # share of training done, set by train.fit; sigma decays with it
+
+    def set_progress(self, progress):
+        self.progress = progress
+
+    def sample(self, images):
+        """-> visible patches (B, V, C, *patch), their grid indices (B, V), dropped (B, V) bool."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        B, N = patches.shape[:2]
+        kept, _ = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, V)
+        visible = take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:])
+        dropped = as_mask(random_split(B, kept.shape[1], self.cfg.pos_mask_ratio, images.device)[1], kept.shape[1])
+        return visible, kept, dropped
+
+    def loss(self, logits, kept, dropped):
+        """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
+        averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
+        sigma = self.cfg.sigma * (1 - self.progress)
+        target = smoothed_positions(self.positions, sigma)[kept]  # (B, V, N)
+        ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
+        weight = dropped.float()
+        loss = (ce * weight).sum() / weight.sum()
+        acc = ((logits.argmax(dim=-1) == kept).float() * weight).sum() / weight.sum()
+        return loss, {"loss": loss.detach(), "pos_acc": acc}
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics)."""
+        visible, kept, dropped = self.sample(images)
+        pos = torch.where(dropped[..., None], self.mask_pos_token, self.pos_embed[0, kept])  # (B, V, D)
+        logits = self.decoder(self.decoder.embed(self.encoder.forward_features(visible, pos=pos)))  # (B, V, N)
+        return self.loss(logits, kept, dropped)
+
+
+METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos)}
+
+
+def pretext_config(method, **fields):
+    """The config of `method`'s pretraining model from flags; the flags of other methods are left out."""
+    if method not in METHODS:
+        raise ValueError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
+    config_class = METHODS[method][0]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in fields.items() if k in names})
+
+
+def pretext_model(method, cfg):
+    return METHODS[method][1](cfg)
 
 
 # ---------------------------------------------------------------- finetuning
@@ -644,32 +919,24 @@ POOLS = ("cls", "avg")
 
 
 @dataclass
-class ClassifierConfig:
-    """The ViT the paper finetunes (section 4 "Training setup"): the pretrained encoder plus a
-    class token, new learnable position embeddings over the patch grid and a linear head."""
+class ClassifierConfig(InputConfig):
+    """The ViT the paper finetunes (section 4 "Training setup"; 8.1 for 1D): the pretrained encoder
+    plus a class token, new learnable position embeddings over the patch grid and a linear head."""
 
-    vit: ViTConfig = field(default_factory=ViTConfig)  # the encoder's; token, grid and head are set below
-    img_size: tuple = (224, 224)  # (H, W)
     num_classes: int = 1000
     pool: str = "cls"  # "cls": the class token (the paper); "avg": mean of the patch tokens
     linear_probe: bool = False  # frozen encoder, BatchNorm without affine before the head (MAE)
     smoothing: float = 0.1  # label smoothing (DeiT)
-    mean: tuple = (0.485, 0.456, 0.406)  # input normalisation, per channel
-    std: tuple = (0.229, 0.224, 0.225)
+    pos_mask: float = 0.0  # share of patch tokens whose position embedding is masked out in training (8.1, EEG: 0.2)
 
     def __post_init__(self):
-        self.vit, self.img_size, grid = image_vit(self.vit, self.img_size)
-        self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
-        if self.vit.patch_ndim != 2:
-            raise ValueError(f"the classifier takes 2D image patches, not patch_ndim={self.vit.patch_ndim}")
+        super().__post_init__()
         if self.pool not in POOLS:
             raise ValueError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
+        check_share("--pos-mask", self.pos_mask)
         # a probed encoder stays as pretrained: random position embeddings it could not adapt to would be noise
-        grid = () if self.linear_probe else grid
+        grid = () if self.linear_probe else self.grid
         self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool)
-
-    def to_dict(self):
-        return asdict(self)
 
 
 class Classifier(nn.Module):
@@ -686,13 +953,28 @@ class Classifier(nn.Module):
             self.encoder.head = nn.Sequential(nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6), self.encoder.head)
             for name, p in self.encoder.named_parameters():
                 p.requires_grad = name.startswith("head.")
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+
+    def position_keep(self, B, device):
+        """Which tokens keep their position embedding, (B, 1 + N).
+
+        "We randomly mask out 20% of the position embeddings" (8.1) is read as in MP3 / DropPos:
+        in training, each input zeroes the position embeddings of a fresh random share of its patch
+        tokens, which must then be placed by their content; the class token keeps its own.
+        """
+        N = math.prod(self.cfg.grid)
+        masked = as_mask(random_split(B, N, self.cfg.pos_mask, device)[1], N)  # (B, N)
+        return torch.cat([torch.ones(B, 1, device=device), (~masked).float()], dim=1)
+
+    def logits(self, images):
+        """uint8 or float inputs (B, C, *size) -> logits (B, classes); position masking only in training."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        keep = self.position_keep(len(images), images.device) if self.training and self.cfg.pos_mask > 0 else None
+        return self.encoder(patches, pos_keep=keep).float()
 
     def forward(self, images, labels):
-        """uint8 or [0, 1] float images (B, C, H, W), labels (B,) or (B, classes) -> (loss, metrics)."""
-        patches = patchify(normalize(images, self.mean, self.std), self.cfg.vit.patch_size)  # (B, N, C, P, P)
-        logits = self.encoder(patches).float()  # (B, classes)
+        """inputs (B, C, *size), labels (B,) or (B, classes) -> (loss, metrics)."""
+        logits = self.logits(images)  # (B, classes)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.smoothing)
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # a mixed target's dominant class
         acc = (logits.argmax(dim=-1) == hard).float().mean()

@@ -45,7 +45,7 @@ def test_targets_stay_fractional():
 @pytest.mark.parametrize("mode", part.SAMPLERS)
 def test_sampled_boxes_inside_image(mode):
     H, W, P = 24, 32, 4
-    boxes = part.sample_boxes(64, H, W, P, (H // P) * (W // P), mode)
+    boxes = part.sample_boxes(64, (H, W), P, (H // P) * (W // P), mode)
     x0, y0, x1, y1 = boxes.unbind(-1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= W).all() and (y1 <= H).all()
     w, h = x1 - x0, y1 - y0
@@ -57,7 +57,7 @@ def test_sampled_boxes_inside_image(mode):
     if mode == "offgrid":
         assert (x0 != x0.round()).float().mean() > 0.99  # continuous positions, not on a grid
     if mode == "grid":
-        canonical = part.grid_boxes(H, W, P)
+        canonical = part.grid_boxes((H, W), P)
         for b in boxes:  # each image: a permutation of the grid
             assert sorted(map(tuple, b.tolist())) == sorted(map(tuple, canonical.tolist()))
         assert not torch.equal(boxes[0], canonical)
@@ -85,7 +85,7 @@ def bilinear_at(image, xs, ys):
 def test_offgrid_crops_are_one_bilinear_sample_per_pixel(H, W, P):
     torch.manual_seed(0)
     image = torch.rand(1, 1, H, W, dtype=torch.float64)
-    boxes = part.sample_boxes(1, H, W, P, 1000, "offgrid").double()  # (1, 1000, 4)
+    boxes = part.sample_boxes(1, (H, W), P, 1000, "offgrid").double()  # (1, 1000, 4)
     boxes[0, :4, :2] = torch.tensor([[0.0, 0.0], [W - P, H - P], [0.0, H - P], [W - P, 0.0]], dtype=torch.float64)  # the corners
     boxes[0, :4, 2:] = boxes[0, :4, :2] + P
     patches = part.crop_patches(image, boxes, P)[0, :, 0]  # (1000, P, P)
@@ -98,14 +98,14 @@ def test_offgrid_crops_are_one_bilinear_sample_per_pixel(H, W, P):
 
 def test_patchify_matches_grid_crops():
     images = torch.rand(2, 3, 8, 12)
-    boxes = part.grid_boxes(8, 12, 4).expand(2, -1, -1)
+    boxes = part.grid_boxes((8, 12), 4).expand(2, -1, -1)
     torch.testing.assert_close(part.patchify(images, 4), part.crop_patches(images, boxes, 4))
 
 
 def test_grid_tokens_are_the_encoders_tokens_of_the_normalised_grid_crops():
     model = part.PART(tiny_config()).eval()
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
-    crops = part.crop_patches((images.float() / 255 - 0.5) / 0.25, part.grid_boxes(16, 16, 4).expand(2, -1, -1), 4)
+    crops = part.crop_patches((images.float() / 255 - 0.5) / 0.25, part.grid_boxes((16, 16), 4).expand(2, -1, -1), 4)
     torch.testing.assert_close(model.grid_tokens(images), model.encoder.forward_features(crops))
 
 
@@ -176,7 +176,7 @@ def test_table5_metrics_match_a_hand_computation():
 
 
 def test_loss_is_zero_on_perfect_prediction():
-    boxes = part.sample_boxes(3, 16, 16, 4, 16, "offgrid-scale")
+    boxes = part.sample_boxes(3, (16, 16), 4, 16, "offgrid-scale")
     target = part.relative_targets(boxes, part.sample_pairs(3, 16, 20), scale=True)
     loss, metrics = part.relative_loss(target.clone(), target)
     assert loss.item() == 0 and metrics["euclid"].item() == 0 and metrics["mae_x"].item() == 0
@@ -370,7 +370,7 @@ def test_checkpoint_round_trips_into_a_fresh_model(fake_fmnist, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not a folder"),
-    (["--patch-size", 5], "--patch-size 5 must divide the image size 28x28"),
+    (["--patch-size", 5], "--patch-size 5 must divide the input size 28x28"),
     (["--pairs", 100000], "--pairs 100000 is more than the 2401 ordered pairs"),
     (["--data", "cifar10", "--data-dir", "."], "cifar-10-batches-py/data_batch_1 not found"),
 ])
@@ -447,7 +447,7 @@ def classifier_from(path, **overrides):
     cfg = train.classifier_config(info, 10, source_vit, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
                                   overrides.get("linear_probe", False), 0.0)
     model = part.Classifier(cfg)
-    train.load_pretrained(model, state, source_vit, str(path), main=False)
+    train.load_pretrained(model.encoder, state, config["model"], str(path), main=False)
     return model
 
 

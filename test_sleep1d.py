@@ -24,6 +24,12 @@ from conftest import crash_after_epoch
 # ---------------------------------------------------------------- windows and targets
 
 
+def pretext_config(method, context=1, **flags):
+    """A tiny 1D pretraining config of `method` on 6-channel epochs of `context` x 30 s."""
+    vit = sleep1d.eeg_vit("eeg_test", 100, 6)
+    return part.pretext_config(method, vit=vit, img_size=(context * 3000,), **sleep1d.signal_stats(vit), **flags)
+
+
 def test_dt_targets_match_hand_computation():
     w = 100
     t0 = torch.tensor([[0.0, 37.25, 1234.5, 2900.0]])
@@ -34,15 +40,13 @@ def test_dt_targets_match_hand_computation():
 
 
 def test_pretraining_regresses_dt_of_the_windows_it_sampled(monkeypatch):
-    """The targets PART1D trains on are (t_tgt - t_ref) / w of the windows it cut, computed here in numpy."""
+    """The targets PART trains on in 1D are (t_tgt - t_ref) / w of the windows it cut, computed here in numpy."""
     seen = {}
-    for name, module in (("boxes", sleep1d), ("pairs", part)):
-        fn = getattr(module, "sample_windows" if name == "boxes" else "sample_pairs")
-        monkeypatch.setattr(module, fn.__name__, lambda *a, fn=fn, name=name, **k: seen.setdefault(name, fn(*a, **k)))
+    for name, fn in (("boxes", part.sample_boxes), ("pairs", part.sample_pairs)):
+        monkeypatch.setattr(part, fn.__name__, lambda *a, fn=fn, name=name, **k: seen.setdefault(name, fn(*a, **k)))
     loss_fn = part.relative_loss
     monkeypatch.setattr(part, "relative_loss", lambda pred, target: seen.setdefault("target", target) is not None and loss_fn(pred, target))
-    cfg = sleep1d.PART1DConfig(vit=sleep1d.eeg_vit("eeg_test", 100, 6), num_pairs=64)
-    sleep1d.PART1D(cfg)(torch.randn(3, 6, 3000))
+    part.PART(pretext_config("part", num_patches=40, num_pairs=64))(torch.randn(3, 6, 3000))
     t0, pairs = seen["boxes"][..., 0].numpy().astype(np.float64), seen["pairs"].numpy()
     expected = np.stack([(t0[b, pairs[b, :, 1]] - t0[b, pairs[b, :, 0]]) / 100 for b in range(3)])[..., None]
     np.testing.assert_allclose(seen["target"].numpy(), expected, rtol=1e-5, atol=1e-4)
@@ -51,7 +55,7 @@ def test_pretraining_regresses_dt_of_the_windows_it_sampled(monkeypatch):
 
 def test_windows_lie_inside_the_epoch_at_continuous_starts():
     torch.manual_seed(0)
-    boxes = sleep1d.sample_windows(64, 3000, 100, 40)  # (B, N, 2)
+    boxes = part.sample_boxes(64, (3000,), 100, 40, "offgrid")  # (B, N, 2)
     assert boxes.shape == (64, 40, 2)
     assert (boxes[..., 0] >= 0).all() and (boxes[..., 1] <= 3000).all()
     torch.testing.assert_close(boxes[..., 1] - boxes[..., 0], torch.full((64, 40), 100.0))
@@ -62,7 +66,7 @@ def test_windows_lie_inside_the_epoch_at_continuous_starts():
 def test_crop_is_exact_on_integer_starts_and_interpolates_between():
     signals = torch.randn(2, 3, 3000, dtype=torch.float64)
     t0 = torch.tensor([[0.0, 2900.0, 17.0], [1234.25, 2899.5, 0.75]], dtype=torch.float64)
-    windows = sleep1d.crop_windows(signals, torch.stack([t0, t0 + 100], dim=-1), 100)  # (B, N, C, w)
+    windows = part.crop_patches(signals, torch.stack([t0, t0 + 100], dim=-1), 100)  # (B, N, C, w)
     assert windows.shape == (2, 3, 3, 100)
     grid = np.arange(3000)
     for b in range(2):
@@ -75,7 +79,7 @@ def test_crop_is_exact_on_integer_starts_and_interpolates_between():
 
 def test_grid_windows_are_the_epoch_in_time_order():
     x = torch.randn(2, 6, 3000)
-    windows = sleep1d.grid_windows(x, 100)
+    windows = part.patchify(x, 100)
     assert windows.shape == (2, 30, 6, 100)
     torch.testing.assert_close(windows[1, 7], x[1, :, 700:800])
 
@@ -84,7 +88,7 @@ def test_grid_windows_are_the_epoch_in_time_order():
 
 
 def stager(**overrides):
-    return sleep1d.SleepStager(sleep1d.StagerConfig(vit=sleep1d.eeg_vit("eeg_test", 100, 6), **overrides))
+    return part.Classifier(sleep1d.stager_config(sleep1d.eeg_vit("eeg_test", 100, 6), **{"pos_mask": 0.2, **overrides}))
 
 
 def test_position_embeddings_are_masked_in_training_only(monkeypatch):
@@ -189,7 +193,7 @@ def test_physionet2018_record_is_read_and_staged(tmp_path, arousal):
     assert refs.subject == "tr03-0005" and refs.scored
     signal, fs, runs = refs.read(sleep1d.PHYSIONET_CHANNELS)
     assert signal.shape == (6, 7 * 30 * 200) and fs == 200
-    x, y = sleep1d.preprocess(signal, fs, runs)
+    x, y, _ = sleep1d.preprocess(signal, fs, runs)
     check_epochs(x, y, [0, 1, 2, 3, 4, 2], [f for f, s in zip(FREQS, PHYSIONET_STAGE_NAMES) if s != "undefined"])
 
 
@@ -222,9 +226,9 @@ def test_sleep_edf_night_is_read_and_rk_stages_3_4_become_n3(tmp_path):
     (tmp_path / "sleep-cassette" / "SC4021EH-Hypnogram.edf").unlink()  # unscored: pretraining only
     refs = sleep1d.list_records("sleep-edf", tmp_path)
     assert [(r.subject, r.scored) for r in refs] == [("SC401", True), ("SC401", True), ("SC402", False)]
-    x, y = sleep1d.preprocess(*refs[0].read(sleep1d.SLEEP_EDF_CHANNELS))
+    x, y, _ = sleep1d.preprocess(*refs[0].read(sleep1d.SLEEP_EDF_CHANNELS))
     check_epochs(x, y, [0, 0, 1, 2, 3, 3, 4], FREQS)  # "Sleep stage ?" dropped
-    _, y = sleep1d.preprocess(*refs[2].read(sleep1d.SLEEP_EDF_CHANNELS))
+    _, y, _ = sleep1d.preprocess(*refs[2].read(sleep1d.SLEEP_EDF_CHANNELS))
     assert (y == sleep1d.UNSCORED).all() and len(y) == 7
 
 
@@ -319,7 +323,7 @@ def test_cli_pretrain_resume_then_finetune(tmp_path, monkeypatch):
 
     finetune = ["finetune", *TINY_RUN, "--epochs", 1]
     result = invoke(*finetune, "--init", straight / "checkpoint.pt", "--out-dir", tmp_path / "ft")
-    assert result.exit_code == 0 and "loaded" in result.output, result.output
+    assert result.exit_code == 0 and "encoder from" in result.output, result.output
     ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
     assert not torch.equal(ft["model"]["encoder.blocks.1.mlp.fc2.weight"], a["model"]["encoder.blocks.1.mlp.fc2.weight"])  # trained on
     confusion = torch.tensor(ft["metrics"]["confusion"])
@@ -334,8 +338,8 @@ def test_cli_pretrain_resume_then_finetune(tmp_path, monkeypatch):
 def test_finetune_loads_the_encoder_and_adds_new_position_embeddings_and_head(tmp_path):
     assert invoke("pretrain", *TINY_RUN, "--pairs", 64, "--epochs", 1, "--out-dir", tmp_path).exit_code == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    vit, state, _ = sleep1d.encoder_from(str(tmp_path / "checkpoint.pt"), None, sleep1d.PHYSIONET_CHANNELS, 0.1)
-    model = sleep1d.SleepStager(sleep1d.StagerConfig(vit=vit))
+    vit, state, _, _ = sleep1d.encoder_from(str(tmp_path / "checkpoint.pt"), None, sleep1d.PHYSIONET_CHANNELS, 0.1)
+    model = part.Classifier(sleep1d.stager_config(vit, 0.2))
     fresh, unexpected = part.load_encoder(model.encoder, state)
     assert sorted(fresh) == ["cls_token", "head.bias", "head.weight", "pos_embed"] and unexpected == []
     assert model.encoder.pos_embed.shape == (1, 31, 32)
@@ -348,7 +352,7 @@ def test_finetune_loads_the_encoder_and_adds_new_position_embeddings_and_head(tm
     (["--data", "sleep-edf", "--data-dir", "EMPTY"], "no recordings (*-PSG.edf + *-Hypnogram.edf) found below"),
     (["--data", "physionet2018"], "--data physionet2018 needs --data-dir"),
     (["--synthetic-subjects", 5], "5 subjects have sleep stages; --finetune-subjects 2 + --test-subjects 10 need more"),
-    (["--pairs", 5000], "--pairs 5000 is more than the 1600 ordered pairs of 40 windows"),
+    (["--pairs", 5000], "--pairs 5000 is more than the 1600 ordered pairs of 40 patches"),
 ])
 def test_bad_input_stops_with_a_clear_message(tmp_path, args, message):
     args = [str(tmp_path) if a == "EMPTY" else a for a in args]

@@ -271,7 +271,8 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
         torch.manual_seed(recipe.seed + 1000 * dd.rank + epoch)  # resume at an epoch replays the same randomness
         train_loader.sampler.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        skipped = train_one_epoch(model, train_loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path)
+        skipped = train_one_epoch(model, train_loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path,
+                                  getattr(raw, "set_progress", None))
         metrics = evaluate_fn(raw, val_loader, dd, recipe.seed)
         if dd.main:
             eta = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
@@ -295,10 +296,12 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     return metrics
 
 
-def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path):
+def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path, set_progress=None):
     """One pass over `loader`: forward, backward, and every `recipe.accum` micro-batches an optimizer
-    step at lr schedule(step); a log.jsonl row every `recipe.log_every` steps. Returns the number of
-    image files skipped as unreadable (the batches' shortfall, with --skip-bad-files), summed over processes."""
+    step at lr schedule(step); a log.jsonl row every `recipe.log_every` steps. set_progress, when the
+    model has one (DropPos' decaying smoothing), hears the share of training done before each step.
+    Returns the number of image files skipped as unreadable (the batches' shortfall, with
+    --skip-bad-files), summed over processes."""
     model.train()
     micro_batches = steps_per_epoch * recipe.accum
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not dd.main, leave=False, total=micro_batches)
@@ -315,6 +318,8 @@ def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per
         t_data += time.perf_counter() - t0
         step = epoch * steps_per_epoch + i // recipe.accum  # optimizer steps before this one
         last_micro = (i + 1) % recipe.accum == 0
+        if set_progress:
+            set_progress(step / (recipe.epochs * steps_per_epoch))
         with nullcontext() if last_micro or dd.world == 1 else model.no_sync():  # DDP all-reduces on the last micro-batch only
             with autocast(dd.device):
                 loss, metrics = model(x, y)
@@ -515,44 +520,62 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     return info, train_set, val_set
 
 
-def pretrain_config(info, preset, patch_size, sampler, num_patches, pairs, head, drop_path):
-    try:
-        vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
-        return part.PARTConfig(vit=vit, img_size=(info.img_size, info.img_size), sampler=sampler, num_patches=num_patches,
-                               num_pairs=pairs, head=head, mean=info.mean, std=info.std)
-    except ValueError as e:
-        fail(str(e))
-
-
 model_options = options(
     click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
                  help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px"),
     click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"),
     click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"),
-    click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
-                 help="offgrid: the paper's; offgrid-scale: also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
-    click.option("--num-patches", type=COUNT, default=0, help="N; 0: (H/P)(W/P) as the paper"),
-    click.option("--pairs", type=POSITIVE, default=128, show_default=True,
-                 help="K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)"),
-    click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP),
 )
+
+SHARE = click.FloatRange(0, 1, max_open=True)
+method_options = options(  # one set for train.py and sleep1d.py; each flag names the methods it is for
+    click.option("--method", type=click.Choice(list(part.METHODS)), default="part", show_default=True,
+                 help="part: the paper's; mae, droppos: the baselines of its Tables 1-3, on the same ViT"),
+    click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
+                 help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
+    click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help="part: " + HEAD_HELP),
+    click.option("--pos-mask", type=SHARE, default=0.0, show_default=True,
+                 help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
+                      "loss on pairs with a masked patch (README, the 1D readings)"),
+    click.option("--mask-ratio", type=SHARE, default=0.75, show_default=True, help="mae, droppos: share of patches hidden from the encoder"),
+    click.option("--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
+                 help="droppos: share of the visible patches whose position embedding is dropped"),
+    click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True, help="mae, droppos: decoder width (the papers: 512)"),
+    click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
+    click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
+                 help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
+)
+
+
+def pretext(method, vit, size, mean, std, **flags):
+    """The config of `method`'s model on inputs of `size`, from the method_options (+ --num-patches, --pairs)."""
+    try:
+        return part.pretext_config(method, vit=vit, img_size=size, mean=mean, std=std, **flags)
+    except ValueError as e:
+        fail(str(e))
 
 
 @cli.command()
 @data_options
 @model_options
+@method_options
+@click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper")
+@click.option("--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
+              help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)")
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
 @click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
-def pretrain(preset, patch_size, drop_path, sampler, num_patches, pairs, head, out_dir, **kwargs):
-    """PART pretraining (section 4): relative positions of off-grid patches."""
+def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
+    """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE or
+    DropPos on the same ViT, data and loop."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
-    cfg = pretrain_config(info, preset, patch_size, sampler, num_patches, pairs, head, drop_path)
+    vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
+    cfg = pretext(method, vit, (info.img_size, info.img_size), info.mean, info.std, **kwargs)
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
-        model = part.PART(cfg)
-        config = {"kind": "part", "data": flags["data_name"], "train_subset": flags["train_subset"], "model": cfg.to_dict(),
+        model = part.pretext_model(method, cfg)
+        config = {"kind": method, "data": flags["data_name"], "train_subset": flags["train_subset"], "model": cfg.to_dict(),
                   "recipe": asdict(recipe)}
         fit(model, train_set, val_set, recipe, out_dir, config, dd)
 
@@ -565,14 +588,17 @@ DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by defaul
 
 
 KINDS = {  # what a checkpoint's config "kind" says it is
-    "part": "a PART 2D pretraining checkpoint (train.py pretrain)",
-    "part1d": "a PART 1D pretraining checkpoint (sleep1d.py pretrain)",
+    **{m: f"a {model.__name__} 2D pretraining checkpoint (train.py pretrain --method {m})" for m, (_, model) in part.METHODS.items()},
+    **{f"{m}1d": f"a {model.__name__} 1D pretraining checkpoint (sleep1d.py pretrain --method {m})" for m, (_, model) in part.METHODS.items()},
     "classifier": "an image classifier (train.py finetune)",
     "sleep-stager": "a sleep stager (sleep1d.py finetune)",
     "detect": "a detector (detect.py)",
     "encoder": "an exported encoder (train.py export)",
 }
-ENCODER_KINDS = {2: ("part", "classifier", "encoder"), 1: ("part1d", "sleep-stager", "encoder")}  # starting weights, by patch_ndim
+ENCODER_KINDS = {  # starting weights, by patch_ndim
+    2: (*part.METHODS, "classifier", "encoder"),
+    1: (*(f"{m}1d" for m in part.METHODS), "sleep-stager", "encoder"),
+}
 
 
 def read_config(path, ckpt):
@@ -638,18 +664,27 @@ def classifier_config(info, classes, source_vit, preset, patch_size, drop_path, 
         fail(str(e))
 
 
-def load_pretrained(model, state, source_vit, path, main):
-    """The checkpoint's encoder into the classifier. Class token, position embeddings and head start
-    fresh unless the checkpoint has them (a finetuned one: its position embeddings resized to the new grid)."""
-    old_grid = tuple(source_vit.get("pos_grid") or ()) if source_vit else ()
-    if "pos_embed" in state and old_grid and model.encoder.pos_embed is not None:
-        state["pos_embed"] = part.resize_pos_embed(state["pos_embed"], old_grid, model.cfg.vit.pos_grid, int(source_vit["class_token"]))
+def source_grid(source):
+    """The token grid a checkpoint's position embedding covers, from its model config: a finetuned
+    model's pos_grid, else the on-grid patches of its inputs (MAE's, DropPos' fixed embeddings)."""
+    vit = source["vit"]
+    return tuple(vit.get("pos_grid") or (s // vit["patch_size"] for s in source["img_size"]))
+
+
+def load_pretrained(encoder, state, source, path, main):
+    """A checkpoint's encoder weights into `encoder`, the ViT of a classifier, sleep stager or detector;
+    prints which it kept, interpolated or started fresh. A position embedding in the checkpoint (a
+    finetuned model's, or the fixed sin-cos one of MAE, DropPos or PART with --pos-mask) is resized to
+    the new grid and kept; PART pretrains without one, so its new one starts fresh, as the paper's."""
+    state, note = dict(state), ""
+    if "pos_embed" in state and encoder.pos_embed is not None and source.get("vit"):
+        state["pos_embed"], note = part.adapt_pos_embed(state["pos_embed"], source_grid(source), encoder)
     try:
-        fresh, unexpected = part.load_encoder(model.encoder, state, path)
+        fresh, unexpected = part.load_encoder(encoder, state, path)
     except ValueError as e:
         fail(str(e))
     if main:
-        print(f"encoder from {path}; new: {', '.join(fresh) or 'none'}; ignored: {', '.join(unexpected) or 'none'}")
+        print(f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: {', '.join(unexpected) or 'none'}")
 
 
 @cli.command()
@@ -689,7 +724,7 @@ def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
         torch.manual_seed(recipe.seed)  # the same new weights on every process
         model = part.Classifier(cfg)
         if state is not None:
-            load_pretrained(model, state, source_vit, init, dd.main)
+            load_pretrained(model.encoder, state, source.get("model", {}), init, dd.main)
         augmentation = {"randaug_n": randaug_n, "randaug_m": randaug_m, "mixup": mixup, "cutmix": cutmix, "reprob": reprob}
         config = {"kind": "classifier", "data": flags["data_name"], "train_subset": flags["train_subset"], "init": init,
                   "model": cfg.to_dict(),
@@ -744,11 +779,13 @@ def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
     device = local_device()
-    info = data.DataInfo(in_chans, img_size, 0, (0.5,) * in_chans, (0.25,) * in_chans)
+    vit = part.vit_config(preset, patch_size=patch_size, in_chans=in_chans)
+    stats = (0.5,) * in_chans, (0.25,) * in_chans
     print(f"{preset}/{patch_size} at {img_size}px, batch {batch_size}, {head}, {sampler}, on {describe(device)}; "
           "PART: sampler + ViT + head + loss; bare ViT: the same ViT on the same patches, no sampler, no head")
     for n, k in itertools.product(num_patches, pairs):
-        bench_one(pretrain_config(info, preset, patch_size, sampler, n, k, head, 0.0), batch_size, steps, use_compile, device)
+        cfg = pretext("part", vit, (img_size, img_size), *stats, sampler=sampler, num_patches=n, num_pairs=k, head=head)
+        bench_one(cfg, batch_size, steps, use_compile, device)
 
 
 def bench_one(cfg, batch_size, steps, use_compile, device):
@@ -799,7 +836,7 @@ def describe(device):
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-EXPORTABLE = ("part", "part1d", "classifier", "sleep-stager")
+EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every checkpoint that holds an encoder, but an export
 
 
 @cli.command()
@@ -916,10 +953,10 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
     embeddings if it has them): the class token (pool "cls") or the mean of the patch tokens ("avg"),
     L2-normalised, on dd.device -> (n, D), labels (n,)."""
     feats, labels = [], []
-    mean, std = torch.tensor(mean, device=dd.device).view(1, -1, 1, 1), torch.tensor(std, device=dd.device).view(1, -1, 1, 1)
+    normalize = part.Normalize(mean, std).to(dd.device)
     prefix = int(encoder.cls_token is not None)
     for images, y in tqdm(make_loader(dataset, batch_size, dd, 0, -1, False), desc="features", leave=False):
-        patches = part.patchify(part.normalize(images.to(dd.device, non_blocking=True), mean, std), encoder.cfg.patch_size)
+        patches = part.patchify(normalize(images.to(dd.device, non_blocking=True)), encoder.cfg.patch_size)
         with autocast(dd.device):
             tokens = encoder.forward_features(patches)  # (B, T, D)
         pooled = tokens[:, 0] if pool == "cls" else tokens[:, prefix:].mean(dim=1)  # (B, D)
