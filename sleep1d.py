@@ -640,6 +640,10 @@ def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split
     refs, channels, split, data_config = load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed,
                                                     synthetic_subjects, synthetic_epochs)
     vit, state, source, pretrained_data = encoder_from(init, preset, channels, drop_path)
+    if state is not None and "pos_embed" in state and pretrained_data.get("context", 1) > 1:
+        # positions pretrained over several epochs: an epoch's windows take those of the span's first epoch, not the span squeezed
+        state["pos_embed"] = state["pos_embed"][:, : EPOCH_S * FS // vit.patch_size]
+        source = {**source, "img_size": [EPOCH_S * FS]}
     leaked = set(pretrained_data.get("split", {}).get("pretrain", [])) & set(split["finetune"] + split["test"])
     if leaked:
         train.fail(f"{init} was pretrained on subjects {sorted(leaked)[:5]} that this split finetunes or tests on; use its --split-seed "
