@@ -398,10 +398,11 @@ def _free_port():
 
 
 def tiny_model(kind):
-    """The pretraining model or the finetuning classifier, at the same tiny size, seeded."""
+    """A pretraining model (PART, MAE, DropPos) or the finetuning classifier, at the same tiny size, seeded."""
     torch.manual_seed(0)
-    if kind == "part":
-        return part.PART(tiny_config())
+    if kind in part.METHODS:
+        cfg = part.pretext_config(kind, **{k: v for k, v in tiny_config().to_dict().items() if k != "vit"}, vit=tiny_config().vit)
+        return part.pretext_model(kind, cfg)
     return part.Classifier(part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,)))
 
 
@@ -418,7 +419,7 @@ def _ddp_worker(rank, world, port, out_dir, kind):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["part", "classifier"])
+@pytest.mark.parametrize("kind", [*part.METHODS, "classifier"])
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, kind):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

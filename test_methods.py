@@ -1,0 +1,250 @@
+"""The pretraining methods beside PART (MAE, DropPos), PART's --pos-mask reading, and their checkpoints downstream."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import detect
+import part
+import sleep1d
+from conftest import TINY_RUN, invoke, tiny_config, write_coco
+
+
+def method_config(method, **overrides):
+    """A tiny 2D config of `method`: vit_test / 4 on 16 x 16 grey images."""
+    base = tiny_config()
+    return part.pretext_config(method, vit=base.vit, img_size=(16, 16), mean=(0.5,), std=(0.25,), **{"num_pairs": 32, **overrides})
+
+
+def independent_patches(images, P):
+    """(B, C, H, W) -> (B, N, C*P*P) in raster order, by slicing each patch out in a loop."""
+    B, C, H, W = images.shape
+    return torch.stack([torch.stack([images[b, :, y : y + P, x : x + P].flatten() for y in range(0, H, P) for x in range(0, W, P)])
+                        for b in range(B)])
+
+
+def spy(monkeypatch, module, name, seen):
+    """Record every value `module.name` returns in seen[name], a list."""
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, []).append(fn(*a, **k)) or seen[name][-1])
+
+
+# ---------------------------------------------------------------- MAE
+
+
+def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactly_those(monkeypatch):
+    torch.manual_seed(0)
+    model = part.MAE(method_config("mae", mask_ratio=0.75))
+    seen = {}
+    spy(monkeypatch, part, "random_split", seen)
+    monkeypatch.setattr(model.decoder, "forward", lambda x: torch.zeros(x.shape[0], 16, 16))  # predicts 0 for every pixel
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    loss, _ = model(images)
+    kept, masked = seen["random_split"][0]
+    assert kept.shape == (3, 4) and masked.shape == (3, 12)  # 75% of the 16 patches
+    assert all(sorted(k + m) == list(range(16)) for k, m in zip(kept.tolist(), masked.tolist()))
+    x = independent_patches((images.double() / 255 - 0.5) / 0.25, 4)  # (B, 16, 16)
+    target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+    expected = torch.stack([target[b, masked[b]] for b in range(3)]).square().mean()  # zero prediction: MSE = mean target^2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() == pytest.approx(15 / 16, rel=1e-3)  # normalised with the unbiased variance, mean square (n-1)/n
+
+
+def test_mae_loss_ignores_the_visible_patches(monkeypatch):
+    torch.manual_seed(0)
+    model = part.MAE(method_config("mae"))
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    seen = {}
+    spy(monkeypatch, part, "random_split", seen)
+    x = independent_patches(model.normalize(images).double(), 4).float()
+    target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+    def predict(_):  # right on the masked patches, far off on the visible ones
+        kept, _ = seen["random_split"][-1]
+        return target + 100 * part.as_mask(kept, 16)[..., None]
+
+    monkeypatch.setattr(model.decoder, "forward", predict)
+    loss, _ = model(images)
+    assert loss.item() < 1e-6
+
+
+# ---------------------------------------------------------------- DropPos
+
+
+def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
+    torch.manual_seed(0)
+    model = part.DropPos(method_config("droppos", sigma=0.0))
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    visible, kept, dropped = model.sample(images)
+    assert visible.shape == (3, 4, 1, 4, 4) and (dropped.sum(dim=1) == 3).all()  # 25% of 16 visible, 75% of those dropped
+    grid = part.patchify(model.normalize(images), 4)
+    for b in range(3):  # each visible patch is the on-grid patch whose index is its target
+        torch.testing.assert_close(visible[b], grid[b, kept[b]])
+    logits = torch.randn(3, 4, 16)
+    right = logits.scatter(2, kept[..., None], 100.0)  # every token's true index far ahead
+    loss, metrics = model.loss(torch.where(dropped[..., None], right, logits), kept, dropped)
+    assert loss.item() < 1e-6 and metrics["pos_acc"].item() == 1.0
+    loss_other, _ = model.loss(torch.where(dropped[..., None], right, logits + 5 * torch.randn(3, 4, 16)), kept, dropped)
+    assert loss_other.item() == loss.item()  # the tokens that kept their position embedding do not count
+    one = dropped & (torch.arange(4) == dropped.float().argmax(dim=1, keepdim=True))  # one dropped token per item
+    loss_wrong, _ = model.loss(torch.where(one[..., None], logits, right), kept, dropped)
+    assert loss_wrong.item() > 1
+
+
+def test_droppos_position_smoothing_decays_from_sigma_to_one_hot():
+    positions = part.grid_positions(method_config("droppos"))  # (16, 2) patch centres
+    smooth = part.smoothed_positions(positions, 1.0)
+    torch.testing.assert_close(smooth.sum(dim=1), torch.ones(16))
+    d2 = ((positions[0] - positions[1]) ** 2).sum()
+    assert (smooth[0, 1] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
+    torch.testing.assert_close(part.smoothed_positions(positions, 0.0), torch.eye(16))
+    model = part.DropPos(method_config("droppos", sigma=1.0))
+    model.set_progress(1.0)  # the end of training: sigma has decayed to 0
+    logits = torch.randn(1, 4, 16)
+    kept, dropped = torch.tensor([[0, 5, 10, 15]]), torch.ones(1, 4, dtype=torch.bool)
+    loss, _ = model.loss(logits, kept, dropped)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[0], kept[0]).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- every method learns, in 2D and 1D
+
+
+@pytest.mark.parametrize("method", part.METHODS)
+def test_each_method_lowers_its_loss_in_a_few_steps(method):
+    torch.manual_seed(0)
+    smoothing = {"sigma": 0.0} if method == "droppos" else {}  # one-hot positions: the loss can approach 0
+    model = part.pretext_model(method, method_config(method, **smoothing))
+    images = torch.zeros(8, 1, 16, 16)
+    images[:, :, 4:12, 2:10] = torch.rand(8, 1, 1, 1)  # a bright square on black
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        torch.manual_seed(len(losses) % 3)  # a few fixed draws, so the loss can fall within 30 steps
+        loss, _ = model(images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("method", part.METHODS)
+def test_each_method_runs_on_1d_signals(method):
+    vit = sleep1d.eeg_vit("eeg_test", 100, 6)
+    cfg = part.pretext_config(method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64)
+    loss, metrics = part.pretext_model(method, cfg)(torch.randn(2, 6, 3000))
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and "loss" in metrics
+
+
+# ---------------------------------------------------------------- PART --pos-mask (sleep1d's second reading of 8.1)
+
+
+def pos_mask_part(**overrides):
+    vit = sleep1d.eeg_vit("eeg_test", 100, 6)
+    cfg = part.pretext_config("part", vit=vit, **sleep1d.signal_stats(vit),
+                              **{"img_size": (3000,), "num_patches": 40, "num_pairs": 256, "pos_mask": 0.2, **overrides})
+    return part.PART(cfg)
+
+
+def test_pos_mask_gives_masked_windows_no_position_and_the_others_their_start_time():
+    model = pos_mask_part()
+    boxes = part.sample_boxes(4, (3000,), 100, 40, "offgrid")  # (B, N, 2)
+    masked = part.as_mask(part.random_split(4, 40, 0.2)[1], 40)  # (B, N)
+    assert (masked.sum(dim=1) == 8).all()  # 20% of 40
+    pos = model.positions(boxes, masked)  # (B, N, D)
+    moved = boxes + torch.rand(4, 40, 1) * 500 * masked[..., None]  # shift only the masked windows
+    torch.testing.assert_close(model.positions(moved, masked), pos)  # their input does not depend on where they are
+    assert (pos[masked] == 0).all()
+    t0 = boxes[..., 0][~masked]  # the unmasked: the sin-cos embedding of the window's centre, a function of its start alone
+    torch.testing.assert_close(pos[~masked], part.sincos_embed((t0[:, None] + 50) / 100, 32))
+    other = boxes.clone()
+    other[~masked] += 1.0
+    assert not torch.allclose(model.positions(other, masked)[~masked], pos[~masked])
+
+
+def test_pos_mask_share_is_fresh_per_sample_and_twenty_percent():
+    torch.manual_seed(0)
+    masks = torch.stack([part.as_mask(part.random_split(1, 40, 0.2)[1], 40)[0] for _ in range(500)]).float()
+    assert (masks.sum(dim=1) == 8).all()
+    assert masks.mean(dim=0).sub(0.2).abs().max() < 0.08  # every window is masked about 20% of the time
+
+
+def test_pos_mask_loss_covers_exactly_the_pairs_with_a_masked_window(monkeypatch):
+    torch.manual_seed(0)
+    seen = {}
+    for name in ("random_split", "sample_pairs", "relative_targets"):
+        spy(monkeypatch, part, name, seen)
+    model = pos_mask_part(num_pairs=256)
+    model(torch.randn(3, 6, 3000))
+    masked = part.as_mask(seen["random_split"][0][1], 40)  # (B, N)
+    pairs = seen["sample_pairs"][0]  # (B, K, 2)
+    involved = torch.gather(masked, 1, pairs[..., 0]) | torch.gather(masked, 1, pairs[..., 1])
+    assert involved.all() and pairs.shape == (3, 256, 2)
+    with pytest.raises(ValueError, match="more than the 576 ordered pairs of 40 patches with one of the 8 masked"):
+        pos_mask_part(num_pairs=577)
+
+
+def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_shifts(monkeypatch):
+    n, L = 7, 3000
+    epochs = torch.arange(n, dtype=torch.float16)[:, None, None].expand(n, 6, L).clone()  # epoch i is constant i
+    nights = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    starts = torch.tensor([0, 1, 2, 4, 0, 1, 2]) * L  # night 0 has a gap after its third epoch
+    ds = sleep1d.ContextEpochs(sleep1d.SleepEpochs(epochs, torch.zeros(n, dtype=torch.long), nights, ["a"], nights, starts), 2)
+    assert ds.first.tolist() == [0, 1, 4, 5]  # no run across the gap or across nights
+    x, _ = ds[2]
+    assert x.shape == (6, 2 * L) and x[0, 0] == 4 and x[0, -1] == 5
+    seen = {}
+    for name in ("sample_boxes", "sample_pairs"):
+        spy(monkeypatch, part, name, seen)
+    spy(monkeypatch, part, "relative_targets", seen)
+    model = pos_mask_part(img_size=(2 * L,), num_patches=80, num_pairs=512)
+    model(torch.stack([ds[i][0] for i in range(4)]).float())
+    boxes, pairs, target = seen["sample_boxes"][0], seen["sample_pairs"][0], seen["relative_targets"][0]
+    assert (boxes[..., 0] >= 0).all() and (boxes[..., 1] <= 2 * L).all() and boxes[..., 0].max() > L  # windows over the whole span
+    t0 = boxes[..., 0].double().numpy()
+    expected = np.stack([(t0[b, pairs[b, :, 1]] - t0[b, pairs[b, :, 0]]) / 100 for b in range(4)])[..., None]
+    np.testing.assert_allclose(target.numpy(), expected, rtol=1e-5, atol=1e-3)
+
+
+# ---------------------------------------------------------------- MAE and DropPos checkpoints downstream
+
+
+@pytest.mark.parametrize("method", ["mae", "droppos"])
+def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_path):
+    pre = tmp_path / "pre"
+    assert invoke("pretrain", "--method", method, "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", pre).exit_code == 0
+    ckpt = pre / "checkpoint.pt"
+    result = invoke("finetune", "--init", ckpt, "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1,
+                    "--out-dir", tmp_path / "ft")
+    assert result.exit_code == 0 and "pos_embed kept, class token's slot new" in result.output, result.output
+    ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    assert ft["encoder.pos_embed"].shape == (1, 50, 32)
+    result = invoke("finetune", "--init", ckpt, "--linear-probe", "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32,
+                    "--epochs", 1, "--out-dir", tmp_path / "probe")
+    assert result.exit_code == 0, result.output
+    result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
+    assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
+    coco = write_coco(tmp_path / "coco")
+    cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks="",
+                                        anchor_size=16, proposals=50)
+    encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
+    pretrained = torch.load(ckpt, weights_only=True)["model"]
+    torch.testing.assert_close(encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
+    pos = part.resize_pos_embed(pretrained["pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
+    torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
+
+
+@pytest.mark.parametrize("method", ["mae", "droppos"])
+def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
+    tiny = ["--synthetic-subjects", 6, "--synthetic-epochs", 20, "--finetune-subjects", 2, "--test-subjects", 2, "--preset", "eeg_test",
+            "--batch-size", 16, "--epochs", 1]
+    runner = lambda *a: CliRunner().invoke(sleep1d.cli, [str(x) for x in a])  # noqa: E731
+    result = runner("pretrain", "--method", method, *tiny, "--out-dir", tmp_path / "pre")
+    assert result.exit_code == 0, result.output
+    result = runner("finetune", "--init", tmp_path / "pre" / "checkpoint.pt", *tiny[:-6], "--batch-size", 16, "--epochs", 1,
+                    "--out-dir", tmp_path / "ft")
+    assert result.exit_code == 0 and "pos_embed kept" in result.output, result.output
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["kind"] == "sleep-stager" and "kappa" in ckpt["metrics"]
