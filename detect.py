@@ -99,7 +99,7 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, dim, patch_size):
         super().__init__()
         if patch_size & (patch_size - 1):
-            raise ValueError(f"the feature pyramid needs a power-of-two patch size, not {patch_size}")
+            raise part.ConfigError(f"the feature pyramid needs a power-of-two patch size, not {patch_size}")
         self.levels = nn.ModuleList(pyramid_level(dim, patch_size, s) for s in STRIDES)
 
     def forward(self, x):
@@ -162,10 +162,10 @@ class DetectConfig:
                            global_blocks=self.global_blocks)
         self.mean, self.std = part.check_stats(self.mean, self.std, self.vit.in_chans)
         if self.img_size % 64 or self.img_size % self.vit.patch_size:
-            raise ValueError(f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
+            raise part.ConfigError(f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
                              f"and of the patch size {self.vit.patch_size}")
         if any(not 0 <= i < self.vit.depth for i in self.global_blocks):
-            raise ValueError(f"--global-blocks {list(self.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
+            raise part.ConfigError(f"--global-blocks {list(self.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
 
 
 class Detector(nn.Module):
@@ -375,10 +375,7 @@ def data_root(data_dir, out_dir, dd):
         return data_dir
     root = Path(out_dir) / "nuclei"
     if dd.main:
-        try:
-            write_nuclei(root)
-        except data.DataError as e:
-            train.fail(str(e))
+        write_nuclei(root)
     if dd.world > 1:
         dist.barrier()
     return str(root)
@@ -496,11 +493,8 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
     scratch row given a PART row's --in-chans, --mean and --std sees the same inputs: the rows differ
     in the weights alone.
     """
-    try:
-        train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
-        val_set = CocoDetection(root, "val2017")
-    except data.DataError as e:
-        train.fail(str(e))
+    train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
+    val_set = CocoDetection(root, "val2017")
     vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
     train_set.in_chans = val_set.in_chans = vit.in_chans
     info = data.data_info("images", in_chans=vit.in_chans)
@@ -514,12 +508,9 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
         blocks = tuple(int(b) for b in global_blocks.split(",") if b.strip())
     except ValueError:
         train.fail(f"--global-blocks {global_blocks!r}: expected comma-separated block indices, e.g. 2,5,8,11")
-    try:
-        cfg = DetectConfig(vit=replace(vit, pos_grid=grid, drop_path=drop_path), num_classes=len(train_set.cat_ids), masks=train_set.masks,
-                           img_size=img_size, window=window, global_blocks=blocks, rois=rois, anchor_size=anchor_size,
-                           proposals=proposals, mean=mean, std=std)
-    except ValueError as e:
-        train.fail(str(e))
+    cfg = DetectConfig(vit=replace(vit, pos_grid=grid, drop_path=drop_path), num_classes=len(train_set.cat_ids), masks=train_set.masks,
+                       img_size=img_size, window=window, global_blocks=blocks, rois=rois, anchor_size=anchor_size,
+                       proposals=proposals, mean=mean, std=std)
     if main:
         origin = "--mean / --std or the encoder's pretraining" if stats else "ImageNet's"
         print(f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std {', '.join(f'{s:.3f}' for s in std)} "
@@ -530,7 +521,7 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
 # ---------------------------------------------------------------- CLI
 
 
-class DefaultGroup(click.Group):
+class DefaultGroup(train.Cli):
     """`python detect.py [flags]` means `python detect.py train [flags]`."""
 
     def parse_args(self, ctx, args):
@@ -608,10 +599,7 @@ def trained_detector(ckpt, data_dir):
     if not isinstance(config, dict) or config.get("kind") != "detect":
         train.fail(f"{ckpt} is not a detect.py checkpoint (expected the checkpoint.pt of `detect.py train`)")
     cfg = DetectConfig(**config["model"])
-    try:
-        val_set = CocoDetection(data_dir or config["data"], "val2017", cfg.vit.in_chans)
-    except data.DataError as e:
-        train.fail(str(e))
+    val_set = CocoDetection(data_dir or config["data"], "val2017", cfg.vit.in_chans)
     model = Detector(cfg)
     model.load_state_dict(state["model"])
     return model, val_set

@@ -23,6 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, its message naming the command-line flag: the CLIs print it as one line."""
+
+
 # ---------------------------------------------------------------- sampling
 
 SAMPLERS = ("offgrid", "offgrid-scale", "grid")
@@ -54,7 +60,7 @@ def sample_boxes(B, size, P, N, mode, device=None):
     elif mode == "offgrid-scale":
         sides = torch.minimum(torch.empty(B, N, len(size), device=device).uniform_(P / 2, 2 * P), extent)
     else:
-        raise ValueError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
+        raise ConfigError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
     lo = torch.rand(B, N, len(size), device=device) * (extent - sides)  # uniform over the positions that fit
     return torch.cat([lo, lo + sides], dim=-1)
 
@@ -130,7 +136,7 @@ def sample_pairs(B, N, K, device=None, masked=None):
     """
     allowed = N * N if masked is None else N * N - (N - int(masked[0].sum())) ** 2
     if K > allowed:
-        raise ValueError(f"--pairs {K} is more than the {allowed} ordered pairs of {N} patches" + (" with a masked one" if allowed < N * N else ""))
+        raise ConfigError(f"--pairs {K} is more than the {allowed} ordered pairs of {N} patches" + (" with a masked one" if allowed < N * N else ""))
     scores = torch.rand(B, N * N, device=device)  # (B, N*N)
     if masked is not None:
         scores = scores.masked_fill(~(masked[:, :, None] | masked[:, None, :]).flatten(1), -1.0)
@@ -192,7 +198,7 @@ PRESETS = {  # widths and depths of DeiT / timm
 
 def vit_config(preset, **overrides):
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}, expected one of {list(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}, expected one of {list(PRESETS)}")
     return ViTConfig(**{**PRESETS[preset], **overrides})
 
 
@@ -443,10 +449,10 @@ def load_encoder(model, state, source="checkpoint"):
             state.pop(key)
     missing = [k for k in own if k not in state and k not in fresh]
     if missing:
-        raise ValueError(f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT checkpoint?")
+        raise ConfigError(f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT checkpoint?")
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
+        raise ConfigError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
     unexpected = [k for k in state if k not in own]
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return [k for k in fresh if k not in state], unexpected
@@ -574,7 +580,7 @@ def relative_head(kind, dim, num_heads, num_patches, n_out):
         return PairwiseMlpHead(dim, n_out)
     if kind == "mlp":
         return MlpHead(dim, num_patches, n_out)
-    raise ValueError(f"unknown relative head {kind!r}, expected one of {HEADS}")
+    raise ConfigError(f"unknown relative head {kind!r}, expected one of {HEADS}")
 
 
 def relative_errors(pred, target):
@@ -610,13 +616,13 @@ def check_stats(mean, std, in_chans):
     """Input statistics as tuples, one value per channel -> (mean, std)."""
     mean, std = tuple(mean), tuple(std)
     if not len(mean) == len(std) == in_chans:
-        raise ValueError(f"mean {mean} and std {std} need one value per input channel, {in_chans}")
+        raise ConfigError(f"mean {mean} and std {std} need one value per input channel, {in_chans}")
     return mean, std
 
 
 def check_share(name, value):
     if not 0 <= value < 1:
-        raise ValueError(f"{name} {value} must be in [0, 1)")
+        raise ConfigError(f"{name} {value} must be in [0, 1)")
 
 
 @dataclass
@@ -633,9 +639,9 @@ class InputConfig:
         self.vit = ViTConfig(**self.vit) if isinstance(self.vit, dict) else self.vit
         self.img_size, P = tuple(self.img_size), self.vit.patch_size
         if len(self.img_size) != self.vit.patch_ndim:
-            raise ValueError(f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}")
+            raise ConfigError(f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}")
         if any(s % P for s in self.img_size):
-            raise ValueError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
+            raise ConfigError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
         self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
 
     @property
@@ -681,23 +687,23 @@ class PARTConfig(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
+            raise ConfigError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
         if self.head not in HEADS:
-            raise ValueError(f"unknown --head {self.head!r}, expected one of {HEADS}")
+            raise ConfigError(f"unknown --head {self.head!r}, expected one of {HEADS}")
         check_share("--pos-mask", self.pos_mask)
         grid_n = math.prod(self.grid)
         self.num_patches = self.num_patches or grid_n
         if self.sampler == "grid" and self.num_patches != grid_n:
-            raise ValueError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
+            raise ConfigError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
         if self.num_patches > 16 * grid_n:
-            raise ValueError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
+            raise ConfigError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
                              f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
         N, M = self.num_patches, round(self.pos_mask * self.num_patches)
         pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
         if self.pos_mask and M == 0:
-            raise ValueError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
+            raise ConfigError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
         if self.num_pairs > pairs:
-            raise ValueError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
+            raise ConfigError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
                              + (f" with one of the {M} masked" if self.pos_mask else ""))
 
 
@@ -903,7 +909,7 @@ METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (Drop
 def pretext_config(method, **fields):
     """The config of `method`'s pretraining model from flags; the flags of other methods are left out."""
     if method not in METHODS:
-        raise ValueError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
+        raise ConfigError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
     config_class = METHODS[method][0]
     names = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in fields.items() if k in names})
@@ -932,7 +938,7 @@ class ClassifierConfig(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.pool not in POOLS:
-            raise ValueError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
+            raise ConfigError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
         check_share("--pos-mask", self.pos_mask)
         # a probed encoder stays as pretrained: random position embeddings it could not adapt to would be noise
         grid = () if self.linear_probe else self.grid

@@ -54,7 +54,7 @@ PRESETS = {
 def eeg_vit(preset, window, channels, drop_path=0.0):
     """A 1D ViT: each window of `window` samples x `channels` channels is one token (a linear layer, 8.1)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
+        raise part.ConfigError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
     return part.ViTConfig(**PRESETS[preset], patch_size=window, in_chans=channels, patch_ndim=1, drop_path=drop_path)
 
 
@@ -523,7 +523,7 @@ def stage_counts(dataset):
 # ---------------------------------------------------------------- CLI
 
 
-@click.group()
+@click.group(cls=train.Cli)
 def cli():
     """PART on EEG: 1D pretraining and sleep-staging finetuning. See README.md."""
 
@@ -542,26 +542,20 @@ data_options = train.options(
 
 
 def load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs):
-    """Records, channels and the subject split, with DataError turned into a clean CLI error."""
+    """Records, channels and the subject split."""
     channels = tuple(c.strip() for c in channels.split(",")) if channels else DEFAULT_CHANNELS[source]
-    try:
-        refs = list_records(source, data_dir, synthetic_subjects, synthetic_epochs)
-        split = split_subjects(refs, finetune_subjects, test_subjects, split_seed)
-    except DataError as e:
-        train.fail(str(e))
+    refs = list_records(source, data_dir, synthetic_subjects, synthetic_epochs)
+    split = split_subjects(refs, finetune_subjects, test_subjects, split_seed)
     data_config = {"source": source, "channels": list(channels), "split_seed": split_seed, "split": split}
     if source == "synthetic":
         data_config.update(synthetic_subjects=synthetic_subjects, synthetic_epochs=synthetic_epochs)
     return refs, channels, split, data_config
 
 
-def load_or_fail(refs, subjects, channels, scored_only, desc, context=1):
-    """The epochs of `subjects` (runs of `context` of them with context > 1), DataError as a clean CLI error."""
-    try:
-        epochs = load_epochs(refs, subjects, channels, scored_only, desc)
-        return ContextEpochs(epochs, context) if context > 1 else epochs
-    except DataError as e:
-        train.fail(str(e))
+def load_set(refs, subjects, channels, scored_only, desc, context=1):
+    """The epochs of `subjects`, or runs of `context` of them with context > 1."""
+    epochs = load_epochs(refs, subjects, channels, scored_only, desc)
+    return ContextEpochs(epochs, context) if context > 1 else epochs
 
 
 def held_out(source, split, val_set):
@@ -591,8 +585,8 @@ def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split
     cfg = train.pretext(method, vit, (context * EPOCH_S * FS,), **signal_stats(vit), **kwargs)
 
     def command(dd):
-        train_set = load_or_fail(refs, split["pretrain"], channels, False, "pretraining subjects", context)
-        val_set = load_or_fail(refs, split["test"], channels, True, "held-out subjects", context)
+        train_set = load_set(refs, split["pretrain"], channels, False, "pretraining subjects", context)
+        val_set = load_set(refs, split["test"], channels, True, "held-out subjects", context)
         if dd.main:
             print(f"{held_out(source, split, val_set)}; pretraining on {len(split['pretrain'])} subjects, {len(train_set)} items of "
                   f"{context} epoch{'s' if context > 1 else ''}")
@@ -648,14 +642,11 @@ def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split
     if leaked:
         train.fail(f"{init} was pretrained on subjects {sorted(leaked)[:5]} that this split finetunes or tests on; use its --split-seed "
                    f"{pretrained_data.get('split_seed')} and subject counts")
-    try:
-        cfg = stager_config(vit, pos_mask)
-    except ValueError as e:
-        train.fail(str(e))
+    cfg = stager_config(vit, pos_mask)
 
     def command(dd):
-        train_set = load_or_fail(refs, split["finetune"], channels, True, "finetuning subjects")
-        val_set = load_or_fail(refs, split["test"], channels, True, "held-out subjects")
+        train_set = load_set(refs, split["finetune"], channels, True, "finetuning subjects")
+        val_set = load_set(refs, split["test"], channels, True, "held-out subjects")
         torch.manual_seed(recipe.seed)
         model = part.Classifier(cfg)
         if state is not None:

@@ -75,9 +75,13 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+class RunError(Exception):
+    """A run cannot go on (a missing checkpoint, a resume of another run, a loss gone non-finite): the CLIs
+    print the message as one line, as they do part.ConfigError and data.DataError (`Cli`)."""
+
+
 def fail(message):
-    """Stop with a one-line message instead of a traceback."""
-    raise click.ClickException(message)
+    raise RunError(message)
 
 
 # ---------------------------------------------------------------- recipe, schedule, checkpoints
@@ -409,19 +413,29 @@ def check_finite(loss, step, ckpt_path):
 
 
 def run(command):
-    """Run a training command with distributed setup and teardown around it; a dataset error met
-    while training (an unreadable file) stops it with one line."""
+    """Run a training command with distributed setup and teardown around it."""
     dd = setup_distributed()
     try:
         return command(dd)
-    except data.DataError as e:  # from a loader worker, the message ends with the original exception's line
-        fail(str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: "))
     finally:
         if dd.world > 1:
             dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- CLI
+
+
+class Cli(click.Group):
+    """The commands of train.py, sleep1d.py and detect.py: our own errors (a bad setting, bad data, a run
+    that cannot go on) stop them with one line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (RunError, part.ConfigError, data.DataError) as e:
+            # re-raised from a loader worker, the message ends with the original exception's own line
+            message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+            raise click.ClickException(message) from None
 
 
 def options(*decorators):
@@ -473,7 +487,7 @@ def recipe_from(kwargs):
     return Recipe(**{k: kwargs.pop(k) for k in asdict(Recipe())})
 
 
-@click.group()
+@click.group(cls=Cli)
 def cli():
     """PART: pretraining, finetuning and tools. See README.md."""
 
@@ -505,12 +519,9 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     error; a train_subset > 0 keeps that many training images, the first of a permutation drawn under
     `seed`; with skip_bad_files, unreadable image files are skipped (and counted by `fit`)."""
     name = flags["data_name"]
-    try:
-        info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
-        train_set = data.build_dataset(name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"])
-        val_set = data.build_dataset(name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"])
-    except data.DataError as e:
-        fail(str(e))
+    info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
+    train_set = data.build_dataset(name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"])
+    val_set = data.build_dataset(name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"])
     subset = flags["train_subset"]
     if subset > len(train_set):
         fail(f"--train-subset {subset} is more than the {len(train_set)} training images")
@@ -549,10 +560,7 @@ method_options = options(  # one set for train.py and sleep1d.py; each flag name
 
 def pretext(method, vit, size, mean, std, **flags):
     """The config of `method`'s model on inputs of `size`, from the method_options (+ --num-patches, --pairs)."""
-    try:
-        return part.pretext_config(method, vit=vit, img_size=size, mean=mean, std=std, **flags)
-    except ValueError as e:
-        fail(str(e))
+    return part.pretext_config(method, vit=vit, img_size=size, mean=mean, std=std, **flags)
 
 
 @cli.command()
@@ -657,11 +665,8 @@ def classifier_config(info, classes, source_vit, preset, patch_size, drop_path, 
     if source_vit and any(getattr(vit, k) != source_vit[k] for k in size):
         fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {source_vit[k]}' for k in size)}; "
              f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}")
-    try:
-        return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
-                                     linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std)
-    except ValueError as e:
-        fail(str(e))
+    return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
+                                 linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std)
 
 
 def source_grid(source):
@@ -679,10 +684,7 @@ def load_pretrained(encoder, state, source, path, main):
     state, note = dict(state), ""
     if "pos_embed" in state and encoder.pos_embed is not None and source.get("vit"):
         state["pos_embed"], note = part.adapt_pos_embed(state["pos_embed"], source_grid(source), encoder)
-    try:
-        fresh, unexpected = part.load_encoder(encoder, state, path)
-    except ValueError as e:
-        fail(str(e))
+    fresh, unexpected = part.load_encoder(encoder, state, path)
     if main:
         print(f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: {', '.join(unexpected) or 'none'}")
 
@@ -928,10 +930,7 @@ def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
     import figures  # matplotlib: loaded by this command alone
 
     for name, image in images:
-        try:
-            figures.show_image(model, name, image, ref, target, seed, Path(out_dir))
-        except ValueError as e:
-            fail(str(e))
+        figures.show_image(model, name, image, ref, target, seed, Path(out_dir))
 
 
 def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
@@ -974,10 +973,7 @@ def frozen_encoder(path, random_init):
         fail(f"{path} carries no model config: knn takes our checkpoints and exports (train.py export writes the config beside)")
     encoder = part.VisionTransformer(replace(part.ViTConfig(**model["vit"]), num_classes=0))
     if not random_init:
-        try:
-            part.load_encoder(encoder, state, path)
-        except ValueError as e:
-            fail(str(e))
+        part.load_encoder(encoder, state, path)
     return encoder.eval(), model, config.get("data")
 
 
