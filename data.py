@@ -155,14 +155,16 @@ class BadImageFile(DataError):
     """An image file that cannot be read; the message names it."""
 
 
-def read_image_file(path, mode):
+def read_image_file(path, mode, skippable=False):
     """A PIL image of the file at `path`, decoded in full and converted to `mode`; BadImageFile when
-    it is missing, truncated or not an image."""
+    it is missing, truncated or not an image (saying that --skip-bad-files would skip it, if skippable).
+    Every reader of image files here (datasets, detect.py's COCO images, train.py show's --image) calls it."""
     try:
         with Image.open(path) as img:
             return img.convert(mode)  # convert() decodes every pixel, so a truncated file fails here
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}); --skip-bad-files skips such files") from None
+        hint = "; --skip-bad-files skips such files" if skippable else ""
+        raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}){hint}") from None
 
 
 class ImageFiles(Dataset):
@@ -175,7 +177,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return self.transform(read_image_file(self.files[i], self.mode)), -1
+        return self.transform(read_image_file(self.files[i], self.mode, skippable=True)), -1
 
 
 class SkipBadFiles(Dataset):
@@ -222,7 +224,7 @@ def image_folder(root, mode, transform):
     if not Path(root).is_dir():
         raise DataError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=partial(read_image_file, mode=mode))
+        return datasets.ImageFolder(root, transform=transform, loader=partial(read_image_file, mode=mode, skippable=True))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
 

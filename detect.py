@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -195,14 +195,15 @@ class Detector(nn.Module):
                          box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
                          rpn_post_nms_top_n_test=cfg.proposals, **heads)
 
+    # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round coordinates
+    # by up to 4 px at 1024: train.fit leaves precision to the model, and only the backbone runs under autocast
+    manages_precision = True
+
     def forward(self, images, targets=None):
         images = [x.float() / 255 for x in images]
-        # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round
-        # coordinates by up to 4 px at 1024: only the backbone runs under autocast
-        with torch.autocast(images[0].device.type, enabled=False):
-            if not self.training:
-                return self.rcnn(images)
-            losses = self.rcnn(images, targets)
+        if not self.training:
+            return self.rcnn(images)
+        losses = self.rcnn(images, targets)
         loss = sum(losses.values())
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
 
@@ -252,11 +253,8 @@ def read_coco(path):
 
 def read_image(path, mode):
     """An image file as uint8 (C, H, W) in PIL mode "L" or "RGB"."""
-    try:
-        with Image.open(path) as img:
-            return torch.from_numpy(np.array(img.convert(mode))).reshape(img.height, img.width, -1).permute(2, 0, 1)
-    except (UnidentifiedImageError, OSError) as e:
-        raise data.DataError(f"{path} is not a readable image ({e})") from None
+    img = data.read_image_file(path, mode)
+    return torch.from_numpy(np.array(img)).reshape(img.height, img.width, -1).permute(2, 0, 1)
 
 
 class CocoDetection(Dataset):

@@ -70,9 +70,12 @@ def setup_distributed():
     return Dist(rank, local_rank, world, device)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device, model=None):
+    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU; nothing for a model that switches
+    precision itself (manages_precision: the detector, whose box decoding needs fp32)."""
+    if device.type != "cuda" or getattr(getattr(model, "module", model), "manages_precision", False):  # DDP's .module
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 class RunError(Exception):
@@ -215,7 +218,7 @@ def evaluate(model, loader, dd, seed):
             if batch is None:  # every file of the batch unreadable (--skip-bad-files)
                 continue
             x, y = to_device(batch, dd.device)
-            with autocast(dd.device):
+            with autocast(dd.device, model):
                 _, metrics = model(x, y)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float() * len(x)
@@ -240,13 +243,7 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     out_dir, ckpt_path = Path(out_dir), Path(out_dir) / "checkpoint.pt"
     train_loader = make_loader(train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True, train_collate_fn or collate_fn)
     val_loader = make_loader(val_set, recipe.batch_size, dd, recipe.seed, recipe.workers, False, collate_fn)
-    steps_per_epoch = len(train_loader) // recipe.accum
-    if steps_per_epoch == 0:
-        fail(f"--accum {recipe.accum} is more than the {len(train_loader)} batches of an epoch")
-    eff_batch = recipe.batch_size * recipe.accum * dd.world
-    lr = recipe.blr * eff_batch / 256
-    schedule = partial(lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), total_steps=recipe.epochs * steps_per_epoch,
-                       min_lr=recipe.min_lr, drop_steps=drop_steps(recipe.lr_drops, steps_per_epoch))
+    steps_per_epoch, eff_batch, lr, schedule = lr_schedule(recipe, len(train_loader), dd.world)
 
     model.to(dd.device)
     for m in model.modules():
@@ -282,15 +279,10 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
             eta = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
             summary = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "epoch_s": time.perf_counter() - t_epoch,
                        **({"skipped_files": skipped} if skipped else {}), **{f"val_{k}": v for k, v in metrics.items()}}
-            if torch.cuda.is_available():
-                summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-                  + (f"; {recipe.epochs - epoch - 1} epochs to go, about {eta / 60:.1f} min" if epoch + 1 < recipe.epochs else ""))
-            log.write(json.dumps(summary) + "\n")
-            log.flush()
+            report_epoch(summary, log, eta if epoch + 1 < recipe.epochs else None)
             improved = best_key is not None and metrics[best_key] > best
             best = metrics[best_key] if improved else best
-            state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+            state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": summary["step"],
                      "config": config, "best": best, "metrics": metrics}
             save_checkpoint(ckpt_path, state)
             if improved:
@@ -298,6 +290,29 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     if log:
         log.close()
     return metrics
+
+
+def report_epoch(summary, log, eta_s=None):
+    """An epoch's summary row (plus peak memory on CUDA) printed, with the time left, and appended to log.jsonl."""
+    if torch.cuda.is_available():
+        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+          + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else ""))
+    log.write(json.dumps(summary) + "\n")
+    log.flush()
+
+
+def lr_schedule(recipe, batches, world):
+    """-> optimizer steps per epoch, effective batch, peak lr (blr x effective batch / 256, MAE's rule),
+    and the schedule: step -> lr."""
+    steps_per_epoch = batches // recipe.accum
+    if steps_per_epoch == 0:
+        fail(f"--accum {recipe.accum} is more than the {batches} batches of an epoch")
+    eff_batch = recipe.batch_size * recipe.accum * world
+    lr = recipe.blr * eff_batch / 256
+    schedule = partial(lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), total_steps=recipe.epochs * steps_per_epoch,
+                       min_lr=recipe.min_lr, drop_steps=drop_steps(recipe.lr_drops, steps_per_epoch))
+    return steps_per_epoch, eff_batch, lr, schedule
 
 
 def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path, set_progress=None):
@@ -325,7 +340,7 @@ def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per
         if set_progress:
             set_progress(step / (recipe.epochs * steps_per_epoch))
         with nullcontext() if last_micro or dd.world == 1 else model.no_sync():  # DDP all-reduces on the last micro-batch only
-            with autocast(dd.device):
+            with autocast(dd.device, model):
                 loss, metrics = model(x, y)
             (loss / recipe.accum).backward()
         n_img += len(x) * dd.world
@@ -886,12 +901,8 @@ def read_image(path, chans, size):
     aspect ratio of size = (H, W) and resized to it."""
     if chans not in (1, 3):
         fail(f"--image needs a 1- or 3-channel checkpoint, this one takes {chans} channels")
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.fit(img.convert("L" if chans == 1 else "RGB"), (size[1], size[0]), Image.Resampling.BICUBIC)
-    except (OSError, ValueError) as e:  # missing, unreadable or not an image (PIL's UnidentifiedImageError is an OSError)
-        fail(f"--image {path} is not a readable image ({e})")
-    return pil_to_tensor(img)
+    img = data.read_image_file(path, "L" if chans == 1 else "RGB")
+    return pil_to_tensor(ImageOps.fit(img, (size[1], size[0]), Image.Resampling.BICUBIC))
 
 
 def held_out_images(config, cfg, data_dir, indices):
