@@ -67,8 +67,8 @@ sleep_study() {
   for S in $SEEDS; do
     for I in scratch part part-posmask mae droppos; do stage "$I" "$I" 10 "$S"; done
   done
-  for S in $SEEDS; do
-    for N in 2 5 20; do
+  for N in 2 5 20; do  # 8.2's sample efficiency: kappa against the number of finetuning subjects
+    for S in $SEEDS; do
       for I in scratch part part-posmask; do stage "$I" "$I" "$N" "$S"; done
     done
   done

@@ -1,4 +1,5 @@
-"""The tables of compare.sh, from the runs' log.jsonl files: mean ± sample std over seeds.
+"""The tables of compare.sh, from the runs' log.jsonl files: mean ± sample std over seeds; and,
+once the sleep study has run, its sample-efficiency curve as OUT/sleep_sample_efficiency.png.
 
     python compare_table.py out/compare 0 1 2
 """
@@ -81,5 +82,36 @@ def main(out, seeds):
     ])
 
 
+CURVE = {"scratch": "scratch", "part": "PART, no positions (today's reading)", "part-posmask": "PART, --pos-mask 0.2 (the other)"}
+
+
+def plot_sample_efficiency(out, seeds, path):
+    """8.2's curve: kappa on the held-out subjects against the number of finetuning subjects, mean ± std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, label in CURVE.items():
+        points = []
+        for n in (2, 5, 10, 20):
+            values = [v for v in (last(out / "sleep" / f"seed{s}" / f"ft_{name}_n{n}", "val_kappa") for s in seeds) if v is not None]
+            if values:
+                points.append((n, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
+        if points:
+            n, mean, std = zip(*points)
+            ax.errorbar(n, mean, yerr=std, marker="o", capsize=3, label=label)
+    ax.set(xscale="log", xlabel="finetuning subjects", ylabel="Cohen's kappa, 10 held-out subjects",
+           title=f"Sleep staging, SYNTHETIC EEG, {len(seeds)} seeds")
+    ax.set_xticks([2, 5, 10, 20], ["2", "5", "10", "20"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    out, seeds = Path(sys.argv[1]), sys.argv[2:]
+    main(out, seeds)
+    if (out / "sleep").is_dir():
+        plot_sample_efficiency(out, seeds, out / "sleep_sample_efficiency.png")

@@ -566,7 +566,7 @@ def held_out(source, split, val_set):
 @cli.command()
 @data_options
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="eeg_tiny", show_default=True, help="ViT width and depth; eeg_base is near the paper's 12.9M")
-@train.method_options
+@train.method_options()
 @click.option("--num-patches", type=train.POSITIVE, default=40, show_default=True, help="part: N 1-s windows per input (8.1: 40 per 30-s epoch)")
 @click.option("--pairs", "num_pairs", type=train.POSITIVE, default=1024, show_default=True, help="part: K (ref, tgt) pairs per input")
 @click.option("--context", type=train.POSITIVE, default=1, show_default=True,

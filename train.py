@@ -554,23 +554,28 @@ model_options = options(
 )
 
 SHARE = click.FloatRange(0, 1, max_open=True)
-method_options = options(  # one set for train.py and sleep1d.py; each flag names the methods it is for
-    click.option("--method", type=click.Choice(list(part.METHODS)), default="part", show_default=True,
-                 help="part: the paper's; mae, droppos: the baselines of its Tables 1-3, on the same ViT"),
-    click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
-                 help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
-    click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help="part: " + HEAD_HELP),
-    click.option("--pos-mask", type=SHARE, default=0.0, show_default=True,
-                 help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
-                      "loss on pairs with a masked patch (README, the 1D readings)"),
-    click.option("--mask-ratio", type=SHARE, default=0.75, show_default=True, help="mae, droppos: share of patches hidden from the encoder"),
-    click.option("--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
-                 help="droppos: share of the visible patches whose position embedding is dropped"),
-    click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True, help="mae, droppos: decoder width (the papers: 512)"),
-    click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
-    click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
-                 help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
-)
+
+
+def method_options(pos_mask=0.0):
+    """The pretraining method and its flags, one set for train.py and sleep1d.py (which differ in the
+    default of --pos-mask); each flag names the methods it is for."""
+    return options(
+        click.option("--method", type=click.Choice(list(part.METHODS)), default="part", show_default=True,
+                     help="part: the paper's; mae, droppos: the baselines of its Tables 1-3, on the same ViT"),
+        click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
+                     help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
+        click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help="part: " + HEAD_HELP),
+        click.option("--pos-mask", type=SHARE, default=pos_mask, show_default=True,
+                     help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
+                          "loss on pairs with a masked patch (README, the 1D readings)"),
+        click.option("--mask-ratio", type=SHARE, default=0.75, show_default=True, help="mae, droppos: share of patches hidden from the encoder"),
+        click.option("--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
+                     help="droppos: share of the visible patches whose position embedding is dropped"),
+        click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True, help="mae, droppos: decoder width (the papers: 512)"),
+        click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
+        click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
+                     help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
+    )
 
 
 def pretext(method, vit, size, mean, std, **flags):
@@ -581,7 +586,7 @@ def pretext(method, vit, size, mean, std, **flags):
 @cli.command()
 @data_options
 @model_options
-@method_options
+@method_options()
 @click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper")
 @click.option("--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
               help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)")
