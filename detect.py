@@ -452,17 +452,11 @@ def encoder_init(init, preset, patch_size, in_chans):
     """(ViTConfig, weights: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
     for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
     state dict takes --preset and --patch-size, scratch those and --in-chans."""
-    if init == "scratch":
-        return part.vit_config(preset, patch_size=patch_size, in_chans=in_chans), None, None
-    state, config = train.pretrained_encoder(init)
+    vit, state, config = train.encoder_from_init(init, part.vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3))
+    if state is None:
+        return vit, None, None
     source = config.get("model", {})
     stats = (tuple(source["mean"]), tuple(source["std"])) if "mean" in source else None
-    if source.get("vit"):
-        vit = part.ViTConfig(**source["vit"])
-    elif "patch_embed.proj.weight" in state:
-        vit = part.vit_config(preset, patch_size=patch_size, in_chans=state["patch_embed.proj.weight"].shape[1])
-    else:
-        train.fail(f"{init} is neither a PART checkpoint nor an encoder state dict (it has no patch_embed.proj.weight)")
     if in_chans and in_chans != vit.in_chans:
         train.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to use them")
     return vit, (state, source), stats

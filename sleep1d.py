@@ -605,15 +605,10 @@ def encoder_from(init, preset, channels, drop_path):
     """The encoder config and weights to finetune, the checkpoint's model config, and the data config they
     were pretrained on: from a 1D checkpoint (sleep1d.py pretrain of any method, or finetune, or an exported
     1D encoder), or fresh (scratch)."""
-    if init == "scratch":
-        return eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path), None, {}, {}
-    state, config = train.pretrained_encoder(init, patch_ndim=1)
-    source = config.get("model", {})
-    if preset or "vit" not in source:  # a bare state dict, or an explicit --preset
-        vit = eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path)
-    else:
-        vit = replace(part.ViTConfig(**source["vit"]), drop_path=drop_path)
-    return vit, state, source, config.get("data", {})
+    fallback = eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path)
+    vit, state, config = train.encoder_from_init(init, fallback, patch_ndim=1)
+    vit = fallback if preset else replace(vit, drop_path=drop_path)  # an explicit --preset: loading checks it against the weights
+    return vit, state, config.get("model", {}), config.get("data", {})
 
 
 @cli.command()

@@ -442,10 +442,9 @@ def pretrained(fake_fmnist, tmp_path):
 
 def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
-    state, config = train.pretrained_encoder(str(path))
-    source_vit = config["model"]["vit"]
+    vit, state, config = train.encoder_from_init(str(path), part.vit_config("vit_mini", patch_size=4))
     info = data.data_info("fashion-mnist")
-    cfg = train.classifier_config(info, 10, source_vit, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
+    cfg = train.classifier_config(info, 10, vit, True, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
                                   overrides.get("linear_probe", False), 0.0)
     model = part.Classifier(cfg)
     train.load_pretrained(model.encoder, state, config["model"], str(path), main=False)

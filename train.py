@@ -659,6 +659,21 @@ def pretrained_encoder(path, patch_ndim=2):
     return part.encoder_state_dict(ckpt), config
 
 
+def encoder_from_init(init, fallback, patch_ndim=2):
+    """--init -> (the encoder's ViTConfig, its weights or None, the checkpoint's config), for finetune,
+    detect.py and sleep1d.py alike: `scratch` is `fallback` without weights; a checkpoint or export of
+    ours brings its own ViT; a foreign state dict takes `fallback` with its patch embedding's channels."""
+    if init == "scratch":
+        return fallback, None, {}
+    state, config = pretrained_encoder(init, patch_ndim)
+    vit = config.get("model", {}).get("vit")
+    if vit:
+        return part.ViTConfig(**vit), state, config
+    if "patch_embed.proj.weight" not in state:
+        fail(f"{init} is neither a checkpoint of ours nor an encoder state dict (it has no patch_embed.proj.weight)")
+    return replace(fallback, in_chans=state["patch_embed.proj.weight"].shape[1]), state, config
+
+
 def default_pool(state, linear_probe):
     """The class token (the paper's), except for a probe of weights whose class token was never
     trained (PART pretrains without one): a frozen random token would be probed, so average the patches."""
@@ -675,15 +690,14 @@ def count_classes(name, info, train_set):
     return classes
 
 
-def classifier_config(info, classes, source_vit, preset, patch_size, drop_path, pool, linear_probe, smoothing):
-    """The checkpoint's ViT (vit_mini / 4 from scratch) unless --preset / --patch-size say otherwise,
-    in which case loading checks that they agree with the checkpoint."""
-    vit = part.ViTConfig(**source_vit) if source_vit else part.vit_config("vit_mini", patch_size=4)
-    vit = replace(vit, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or vit.patch_size, in_chans=info.in_chans,
+def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing):
+    """The ViT of --init (`base`, from encoder_from_init) unless --preset / --patch-size say otherwise; with
+    `pretrained` weights they must then agree with it."""
+    vit = replace(base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size, in_chans=info.in_chans,
                   drop_path=0.0 if linear_probe else drop_path)
     size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
-    if source_vit and any(getattr(vit, k) != source_vit[k] for k in size):
-        fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {source_vit[k]}' for k in size)}; "
+    if pretrained and any(getattr(vit, k) != getattr(base, k) for k in size):
+        fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {getattr(base, k)}' for k in size)}; "
              f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}")
     return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
                                  linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std)
@@ -734,13 +748,12 @@ def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
     same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
     --layer-decay is given, and then for either init alike."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
-    state, source = (None, {}) if init == "scratch" else pretrained_encoder(init)
-    source_vit = source.get("model", {}).get("vit")
+    base, state, source = encoder_from_init(init, part.vit_config("vit_mini", patch_size=4))
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
-    cfg = classifier_config(info, count_classes(flags["data_name"], info, train_set), source_vit, preset, patch_size, drop_path, pool, linear_probe,
-                            smoothing)
+    cfg = classifier_config(info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size, drop_path,
+                            pool, linear_probe, smoothing)
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same new weights on every process
