@@ -1,4 +1,4 @@
-"""PART: the patch sampler, the ViT encoder, the relative heads and the loss.
+"""PART: the patch sampler, the ViT encoder, the relative heads and the loss; MAE and DropPos beside it.
 
 Ayoughi et al., "How PARTs assemble into wholes: learning the relative
 composition of images", NLDL 2026, section 4 (method) and 8.1 (details).
@@ -8,9 +8,12 @@ composition of images", NLDL 2026, section 4 (method) and 8.1 (details).
     the relative translation (and, with scale, the relative size).
 
 Everything here is shape-generic over the number of spatial dimensions d:
-a box is (lo_1..lo_d, hi_1..hi_d), so (x0, y0, x1, y1) for images and
-(t0, t1) for 1D windows (sleep1d.py). The ViT takes a sequence of patches
-(B, N, C, *patch) and never sees where they came from.
+an input is (B, C, H, W) or a signal (B, C, T); a box is (lo_1..lo_d, hi_1..hi_d),
+so (x0, y0, x1, y1) for images and (t0, t1) for 1D windows (sleep1d.py). The ViT
+takes a sequence of patches (B, N, C, *patch) and never sees where they came from,
+unless given position embeddings. The file follows the data: boxes and crops ->
+pairs and targets -> ViT -> relative heads and loss -> PART, MAE, DropPos ->
+the classifier that finetunes them -> checkpoint helpers.
 
     python train.py pretrain          # trains PART on Fashion-MNIST
 """
@@ -400,62 +403,6 @@ def resize_pos_embed(pos_embed, old_grid, new_grid, num_prefix):
     mode = "bicubic" if len(old_grid) == 2 else "linear"
     grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=mode, align_corners=False).to(pos_embed.dtype)
     return torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
-
-
-def encoder_state_dict(checkpoint):
-    """The encoder's weights from any checkpoint layout, in timm's names.
-
-    Takes a training dict ({"model": ...}), {"state_dict": ...} or a bare state dict;
-    strips DDP's "module." and torch.compile's "_orig_mod." prefixes; of a model with an
-    `encoder` (PART, MAE, DropPos, a classifier) keeps the encoder's weights alone, without
-    their "encoder." prefix, and drops the pretext parts (heads, decoders, mask tokens), except
-    the fixed position embeddings the encoder was pretrained with (MAE's, DropPos', PART's with
-    --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, without a class token's slot.
-    """
-    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    if any(k.startswith("encoder.") for k in state):
-        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.") or k == "pos_embed"}
-    return state
-
-
-def adapt_pos_embed(pos_embed, old_grid, model):
-    """A pretrained position embedding (1, prefix + prod(old_grid), D) for `model`'s (a VisionTransformer
-    with position embeddings): resized to its grid, and given the model's own class-token slot when it has
-    a class token and the embedding has none -> (embedding, what was done, in words)."""
-    prefix = pos_embed.shape[1] - math.prod(old_grid)
-    new_grid = tuple(model.cfg.pos_grid)
-    pos = resize_pos_embed(pos_embed, old_grid, new_grid, prefix)
-    own_prefix = int(model.cfg.class_token)
-    if prefix == 0 and own_prefix:
-        pos = torch.cat([model.pos_embed[:, :1].detach(), pos], dim=1)
-    how = "kept" if tuple(old_grid) == new_grid else f"interpolated {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
-    return pos, f"pos_embed {how}" + (", class token's slot new" if prefix == 0 and own_prefix else "")
-
-
-def load_encoder(model, state, source="checkpoint"):
-    """Load encoder weights into a VisionTransformer that may add a class token, position
-    embeddings and a head; every other parameter must come from `state` with the same shape.
-
-    Class token, position embeddings or head of another shape are left at their init
-    (resize_pos_embed first to keep position embeddings). Returns (keys left at init,
-    unexpected keys ignored).
-    """
-    state = dict(state)
-    own = model.state_dict()
-    fresh = [k for k in own if k in ("cls_token", "pos_embed") or k.startswith("head.")]
-    for key in fresh:  # finetuning's additions start fresh unless the checkpoint already has them in shape
-        if key in state and state[key].shape != own[key].shape:
-            state.pop(key)
-    missing = [k for k in own if k not in state and k not in fresh]
-    if missing:
-        raise ConfigError(f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT checkpoint?")
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise ConfigError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
-    unexpected = [k for k in state if k not in own]
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return [k for k in fresh if k not in state], unexpected
 
 
 # ---------------------------------------------------------------- relative heads
@@ -985,3 +932,62 @@ class Classifier(nn.Module):
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # a mixed target's dominant class
         acc = (logits.argmax(dim=-1) == hard).float().mean()
         return loss, {"loss": loss.detach(), "acc": acc}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def encoder_state_dict(checkpoint):
+    """The encoder's weights from any checkpoint layout, in timm's names.
+
+    Takes a training dict ({"model": ...}), {"state_dict": ...} or a bare state dict;
+    strips DDP's "module." and torch.compile's "_orig_mod." prefixes; of a model with an
+    `encoder` (PART, MAE, DropPos, a classifier) keeps the encoder's weights alone, without
+    their "encoder." prefix, and drops the pretext parts (heads, decoders, mask tokens), except
+    the fixed position embeddings the encoder was pretrained with (MAE's, DropPos', PART's with
+    --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, without a class token's slot.
+    """
+    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):
+        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.") or k == "pos_embed"}
+    return state
+
+
+def adapt_pos_embed(pos_embed, old_grid, model):
+    """A pretrained position embedding (1, prefix + prod(old_grid), D) for `model`'s (a VisionTransformer
+    with position embeddings): resized to its grid, and given the model's own class-token slot when it has
+    a class token and the embedding has none -> (embedding, what was done, in words)."""
+    prefix = pos_embed.shape[1] - math.prod(old_grid)
+    new_grid = tuple(model.cfg.pos_grid)
+    pos = resize_pos_embed(pos_embed, old_grid, new_grid, prefix)
+    own_prefix = int(model.cfg.class_token)
+    if prefix == 0 and own_prefix:
+        pos = torch.cat([model.pos_embed[:, :1].detach(), pos], dim=1)
+    how = "kept" if tuple(old_grid) == new_grid else f"interpolated {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
+    return pos, f"pos_embed {how}" + (", class token's slot new" if prefix == 0 and own_prefix else "")
+
+
+def load_encoder(model, state, source="checkpoint"):
+    """Load encoder weights into a VisionTransformer that may add a class token, position
+    embeddings and a head; every other parameter must come from `state` with the same shape.
+
+    Class token, position embeddings or head of another shape are left at their init
+    (resize_pos_embed first to keep position embeddings). Returns (keys left at init,
+    unexpected keys ignored).
+    """
+    state = dict(state)
+    own = model.state_dict()
+    fresh = [k for k in own if k in ("cls_token", "pos_embed") or k.startswith("head.")]
+    for key in fresh:  # finetuning's additions start fresh unless the checkpoint already has them in shape
+        if key in state and state[key].shape != own[key].shape:
+            state.pop(key)
+    missing = [k for k in own if k not in state and k not in fresh]
+    if missing:
+        raise ConfigError(f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT checkpoint?")
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise ConfigError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
+    unexpected = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return [k for k in fresh if k not in state], unexpected
