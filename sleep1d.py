@@ -42,126 +42,6 @@ EPOCH_S = 30  # s, one scored sleep epoch
 STAGES = ("W", "N1", "N2", "N3", "REM")  # class indices 0..4; -1 marks an unscored epoch (pretraining only)
 UNSCORED = -1
 
-# ---------------------------------------------------------------- models: part.py's, in 1D
-
-PRESETS = {
-    "eeg_test": dict(embed_dim=32, depth=2, num_heads=2),  # for the test suite only
-    "eeg_tiny": dict(embed_dim=64, depth=4, num_heads=4),  # CPU-sized default
-    "eeg_base": dict(embed_dim=384, depth=7, num_heads=6),  # 12.7M parameters as finetuned, near the paper's 12.9M (8.1)
-}
-
-
-def eeg_vit(preset, window, channels, drop_path=0.0):
-    """A 1D ViT: each window of `window` samples x `channels` channels is one token (a linear layer, 8.1)."""
-    if preset not in PRESETS:
-        raise part.ConfigError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
-    return part.ViTConfig(**PRESETS[preset], patch_size=window, in_chans=channels, patch_ndim=1, drop_path=drop_path)
-
-
-def signal_stats(vit):
-    """Epochs are instance-normalised already (8.1): the models' own normalisation is the identity."""
-    return {"mean": (0.0,) * vit.in_chans, "std": (1.0,) * vit.in_chans}
-
-
-def stager_config(vit, pos_mask):
-    """Finetuning for sleep staging (8.1): the epoch's 30 on-grid 1-s windows, a class token, learnable position
-    embeddings of which `pos_mask` are masked per epoch in training, a linear head on the class token over the
-    5 stages, cross-entropy without label smoothing."""
-    return part.ClassifierConfig(vit=vit, img_size=(EPOCH_S * FS,), num_classes=len(STAGES), pool="cls", smoothing=0.0,
-                                 pos_mask=pos_mask, **signal_stats(vit))
-
-
-def confusion_matrix(pred, target, k=len(STAGES)):
-    """Counts (k, k): row = true stage, column = predicted stage."""
-    return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
-
-
-def cohen_kappa(confusion):
-    """Cohen's kappa from a confusion matrix: (p_o - p_e) / (1 - p_e), agreement beyond chance."""
-    c = confusion.double()
-    n = c.sum()
-    p_o = c.trace() / n
-    p_e = (c.sum(0) * c.sum(1)).sum() / n**2
-    return ((p_o - p_e) / (1 - p_e)).item() if p_e < 1 else 0.0
-
-
-@torch.no_grad()
-def evaluate_staging(model, loader, dd, seed=None):
-    """Kappa, accuracy, loss and the confusion matrix over the whole held-out set, for train.fit.
-
-    Processes add up their confusion matrices, so the kappa is that of the full set (DDP's
-    sampler pads the last shard by repeating up to world - 1 epochs). Deterministic: seed unused.
-    """
-    model.eval()
-    confusion = torch.zeros(len(STAGES), len(STAGES), dtype=torch.long, device=dd.device)
-    loss_sum = torch.zeros((), dtype=torch.double, device=dd.device)
-    for x, y in loader:
-        x, y = train.to_device((x, y), dd.device)
-        with train.autocast(dd.device):
-            logits = model.logits(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion += confusion_matrix(logits.argmax(dim=-1), y)
-    if dd.world > 1:
-        dist.all_reduce(confusion)
-        dist.all_reduce(loss_sum)
-    model.train()
-    n = confusion.sum().item()
-    return {"kappa": cohen_kappa(confusion), "acc": confusion.trace().item() / n, "loss": loss_sum.item() / n,
-            "confusion": confusion.tolist()}
-
-
-# ---------------------------------------------------------------- preprocessing (8.1)
-
-
-def bandpass(signal, fs, low=0.1, high=30.0):
-    """Zero-phase 4th-order Butterworth band-pass, 0.1-30 Hz as the paper (8.1): (C, T) -> (C, T)."""
-    sos = scipy.signal.butter(4, [low, high], btype="bandpass", fs=fs, output="sos")
-    return scipy.signal.sosfiltfilt(sos, signal, axis=-1)
-
-
-def resample(signal, fs, target=FS):
-    """Polyphase resampling (with its anti-aliasing filter) from fs to `target` Hz: (C, T) -> (C, T')."""
-    ratio = Fraction(target) / Fraction(fs).limit_denominator(1000)
-    return signal if ratio == 1 else scipy.signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1)
-
-
-def instance_normalise(epochs):
-    """Each epoch and channel to zero mean, unit variance over its 30 s (8.1): (n, C, L) -> (n, C, L)."""
-    mean, std = epochs.mean(axis=-1, keepdims=True), epochs.std(axis=-1, keepdims=True)
-    return (epochs - mean) / np.maximum(std, 1e-6)  # a flat channel stays zero
-
-
-def cut_epochs(signal, runs):
-    """30-s epochs along the scored runs of a 100 Hz record: (C, T), [(onset_s, duration_s, stage)] ->
-    epochs (n, C, 3000), stages (n,), start samples (n,). Each run is cut from its own onset; a partial
-    epoch is dropped."""
-    L = EPOCH_S * FS
-    starts, stages = [], []
-    for onset, duration, stage in runs:
-        for k in range(int(duration / EPOCH_S + 1e-6)):
-            start = round((onset + k * EPOCH_S) * FS)
-            if start + L <= signal.shape[-1]:
-                starts.append(start)
-                stages.append(stage)
-    epochs = np.stack([signal[:, s : s + L] for s in starts]) if starts else np.zeros((0, len(signal), L))
-    return epochs, np.asarray(stages, dtype=np.int64), np.asarray(starts, dtype=np.int64)
-
-
-def preprocess(signal, fs, runs):
-    """The paper's pipeline (8.1): band-pass 0.1-30 Hz, resample to 100 Hz, cut 30-s epochs,
-    instance-normalise each. (C, T) at fs Hz -> float16 epochs (n, C, 3000), stages (n,), start samples (n,)."""
-    signal = resample(bandpass(np.asarray(signal, dtype=np.float64), fs), fs)
-    epochs, stages, starts = cut_epochs(signal, runs)
-    return instance_normalise(epochs).astype(np.float16), stages, starts
-
-
-def runs_from_labels(stage, fs):
-    """Per-sample stage indices (T,) -> runs [(onset_s, duration_s, stage)] of constant stage, unscored (-1) runs dropped."""
-    change = np.flatnonzero(np.diff(stage)) + 1
-    bounds = np.concatenate([[0], change, [len(stage)]])
-    return [(a / fs, (b - a) / fs, int(stage[a])) for a, b in zip(bounds[:-1], bounds[1:]) if stage[a] >= 0]
-
-
 # ---------------------------------------------------------------- readers
 
 
@@ -304,6 +184,58 @@ def sleep_edf_records(data_dir):
         hypnogram = next(iter(sorted(psg.parent.glob(psg.name[:6] + "*-Hypnogram.edf"))), None)
         refs.append(RecordRef(psg.name[:5], psg.name[:8], hypnogram is not None, partial(read_sleep_edf, psg, hypnogram)))
     return refs
+
+
+# ---------------------------------------------------------------- preprocessing (8.1)
+
+
+def bandpass(signal, fs, low=0.1, high=30.0):
+    """Zero-phase 4th-order Butterworth band-pass, 0.1-30 Hz as the paper (8.1): (C, T) -> (C, T)."""
+    sos = scipy.signal.butter(4, [low, high], btype="bandpass", fs=fs, output="sos")
+    return scipy.signal.sosfiltfilt(sos, signal, axis=-1)
+
+
+def resample(signal, fs, target=FS):
+    """Polyphase resampling (with its anti-aliasing filter) from fs to `target` Hz: (C, T) -> (C, T')."""
+    ratio = Fraction(target) / Fraction(fs).limit_denominator(1000)
+    return signal if ratio == 1 else scipy.signal.resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1)
+
+
+def instance_normalise(epochs):
+    """Each epoch and channel to zero mean, unit variance over its 30 s (8.1): (n, C, L) -> (n, C, L)."""
+    mean, std = epochs.mean(axis=-1, keepdims=True), epochs.std(axis=-1, keepdims=True)
+    return (epochs - mean) / np.maximum(std, 1e-6)  # a flat channel stays zero
+
+
+def cut_epochs(signal, runs):
+    """30-s epochs along the scored runs of a 100 Hz record: (C, T), [(onset_s, duration_s, stage)] ->
+    epochs (n, C, 3000), stages (n,), start samples (n,). Each run is cut from its own onset; a partial
+    epoch is dropped."""
+    L = EPOCH_S * FS
+    starts, stages = [], []
+    for onset, duration, stage in runs:
+        for k in range(int(duration / EPOCH_S + 1e-6)):
+            start = round((onset + k * EPOCH_S) * FS)
+            if start + L <= signal.shape[-1]:
+                starts.append(start)
+                stages.append(stage)
+    epochs = np.stack([signal[:, s : s + L] for s in starts]) if starts else np.zeros((0, len(signal), L))
+    return epochs, np.asarray(stages, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+
+
+def preprocess(signal, fs, runs):
+    """The paper's pipeline (8.1): band-pass 0.1-30 Hz, resample to 100 Hz, cut 30-s epochs,
+    instance-normalise each. (C, T) at fs Hz -> float16 epochs (n, C, 3000), stages (n,), start samples (n,)."""
+    signal = resample(bandpass(np.asarray(signal, dtype=np.float64), fs), fs)
+    epochs, stages, starts = cut_epochs(signal, runs)
+    return instance_normalise(epochs).astype(np.float16), stages, starts
+
+
+def runs_from_labels(stage, fs):
+    """Per-sample stage indices (T,) -> runs [(onset_s, duration_s, stage)] of constant stage, unscored (-1) runs dropped."""
+    change = np.flatnonzero(np.diff(stage)) + 1
+    bounds = np.concatenate([[0], change, [len(stage)]])
+    return [(a / fs, (b - a) / fs, int(stage[a])) for a, b in zip(bounds[:-1], bounds[1:]) if stage[a] >= 0]
 
 
 # ---------------------------------------------------------------- synthetic polysomnography
@@ -518,6 +450,77 @@ def load_epochs(refs, subjects, channels, scored_only, desc="loading"):
 def stage_counts(dataset):
     counts = torch.bincount(dataset.stages[dataset.stages >= 0], minlength=len(STAGES)).tolist()
     return ", ".join(f"{s} {c}" for s, c in zip(STAGES, counts))
+
+
+# ---------------------------------------------------------------- kappa
+
+
+def confusion_matrix(pred, target, k=len(STAGES)):
+    """Counts (k, k): row = true stage, column = predicted stage."""
+    return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
+
+
+def cohen_kappa(confusion):
+    """Cohen's kappa from a confusion matrix: (p_o - p_e) / (1 - p_e), agreement beyond chance."""
+    c = confusion.double()
+    n = c.sum()
+    p_o = c.trace() / n
+    p_e = (c.sum(0) * c.sum(1)).sum() / n**2
+    return ((p_o - p_e) / (1 - p_e)).item() if p_e < 1 else 0.0
+
+
+@torch.no_grad()
+def evaluate_staging(model, loader, dd, seed=None):
+    """Kappa, accuracy, loss and the confusion matrix over the whole held-out set, for train.fit.
+
+    Processes add up their confusion matrices, so the kappa is that of the full set (DDP's
+    sampler pads the last shard by repeating up to world - 1 epochs). Deterministic: seed unused.
+    """
+    model.eval()
+    confusion = torch.zeros(len(STAGES), len(STAGES), dtype=torch.long, device=dd.device)
+    loss_sum = torch.zeros((), dtype=torch.double, device=dd.device)
+    for x, y in loader:
+        x, y = train.to_device((x, y), dd.device)
+        with train.autocast(dd.device):
+            logits = model.logits(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += confusion_matrix(logits.argmax(dim=-1), y)
+    if dd.world > 1:
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    model.train()
+    n = confusion.sum().item()
+    return {"kappa": cohen_kappa(confusion), "acc": confusion.trace().item() / n, "loss": loss_sum.item() / n,
+            "confusion": confusion.tolist()}
+
+
+# ---------------------------------------------------------------- models: part.py's, in 1D
+
+PRESETS = {
+    "eeg_test": dict(embed_dim=32, depth=2, num_heads=2),  # for the test suite only
+    "eeg_tiny": dict(embed_dim=64, depth=4, num_heads=4),  # CPU-sized default
+    "eeg_base": dict(embed_dim=384, depth=7, num_heads=6),  # 12.7M parameters as finetuned, near the paper's 12.9M (8.1)
+}
+
+
+def eeg_vit(preset, window, channels, drop_path=0.0):
+    """A 1D ViT: each window of `window` samples x `channels` channels is one token (a linear layer, 8.1)."""
+    if preset not in PRESETS:
+        raise part.ConfigError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
+    return part.ViTConfig(**PRESETS[preset], patch_size=window, in_chans=channels, patch_ndim=1, drop_path=drop_path)
+
+
+def signal_stats(vit):
+    """Epochs are instance-normalised already (8.1): the models' own normalisation is the identity."""
+    return {"mean": (0.0,) * vit.in_chans, "std": (1.0,) * vit.in_chans}
+
+
+def stager_config(vit, pos_mask):
+    """Finetuning for sleep staging (8.1): the epoch's 30 on-grid 1-s windows, a class token, learnable position
+    embeddings of which `pos_mask` are masked per epoch in training, a linear head on the class token over the
+    5 stages, cross-entropy without label smoothing."""
+    return part.ClassifierConfig(vit=vit, img_size=(EPOCH_S * FS,), num_classes=len(STAGES), pool="cls", smoothing=0.0,
+                                 pos_mask=pos_mask, **signal_stats(vit))
 
 
 # ---------------------------------------------------------------- CLI
