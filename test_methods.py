@@ -248,3 +248,12 @@ def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
     assert result.exit_code == 0 and "pos_embed kept" in result.output, result.output
     ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["kind"] == "sleep-stager" and "kappa" in ckpt["metrics"]
+
+
+def test_bench_times_each_method_beside_part():
+    result = invoke("bench", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 1, "--methods")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.split() and line.split()[0] in part.METHODS}
+    assert sorted(lines) == sorted(part.METHODS) and "1.00 x PART's" in lines["part"]
+    flops = {m: float(line.rsplit(" ", 1)[1]) for m, line in lines.items()}
+    assert flops["mae"] < flops["part"] and flops["droppos"] < flops["part"]  # both encode a quarter of the patches

@@ -810,7 +810,8 @@ def peak_memory_gib(device):
 @click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP)
 @click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
 @click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
-def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile):
+@click.option("--methods", is_flag=True, help="also time an MAE and a DropPos step (defaults) beside PART's, interleaved")
+def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods):
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
     device = local_device()
@@ -821,6 +822,32 @@ def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs
     for n, k in itertools.product(num_patches, pairs):
         cfg = pretext("part", vit, (img_size, img_size), *stats, sampler=sampler, num_patches=n, num_pairs=k, head=head)
         bench_one(cfg, batch_size, steps, use_compile, device)
+    if methods:
+        bench_methods(vit, (img_size, img_size), stats, batch_size, steps, device, sampler=sampler, num_pairs=pairs[0], head=head)
+
+
+def bench_methods(vit, size, stats, batch_size, steps, device, **part_flags):
+    """A pretraining step of each method (the default flags, PART's as given) on the same ViT and images,
+    timed in turn: ms per step, the ratio to PART's, and GFLOP per image."""
+    images = torch.randint(0, 256, (batch_size, vit.in_chans, *size), dtype=torch.uint8, device=device)
+    steps_of = {}
+    for method in part.METHODS:
+        torch.manual_seed(0)
+        model = part.pretext_model(method, pretext(method, vit, size, *stats, **part_flags)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            with autocast(device, model):
+                loss, _ = model(images)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps_of[method] = step
+    times = dict(zip(steps_of, timed(list(steps_of.values()), steps, device)))
+    for method, step in steps_of.items():
+        print(f"{method:8s} step {times[method] * 1e3:8.1f} ms = {batch_size / times[method]:7.1f} img/s, "
+              f"{times[method] / times['part']:.2f} x PART's; GFLOP/img (fwd+bwd) {count_flops(step) / batch_size / 1e9:.2f}")
 
 
 def bench_one(cfg, batch_size, steps, use_compile, device):
