@@ -847,7 +847,7 @@ def bench_methods(vit, size, stats, batch_size, steps, device, **part_flags):
     times = dict(zip(steps_of, timed(list(steps_of.values()), steps, device)))
     for method, step in steps_of.items():
         print(f"{method:8s} step {times[method] * 1e3:8.1f} ms = {batch_size / times[method]:7.1f} img/s, "
-              f"{times[method] / times['part']:.2f} x PART's; GFLOP/img (fwd+bwd) {count_flops(step) / batch_size / 1e9:.2f}")
+              f"{times[method] / times['part']:.2f} x PART's; GFLOP/img (fwd+bwd) {count_flops(step) / batch_size / 1e9:.3g}")
 
 
 def bench_one(cfg, batch_size, steps, use_compile, device):
