@@ -256,4 +256,4 @@ def test_bench_times_each_method_beside_part():
     lines = {line.split()[0]: line for line in result.output.splitlines() if line.split() and line.split()[0] in part.METHODS}
     assert sorted(lines) == sorted(part.METHODS) and "1.00 x PART's" in lines["part"]
     flops = {m: float(line.rsplit(" ", 1)[1]) for m, line in lines.items()}
-    assert flops["mae"] < flops["part"] and flops["droppos"] < flops["part"]  # both encode a quarter of the patches
+    assert 0 < flops["droppos"] < flops["mae"]  # DropPos decodes the 4 visible tokens, MAE all 16
