@@ -10,10 +10,11 @@
 # `methods` and `sleep` together take about 2 hours on 2 CPU cores (README, "Comparisons"):
 #   Fashion-MNIST: pretraining 20k images x 2 epochs for every method, the same vit_mini/4, batch, lr and
 #   schedule; finetuning 5k labelled images x 10 epochs (train.py finetune's defaults), linear probe
-#   5k x 5 epochs, kNN over the 60k training images; top-1 on the 10k test images.
+#   5k x 3 epochs, kNN over the 60k training images; top-1 on the 10k test images.
 #   Nuclei (detect.py's default data): 3 epochs (lr x0.1 at 2 and 2.75), scratch with the encoders' inputs.
 #   Sleep (synthetic): pretraining 15 epochs on the 20 subjects outside the 20 finetuning and 10 test ones,
-#   --pairs 512 for both PART readings; finetuning 20 epochs on 10 subjects (and 2, 5, 20 for the curve).
+#   --pairs 512 for both PART readings; finetuning 20 epochs on 10 subjects (360 steps), and for the curve
+#   on 2, 5 and 20 subjects with the epochs that give about as many steps (100, 40, 10 epochs: 300, 360, 370 steps).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/compare}
@@ -33,15 +34,18 @@ methods() {
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
+    [ -s "$D/knn_scratch.txt" ] || $PY train.py knn --ckpt "$D/pre_part/checkpoint.pt" --random-init > "$D/knn_scratch.txt"
+    for M in $METHODS; do [ -s "$D/knn_$M.txt" ] || $PY train.py knn --ckpt "$D/pre_$M/checkpoint.pt" > "$D/knn_$M.txt"; done
+  done
+  for S in $SEEDS; do
+    D="$OUT/seed$S"
     finetune "$D/ft_scratch" scratch --epochs 10 --seed "$S"
     for M in $METHODS; do finetune "$D/ft_$M" "$D/pre_$M/checkpoint.pt" --epochs 10 --seed "$S"; done
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    [ -s "$D/knn_scratch.txt" ] || $PY train.py knn --ckpt "$D/pre_part/checkpoint.pt" --random-init > "$D/knn_scratch.txt"
-    for M in $METHODS; do [ -s "$D/knn_$M.txt" ] || $PY train.py knn --ckpt "$D/pre_$M/checkpoint.pt" > "$D/knn_$M.txt"; done
-    finetune "$D/probe_scratch" scratch --linear-probe --epochs 5 --seed "$S"
-    for M in $METHODS; do finetune "$D/probe_$M" "$D/pre_$M/checkpoint.pt" --linear-probe --epochs 5 --seed "$S"; done
+    finetune "$D/probe_scratch" scratch --linear-probe --epochs 3 --seed "$S"
+    for M in $METHODS; do finetune "$D/probe_$M" "$D/pre_$M/checkpoint.pt" --linear-probe --epochs 3 --seed "$S"; done
   done
   DET="--epochs 3 --lr-drops 2,2.75"
   for S in $SEEDS; do
@@ -60,16 +64,16 @@ sleep_study() {
     $PY sleep1d.py pretrain $SPLIT --method mae --epochs 15 --seed "$S" --out-dir "$D/pre_mae"
     $PY sleep1d.py pretrain $SPLIT --method droppos --epochs 15 --seed "$S" --out-dir "$D/pre_droppos"
   done
-  stage() {  # name, init, subjects, seed
+  stage() {  # name, init, subjects, seed, flags
     local D="$OUT/sleep/seed$4" init="$2"; [ "$init" = scratch ] || init="$OUT/sleep/seed$4/pre_$2/checkpoint.pt"
-    $PY sleep1d.py finetune --init "$init" --finetune-subjects "$3" --seed "$4" --out-dir "$D/ft_$1_n$3"
+    $PY sleep1d.py finetune --init "$init" --finetune-subjects "$3" --seed "$4" "${@:5}" --out-dir "$D/ft_$1_n$3"
   }
   for S in $SEEDS; do
     for I in scratch part part-posmask mae droppos; do stage "$I" "$I" 10 "$S"; done
   done
-  for N in 2 5 20; do  # 8.2's sample efficiency: kappa against the number of finetuning subjects
+  for N in 2 5 20; do  # 8.2's sample efficiency: kappa against the number of finetuning subjects, at about the same number of steps
     for S in $SEEDS; do
-      for I in scratch part part-posmask; do stage "$I" "$I" "$N" "$S"; done
+      for I in scratch part part-posmask; do stage "$I" "$I" "$N" "$S" --epochs $((200 / N)); done
     done
   done
   for S in $SEEDS; do  # 5.2's "longer sequences": windows over 2 consecutive epochs, position masking as above
