@@ -9,16 +9,27 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 
 def rows(path):
     log = Path(path) / "log.jsonl"
     return [json.loads(line) for line in open(log)] if log.exists() else []
 
 
+def finished(path):
+    """Whether the run in `path` has trained all the epochs its checkpoint's recipe asks for."""
+    ckpt = Path(path) / "checkpoint.pt"
+    if not ckpt.exists():
+        return False
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return state["epoch"] >= state["config"]["recipe"]["epochs"]
+
+
 def last(path, key):
-    """The last value of key in a run's log.jsonl, or None."""
+    """The last value of key in a finished run's log.jsonl, or None (also while the run is going on)."""
     values = [r[key] for r in rows(path) if key in r]
-    return values[-1] if values else None
+    return values[-1] if values and finished(path) else None
 
 
 def minutes(path):
