@@ -3,6 +3,7 @@
 #   bash compare.sh methods     # scratch, PART, MAE, DropPos: finetune, linear probe and kNN top-1 on Fashion-MNIST, nuclei AP
 #   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MAE, DropPos: Δt error, kappa, sample efficiency
 #   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
+#   bash compare.sh all         # methods, then sleep: every cell of the README's methods table
 #   bash compare.sh table       # the tables of every run finished so far
 #   SEEDS="0" bash compare.sh methods                        # one seed
 #   PY="torchrun --nproc_per_node=8" bash compare.sh methods # the same on a bigger machine
@@ -105,7 +106,8 @@ case "${1:-}" in
   methods) methods ;;
   sleep) sleep_study ;;
   ablations) ablations ;;
+  all) methods; sleep_study ;;
   table) ;;
-  *) echo "usage: bash compare.sh methods|sleep|ablations|table" >&2; exit 2 ;;
+  *) echo "usage: bash compare.sh methods|sleep|ablations|all|table" >&2; exit 2 ;;
 esac
 python compare_table.py "$OUT" $SEEDS
