@@ -881,14 +881,16 @@ class ClassifierConfig(InputConfig):
     linear_probe: bool = False  # frozen encoder, BatchNorm without affine before the head (MAE)
     smoothing: float = 0.1  # label smoothing (DeiT)
     pos_mask: float = 0.0  # share of patch tokens whose position embedding is masked out in training (8.1, EEG: 0.2)
+    pos_pretrained: bool = False  # the encoder was pretrained with position embeddings (MAE, DropPos, PART --pos-mask)
 
     def __post_init__(self):
         super().__post_init__()
         if self.pool not in POOLS:
             raise ConfigError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
         check_share("--pos-mask", self.pos_mask)
-        # a probed encoder stays as pretrained: random position embeddings it could not adapt to would be noise
-        grid = () if self.linear_probe else self.grid
+        # a probed encoder stays as pretrained: with the position embeddings it was pretrained with, if any;
+        # random ones it could not adapt to would be noise
+        grid = () if self.linear_probe and not self.pos_pretrained else self.grid
         self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool)
 
 

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 import detect
 import part
 import sleep1d
+import train
 from conftest import TINY_RUN, invoke, tiny_config, write_coco
 
 
@@ -224,13 +225,17 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     result = invoke("finetune", "--init", ckpt, "--linear-probe", "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32,
                     "--epochs", 1, "--out-dir", tmp_path / "probe")
     assert result.exit_code == 0, result.output
+    pretrained = torch.load(ckpt, weights_only=True)["model"]
+    probe = torch.load(tmp_path / "probe" / "checkpoint.pt", weights_only=True)["model"]
+    torch.testing.assert_close(probe["encoder.pos_embed"][:, 1:], pretrained["pos_embed"])  # probed with its pretraining positions
     result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
+    frozen, _, _ = train.frozen_encoder(str(ckpt), random_init=False)
+    torch.testing.assert_close(frozen.pos_embed, pretrained["pos_embed"])  # kNN reads the tokens as pretrained, with positions
     coco = write_coco(tmp_path / "coco")
     cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks="",
                                         anchor_size=16, proposals=50)
     encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
-    pretrained = torch.load(ckpt, weights_only=True)["model"]
     torch.testing.assert_close(encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
     pos = part.resize_pos_embed(pretrained["pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
     torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)

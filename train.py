@@ -690,9 +690,9 @@ def count_classes(name, info, train_set):
     return classes
 
 
-def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing):
+def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, pos_pretrained=False):
     """The ViT of --init (`base`, from encoder_from_init) unless --preset / --patch-size say otherwise; with
-    `pretrained` weights they must then agree with it."""
+    `pretrained` weights they must then agree with it. pos_pretrained: the weights bring position embeddings."""
     vit = replace(base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size, in_chans=info.in_chans,
                   drop_path=0.0 if linear_probe else drop_path)
     size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
@@ -700,7 +700,7 @@ def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_
         fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {getattr(base, k)}' for k in size)}; "
              f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}")
     return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
-                                 linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std)
+                                 linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std, pos_pretrained=pos_pretrained)
 
 
 def source_grid(source):
@@ -753,7 +753,7 @@ def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
     cfg = classifier_config(info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size, drop_path,
-                            pool, linear_probe, smoothing)
+                            pool, linear_probe, smoothing, pos_pretrained=state is not None and "pos_embed" in state)
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same new weights on every process
@@ -1021,15 +1021,18 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
 
 
 def frozen_encoder(path, random_init):
-    """The 2D encoder of a checkpoint or export, its model config and data name, in eval mode; with
-    random_init its architecture with fresh weights, the baseline."""
+    """The 2D encoder of a checkpoint or export, its model config and data name, in eval mode, with the
+    position embeddings it was trained with (a finetuned model's, or the fixed ones of MAE, DropPos and
+    PART --pos-mask); with random_init its architecture with fresh weights and no positions, the baseline."""
     state, config = pretrained_encoder(path)
     model = config.get("model", {})
     if "vit" not in model or "img_size" not in model:
         fail(f"{path} carries no model config: knn takes our checkpoints and exports (train.py export writes the config beside)")
-    encoder = part.VisionTransformer(replace(part.ViTConfig(**model["vit"]), num_classes=0))
-    if not random_init:
-        part.load_encoder(encoder, state, path)
+    vit = replace(part.ViTConfig(**model["vit"]), num_classes=0)
+    if random_init:
+        return part.VisionTransformer(vit).eval(), model, config.get("data")
+    encoder = part.VisionTransformer(replace(vit, pos_grid=source_grid(model)) if "pos_embed" in state else vit)
+    load_pretrained(encoder, state, model, path, main=False)
     return encoder.eval(), model, config.get("data")
 
 
