@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-
 class ConfigError(ValueError):
     """A setting that cannot work, its message naming the command-line flag: the CLIs print it as one line."""
 
@@ -644,14 +643,14 @@ class PARTConfig(InputConfig):
             raise ConfigError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
         if self.num_patches > 16 * grid_n:
             raise ConfigError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
-                             f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
+                              f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
         N, M = self.num_patches, round(self.pos_mask * self.num_patches)
         pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
         if self.pos_mask and M == 0:
             raise ConfigError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
         if self.num_pairs > pairs:
             raise ConfigError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
-                             + (f" with one of the {M} masked" if self.pos_mask else ""))
+                              + (f" with one of the {M} masked" if self.pos_mask else ""))
 
 
 class PART(nn.Module):
@@ -732,6 +731,14 @@ class MAEConfig(InputConfig):
         check_share("--mask-ratio", self.mask_ratio)
 
 
+def hide_patches(patches, ratio):
+    """MAE's and DropPos' patch masking: (B, N, C, *patch) -> the visible patches (B, N - M, C, *patch),
+    their indices (B, N - M) and the hidden ones' (B, M), M = round(ratio * N), fresh per item."""
+    B, N = patches.shape[:2]
+    kept, hidden = random_split(B, N, ratio, patches.device)
+    return take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:]), kept, hidden
+
+
 def patch_targets(patches, norm_pix):
     """MAE's targets: (B, N, C, *patch) -> (B, N, C * prod(patch)), each patch's pixels normalised by
     their own mean and (unbiased) variance when norm_pix."""
@@ -763,8 +770,7 @@ class MAE(nn.Module):
         """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics): MSE on the masked patches."""
         patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
         B, N = patches.shape[:2]
-        kept, masked = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, N - M), (B, M)
-        visible = take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:])  # (B, N - M, C, *patch)
+        visible, kept, masked = hide_patches(patches, self.cfg.mask_ratio)  # (B, N - M, C, *patch), (B, N - M), (B, M)
         tokens = self.decoder.embed(self.encoder.forward_features(visible, pos=self.pos_embed[0, kept]))  # (B, N - M, Dd)
         index = kept[..., None].expand(-1, -1, tokens.shape[-1])
         full = self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)  # (B, N, Dd), mask tokens elsewhere
@@ -825,10 +831,9 @@ class DropPos(nn.Module):
     def sample(self, images):
         """-> visible patches (B, V, C, *patch), their grid indices (B, V), dropped (B, V) bool."""
         patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
-        B, N = patches.shape[:2]
-        kept, _ = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, V)
-        visible = take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:])
-        dropped = as_mask(random_split(B, kept.shape[1], self.cfg.pos_mask_ratio, images.device)[1], kept.shape[1])
+        visible, kept, _ = hide_patches(patches, self.cfg.mask_ratio)  # (B, V, C, *patch), (B, V)
+        B, V = kept.shape
+        dropped = as_mask(random_split(B, V, self.cfg.pos_mask_ratio, images.device)[1], V)
         return visible, kept, dropped
 
     def loss(self, logits, kept, dropped):
