@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import engine
 import part
 import train
 
@@ -43,19 +44,19 @@ TINY_RUN = ["--preset", "vit_test", "--pairs", "16", "--batch-size", "32", "--lo
 
 
 def invoke(*args):
-    return CliRunner().invoke(train.cli, [str(a) for a in args])
+    return CliRunner().invoke(train.main, [str(a) for a in args])
 
 
 def crash_after_epoch(monkeypatch, epoch):
     """The next run dies at the end of the epoch after `epoch`, before that checkpoint is written."""
-    save = train.save_checkpoint
+    save = engine.save_checkpoint
 
     def save_or_crash(path, state):
         if state["epoch"] > epoch:
             raise KeyboardInterrupt
         save(path, state)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_or_crash)
+    monkeypatch.setattr(engine, "save_checkpoint", save_or_crash)
 
 
 def square_mask(H, W, x0, y0, x1, y1):

@@ -10,7 +10,7 @@ the ViTDet simple feature pyramid (paper section 5.2, Table 2; details in 8.1).
 The encoder runs on the on-grid patches of the whole image with learnable position
 embeddings (PART pretrains without them), resized to each input's token grid; its
 stride-P map feeds ViTDet's simple feature pyramid (strides 4, 8, 16, 32, plus 64 for the
-RPN) and torchvision's ViTDet-like heads. Training is train.fit, the loop of pretraining;
+RPN) and torchvision's ViTDet-like heads. Training is engine.fit, the loop of pretraining;
 evaluation is pycocotools' COCOeval on the held-out split.
 """
 import contextlib
@@ -43,9 +43,10 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import cli
 import data
+import engine
 import part
-import train
 
 # ---------------------------------------------------------------- the backbone
 
@@ -126,7 +127,7 @@ class ViTBackbone(nn.Module):
         self.pyramid = SimpleFeaturePyramid(vit_cfg.embed_dim, vit_cfg.patch_size)
 
     def forward(self, images):
-        with train.autocast(images.device):  # bf16 on CUDA; the heads stay fp32 (see Detector)
+        with engine.autocast(images.device):  # bf16 on CUDA; the heads stay fp32 (see Detector)
             return {k: v.float() for k, v in self.features(images).items()}
 
     def features(self, images):
@@ -194,10 +195,6 @@ class Detector(nn.Module):
                          max_size=cfg.img_size, image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=cfg.img_size,
                          box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
                          rpn_post_nms_top_n_test=cfg.proposals, **heads)
-
-    # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round coordinates
-    # by up to 4 px at 1024: train.fit leaves precision to the model, and only the backbone runs under autocast
-    manages_precision = True
 
     def forward(self, images, targets=None):
         images = [x.float() / 255 for x in images]
@@ -413,13 +410,13 @@ def evaluate(model, loader, dd, seed):
     """COCOeval on the held-out split -> {AP_box, AP50_box, AP75_box (, AP_mask, ...)} on rank 0.
 
     Each process detects on its shard and rank 0 scores them all; the images DistributedSampler
-    repeats to even out shards collapse by image id. Other ranks return {} (train.fit reads rank 0's).
+    repeats to even out shards collapse by image id. Other ranks return {} (engine.fit reads rank 0's).
     """
     model.eval()
     dataset = loader.dataset
     per_image = {}  # image_id -> (box results, mask results)
     for images, targets in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
-        outputs = model(train.to_device(images, dd.device))
+        outputs = model(engine.to_device(images, dd.device))
         for out, target in zip(outputs, targets):
             per_image[int(target["image_id"])] = image_results(out, int(target["image_id"]), dataset.cat_ids)
     model.train()
@@ -452,13 +449,13 @@ def encoder_init(init, preset, patch_size, in_chans):
     """(ViTConfig, weights: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
     for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
     state dict takes --preset and --patch-size, scratch those and --in-chans."""
-    vit, state, config = train.encoder_from_init(init, part.vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3))
+    vit, state, config = cli.encoder_from_init(init, part.vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3))
     if state is None:
         return vit, None, None
     source = config.get("model", {})
     stats = (tuple(source["mean"]), tuple(source["std"])) if "mean" in source else None
     if in_chans and in_chans != vit.in_chans:
-        train.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to use them")
+        engine.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to use them")
     return vit, (state, source), stats
 
 
@@ -471,7 +468,7 @@ def build_detector(cfg, weights, path, main=True):
         if main:
             print("encoder: random weights (--init scratch)")
     else:
-        train.load_pretrained(model.rcnn.backbone.encoder, *weights, path, main)
+        cli.load_pretrained(model.rcnn.backbone.encoder, *weights, path, main)
     return model
 
 
@@ -494,12 +491,12 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
         stats = (tuple(mean), tuple(std))
     mean, std = stats or (info.mean, info.std)
     if img_size % vit.patch_size:
-        train.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
+        engine.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
     grid = (img_size // vit.patch_size,) * 2
     try:
         blocks = tuple(int(b) for b in global_blocks.split(",") if b.strip())
     except ValueError:
-        train.fail(f"--global-blocks {global_blocks!r}: expected comma-separated block indices, e.g. 2,5,8,11")
+        engine.fail(f"--global-blocks {global_blocks!r}: expected comma-separated block indices, e.g. 2,5,8,11")
     cfg = DetectConfig(vit=replace(vit, pos_grid=grid, drop_path=drop_path), num_classes=len(train_set.cat_ids), masks=train_set.masks,
                        img_size=img_size, window=window, global_blocks=blocks, rois=rois, anchor_size=anchor_size,
                        proposals=proposals, mean=mean, std=std)
@@ -513,7 +510,7 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
 # ---------------------------------------------------------------- CLI
 
 
-class DefaultGroup(train.Cli):
+class DefaultGroup(cli.Cli):
     """`python detect.py [flags]` means `python detect.py train [flags]`."""
 
     def parse_args(self, ctx, args):
@@ -523,52 +520,52 @@ class DefaultGroup(train.Cli):
 
 
 @click.group(cls=DefaultGroup)
-def cli():
+def main():
     """Detection and instance segmentation transfer (section 5.2). See README.md."""
 
 
-data_options = train.options(
+data_options = cli.options(
     click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
                                                 "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
-    click.option("--out-dir", default="out/detect", show_default=True, help=train.OUT_DIR_HELP + "; nuclei/ the default data"),
+    click.option("--out-dir", default="out/detect", show_default=True, help=cli.OUT_DIR_HELP + "; nuclei/ the default data"),
 )
 
 
 # the detector's flags; their defaults are the embedded default's (the paper's in the help)
-model_options = train.options(
-    click.option("--img-size", type=train.POSITIVE, default=NUCLEI_TILE, show_default=True,
+model_options = cli.options(
+    click.option("--img-size", type=cli.POSITIVE, default=NUCLEI_TILE, show_default=True,
                  help="longest side, and the square canvas every image is padded to; ViTDet: 1024"),
     click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
                  help="for scratch or a bare state dict; a PART checkpoint brings its own"),
-    click.option("--patch-size", type=train.POSITIVE, default=4, show_default=True, help="as --preset"),
-    click.option("--in-chans", type=train.POSITIVE, default=None,
+    click.option("--patch-size", type=cli.POSITIVE, default=4, show_default=True, help="as --preset"),
+    click.option("--in-chans", type=cli.POSITIVE, default=None,
                  help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
     click.option("--mean", type=float, multiple=True, help="input mean per channel (repeat the flag); default: the "
                  "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
     click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
-    click.option("--window", type=train.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
+    click.option("--window", type=cli.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
     click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
-    click.option("--anchor-size", type=train.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
-    click.option("--proposals", type=train.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
+    click.option("--anchor-size", type=cli.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
+    click.option("--proposals", type=cli.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
 )
 
 
-@cli.command("train")
-@click.option("--init", default=train.DEFAULT_INIT, show_default=True,
+@main.command("train")
+@click.option("--init", default=cli.DEFAULT_INIT, show_default=True,
               help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch")
 @data_options
 @model_options
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth; ViTDet, ViT-B: 0.1")
-@click.option("--rois", type=train.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
+@click.option("--rois", type=cli.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
 @click.option("--scale-range", type=click.FloatRange(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
               help="large-scale jitter of training images (ViTDet: 0.1 2.0)")
-@train.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, lr_drops="4,5.5",
+@cli.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, lr_drops="4,5.5",
                       log_every=5)
 def train_cmd(init, data_dir, out_dir, **kwargs):
     """Finetune Mask R-CNN end to end: AdamW, layer decay 0.7, warmup, x0.1 at 2/3 and 11/12 of the run (ViTDet's
     1x: epochs 8 and 11 of 12). The defaults are the embedded default's; see README.md for COCO's.
     --init scratch trains with the same recipe, layer decay included (the paper follows ViTDet)."""
-    recipe = train.recipe_from(kwargs)
+    recipe = cli.recipe_from(kwargs)
 
     def command(dd):
         root = data_root(data_dir, out_dir, dd)
@@ -576,20 +573,24 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
         torch.manual_seed(recipe.seed)  # the same initial heads on every process
         model = build_detector(cfg, weights, init, dd.main)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
-        metrics = train.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
-                            collate_fn=collate)
+        part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round coordinates by up to
+        # 4 px at 1024: the heads run in fp32 and only the backbone under autocast (ViTBackbone), so fit adds none
+        metrics = engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
+                             precision=lambda device: contextlib.nullcontext(),
+                             collate_fn=collate)
         if dd.main and metrics:
             print(f"held-out COCO metrics, {len(val_set)} images of {root}/val2017:\n{table(metrics)}")
 
-    train.run(command)
+    engine.run(command)
 
 
 def trained_detector(ckpt, data_dir):
     """A detect.py checkpoint's Detector and held-out split (its own data unless --data-dir)."""
-    state = train.load_checkpoint(ckpt)
+    state = engine.load_checkpoint(ckpt)
     config = state.get("config") if isinstance(state, dict) else None
     if not isinstance(config, dict) or config.get("kind") != "detect":
-        train.fail(f"{ckpt} is not a detect.py checkpoint (expected the checkpoint.pt of `detect.py train`)")
+        engine.fail(f"{ckpt} is not a detect.py checkpoint (expected the checkpoint.pt of `detect.py train`)")
     cfg = DetectConfig(**config["model"])
     val_set = CocoDetection(data_dir or config["data"], "val2017", cfg.vit.in_chans)
     model = Detector(cfg)
@@ -597,17 +598,17 @@ def trained_detector(ckpt, data_dir):
     return model, val_set
 
 
-@cli.command("eval")
+@main.command("eval")
 @click.option("--ckpt", default=None, help="a detect.py checkpoint (out/detect/checkpoint.pt)")
 @click.option("--init", default=None, help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)")
 @data_options
 @model_options
-@click.option("--batch-size", type=train.POSITIVE, default=4, show_default=True, help="images per evaluation batch")
+@click.option("--batch-size", type=cli.POSITIVE, default=4, show_default=True, help="images per evaluation batch")
 @click.option("--seed", type=int, default=0, show_default=True, help="the untrained heads' initialisation, with --init")
 def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
     """COCOeval on the held-out split (val2017) of a trained detector, or of an untrained one with --init."""
     if (ckpt is None) == (init is None):
-        train.fail("pass --ckpt (a trained detector) or --init (an untrained one), one of them")
+        engine.fail("pass --ckpt (a trained detector) or --init (an untrained one), one of them")
 
     def command(dd):
         if ckpt:
@@ -616,14 +617,14 @@ def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
             cfg, weights, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
             torch.manual_seed(seed)
             detector = build_detector(cfg, weights, init, dd.main)
-        loader = train.make_loader(val_set, batch_size, dd, 0, 0, False, collate)
+        loader = engine.make_loader(val_set, batch_size, dd, 0, 0, False, collate)
         metrics = evaluate(detector.to(dd.device), loader, dd, 0)
         if dd.main:
             name = ckpt or f"the untrained detector on --init {init}"
             print(f"{name}, {len(val_set)} held-out images of {val_set.image_dir}:\n{table(metrics)}")
 
-    train.run(command)
+    engine.run(command)
 
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -1,4 +1,5 @@
-"""PART: the patch sampler, the ViT encoder, the relative heads and the loss; MAE and DropPos beside it.
+"""PART: the patch sampler, the ViT encoder, the relative heads and the loss; the classifier that finetunes
+any encoder; checkpoint helpers. The baselines (MAE, DropPos) are in baselines.py.
 
 Ayoughi et al., "How PARTs assemble into wholes: learning the relative
 composition of images", NLDL 2026, section 4 (method) and 8.1 (details).
@@ -12,12 +13,11 @@ an input is (B, C, H, W) or a signal (B, C, T); a box is (lo_1..lo_d, hi_1..hi_d
 so (x0, y0, x1, y1) for images and (t0, t1) for 1D windows (sleep1d.py). The ViT
 takes a sequence of patches (B, N, C, *patch) and never sees where they came from,
 unless given position embeddings. The file follows the data: boxes and crops ->
-pairs and targets -> ViT -> relative heads and loss -> PART, MAE, DropPos ->
-the classifier that finetunes them -> checkpoint helpers.
+pairs and targets -> ViT -> relative heads and loss -> PART -> the classifier
+that finetunes any encoder, and kNN on frozen features -> checkpoint helpers.
 
     python train.py pretrain          # trains PART on Fashion-MNIST
 """
-import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -334,31 +334,38 @@ class VisionTransformer(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)  # timm's init for tokens and position embeddings
 
-    def forward_features(self, patches, pos_keep=None, grid=None, pos=None):
+    def position_embedding(self, grid=None):
+        """The learnable position embeddings (1, T, D), class token's first, resized to the token grid
+        `grid` when given; None for an encoder without them (PART's)."""
+        if self.pos_embed is None or grid is None:
+            return self.pos_embed
+        return resize_pos_embed(self.pos_embed, self.cfg.pos_grid, grid, int(self.cfg.class_token))
+
+    def forward_features(self, patches, pos=None, grid=None):
         """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
 
-        pos_keep (B, T), optional: 1 where a token gets its position embedding, 0 where it is
-        masked out (the paper's 20% in EEG finetuning, 8.1; sleep1d.py). grid, optional: the
-        token grid (h, w) of on-grid patches in raster order, for window attention (detection);
-        position embeddings learnt on another grid are resized to it. pos (B, N, D), optional:
-        position embeddings computed by the caller, one per patch (the fixed sin-cos of MAE and
-        DropPos, PART's continuous ones with --pos-mask).
+        pos (B or 1, T, D), optional: the position embedding of every token, computed by the caller (the
+        fixed sin-cos of MAE and DropPos, PART's continuous ones with --pos-mask, a classifier's with a
+        share masked out); default: the encoder's own, if it has them. grid, optional: the token grid
+        (h, w) of on-grid patches in raster order, for window attention and resized embeddings (detection).
         """
         x = self.patch_embed(patches)  # (B, N, D)
-        if pos is not None:
-            x = x + pos.to(x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            pos = self.pos_embed if grid is None else resize_pos_embed(self.pos_embed, self.cfg.pos_grid, grid, int(self.cfg.class_token))
-            x = x + (pos if pos_keep is None else pos * pos_keep[..., None].to(x.dtype))
+        pos = self.position_embedding(grid) if pos is None else pos
+        if pos is not None:
+            x = x + pos.to(x.dtype)
         return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, grid))
 
-    def forward(self, patches, pos_keep=None):
+    def pool(self, tokens, how=None):
+        """Tokens (B, T, D) -> (B, D): the class token ("cls") or the mean of the patch tokens ("avg");
+        default: the config's pool."""
+        how = how or self.cfg.pool
+        return tokens[:, 0] if how == "cls" else tokens[:, int(self.cfg.class_token) :].mean(dim=1)
+
+    def forward(self, patches, pos=None):
         """(B, N, C, *patch) -> logits (B, classes), or pooled features (B, D) without a head."""
-        x = self.forward_features(patches, pos_keep)
-        x = x[:, 0] if self.cfg.pool == "cls" else x[:, int(self.cfg.class_token) :].mean(dim=1)
-        return self.head(x)
+        return self.head(self.pool(self.forward_features(patches, pos)))
 
 
 def run_blocks(blocks, x, checkpointed=False, grid=None):
@@ -368,6 +375,13 @@ def run_blocks(blocks, x, checkpointed=False, grid=None):
     for block in blocks:
         x = checkpoint(block, x, grid, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x, grid)
     return x
+
+
+def set_grad_checkpointing(model, on=True):
+    """Activation checkpointing (run_blocks) on or off in every ViT of `model`: a memory setting, the same gradients."""
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.grad_checkpointing = on
 
 
 def _init_weights(m):
@@ -555,7 +569,7 @@ def relative_loss(pred, target):
     return loss, {"loss": loss.detach(), **relative_errors(pred.detach(), target)}
 
 
-# ---------------------------------------------------------------- pretraining: PART, MAE, DropPos
+# ---------------------------------------------------------------- PART
 
 
 def check_stats(mean, std, in_chans):
@@ -666,7 +680,7 @@ class PART(nn.Module):
         self.relative.apply(_init_weights)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         if cfg.pos_mask:  # the embeddings of the on-grid patches, saved for finetuning to start from
-            self.register_buffer("pos_embed", sincos_embed(grid_positions(cfg), cfg.vit.embed_dim)[None])  # (1, N, D)
+            self.register_buffer("fixed_pos_embed", sincos_embed(grid_positions(cfg), cfg.vit.embed_dim)[None])  # (1, N, D)
 
     def sample(self, images):
         """uint8 or float inputs (B, C, *size) -> patches (B, N, C, *patch), boxes (B, N, 2d)."""
@@ -678,11 +692,6 @@ class PART(nn.Module):
         boxes, (B, N, D): a masked patch's input says nothing of where it lies."""
         centres, _ = centres_sizes(boxes)  # (B, N, d)
         return sincos_embed(centres / self.cfg.vit.patch_size, self.cfg.vit.embed_dim) * ~masked[..., None]
-
-    def grid_tokens(self, images):
-        """uint8 or float images (B, C, H, W) -> the encoder's tokens of the on-grid patches (B, N, D),
-        in raster order and without position embeddings, as pretrained (part.feature_map makes them a map)."""
-        return self.encoder.forward_features(patchify(self.normalize(images), self.cfg.vit.patch_size))
 
     def predict(self, patches, pairs, pos=None):
         """Predicted relative translations for given pairs: (B, N, C, *patch), (B, K, 2) -> (B, K, d|2d)."""
@@ -699,176 +708,6 @@ class PART(nn.Module):
         pairs = sample_pairs(B, N, self.cfg.num_pairs, images.device, masked)  # (B, K, 2)
         pred = self.predict(patches, pairs, pos)  # (B, K, d|2d)
         return relative_loss(pred, relative_targets(boxes, pairs, self.scale))
-
-
-class Decoder(nn.Module):
-    """MAE's light decoder, also DropPos': a linear map to its width (`embed`, applied first by the
-    caller), transformer blocks, a norm and a linear prediction per token."""
-
-    def __init__(self, dim, width, depth, n_out):
-        super().__init__()
-        self.embed = nn.Linear(dim, width)
-        self.blocks = nn.ModuleList(Block(width, max(1, width // 32), 4.0, 0.0) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.pred = nn.Linear(width, n_out)
-
-    def forward(self, x):
-        """Embedded tokens (B, T, width) -> predictions (B, T, n_out)."""
-        return self.pred(self.norm(run_blocks(self.blocks, x)))
-
-
-@dataclass
-class MAEConfig(InputConfig):
-    """MAE (He et al., CVPR 2022) on our ViT: decoder width and depth scaled down for CPU (the paper: 512, 8)."""
-
-    mask_ratio: float = 0.75
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    norm_pix: bool = True  # targets: each patch's pixels normalised by their own mean and std (MAE's best)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_share("--mask-ratio", self.mask_ratio)
-
-
-def hide_patches(patches, ratio):
-    """MAE's and DropPos' patch masking: (B, N, C, *patch) -> the visible patches (B, N - M, C, *patch),
-    their indices (B, N - M) and the hidden ones' (B, M), M = round(ratio * N), fresh per item."""
-    B, N = patches.shape[:2]
-    kept, hidden = random_split(B, N, ratio, patches.device)
-    return take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:]), kept, hidden
-
-
-def patch_targets(patches, norm_pix):
-    """MAE's targets: (B, N, C, *patch) -> (B, N, C * prod(patch)), each patch's pixels normalised by
-    their own mean and (unbiased) variance when norm_pix."""
-    x = patches.flatten(2).float()
-    if not norm_pix:
-        return x
-    return (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-
-
-class MAE(nn.Module):
-    """Masked autoencoding: the encoder sees the visible on-grid patches with fixed sin-cos position
-    embeddings; the decoder fills in mask tokens and predicts the pixels of the masked patches."""
-
-    def __init__(self, cfg: MAEConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = VisionTransformer(cfg.vit)
-        v = cfg.vit
-        self.decoder = Decoder(v.embed_dim, cfg.decoder_dim, cfg.decoder_depth, v.in_chans * v.patch_size**v.patch_ndim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
-        self.decoder.apply(_init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
-        positions = grid_positions(cfg)  # (N, d)
-        self.register_buffer("pos_embed", sincos_embed(positions, v.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
-        self.register_buffer("decoder_pos", sincos_embed(positions, cfg.decoder_dim), persistent=False)  # (N, Dd)
-
-    def forward(self, images, labels=None):
-        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics): MSE on the masked patches."""
-        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
-        B, N = patches.shape[:2]
-        visible, kept, masked = hide_patches(patches, self.cfg.mask_ratio)  # (B, N - M, C, *patch), (B, N - M), (B, M)
-        tokens = self.decoder.embed(self.encoder.forward_features(visible, pos=self.pos_embed[0, kept]))  # (B, N - M, Dd)
-        index = kept[..., None].expand(-1, -1, tokens.shape[-1])
-        full = self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)  # (B, N, Dd), mask tokens elsewhere
-        pred = self.decoder(full + self.decoder_pos)  # (B, N, C * prod(patch))
-        target = patch_targets(patches, self.cfg.norm_pix)
-        loss = F.mse_loss(take_rows(pred, masked).float(), take_rows(target, masked))
-        return loss, {"loss": loss.detach()}
-
-
-@dataclass
-class DropPosConfig(InputConfig):
-    """DropPos (Wang et al., NeurIPS 2023) on our ViT, with its defaults except the decoder's size
-    (the paper: 512 wide, 2 deep) and without its attentive reconstruction (which needs a class token)."""
-
-    mask_ratio: float = 0.75  # patches hidden from the encoder
-    pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    sigma: float = 1.0  # position smoothing at the start, in patches; decays linearly to 0 over training
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_share("--mask-ratio", self.mask_ratio)
-        check_share("--pos-mask-ratio", self.pos_mask_ratio)
-
-
-def smoothed_positions(positions, sigma):
-    """DropPos' position smoothing: for each true position a distribution over all positions,
-    exp(-|p_i - p_j|^2 / sigma^2) normalised; one-hot at sigma 0. (N, d) -> (N, N)."""
-    if sigma == 0:
-        return torch.eye(len(positions), device=positions.device)
-    weight = torch.exp(-torch.cdist(positions, positions).square() / sigma**2)
-    return weight / weight.sum(dim=-1, keepdim=True)
-
-
-class DropPos(nn.Module):
-    """Reconstructing dropped positions: of the visible on-grid patches, a share loses its sin-cos
-    position embedding (a learnt mask token instead); a decoder classifies each token's grid position,
-    and the loss (cross-entropy against smoothed positions) is on the tokens whose embedding was dropped."""
-
-    def __init__(self, cfg: DropPosConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = VisionTransformer(cfg.vit)
-        positions = grid_positions(cfg)  # (N, d)
-        self.decoder = Decoder(cfg.vit.embed_dim, cfg.decoder_dim, cfg.decoder_depth, len(positions))
-        self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, cfg.vit.embed_dim))
-        self.decoder.apply(_init_weights)
-        nn.init.normal_(self.mask_pos_token, std=0.02)
-        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
-        self.register_buffer("positions", positions, persistent=False)
-        self.register_buffer("pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
-        self.progress = 0.0  # share of training done, set by train.fit; sigma decays with it
-
-    def set_progress(self, progress):
-        self.progress = progress
-
-    def sample(self, images):
-        """-> visible patches (B, V, C, *patch), their grid indices (B, V), dropped (B, V) bool."""
-        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
-        visible, kept, _ = hide_patches(patches, self.cfg.mask_ratio)  # (B, V, C, *patch), (B, V)
-        B, V = kept.shape
-        dropped = as_mask(random_split(B, V, self.cfg.pos_mask_ratio, images.device)[1], V)
-        return visible, kept, dropped
-
-    def loss(self, logits, kept, dropped):
-        """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
-        averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
-        sigma = self.cfg.sigma * (1 - self.progress)
-        target = smoothed_positions(self.positions, sigma)[kept]  # (B, V, N)
-        ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
-        weight = dropped.float()
-        loss = (ce * weight).sum() / weight.sum()
-        acc = ((logits.argmax(dim=-1) == kept).float() * weight).sum() / weight.sum()
-        return loss, {"loss": loss.detach(), "pos_acc": acc}
-
-    def forward(self, images, labels=None):
-        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics)."""
-        visible, kept, dropped = self.sample(images)
-        pos = torch.where(dropped[..., None], self.mask_pos_token, self.pos_embed[0, kept])  # (B, V, D)
-        logits = self.decoder(self.decoder.embed(self.encoder.forward_features(visible, pos=pos)))  # (B, V, N)
-        return self.loss(logits, kept, dropped)
-
-
-METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos)}
-
-
-def pretext_config(method, **fields):
-    """The config of `method`'s pretraining model from flags; the flags of other methods are left out."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
-    config_class = METHODS[method][0]
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in fields.items() if k in names})
-
-
-def pretext_model(method, cfg):
-    return METHODS[method][1](cfg)
 
 
 # ---------------------------------------------------------------- finetuning
@@ -915,22 +754,19 @@ class Classifier(nn.Module):
                 p.requires_grad = name.startswith("head.")
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
 
-    def position_keep(self, B, device):
-        """Which tokens keep their position embedding, (B, 1 + N).
-
-        "We randomly mask out 20% of the position embeddings" (8.1) is read as in MP3 / DropPos:
-        in training, each input zeroes the position embeddings of a fresh random share of its patch
-        tokens, which must then be placed by their content; the class token keeps its own.
-        """
+    def masked_positions(self, B, device):
+        """The position embeddings (B, 1 + N, D) with those of a fresh random share of each input's patch tokens
+        zeroed. "We randomly mask out 20% of the position embeddings" (8.1) is read as in MP3 / DropPos: in
+        training those tokens must be placed by their content; the class token keeps its own."""
         N = math.prod(self.cfg.grid)
         masked = as_mask(random_split(B, N, self.cfg.pos_mask, device)[1], N)  # (B, N)
-        return torch.cat([torch.ones(B, 1, device=device), (~masked).float()], dim=1)
+        keep = torch.cat([torch.ones(B, 1, device=device), (~masked).float()], dim=1)  # (B, 1 + N)
+        return self.encoder.pos_embed * keep[..., None]
 
     def logits(self, images):
         """uint8 or float inputs (B, C, *size) -> logits (B, classes); position masking only in training."""
-        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
-        keep = self.position_keep(len(images), images.device) if self.training and self.cfg.pos_mask > 0 else None
-        return self.encoder(patches, pos_keep=keep).float()
+        pos = self.masked_positions(len(images), images.device) if self.training and self.cfg.pos_mask > 0 else None
+        return self.encoder.head(self.encoder.pool(encode_grid(self.encoder, self.normalize, images, pos))).float()
 
     def forward(self, images, labels):
         """inputs (B, C, *size), labels (B,) or (B, classes) -> (loss, metrics)."""
@@ -939,6 +775,25 @@ class Classifier(nn.Module):
         hard = labels if labels.ndim == 1 else labels.argmax(dim=-1)  # a mixed target's dominant class
         acc = (logits.argmax(dim=-1) == hard).float().mean()
         return loss, {"loss": loss.detach(), "acc": acc}
+
+
+def encode_grid(encoder, normalize, inputs, pos=None):
+    """uint8 or float inputs (B, C, *size) -> the encoder's tokens (B, T, D) of their on-grid patches in
+    raster order (feature_map makes them a map), with its own position embeddings unless pos is given."""
+    return encoder.forward_features(patchify(normalize(inputs), encoder.cfg.patch_size), pos)
+
+
+def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
+    """DINO's weighted k-nearest-neighbour classifier on L2-normalised features: each of a query's
+    k most cosine-similar bank features votes for its class with weight exp(similarity / temperature).
+    bank (M, D), bank_labels (M,), queries (Q, D) -> predicted classes (Q,)."""
+    classes = int(bank_labels.max()) + 1
+    preds = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k) the nearest neighbours
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -951,14 +806,21 @@ def encoder_state_dict(checkpoint):
     strips DDP's "module." and torch.compile's "_orig_mod." prefixes; of a model with an
     `encoder` (PART, MAE, DropPos, a classifier) keeps the encoder's weights alone, without
     their "encoder." prefix, and drops the pretext parts (heads, decoders, mask tokens), except
-    the fixed position embeddings the encoder was pretrained with (MAE's, DropPos', PART's with
-    --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, without a class token's slot.
+    the fixed position embeddings the encoder was pretrained with (fixed_pos_embed: MAE's, DropPos',
+    PART's with --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, without a class token's slot.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    if any(k.startswith("encoder.") for k in state):
-        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.") or k == "pos_embed"}
-    return state
+    if not any(k.startswith("encoder.") for k in state):
+        return state
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    return {**encoder, **({"pos_embed": state["fixed_pos_embed"]} if "fixed_pos_embed" in state else {})}
+
+
+def has_positions(state):
+    """Whether encoder weights (encoder_state_dict's) bring position embeddings: a finetuned model's, or the
+    fixed ones MAE, DropPos and PART --pos-mask pretrain with."""
+    return "pos_embed" in state
 
 
 def adapt_pos_embed(pos_embed, old_grid, model):

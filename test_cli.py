@@ -83,7 +83,7 @@ def fake_checkpoint(path, kind, patch_ndim):
 
 def test_sleep_finetune_refuses_an_image_checkpoint_naming_both_kinds(tmp_path):
     ckpt = fake_checkpoint(tmp_path / "image.pt", "part", 2)
-    result = CliRunner().invoke(sleep1d.cli, ["finetune", "--init", str(ckpt), "--synthetic-subjects", 6, "--finetune-subjects", 2,
+    result = CliRunner().invoke(sleep1d.main, ["finetune", "--init", str(ckpt), "--synthetic-subjects", 6, "--finetune-subjects", 2,
                                               "--test-subjects", 2, "--out-dir", str(tmp_path / "ft")])
     assert one_line_error(result, "image.pt", "PART 2D pretraining checkpoint", "PART 1D pretraining checkpoint")
 
@@ -91,12 +91,12 @@ def test_sleep_finetune_refuses_an_image_checkpoint_naming_both_kinds(tmp_path):
 def test_detect_refuses_a_sleep_checkpoint_naming_both_kinds(tmp_path):
     ckpt = fake_checkpoint(tmp_path / "sleep.pt", "part1d", 1)
     coco = write_coco(tmp_path / "coco")
-    result = CliRunner().invoke(detect.cli, ["eval", "--init", str(ckpt), "--data-dir", str(coco)])
+    result = CliRunner().invoke(detect.main, ["eval", "--init", str(ckpt), "--data-dir", str(coco)])
     assert one_line_error(result, "sleep.pt", "PART 1D pretraining checkpoint", "2D ViT")
 
 
 def test_detect_names_an_unknown_command_instead_of_training():
-    result = CliRunner().invoke(detect.cli, ["evl", "--ckpt", "x.pt"])
+    result = CliRunner().invoke(detect.main, ["evl", "--ckpt", "x.pt"])
     assert result.exit_code == 2 and "No such command 'evl'" in result.output
 
 
@@ -132,7 +132,7 @@ def test_coco_with_an_unknown_category_is_refused_at_load_naming_the_file(tmp_pa
     coco = json.loads(path.read_text())
     coco["annotations"][0]["category_id"] = 99
     path.write_text(json.dumps(coco))
-    result = CliRunner().invoke(detect.cli, ["--data-dir", str(root), "--init", "scratch", "--preset", "vit_test", "--img-size", 64,
+    result = CliRunner().invoke(detect.main, ["--data-dir", str(root), "--init", "scratch", "--preset", "vit_test", "--img-size", 64,
                                              "--out-dir", str(tmp_path / "out")])
     assert one_line_error(result, "instances_train2017.json", "category_id 99")
 
@@ -192,6 +192,6 @@ def test_progress_counts_epochs_from_one(fake_fmnist, tmp_path):
 
 
 def test_every_flag_of_every_command_has_help():
-    for cli in (train.cli, sleep1d.cli, detect.cli):
-        for name, command in cli.commands.items():
+    for main in (train.main, sleep1d.main, detect.main):
+        for name, command in main.commands.items():
             assert [p.name for p in command.params if isinstance(p, click.Option) and not p.help] == [], name

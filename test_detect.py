@@ -27,7 +27,7 @@ def coco(tmp_path):
 
 @pytest.fixture
 def part_checkpoint(tmp_path):
-    """A PART pretraining checkpoint as train.fit writes it, of a vit_test / 4 on 16 x 16 images."""
+    """A PART pretraining checkpoint as engine.fit writes it, of a vit_test / 4 on 16 x 16 images."""
     cfg = part.PARTConfig(vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16, mean=(0.3,),
                           std=(0.2,))
     torch.manual_seed(1)
@@ -38,7 +38,7 @@ def part_checkpoint(tmp_path):
 
 
 def run_cli(*args):
-    return CliRunner().invoke(detect.cli, [str(a) for a in args])
+    return CliRunner().invoke(detect.main, [str(a) for a in args])
 
 
 TINY_RUN = ["--preset", "vit_test", "--img-size", "64", "--rois", "32", "--proposals", "50", "--epochs", "1", "--batch-size", "2",

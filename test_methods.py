@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import detect
+import baselines
 import part
 import sleep1d
 import train
@@ -16,7 +17,7 @@ from conftest import TINY_RUN, invoke, tiny_config, write_coco
 def method_config(method, **overrides):
     """A tiny 2D config of `method`: vit_test / 4 on 16 x 16 grey images."""
     base = tiny_config()
-    return part.pretext_config(method, vit=base.vit, img_size=(16, 16), mean=(0.5,), std=(0.25,), **{"num_pairs": 32, **overrides})
+    return baselines.pretext_config(method, vit=base.vit, img_size=(16, 16), mean=(0.5,), std=(0.25,), **{"num_pairs": 32, **overrides})
 
 
 def independent_patches(images, P):
@@ -37,9 +38,9 @@ def spy(monkeypatch, module, name, seen):
 
 def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactly_those(monkeypatch):
     torch.manual_seed(0)
-    model = part.MAE(method_config("mae", mask_ratio=0.75))
+    model = baselines.MAE(method_config("mae", mask_ratio=0.75))
     seen = {}
-    spy(monkeypatch, part, "random_split", seen)
+    spy(monkeypatch, baselines, "random_split", seen)
     monkeypatch.setattr(model.decoder, "forward", lambda x: torch.zeros(x.shape[0], 16, 16))  # predicts 0 for every pixel
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     loss, _ = model(images)
@@ -55,10 +56,10 @@ def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactl
 
 def test_mae_loss_ignores_the_visible_patches(monkeypatch):
     torch.manual_seed(0)
-    model = part.MAE(method_config("mae"))
+    model = baselines.MAE(method_config("mae"))
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     seen = {}
-    spy(monkeypatch, part, "random_split", seen)
+    spy(monkeypatch, baselines, "random_split", seen)
     x = independent_patches(model.normalize(images).double(), 4).float()
     target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
@@ -76,7 +77,7 @@ def test_mae_loss_ignores_the_visible_patches(monkeypatch):
 
 def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     torch.manual_seed(0)
-    model = part.DropPos(method_config("droppos", sigma=0.0))
+    model = baselines.DropPos(method_config("droppos", sigma=0.0))
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     visible, kept, dropped = model.sample(images)
     assert visible.shape == (3, 4, 1, 4, 4) and (dropped.sum(dim=1) == 3).all()  # 25% of 16 visible, 75% of those dropped
@@ -96,12 +97,12 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
 
 def test_droppos_position_smoothing_decays_from_sigma_to_one_hot():
     positions = part.grid_positions(method_config("droppos"))  # (16, 2) patch centres
-    smooth = part.smoothed_positions(positions, 1.0)
+    smooth = baselines.smoothed_positions(positions, 1.0)
     torch.testing.assert_close(smooth.sum(dim=1), torch.ones(16))
     d2 = ((positions[0] - positions[1]) ** 2).sum()
     assert (smooth[0, 1] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
-    torch.testing.assert_close(part.smoothed_positions(positions, 0.0), torch.eye(16))
-    model = part.DropPos(method_config("droppos", sigma=1.0))
+    torch.testing.assert_close(baselines.smoothed_positions(positions, 0.0), torch.eye(16))
+    model = baselines.DropPos(method_config("droppos", sigma=1.0))
     model.set_progress(1.0)  # the end of training: sigma has decayed to 0
     logits = torch.randn(1, 4, 16)
     kept, dropped = torch.tensor([[0, 5, 10, 15]]), torch.ones(1, 4, dtype=torch.bool)
@@ -112,11 +113,11 @@ def test_droppos_position_smoothing_decays_from_sigma_to_one_hot():
 # ---------------------------------------------------------------- every method learns, in 2D and 1D
 
 
-@pytest.mark.parametrize("method", part.METHODS)
+@pytest.mark.parametrize("method", baselines.METHODS)
 def test_each_method_lowers_its_loss_in_a_few_steps(method):
     torch.manual_seed(0)
     smoothing = {"sigma": 0.0} if method == "droppos" else {}  # one-hot positions: the loss can approach 0
-    model = part.pretext_model(method, method_config(method, **smoothing))
+    model = baselines.pretext_model(method, method_config(method, **smoothing))
     images = torch.zeros(8, 1, 16, 16)
     images[:, :, 4:12, 2:10] = torch.rand(8, 1, 1, 1)  # a bright square on black
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -131,11 +132,11 @@ def test_each_method_lowers_its_loss_in_a_few_steps(method):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
-@pytest.mark.parametrize("method", part.METHODS)
+@pytest.mark.parametrize("method", baselines.METHODS)
 def test_each_method_runs_on_1d_signals(method):
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
-    cfg = part.pretext_config(method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64)
-    loss, metrics = part.pretext_model(method, cfg)(torch.randn(2, 6, 3000))
+    cfg = baselines.pretext_config(method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64)
+    loss, metrics = baselines.pretext_model(method, cfg)(torch.randn(2, 6, 3000))
     assert loss.ndim == 0 and math.isfinite(loss.item()) and "loss" in metrics
 
 
@@ -144,7 +145,7 @@ def test_each_method_runs_on_1d_signals(method):
 
 def pos_mask_part(**overrides):
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
-    cfg = part.pretext_config("part", vit=vit, **sleep1d.signal_stats(vit),
+    cfg = baselines.pretext_config("part", vit=vit, **sleep1d.signal_stats(vit),
                               **{"img_size": (3000,), "num_patches": 40, "num_pairs": 256, "pos_mask": 0.2, **overrides})
     return part.PART(cfg)
 
@@ -227,17 +228,17 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     assert result.exit_code == 0, result.output
     pretrained = torch.load(ckpt, weights_only=True)["model"]
     probe = torch.load(tmp_path / "probe" / "checkpoint.pt", weights_only=True)["model"]
-    torch.testing.assert_close(probe["encoder.pos_embed"][:, 1:], pretrained["pos_embed"])  # probed with its pretraining positions
+    torch.testing.assert_close(probe["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])  # probed with its pretraining positions
     result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
     frozen, _, _ = train.frozen_encoder(str(ckpt), random_init=False)
-    torch.testing.assert_close(frozen.pos_embed, pretrained["pos_embed"])  # kNN reads the tokens as pretrained, with positions
+    torch.testing.assert_close(frozen.pos_embed, pretrained["fixed_pos_embed"])  # kNN reads the tokens as pretrained, with positions
     coco = write_coco(tmp_path / "coco")
     cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks="",
                                         anchor_size=16, proposals=50)
     encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
     torch.testing.assert_close(encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
-    pos = part.resize_pos_embed(pretrained["pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
+    pos = part.resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
     torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 
 
@@ -245,7 +246,7 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
 def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
     tiny = ["--synthetic-subjects", 6, "--synthetic-epochs", 20, "--finetune-subjects", 2, "--test-subjects", 2, "--preset", "eeg_test",
             "--batch-size", 16, "--epochs", 1]
-    runner = lambda *a: CliRunner().invoke(sleep1d.cli, [str(x) for x in a])  # noqa: E731
+    runner = lambda *a: CliRunner().invoke(sleep1d.main, [str(x) for x in a])  # noqa: E731
     result = runner("pretrain", "--method", method, *tiny, "--out-dir", tmp_path / "pre")
     assert result.exit_code == 0, result.output
     result = runner("finetune", "--init", tmp_path / "pre" / "checkpoint.pt", *tiny[:-6], "--batch-size", 16, "--epochs", 1,
@@ -258,7 +259,7 @@ def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
 def test_bench_times_each_method_beside_part():
     result = invoke("bench", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 1, "--methods")
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0]: line for line in result.output.splitlines() if line.split() and line.split()[0] in part.METHODS}
-    assert sorted(lines) == sorted(part.METHODS) and "1.00 x PART's" in lines["part"]
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.split() and line.split()[0] in baselines.METHODS}
+    assert sorted(lines) == sorted(baselines.METHODS) and "1.00 x PART's" in lines["part"]
     flops = {m: float(line.rsplit(" ", 1)[1]) for m, line in lines.items()}
     assert 0 < flops["droppos"] < flops["mae"]  # DropPos decodes the 4 visible tokens, MAE all 16

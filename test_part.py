@@ -13,6 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
+import baselines
+import engine
+import cli
 import part
 import train
 from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_config, write_idx
@@ -102,11 +105,11 @@ def test_patchify_matches_grid_crops():
     torch.testing.assert_close(part.patchify(images, 4), part.crop_patches(images, boxes, 4))
 
 
-def test_grid_tokens_are_the_encoders_tokens_of_the_normalised_grid_crops():
+def test_encode_grid_gives_the_encoders_tokens_of_the_normalised_grid_crops():
     model = part.PART(tiny_config()).eval()
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     crops = part.crop_patches((images.float() / 255 - 0.5) / 0.25, part.grid_boxes((16, 16), 4).expand(2, -1, -1), 4)
-    torch.testing.assert_close(model.grid_tokens(images), model.encoder.forward_features(crops))
+    torch.testing.assert_close(part.encode_grid(model.encoder, model.normalize, images), model.encoder.forward_features(crops))
 
 
 def test_pairs_are_distinct_and_bounded():
@@ -400,26 +403,26 @@ def _free_port():
 def tiny_model(kind):
     """A pretraining model (PART, MAE, DropPos) or the finetuning classifier, at the same tiny size, seeded."""
     torch.manual_seed(0)
-    if kind in part.METHODS:
-        cfg = part.pretext_config(kind, **{k: v for k, v in tiny_config().to_dict().items() if k != "vit"}, vit=tiny_config().vit)
-        return part.pretext_model(kind, cfg)
+    if kind in baselines.METHODS:
+        cfg = baselines.pretext_config(kind, **{k: v for k, v in tiny_config().to_dict().items() if k != "vit"}, vit=tiny_config().vit)
+        return baselines.pretext_model(kind, cfg)
     return part.Classifier(part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,)))
 
 
 def _ddp_worker(rank, world, port, out_dir, kind):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dd = train.setup_distributed()
+    dd = engine.setup_distributed()
     model = tiny_model(kind)
     g = torch.Generator().manual_seed(rank)  # deliberately different data per process
     images = (torch.rand(64, 1, 16, 16, generator=g) * 255).to(torch.uint8)
     ds = data.TensorImages(images, torch.randint(0, 4, (64,), generator=g))
-    recipe = train.Recipe(epochs=2, batch_size=8, blr=1e-3, warmup_epochs=0.5, workers=0, log_every=1)
-    train.fit(model, ds, ds, recipe, out_dir, {"kind": "test"}, dd)
+    recipe = engine.Recipe(epochs=2, batch_size=8, blr=1e-3, warmup_epochs=0.5, workers=0, log_every=1)
+    engine.fit(model, ds, ds, recipe, out_dir, {"kind": "test"}, dd)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", [*part.METHODS, "classifier"])
+@pytest.mark.parametrize("kind", [*baselines.METHODS, "classifier"])
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, kind):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -442,12 +445,12 @@ def pretrained(fake_fmnist, tmp_path):
 
 def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
-    vit, state, config = train.encoder_from_init(str(path), part.vit_config("vit_mini", patch_size=4))
+    vit, state, config = cli.encoder_from_init(str(path), part.vit_config("vit_mini", patch_size=4))
     info = data.data_info("fashion-mnist")
     cfg = train.classifier_config(info, 10, vit, True, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
                                   overrides.get("linear_probe", False), 0.0)
     model = part.Classifier(cfg)
-    train.load_pretrained(model.encoder, state, config["model"], str(path), main=False)
+    cli.load_pretrained(model.encoder, state, config["model"], str(path), main=False)
     return model
 
 
@@ -497,7 +500,7 @@ def test_a_few_finetune_steps_raise_accuracy_on_a_fixed_batch(pretrained):
 
 
 def test_probe_pools_patch_tokens_unless_the_weights_trained_a_class_token(pretrained):
-    state, _ = train.pretrained_encoder(str(pretrained))
+    state, _ = cli.pretrained_encoder(str(pretrained))
     assert "cls_token" not in state
     assert train.default_pool(state, linear_probe=True) == "avg"
     assert train.default_pool(state, linear_probe=False) == "cls"  # finetuning trains the new token, as the paper
@@ -529,8 +532,8 @@ def test_knn_matches_a_loop_over_neighbours():
         sims = sorted(((float(q @ b), int(y)) for b, y in zip(bank, labels)), reverse=True)[:5]
         votes = [sum(math.exp(s / 0.1) for s, y in sims if y == c) for c in range(3)]
         expected.append(votes.index(max(votes)))
-    assert train.knn_predict(bank, labels, queries, k=5, temperature=0.1, chunk=3).tolist() == expected
-    assert train.knn_predict(bank, labels, bank, k=1).tolist() == labels.tolist()  # each point is its own neighbour
+    assert part.knn_predict(bank, labels, queries, k=5, temperature=0.1, chunk=3).tolist() == expected
+    assert part.knn_predict(bank, labels, bank, k=1).tolist() == labels.tolist()  # each point is its own neighbour
 
 
 def test_knn_command_scores_held_out_images(pretrained, fake_fmnist):
@@ -550,7 +553,7 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     assert result.exit_code == 0 and "pool cls" in result.output, result.output
     # the class token's features, by hand: the finetuned encoder with its position embeddings, token 0
     encoder, model, _ = train.frozen_encoder(ft / "checkpoint.pt", random_init=False)
-    dd = train.Dist(0, 0, 1, torch.device("cpu"))
+    dd = engine.Dist(0, 0, 1, torch.device("cpu"))
     info, _, val_set = train.load_sets({"data_name": "fashion-mnist", "data_dir": fake_fmnist, "img_size": None, "in_chans": None,
                                         "mean": (), "std": (), "train_subset": 0, "skip_bad_files": False},
                                        data.eval_transform, data.eval_transform)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from sklearn.metrics import cohen_kappa_score
 from wfdb.io.convert.matlab import wfdb_to_mat
 
+import baselines
 import part
 import sleep1d
 from data import DataError
@@ -27,7 +28,7 @@ from conftest import crash_after_epoch
 def pretext_config(method, context=1, **flags):
     """A tiny 1D pretraining config of `method` on 6-channel epochs of `context` x 30 s."""
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
-    return part.pretext_config(method, vit=vit, img_size=(context * 3000,), **sleep1d.signal_stats(vit), **flags)
+    return baselines.pretext_config(method, vit=vit, img_size=(context * 3000,), **sleep1d.signal_stats(vit), **flags)
 
 
 def test_dt_targets_match_hand_computation():
@@ -95,13 +96,15 @@ def test_position_embeddings_are_masked_in_training_only(monkeypatch):
     torch.manual_seed(0)
     model = stager()
     seen = []
-    forward = model.encoder.forward
-    monkeypatch.setattr(model.encoder, "forward", lambda windows, pos_keep=None: seen.append(pos_keep) or forward(windows, pos_keep))
+    forward = model.encoder.forward_features
+    monkeypatch.setattr(model.encoder, "forward_features", lambda windows, pos=None: seen.append(pos) or forward(windows, pos))
     x = torch.randn(8, 6, 3000)
     model.train()
     model.logits(x)
-    keep = seen[-1]  # (B, 1 + 30)
-    assert keep.shape == (8, 31) and (keep[:, 0] == 1).all()  # the class token keeps its embedding
+    pos = seen[-1]  # (B, 1 + 30, D)
+    keep = (pos != 0).any(dim=-1)  # (B, 1 + 30): a masked token's embedding is exactly zero
+    torch.testing.assert_close(pos[keep], model.encoder.pos_embed.expand(8, -1, -1)[keep])  # the others are the encoder's own
+    assert keep.shape == (8, 31) and keep[:, 0].all()  # the class token keeps its embedding
     assert ((keep[:, 1:] == 0).sum(dim=1) == 6).all()  # 20% of the 30 window tokens
     assert len({tuple(row.tolist()) for row in keep}) > 1  # drawn afresh per epoch
     model.eval()
@@ -299,7 +302,7 @@ def test_subject_splits_are_disjoint_and_cover_every_subject():
 
 
 def invoke(*args):
-    return CliRunner().invoke(sleep1d.cli, [str(a) for a in args])
+    return CliRunner().invoke(sleep1d.main, [str(a) for a in args])
 
 
 TINY_DATA = ["--synthetic-subjects", 6, "--synthetic-epochs", 8, "--finetune-subjects", 2, "--test-subjects", 2]

@@ -1,0 +1,196 @@
+"""The baselines of the paper's Tables 1-3, each a pretraining method over part.py's ViT, one per section:
+MAE and DropPos (grid patches with position embeddings); and the registry of every method, PART included,
+that `--method` chooses from.
+
+Each model takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), as PART does, so they share
+the engine, checkpoints and exports. Where they differ from their official code, README.md says how.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from part import (PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, VisionTransformer, _init_weights, as_mask,
+                  check_share, grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows)
+
+# ---------------------------------------------------------------- shared by MAE and DropPos
+
+class Decoder(nn.Module):
+    """MAE's light decoder, also DropPos': a linear map to its width (`embed`, applied first by the
+    caller), transformer blocks, a norm and a linear prediction per token."""
+
+    def __init__(self, dim, width, depth, n_out):
+        super().__init__()
+        self.embed = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(Block(width, max(1, width // 32), 4.0, 0.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        """Embedded tokens (B, T, width) -> predictions (B, T, n_out)."""
+        return self.pred(self.norm(run_blocks(self.blocks, x)))
+
+
+def hide_patches(patches, ratio):
+    """MAE's and DropPos' patch masking: (B, N, C, *patch) -> the visible patches (B, N - M, C, *patch),
+    their indices (B, N - M) and the hidden ones' (B, M), M = round(ratio * N), fresh per item."""
+    B, N = patches.shape[:2]
+    kept, hidden = random_split(B, N, ratio, patches.device)
+    return take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:]), kept, hidden
+
+
+# ---------------------------------------------------------------- MAE
+
+
+@dataclass
+class MAEConfig(InputConfig):
+    """MAE (He et al., CVPR 2022) on our ViT: decoder width and depth scaled down for CPU (the paper: 512, 8)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    norm_pix: bool = True  # targets: each patch's pixels normalised by their own mean and std (MAE's best)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_share("--mask-ratio", self.mask_ratio)
+
+
+def patch_targets(patches, norm_pix):
+    """MAE's targets: (B, N, C, *patch) -> (B, N, C * prod(patch)), each patch's pixels normalised by
+    their own mean and (unbiased) variance when norm_pix."""
+    x = patches.flatten(2).float()
+    if not norm_pix:
+        return x
+    return (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+
+
+class MAE(nn.Module):
+    """Masked autoencoding: the encoder sees the visible on-grid patches with fixed sin-cos position
+    embeddings; the decoder fills in mask tokens and predicts the pixels of the masked patches."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)
+        v = cfg.vit
+        self.decoder = Decoder(v.embed_dim, cfg.decoder_dim, cfg.decoder_depth, v.in_chans * v.patch_size**v.patch_ndim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.decoder.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+        positions = grid_positions(cfg)  # (N, d)
+        self.register_buffer("fixed_pos_embed", sincos_embed(positions, v.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
+        self.register_buffer("decoder_pos", sincos_embed(positions, cfg.decoder_dim), persistent=False)  # (N, Dd)
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics): MSE on the masked patches."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        B, N = patches.shape[:2]
+        visible, kept, masked = hide_patches(patches, self.cfg.mask_ratio)  # (B, N - M, C, *patch), (B, N - M), (B, M)
+        tokens = self.decoder.embed(self.encoder.forward_features(visible, pos=self.fixed_pos_embed[0, kept]))  # (B, N - M, Dd)
+        index = kept[..., None].expand(-1, -1, tokens.shape[-1])
+        full = self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)  # (B, N, Dd), mask tokens elsewhere
+        pred = self.decoder(full + self.decoder_pos)  # (B, N, C * prod(patch))
+        target = patch_targets(patches, self.cfg.norm_pix)
+        loss = F.mse_loss(take_rows(pred, masked).float(), take_rows(target, masked))
+        return loss, {"loss": loss.detach()}
+
+
+# ---------------------------------------------------------------- DropPos
+
+
+@dataclass
+class DropPosConfig(InputConfig):
+    """DropPos (Wang et al., NeurIPS 2023) on our ViT, with its defaults except the decoder's size
+    (the paper: 512 wide, 2 deep) and without its attentive reconstruction (which needs a class token)."""
+
+    mask_ratio: float = 0.75  # patches hidden from the encoder
+    pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    sigma: float = 1.0  # position smoothing at the start, in patches; decays linearly to 0 over training
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_share("--mask-ratio", self.mask_ratio)
+        check_share("--pos-mask-ratio", self.pos_mask_ratio)
+
+
+def smoothed_positions(positions, sigma):
+    """DropPos' position smoothing: for each true position a distribution over all positions,
+    exp(-|p_i - p_j|^2 / sigma^2) normalised; one-hot at sigma 0. (N, d) -> (N, N)."""
+    if sigma == 0:
+        return torch.eye(len(positions), device=positions.device)
+    weight = torch.exp(-torch.cdist(positions, positions).square() / sigma**2)
+    return weight / weight.sum(dim=-1, keepdim=True)
+
+
+class DropPos(nn.Module):
+    """Reconstructing dropped positions: of the visible on-grid patches, a share loses its sin-cos
+    position embedding (a learnt mask token instead); a decoder classifies each token's grid position,
+    and the loss (cross-entropy against smoothed positions) is on the tokens whose embedding was dropped."""
+
+    def __init__(self, cfg: DropPosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)
+        positions = grid_positions(cfg)  # (N, d)
+        self.decoder = Decoder(cfg.vit.embed_dim, cfg.decoder_dim, cfg.decoder_depth, len(positions))
+        self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, cfg.vit.embed_dim))
+        self.decoder.apply(_init_weights)
+        nn.init.normal_(self.mask_pos_token, std=0.02)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+        self.register_buffer("positions", positions, persistent=False)
+        self.register_buffer("fixed_pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
+        self.progress = 0.0  # share of training done, set by train.fit; sigma decays with it
+
+    def set_progress(self, progress):
+        self.progress = progress
+
+    def sample(self, images):
+        """-> visible patches (B, V, C, *patch), their grid indices (B, V), dropped (B, V) bool."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        visible, kept, _ = hide_patches(patches, self.cfg.mask_ratio)  # (B, V, C, *patch), (B, V)
+        B, V = kept.shape
+        dropped = as_mask(random_split(B, V, self.cfg.pos_mask_ratio, images.device)[1], V)
+        return visible, kept, dropped
+
+    def loss(self, logits, kept, dropped):
+        """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
+        averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
+        sigma = self.cfg.sigma * (1 - self.progress)
+        target = smoothed_positions(self.positions, sigma)[kept]  # (B, V, N)
+        ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
+        weight = dropped.float()
+        loss = (ce * weight).sum() / weight.sum()
+        acc = ((logits.argmax(dim=-1) == kept).float() * weight).sum() / weight.sum()
+        return loss, {"loss": loss.detach(), "pos_acc": acc}
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics)."""
+        visible, kept, dropped = self.sample(images)
+        pos = torch.where(dropped[..., None], self.mask_pos_token, self.fixed_pos_embed[0, kept])  # (B, V, D)
+        logits = self.decoder(self.decoder.embed(self.encoder.forward_features(visible, pos=pos)))  # (B, V, N)
+        return self.loss(logits, kept, dropped)
+
+
+# ---------------------------------------------------------------- the registry
+
+METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos)}
+
+
+def pretext_config(method, **fields):
+    """The config of `method`'s pretraining model from flags; the flags of other methods are left out."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
+    config_class = METHODS[method][0]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in fields.items() if k in names})
+
+
+def pretext_model(method, cfg):
+    return METHODS[method][1](cfg)
+
