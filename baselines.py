@@ -145,10 +145,12 @@ class DropPos(nn.Module):
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         self.register_buffer("positions", positions, persistent=False)
         self.register_buffer("fixed_pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
-        self.progress = 0.0  # share of training done, set by train.fit; sigma decays with it
+        self.sigma = cfg.sigma  # the smoothing of this epoch (set_epoch)
 
-    def set_progress(self, progress):
-        self.progress = progress
+    def set_epoch(self, epoch, epochs):
+        """DropPos' schedule (engine_pretrain.py): sigma = (1 - epoch / epochs) sigma_0, constant within epoch
+        `epoch` (0-based), so it never reaches 0; engine.fit calls this before each epoch."""
+        self.sigma = self.cfg.sigma * (1 - epoch / epochs)
 
     def sample(self, images):
         """-> visible patches (B, V, C, *patch), their grid indices (B, V), dropped (B, V) bool."""
@@ -161,8 +163,7 @@ class DropPos(nn.Module):
     def loss(self, logits, kept, dropped):
         """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
         averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
-        sigma = self.cfg.sigma * (1 - self.progress)
-        target = smoothed_positions(self.positions, sigma)[kept]  # (B, V, N)
+        target = smoothed_positions(self.positions, self.sigma)[kept]  # (B, V, N)
         ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
         weight = dropped.float()
         loss = (ce * weight).sum() / weight.sum()

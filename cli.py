@@ -50,6 +50,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "warmup_epochs": (NON_NEGATIVE, "linear lr warmup, in epochs (fractions allowed)"),
     "weight_decay": (NON_NEGATIVE, "AdamW's, not on norms, biases, tokens and position embeddings"),
     "layer_decay": (click.FloatRange(min=0, max=1, min_open=True), "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off"),
+    "beta2": (click.FloatRange(min=0, max=1, max_open=True), "AdamW's beta2: 0.95 pretraining (MAE), 0.999 finetuning (DeiT)"),
     "clip_grad": (NON_NEGATIVE, "max gradient norm; 0: no clipping"),
     "workers": (click.IntRange(min=-1), "data-loader workers per process; -1: 8 on CUDA, 0 on CPU"),
     "seed": (int, "seeds weights, sampling and data order: the same seed repeats a run"),

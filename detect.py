@@ -559,7 +559,7 @@ model_options = cli.options(
 @click.option("--rois", type=cli.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
 @click.option("--scale-range", type=click.FloatRange(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
               help="large-scale jitter of training images (ViTDet: 0.1 2.0)")
-@cli.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, lr_drops="4,5.5",
+@cli.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, beta2=0.999, lr_drops="4,5.5",
                       log_every=5)
 def train_cmd(init, data_dir, out_dir, **kwargs):
     """Finetune Mask R-CNN end to end: AdamW, layer decay 0.7, warmup, x0.1 at 2/3 and 11/12 of the run (ViTDet's

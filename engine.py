@@ -5,7 +5,7 @@
 
 A model is anything whose forward(x, y) returns (loss, metrics); the engine reads nothing else of it
 but its parameters and state. What varies by model comes in as arguments of `fit`: the precision
-context, the held-out evaluation, a per-step progress callback. The commands (train.py, sleep1d.py,
+context, the held-out evaluation, a callback at the start of each epoch. The commands (train.py, sleep1d.py,
 detect.py) build the model and data and call `fit`.
 """
 import json
@@ -91,6 +91,7 @@ class Recipe:
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # layer-wise lr decay; 1.0 is off
+    beta2: float = 0.95  # AdamW's second-moment decay: 0.95 in pretraining (MAE), 0.999 in finetuning (DeiT, MAE)
     clip_grad: float = 0.0  # max grad norm; 0 is off
     workers: int = -1  # data-loader workers per process; -1: 8 on CUDA, 0 on CPU
     seed: int = 0
@@ -220,7 +221,7 @@ def evaluate(model, loader, dd, seed, precision=autocast):
 
 
 def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=None, collate_fn=None,
-        train_collate_fn=None, precision=autocast, progress=None):
+        train_collate_fn=None, precision=autocast, on_epoch=None):
     """Train `model` (forward(x, y) -> (loss, metrics)) and return the last held-out metrics.
 
     evaluate_fn(model, val_loader, dd, seed) -> {name: float} runs after every epoch (default:
@@ -228,7 +229,7 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     (every epoch), checkpoint_best.pt (when metric best_key improves, higher is better) and
     log.jsonl. A run finds its own checkpoint there and resumes. collate_fn batches both sets;
     train_collate_fn, when given, the training set alone (MixUp / CutMix). precision(device) is the
-    context forward runs in; progress(share of training done), when given, hears it before each step.
+    context forward runs in; on_epoch(epoch, epochs), when given, is called before each epoch (0-based).
     """
     evaluate_fn = evaluate_fn or partial(evaluate, precision=precision)
     out_dir, ckpt_path = Path(out_dir), Path(out_dir) / "checkpoint.pt"
@@ -237,7 +238,7 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     steps_per_epoch, eff_batch, lr, schedule = lr_schedule(recipe, len(train_loader), dd.world)
 
     model.to(dd.device)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, recipe.beta2))
     start_epoch, best, metrics = resume(ckpt_path, model, optimizer, config, dd)
     if start_epoch >= recipe.epochs:
         if dd.main:
@@ -260,8 +261,10 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
         torch.manual_seed(recipe.seed + 1000 * dd.rank + epoch)  # resume at an epoch replays the same randomness
         train_loader.sampler.set_epoch(epoch)
         t_epoch = time.perf_counter()
+        if on_epoch:
+            on_epoch(epoch, recipe.epochs)
         skipped = train_one_epoch(model, train_loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path,
-                                  precision, progress)
+                                  precision)
         metrics = evaluate_fn(raw, val_loader, dd, recipe.seed)
         if dd.main:
             eta = (time.perf_counter() - t_run) / (epoch + 1 - start_epoch) * (recipe.epochs - epoch - 1)
@@ -303,10 +306,9 @@ def lr_schedule(recipe, batches, world):
     return steps_per_epoch, eff_batch, lr, schedule
 
 
-def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path, precision, progress=None):
+def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per_epoch, dd, log, ckpt_path, precision):
     """One pass over `loader`: forward, backward, and every `recipe.accum` micro-batches an optimizer
-    step at lr schedule(step); a log.jsonl row every `recipe.log_every` steps. progress, when given
-    (DropPos' decaying smoothing), hears the share of training done before each step.
+    step at lr schedule(step); a log.jsonl row every `recipe.log_every` steps; forward runs in precision(device).
     Returns the number of image files skipped as unreadable (the batches' shortfall, with
     --skip-bad-files), summed over processes."""
     model.train()
@@ -325,8 +327,6 @@ def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per
         t_data += time.perf_counter() - t0
         step = epoch * steps_per_epoch + i // recipe.accum  # optimizer steps before this one
         last_micro = (i + 1) % recipe.accum == 0
-        if progress:
-            progress(step / (recipe.epochs * steps_per_epoch))
         with nullcontext() if last_micro or dd.world == 1 else model.no_sync():  # DDP all-reduces on the last micro-batch only
             with precision(dd.device):
                 loss, metrics = model(x, y)

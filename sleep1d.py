@@ -599,7 +599,7 @@ def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split
         model = baselines.pretext_model(method, cfg)
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
         config = {"kind": f"{method}1d", "data": {**data_config, "context": context}, "model": cfg.to_dict(), "recipe": asdict(recipe)}
-        engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, progress=getattr(model, "set_progress", None))
+        engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
 
     engine.run(command)
 
@@ -624,7 +624,7 @@ def encoder_from(init, preset, channels, drop_path):
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="default: the checkpoint's, or eeg_tiny from scratch")
 @click.option("--pos-mask", type=cli.SHARE, default=0.2, show_default=True, help="share of position embeddings masked in training (8.1)")
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="stochastic depth; DeiT: 0.1")
-@cli.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, log_every=20)
+@cli.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, beta2=0.999, log_every=20)
 @click.option("--out-dir", default="out/sleep-finetune", show_default=True, help=cli.OUT_DIR_HELP)
 def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
              init, preset, pos_mask, drop_path, out_dir, **kwargs):

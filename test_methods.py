@@ -95,15 +95,14 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     assert loss_wrong.item() > 1
 
 
-def test_droppos_position_smoothing_decays_from_sigma_to_one_hot():
+def test_droppos_position_smoothing_and_its_one_hot_limit():
     positions = part.grid_positions(method_config("droppos"))  # (16, 2) patch centres
     smooth = baselines.smoothed_positions(positions, 1.0)
     torch.testing.assert_close(smooth.sum(dim=1), torch.ones(16))
     d2 = ((positions[0] - positions[1]) ** 2).sum()
     assert (smooth[0, 1] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
     torch.testing.assert_close(baselines.smoothed_positions(positions, 0.0), torch.eye(16))
-    model = baselines.DropPos(method_config("droppos", sigma=1.0))
-    model.set_progress(1.0)  # the end of training: sigma has decayed to 0
+    model = baselines.DropPos(method_config("droppos", sigma=0.0))  # no smoothing: one-hot targets
     logits = torch.randn(1, 4, 16)
     kept, dropped = torch.tensor([[0, 5, 10, 15]]), torch.ones(1, 4, dtype=torch.bool)
     loss, _ = model.loss(logits, kept, dropped)
@@ -263,3 +262,14 @@ def test_bench_times_each_method_beside_part():
     assert sorted(lines) == sorted(baselines.METHODS) and "1.00 x PART's" in lines["part"]
     flops = {m: float(line.rsplit(" ", 1)[1]) for m, line in lines.items()}
     assert 0 < flops["droppos"] < flops["mae"]  # DropPos decodes the 4 visible tokens, MAE all 16
+
+
+def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_code(fake_fmnist, tmp_path, monkeypatch):
+    seen = []
+    loss = baselines.DropPos.loss
+    monkeypatch.setattr(baselines.DropPos, "loss", lambda self, *a: seen.append(self.sigma) or loss(self, *a))
+    result = invoke("pretrain", "--method", "droppos", "--sigma", 2.0, "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 4,
+                    "--out-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    per_epoch = len(seen) // 4  # training steps and evaluation batches of one epoch
+    assert [sorted(set(seen[e * per_epoch:(e + 1) * per_epoch])) for e in range(4)] == [[2.0], [1.5], [1.0], [0.5]]  # (1 - e/E) 2

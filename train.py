@@ -107,7 +107,7 @@ def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
         config = {"kind": method, "data": flags["data_name"], "train_subset": flags["train_subset"], "model": cfg.to_dict(),
                   "recipe": asdict(recipe)}
-        fit(model, train_set, val_set, recipe, out_dir, config, dd, progress=getattr(model, "set_progress", None))
+        fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
 
     run(command)
 
@@ -161,7 +161,7 @@ def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_
 @click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
 @click.option("--cutmix", type=NON_NEGATIVE, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
 @click.option("--reprob", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
-@recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, log_every=50)
+@recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, beta2=0.999, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
 def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing, randaug_n, randaug_m, mixup, cutmix, reprob, out_dir,
              **kwargs):
