@@ -5,7 +5,9 @@ import json
 import pytest
 import timm
 import torch
+from PIL import Image
 
+import figures
 import hub
 import part
 
@@ -122,3 +124,42 @@ def test_a_state_that_disagrees_with_its_kind_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the mae state lacks pos_embed"):
         hub.write_timm_export(tmp_path, part.encoder_state_dict(model.state_dict()), model.cfg.to_dict(), "mae", "cifar10")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- figures.plot_runs
+
+
+def write_log(out_dir, steps_per_epoch, epochs, val_keys):
+    """A log.jsonl as train.fit writes it: a row each step, an epoch row after each epoch."""
+    out_dir.mkdir(parents=True)
+    rows = []
+    for epoch in range(1, epochs + 1):
+        for step in range((epoch - 1) * steps_per_epoch + 1, epoch * steps_per_epoch + 1):
+            rows.append({"epoch": epoch, "step": step, "lr": 1e-3 * step, "loss": 2.0 / step, "img_per_s": 100.0})
+        rows.append({"epoch": epoch, "step": epoch * steps_per_epoch, "epoch_s": 1.0, **{k: 1.0 / epoch for k in val_keys}})
+    (out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_plot_runs_draws_a_panel_per_curve(tmp_path):
+    write_log(tmp_path / "pretrain", 5, 3, ["val_loss"])
+    write_log(tmp_path / "finetune", 4, 2, ["val_loss", "val_acc"])
+    figures.plot_runs([tmp_path / "pretrain", tmp_path / "finetune"], tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as png:
+        png.verify()  # a whole, valid PNG
+        size, kind = png.size, png.format
+    panel = figures.PANEL * figures.DPI
+    assert kind == "PNG" and size == (3 * panel, 2 * panel)  # loss, lr, val_acc, val_loss: 3 a row, 2 rows
+
+
+def test_plot_runs_names_a_folder_without_a_log(tmp_path):
+    write_log(tmp_path / "run", 2, 1, ["val_loss"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty' / 'log.jsonl'} not found"):
+        figures.plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "curves.png")
+    (tmp_path / "empty" / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="log.jsonl has no rows"):
+        figures.plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "curves.png")
+    (tmp_path / "empty" / "log.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "epoch_s": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="has no loss, lr or val_"):
+        figures.plot_runs([tmp_path / "empty"], tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
