@@ -12,8 +12,12 @@ then `show_image`, which does both for one image. Only `train.py show` imports t
 matplotlib loads for it alone. Images are (C, H, W) floats in [0, 1], boxes pixels as x0, y0, x1,
 y1. Every panel is PANEL x PANEL inches at DPI, so a figure of c x r panels is exactly
 (c * PANEL * DPI, r * PANEL * DPI) pixels; small images are upscaled by nearest neighbour.
+
+At the end, `plot_runs`: the training curves of runs side by side, from their log.jsonl.
 """
 import json
+import math
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -328,3 +332,43 @@ def show_image(model, name, image, ref, target, seed, out_dir):
                "symmetry": mirrored, "correlation_with_truth": agreement, "raster_order": order.tolist()}
     (out_dir / f"{name}_numbers.json").write_text(json.dumps(numbers))
     print("  wrote " + ", ".join(str(p) for p in paths) + f" and {name}_numbers.json")
+
+
+# ---------------------------------------------------------------- training curves
+
+CURVE_COLS = 3  # panels a row
+
+
+def read_log(out_dir):
+    """A run's log.jsonl rows in order (train.fit writes them); ValueError naming the path when there are none."""
+    path = Path(out_dir) / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: not the folder of a training run")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} has no rows yet")
+    return rows
+
+
+def plot_runs(out_dirs, path):
+    """The runs' loss and lr against the step (log rows every --log-every steps), then each held-out
+    metric (the val_* keys of epoch rows) against it: one panel each, one line per run labelled by
+    its folder's name, CURVE_COLS panels a row, into one PNG at path."""
+    runs = [(Path(d).name, read_log(d)) for d in out_dirs]
+    logged = {k for _, rows in runs for row in rows for k in row}
+    held_out = sorted(k for k in logged if k.startswith("val_"))
+    keys = [k for k in ("loss", "lr") if k in logged] + held_out  # no step rows in a run shorter than --log-every
+    if not keys:
+        raise ValueError(f"the log.jsonl of {', '.join(map(str, out_dirs))} has no loss, lr or val_* values")
+    cols = min(len(keys), CURVE_COLS)
+    fig, axes = figure(cols, math.ceil(len(keys) / cols))
+    for ax, key in zip(axes.flat, keys):
+        for i, (name, rows) in enumerate(runs):
+            points = [(row["step"], row[key]) for row in rows if key in row]  # (step, value); none where the run lacks the key
+            if points:  # a run keeps its colour in every panel; epochs are few, so their points are marked
+                ax.plot(*zip(*points), color=f"C{i}", label=name, marker="." if key in held_out else None)
+        ax.set(title=key, xlabel="step")
+        ax.legend(fontsize="small")
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    save(fig, path)

@@ -1,0 +1,165 @@
+"""hub.py: exports that timm rebuilds with our outputs; figures.plot_runs: training curves from log.jsonl."""
+import dataclasses
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import figures
+import hub
+import part
+
+SIZE, MEAN, STD = (12, 16), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)  # non-square RGB, so H, W and channel orders must all be right
+
+
+def tiny_vit():
+    return part.vit_config("vit_test", patch_size=4, in_chans=3)
+
+
+def perturbed(model):
+    """The model with every parameter moved off its init (LayerNorms not 1 and 0, biases not 0),
+    so that a weight timm read in the wrong place would show."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def export_and_load(tmp_path, model, kind):
+    """Export as `train.py export` has it (the config through JSON, as a checkpoint's config would be
+    after encoder.json) and rebuild it in timm -> (timm's model in eval mode, timm's normalised images)."""
+    model_config = json.loads(json.dumps(model.cfg.to_dict()))
+    state = part.encoder_state_dict({"model": model.state_dict()})
+    out = tmp_path / kind
+    message = hub.write_timm_export(out, state, model_config, kind, "cifar10")
+    assert message.startswith("wrote") and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no .tmp left
+    theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # loads strictly: every key by name and shape
+    data_config = timm.data.resolve_data_config({}, model=theirs)
+    assert data_config["input_size"] == (3, *SIZE) and tuple(data_config["mean"]) == MEAN and tuple(data_config["std"]) == STD
+    images = torch.rand(2, 3, *SIZE)
+    normalised = (images - torch.tensor(data_config["mean"]).view(1, 3, 1, 1)) / torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+    return theirs, images, normalised
+
+
+PRETRAINING = [("part", {"num_pairs": 32}), ("part", {"num_pairs": 32, "pos_mask": 0.25}), ("mae", {}), ("droppos", {})]
+
+
+@pytest.mark.parametrize("method, fields", PRETRAINING, ids=["part", "part-pos-mask", "mae", "droppos"])
+def test_pretrained_encoder_in_timm_gives_our_tokens_and_features(tmp_path, method, fields):
+    config_class, model_class = part.METHODS[method]
+    model = perturbed(model_class(config_class(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, **fields)))
+    theirs, images, normalised = export_and_load(tmp_path, model, method)
+    pos = getattr(model, "pos_embed", None)  # the fixed sin-cos embeddings it was pretrained with, if any
+    with torch.no_grad():
+        ours = model.encoder.forward_features(part.patchify(model.normalize(images), 4), pos=pos)  # (B, N, D)
+        torch.testing.assert_close(theirs.forward_features(normalised), ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(normalised), ours.mean(dim=1), atol=1e-5, rtol=1e-5)  # (B, D)
+    assert (theirs.pos_embed is None) == (pos is None)
+
+
+CLASSIFIERS = [dict(pool="cls"), dict(pool="avg"), dict(pool="avg", linear_probe=True),
+               dict(pool="cls", linear_probe=True, pos_pretrained=True)]
+
+
+@pytest.mark.parametrize("fields", CLASSIFIERS, ids=["cls", "avg", "probe", "probe-with-positions"])
+def test_classifier_in_timm_gives_our_logits(tmp_path, fields):
+    model = perturbed(part.Classifier(part.ClassifierConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_classes=5, **fields)))
+    if model.cfg.linear_probe:  # running statistics away from (0, 1), so that folding them into the head matters
+        norm = model.encoder.head[0]
+        assert norm.eps == hub.PROBE_EPS
+        norm.running_mean.copy_(torch.randn(norm.num_features))
+        norm.running_var.copy_(torch.rand(norm.num_features) + 0.5)
+    theirs, images, normalised = export_and_load(tmp_path, model, "classifier")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(normalised), model.logits(images), atol=1e-5, rtol=1e-5)  # (B, classes)
+    assert theirs.num_classes == 5 and (theirs.pos_embed is None) == (model.encoder.pos_embed is None)
+
+
+def test_folded_probe_head_is_the_norm_then_the_linear_head():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False, eps=hub.PROBE_EPS), torch.nn.Linear(8, 3)).double().eval()
+    head[0].running_mean.copy_(torch.randn(8))
+    head[0].running_var.copy_(torch.rand(8) * 1e-5)  # variances near eps, where leaving eps out would show
+    state = hub.fold_probe_head({f"head.{k}": v for k, v in head.state_dict().items()})
+    assert sorted(state) == ["head.bias", "head.weight"]
+    x = torch.randn(4, 8, dtype=torch.double)
+    torch.testing.assert_close(torch.nn.functional.linear(x, state["head.weight"], state["head.bias"]), head(x))
+
+
+def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
+    model = part.PART(part.PARTConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_pairs=32))
+    config = hub.timm_config(model.cfg.to_dict(), "part", "cifar10")
+    accepted = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
+    assert set(config["pretrained_cfg"]) <= accepted
+    # that matters: timm's resolve_pretrained_cfg builds PretrainedCfg(**pretrained_cfg), which refuses other keys
+    hub.write_timm_export(tmp_path, part.encoder_state_dict(model.state_dict()), model.cfg.to_dict(), "part", "cifar10")
+    config["pretrained_cfg"]["epochs"] = 100
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match="epochs"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+
+
+def test_architecture_names_the_timm_vit_of_the_same_size():
+    assert hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_s"))) == "vit_small_patch16_224"
+    assert hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_mini"))) == "vit_base_patch16_224"  # none in timm
+    assert all(timm.is_model(name) for name in hub.TIMM_ARCHITECTURES.values())
+
+
+def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
+    vit = part.vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=1)
+    model = part.PART(part.PARTConfig(vit=vit, img_size=(64,), mean=(0.0,), std=(1.0,), num_pairs=32))
+    state = part.encoder_state_dict(model.state_dict())
+    assert hub.write_timm_export(tmp_path / "out", state, model.cfg.to_dict(), "part1d", None) == \
+        "no timm export: timm has no 1D ViT (its vision_transformer takes images)"
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="timm has no 1D ViT"):
+        hub.timm_config(model.cfg.to_dict(), "part1d", None)
+
+
+def test_a_state_that_disagrees_with_its_kind_is_refused(tmp_path):
+    model = part.PART(part.PARTConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_pairs=32))  # no position embeddings
+    with pytest.raises(ValueError, match="the mae state lacks pos_embed"):
+        hub.write_timm_export(tmp_path, part.encoder_state_dict(model.state_dict()), model.cfg.to_dict(), "mae", "cifar10")
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- figures.plot_runs
+
+
+def write_log(out_dir, steps_per_epoch, epochs, val_keys):
+    """A log.jsonl as train.fit writes it: a row each step, an epoch row after each epoch."""
+    out_dir.mkdir(parents=True)
+    rows = []
+    for epoch in range(1, epochs + 1):
+        for step in range((epoch - 1) * steps_per_epoch + 1, epoch * steps_per_epoch + 1):
+            rows.append({"epoch": epoch, "step": step, "lr": 1e-3 * step, "loss": 2.0 / step, "img_per_s": 100.0})
+        rows.append({"epoch": epoch, "step": epoch * steps_per_epoch, "epoch_s": 1.0, **{k: 1.0 / epoch for k in val_keys}})
+    (out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_plot_runs_draws_a_panel_per_curve(tmp_path):
+    write_log(tmp_path / "pretrain", 5, 3, ["val_loss"])
+    write_log(tmp_path / "finetune", 4, 2, ["val_loss", "val_acc"])
+    figures.plot_runs([tmp_path / "pretrain", tmp_path / "finetune"], tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as png:
+        png.verify()  # a whole, valid PNG
+        size, kind = png.size, png.format
+    panel = figures.PANEL * figures.DPI
+    assert kind == "PNG" and size == (3 * panel, 2 * panel)  # loss, lr, val_acc, val_loss: 3 a row, 2 rows
+
+
+def test_plot_runs_names_a_folder_without_a_log(tmp_path):
+    write_log(tmp_path / "run", 2, 1, ["val_loss"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty' / 'log.jsonl'} not found"):
+        figures.plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "curves.png")
+    (tmp_path / "empty" / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="log.jsonl has no rows"):
+        figures.plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "curves.png")
+    (tmp_path / "empty" / "log.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "epoch_s": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="has no loss, lr or val_"):
+        figures.plot_runs([tmp_path / "empty"], tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
