@@ -37,36 +37,32 @@ def timm_architecture(vit):
     return next((name for preset, name in TIMM_ARCHITECTURES.items() if part.PRESETS[preset] == size), TIMM_ARCHITECTURES["vit_b"])
 
 
-def pretrained_positions(model_config, kind):
-    """Whether the state has the fixed sin-cos position embeddings a pretraining encoder was pretrained
-    with (part.encoder_state_dict keeps them as pos_embed (1, N, D)): MAE's and DropPos', PART's with --pos-mask."""
-    return kind != "part" or model_config.get("pos_mask", 0) > 0
-
-
-def timm_model_args(model_config, kind):
+def timm_model_args(model_config, kind, positions):
     """Keyword arguments of timm's VisionTransformer whose forward is ours. The rest of timm's defaults
-    are ours too: LayerNorm eps 1e-6, exact GELU, no layer scale, fused attention at head_dim^-0.5."""
+    are ours too: LayerNorm eps 1e-6, exact GELU, no layer scale, fused attention at head_dim^-0.5.
+    positions: the weights bring position embeddings (part.has_positions)."""
     vit = model_config["vit"]
     if kind == "classifier":  # a class token, learnt position embeddings unless a probe has none, a linear head
-        class_token, has_pos, num_classes = True, bool(vit["pos_grid"]), vit["num_classes"]
+        class_token, num_classes = True, vit["num_classes"]
         global_pool = {"cls": "token", "avg": "avg"}[vit["pool"]]
     else:  # the bare encoder; its features are the mean of the patch tokens
-        class_token, has_pos, num_classes, global_pool = False, pretrained_positions(model_config, kind), 0, "avg"
+        class_token, num_classes, global_pool = False, 0, "avg"
     return dict(img_size=list(model_config["img_size"]), patch_size=vit["patch_size"], in_chans=vit["in_chans"],
                 embed_dim=vit["embed_dim"], depth=vit["depth"], num_heads=vit["num_heads"], mlp_ratio=vit["mlp_ratio"],
-                qkv_bias=True, class_token=class_token, pos_embed="learn" if has_pos else "none",
+                qkv_bias=True, class_token=class_token, pos_embed="learn" if positions else "none",
                 no_embed_class=False,  # a class token's position slot is first, added after it is prepended (ours)
                 global_pool=global_pool, fc_norm=False,  # the final norm before pooling, not after it
                 num_classes=num_classes)
 
 
-def timm_config(model_config, kind, data_name):
-    """timm's config.json for a model of `kind` (a checkpoint's config kind: part, mae, droppos or
-    classifier) with `model_config` (the checkpoint's config["model"]), trained on `data_name`."""
+def timm_config(model_config, kind, data_name, positions):
+    """timm's config.json for a model of `kind` (a checkpoint's config kind: a pretraining method or
+    classifier) with `model_config` (the checkpoint's config["model"]), trained on `data_name`, whose
+    weights bring position embeddings or not (`positions`)."""
     reason = timm_refusal(model_config)
     if reason:
         raise ValueError(reason)
-    args = timm_model_args(model_config, kind)
+    args = timm_model_args(model_config, kind, positions)
     what = "finetuned classifier" if kind == "classifier" else f"{kind} pretrained encoder"
     pretrained_cfg = {  # only fields of timm's PretrainedCfg: create_model raises TypeError on any other
         "input_size": [args["in_chans"], *args["img_size"]],  # (C, H, W)
@@ -103,11 +99,9 @@ def write_timm_export(out_dir, state, model_config, kind, data_name):
     reason = timm_refusal(model_config)
     if reason:
         return f"no timm export: {reason}"
-    config = timm_config(model_config, kind, data_name)
+    config = timm_config(model_config, kind, data_name, part.has_positions(state))
     if kind == "classifier" and model_config["linear_probe"]:
         state = fold_probe_head(state)
-    if ("pos_embed" in state) != (config["model_args"]["pos_embed"] == "learn"):
-        raise ValueError(f"the {kind} state {'has' if 'pos_embed' in state else 'lacks'} pos_embed, against its model config")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights, config_path = out / "model.safetensors", out / "config.json"

@@ -105,7 +105,7 @@ def test_export_of_a_non_default_preset_carries_its_config_into_finetune_and_tim
     out = tmp_path / "new" / "folder"  # does not exist yet
     result = invoke("export", "--ckpt", tmp_path / "pre" / "checkpoint.pt", "--out-dir", out)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["encoder.json", "encoder.pt"]  # no .tmp left
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "encoder.json", "encoder.pt", "model.safetensors"]  # no .tmp left
     config = json.loads((out / "encoder.json").read_text())
     assert config["kind"] == "encoder" and config["model"]["vit"]["embed_dim"] == 32  # vit_test, not the default vit_mini
     result = invoke("finetune", "--data-dir", fake_fmnist, "--init", out / "encoder.pt", "--epochs", 1, "--batch-size", 32,

@@ -7,9 +7,11 @@ import timm
 import torch
 from PIL import Image
 
+import baselines
 import figures
 import hub
 import part
+from conftest import TINY_RUN, invoke
 
 SIZE, MEAN, STD = (12, 16), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)  # non-square RGB, so H, W and channel orders must all be right
 
@@ -49,10 +51,10 @@ PRETRAINING = [("part", {"num_pairs": 32}), ("part", {"num_pairs": 32, "pos_mask
 
 @pytest.mark.parametrize("method, fields", PRETRAINING, ids=["part", "part-pos-mask", "mae", "droppos"])
 def test_pretrained_encoder_in_timm_gives_our_tokens_and_features(tmp_path, method, fields):
-    config_class, model_class = part.METHODS[method]
+    config_class, model_class = baselines.METHODS[method]
     model = perturbed(model_class(config_class(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, **fields)))
     theirs, images, normalised = export_and_load(tmp_path, model, method)
-    pos = getattr(model, "pos_embed", None)  # the fixed sin-cos embeddings it was pretrained with, if any
+    pos = getattr(model, "fixed_pos_embed", None)  # the fixed sin-cos embeddings it was pretrained with, if any
     with torch.no_grad():
         ours = model.encoder.forward_features(part.patchify(model.normalize(images), 4), pos=pos)  # (B, N, D)
         torch.testing.assert_close(theirs.forward_features(normalised), ours, atol=1e-5, rtol=1e-5)
@@ -91,7 +93,7 @@ def test_folded_probe_head_is_the_norm_then_the_linear_head():
 
 def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
     model = part.PART(part.PARTConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_pairs=32))
-    config = hub.timm_config(model.cfg.to_dict(), "part", "cifar10")
+    config = hub.timm_config(model.cfg.to_dict(), "part", "cifar10", positions=False)
     accepted = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
     assert set(config["pretrained_cfg"]) <= accepted
     # that matters: timm's resolve_pretrained_cfg builds PretrainedCfg(**pretrained_cfg), which refuses other keys
@@ -116,50 +118,17 @@ def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
         "no timm export: timm has no 1D ViT (its vision_transformer takes images)"
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="timm has no 1D ViT"):
-        hub.timm_config(model.cfg.to_dict(), "part1d", None)
+        hub.timm_config(model.cfg.to_dict(), "part1d", None, positions=False)
 
 
-def test_a_state_that_disagrees_with_its_kind_is_refused(tmp_path):
-    model = part.PART(part.PARTConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_pairs=32))  # no position embeddings
-    with pytest.raises(ValueError, match="the mae state lacks pos_embed"):
-        hub.write_timm_export(tmp_path, part.encoder_state_dict(model.state_dict()), model.cfg.to_dict(), "mae", "cifar10")
-    assert not list(tmp_path.iterdir())
-
-
-# ---------------------------------------------------------------- figures.plot_runs
-
-
-def write_log(out_dir, steps_per_epoch, epochs, val_keys):
-    """A log.jsonl as train.fit writes it: a row each step, an epoch row after each epoch."""
-    out_dir.mkdir(parents=True)
-    rows = []
-    for epoch in range(1, epochs + 1):
-        for step in range((epoch - 1) * steps_per_epoch + 1, epoch * steps_per_epoch + 1):
-            rows.append({"epoch": epoch, "step": step, "lr": 1e-3 * step, "loss": 2.0 / step, "img_per_s": 100.0})
-        rows.append({"epoch": epoch, "step": epoch * steps_per_epoch, "epoch_s": 1.0, **{k: 1.0 / epoch for k in val_keys}})
-    (out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def test_plot_runs_draws_a_panel_per_curve(tmp_path):
-    write_log(tmp_path / "pretrain", 5, 3, ["val_loss"])
-    write_log(tmp_path / "finetune", 4, 2, ["val_loss", "val_acc"])
-    figures.plot_runs([tmp_path / "pretrain", tmp_path / "finetune"], tmp_path / "curves.png")
+def test_plot_command_draws_two_runs_and_names_a_folder_without_a_log(fake_fmnist, tmp_path):
+    for seed in (0, 1):
+        assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--seed", seed, "--log-every", 1,
+                      "--out-dir", tmp_path / f"run{seed}").exit_code == 0
+    result = invoke("plot", tmp_path / "run0", tmp_path / "run1", "--out", tmp_path / "curves.png")
+    assert result.exit_code == 0 and "2 run(s)" in result.output, result.output
     with Image.open(tmp_path / "curves.png") as png:
-        png.verify()  # a whole, valid PNG
-        size, kind = png.size, png.format
-    panel = figures.PANEL * figures.DPI
-    assert kind == "PNG" and size == (3 * panel, 2 * panel)  # loss, lr, val_acc, val_loss: 3 a row, 2 rows
-
-
-def test_plot_runs_names_a_folder_without_a_log(tmp_path):
-    write_log(tmp_path / "run", 2, 1, ["val_loss"])
+        assert png.width > 600
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=f"{tmp_path / 'empty' / 'log.jsonl'} not found"):
-        figures.plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "curves.png")
-    (tmp_path / "empty" / "log.jsonl").write_text("")
-    with pytest.raises(ValueError, match="log.jsonl has no rows"):
-        figures.plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "curves.png")
-    (tmp_path / "empty" / "log.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "epoch_s": 1.0}) + "\n")
-    with pytest.raises(ValueError, match="has no loss, lr or val_"):
-        figures.plot_runs([tmp_path / "empty"], tmp_path / "curves.png")
-    assert not (tmp_path / "curves.png").exists()
+    result = invoke("plot", tmp_path / "empty", "--out", tmp_path / "none.png")
+    assert result.exit_code == 1 and "log.jsonl" in result.output and "empty" in result.output, result.output

@@ -238,6 +238,23 @@ def export(ckpt, out_dir):
     save_checkpoint(out / "encoder.pt", state)
     write_atomic(out / "encoder.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     print(f"wrote {len(state)} tensors to {out / 'encoder.pt'} and their config to {out / 'encoder.json'}")
+    import hub  # safetensors: loaded by this command alone
+
+    print(hub.write_timm_export(out, state, model, kind, config.get("data")))
+
+
+@main.command()
+@click.argument("out_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="curves.png", show_default=True, help="the PNG to write")
+def plot(out_dirs, out):
+    """Loss, lr and held-out metrics of one or several runs (their log.jsonl) against the step, in one PNG."""
+    import figures  # matplotlib: loaded by the drawing commands alone
+
+    try:
+        figures.plot_runs(out_dirs, out)
+    except ValueError as e:
+        fail(str(e))
+    print(f"wrote {out}: {len(out_dirs)} run(s)")
 
 
 # ---------------------------------------------------------------- show: what PART learned (section 5.1)
