@@ -543,15 +543,15 @@ def relative_head(kind, dim, num_heads, num_patches, n_out):
     raise ConfigError(f"unknown relative head {kind!r}, expected one of {HEADS}")
 
 
-def relative_errors(pred, target):
+def relative_errors(pred, target, d=2):
     """The paper's Table 5 errors (8.1: "the l2 error, and the mean squared error in x and y"),
-    in units of the reference patch size, as 0-dim tensors.
+    in units of the reference patch size, as 0-dim tensors, over the d translation coordinates
+    (the first d of the targets; size ratios, if any, follow them).
 
-    mse_x, mse_y: mean squared error of the first two translation coordinates (only x in 1D);
+    mse_x, mse_y: mean squared error of the translation coordinates (only x in 1D);
     euclid: mean Euclidean (l2) error of the translation; euclid_zero: the same for the trivial
     predictor of zero translation, the baseline to beat; mae_x, mae_y: mean absolute errors.
     """
-    d = target.shape[-1] // 2 if target.shape[-1] == 4 else target.shape[-1]  # translation dims
     err = (pred[..., :d] - target[..., :d]).float()
     out = {}
     for k, axis in zip(range(d), "xy"):
@@ -562,11 +562,11 @@ def relative_errors(pred, target):
     return out
 
 
-def relative_loss(pred, target):
+def relative_loss(pred, target, d=2):
     """MSE over pairs and coordinates (section 4), in fp32 -> (loss, metrics)."""
     pred = pred.float()
     loss = F.mse_loss(pred, target)
-    return loss, {"loss": loss.detach(), **relative_errors(pred.detach(), target)}
+    return loss, {"loss": loss.detach(), **relative_errors(pred.detach(), target, d)}
 
 
 # ---------------------------------------------------------------- PART
@@ -707,7 +707,7 @@ class PART(nn.Module):
             pos = self.positions(boxes, masked)
         pairs = sample_pairs(B, N, self.cfg.num_pairs, images.device, masked)  # (B, K, 2)
         pred = self.predict(patches, pairs, pos)  # (B, K, d|2d)
-        return relative_loss(pred, relative_targets(boxes, pairs, self.scale))
+        return relative_loss(pred, relative_targets(boxes, pairs, self.scale), len(self.cfg.img_size))
 
 
 # ---------------------------------------------------------------- finetuning

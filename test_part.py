@@ -178,6 +178,14 @@ def test_table5_metrics_match_a_hand_computation():
     assert m["euclid_zero"].item() == pytest.approx((0 + 2**0.5 + (9 + 6.25) ** 0.5) / 3)
 
 
+def test_table5_metrics_of_a_1d_scale_target_read_its_one_shift_not_the_size_ratio():
+    pred = torch.tensor([[[1.0, 5.0], [3.0, 0.0]]])  # (dt, size ratio) per pair
+    target = torch.tensor([[[0.0, 1.0], [1.0, 2.0]]])
+    _, m = part.relative_loss(pred, target, d=1)
+    assert "mse_y" not in m and m["mse_x"].item() == pytest.approx((1 + 4) / 2)  # the shift alone: errors 1, 2
+    assert m["euclid"].item() == pytest.approx(1.5) and m["euclid_zero"].item() == pytest.approx(0.5)
+
+
 def test_loss_is_zero_on_perfect_prediction():
     boxes = part.sample_boxes(3, (16, 16), 4, 16, "offgrid-scale")
     target = part.relative_targets(boxes, part.sample_pairs(3, 16, 20), scale=True)

@@ -46,7 +46,7 @@ def test_pretraining_regresses_dt_of_the_windows_it_sampled(monkeypatch):
     for name, fn in (("boxes", part.sample_boxes), ("pairs", part.sample_pairs)):
         monkeypatch.setattr(part, fn.__name__, lambda *a, fn=fn, name=name, **k: seen.setdefault(name, fn(*a, **k)))
     loss_fn = part.relative_loss
-    monkeypatch.setattr(part, "relative_loss", lambda pred, target: seen.setdefault("target", target) is not None and loss_fn(pred, target))
+    monkeypatch.setattr(part, "relative_loss", lambda pred, target, d: seen.setdefault("target", target) is not None and loss_fn(pred, target, d))
     part.PART(pretext_config("part", num_patches=40, num_pairs=64))(torch.randn(3, 6, 3000))
     t0, pairs = seen["boxes"][..., 0].numpy().astype(np.float64), seen["pairs"].numpy()
     expected = np.stack([(t0[b, pairs[b, :, 1]] - t0[b, pairs[b, :, 0]]) / 100 for b in range(3)])[..., None]
