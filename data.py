@@ -229,6 +229,15 @@ def image_folder(root, mode, transform):
         raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
 
 
+def check_val_classes(val_set, train_root):
+    """train/ names and numbers the classes (its sorted folder names, as ImageFolder's); val/ must have
+    the same folders, or its labels would number other classes."""
+    train_classes = {p.name for p in Path(train_root).iterdir() if p.is_dir()} if Path(train_root).is_dir() else set()
+    extra, missing = sorted(set(val_set.classes) - train_classes), sorted(train_classes - set(val_set.classes))
+    if extra or missing:
+        raise DataError(f"{val_set.root}: its class folders must be those of {train_root}; extra {extra}, missing {missing}")
+
+
 # ---------------------------------------------------------------- one entry point
 
 
@@ -299,6 +308,8 @@ def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
         dataset = image_files(data_dir, split, mode, transform)
     elif name in ("in1k", "imagefolder"):
         dataset = image_folder(Path(data_dir) / split, mode, transform)
+        if split == "val":
+            check_val_classes(dataset, Path(data_dir) / "train")
     else:
         raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     return SkipBadFiles(dataset) if skip_bad_files else dataset
