@@ -155,13 +155,27 @@ class BadImageFile(DataError):
     """An image file that cannot be read; the message names it."""
 
 
+def full_range(img):
+    """A high-bit-depth grayscale image as 8-bit "L" over its full range: 16-bit integers (PIL modes
+    "I;16*", and "I", the mode older Pillow reads 16-bit PNGs in) by their high byte, floats ("F") taken
+    to span [0, 1]. PIL's own convert() clips them to 0..255, so most 16-bit pixels read as white.
+    Other modes (P, LA, CMYK, ...) convert() maps faithfully: returned as they are."""
+    if img.mode.startswith("I"):
+        pixels = np.asarray(img).astype(np.int64) >> 8  # 0..65535 -> 0..255
+    elif img.mode == "F":
+        pixels = (np.asarray(img) * 255).round()
+    else:
+        return img
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
 def read_image_file(path, mode, skippable=False):
     """A PIL image of the file at `path`, decoded in full and converted to `mode`; BadImageFile when
     it is missing, truncated or not an image (saying that --skip-bad-files would skip it, if skippable).
     Every reader of image files here (datasets, detect.py's COCO images, train.py show's --image) calls it."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode)  # convert() decodes every pixel, so a truncated file fails here
+            return full_range(img).convert(mode)  # both decode every pixel, so a truncated file fails here
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         hint = "; --skip-bad-files skips such files" if skippable else ""
         raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}){hint}") from None

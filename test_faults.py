@@ -1,6 +1,7 @@
 """Bad input to the data layer (issue #20), as a new user gives it: each case stops with one line naming
 the file or flag, before anything is written, or is read in full. `python3 -m pytest -q test_faults.py`"""
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -41,3 +42,35 @@ def test_val_classes_must_be_the_class_folders_of_train(tmp_path):
     Image.new("RGB", (8, 8)).save(root / "val" / "b" / "0.png")
     val_set = data.build_dataset("imagefolder", str(root), "val", info, None)
     assert val_set.class_to_idx == {"a": 0, "b": 1, "c": 2} and val_set[-1][1] == 2
+
+
+def gradient_image(mode):
+    """A (2, 256) grey ramp 0..255 stored in PIL mode `mode`, with the file suffix that keeps that mode."""
+    ramp = np.arange(256, dtype=np.uint8)[None].repeat(2, 0)
+    grey = Image.fromarray(ramp)
+    if mode == "I;16":
+        return Image.fromarray(ramp.astype(np.uint16) * 257), ".png"  # 16-bit PNG: 0..65535
+    if mode == "I":
+        return Image.fromarray(ramp.astype(np.int32) * 257), ".tif"
+    if mode == "F":
+        return Image.fromarray(ramp.astype(np.float32) / 255), ".tif"  # floats in [0, 1]
+    if mode == "P":
+        image = Image.fromarray(ramp, "P")
+        image.putpalette([v for i in range(256) for v in (i, i, i)])
+        return image, ".png"
+    if mode == "LA":
+        return Image.merge("LA", (grey, Image.new("L", grey.size, 128))), ".png"
+    black = Image.new("L", grey.size, 0)
+    return Image.merge("CMYK", (black, black, black, Image.fromarray(255 - ramp))), ".tif"
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "P", "LA", "CMYK"])
+def test_image_files_of_any_mode_read_over_their_full_range(tmp_path, mode):
+    image, suffix = gradient_image(mode)
+    path = tmp_path / f"ramp{suffix}"
+    image.save(path)
+    with Image.open(path) as stored:
+        assert stored.mode == mode
+    ramp = np.arange(256, dtype=np.uint8)
+    assert (np.asarray(data.read_image_file(path, "L")) == ramp).all()
+    assert (np.asarray(data.read_image_file(path, "RGB")) == ramp[:, None]).all()
