@@ -14,6 +14,7 @@ import gzip
 import os
 import pickle
 import subprocess
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -91,8 +92,11 @@ class TensorImages(Dataset):
 
 def read_idx(path):
     """A gzipped idx file (the MNIST format) as a numpy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip (gzip.BadGzipFile is an OSError), cut short, or corrupt
+        raise DataError(f"{path} is not a whole gzip file ({type(e).__name__}: {e}); idx files are read gzipped, as published") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise DataError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]

@@ -1,12 +1,14 @@
 """Bad input to the data layer (issue #20), as a new user gives it: each case stops with one line naming
 the file or flag, before anything is written, or is read in full. `python3 -m pytest -q test_faults.py`"""
+import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data
-from conftest import invoke
+from conftest import TINY_RUN, invoke
 from test_cli import one_line_error, photo_folder
 
 
@@ -16,6 +18,19 @@ def refused(call, *needles):
         call()
     message = str(error.value)
     assert "\n" not in message and all(str(n) in message for n in needles), message
+
+
+def snapshot(folder):
+    """Every file below folder -> its bytes, to show that a refused run lost nothing."""
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(fake_fmnist, tmp_path):
+    """A 1-epoch pretraining run on fake_fmnist: the command line that continues it, and its output folder."""
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run"]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    return [*common, "--epochs", 2], tmp_path / "run"
 
 
 # ---------------------------------------------------------------- image folders
@@ -74,3 +89,27 @@ def test_image_files_of_any_mode_read_over_their_full_range(tmp_path, mode):
     ramp = np.arange(256, dtype=np.uint8)
     assert (np.asarray(data.read_image_file(path, "L")) == ramp).all()
     assert (np.asarray(data.read_image_file(path, "RGB")) == ramp[:, None]).all()
+
+
+# ---------------------------------------------------------------- Fashion-MNIST and CIFAR
+
+
+def uncompressed(path):
+    path.write_bytes(gzip.decompress(path.read_bytes()))
+
+
+def cut_short(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_fashion_mnist_files_that_are_not_whole_gzip_files_are_named(fake_fmnist, finished_run):
+    command, out_dir = finished_run
+    before = snapshot(out_dir)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        path, original = fake_fmnist / name, (fake_fmnist / name).read_bytes()
+        for corrupt in (uncompressed, cut_short):
+            corrupt(path)
+            assert one_line_error(invoke(*command), str(path), "gzip"), (name, corrupt)
+            path.write_bytes(original)
+    assert snapshot(out_dir) == before
