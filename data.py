@@ -145,11 +145,28 @@ def load_cifar(data_dir, split, classes):
         path = root / name
         if not path.is_file():
             raise DataError(f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')")
+        batch_images, batch_labels = read_cifar_batch(path, label_key)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def read_cifar_batch(path, label_key):
+    """One pickle of CIFAR's python version -> images uint8 (n, 3, 32, 32), labels (n,); DataError naming the
+    file when it is cut short, lacks b"data" or `label_key`, or holds rows other than 3 x 32 x 32 bytes."""
+    try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")  # the format CIFAR is published in
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    except Exception as e:  # a cut-short or foreign pickle fails in many ways
+        raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{path} lacks b'data' or {label_key!r}: not a CIFAR batch of this dataset (it holds {keys})")
+    images, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+    if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or labels.shape != (len(images),):
+        raise DataError(f"{path}: expected rows of 3072 bytes (3 x 32 x 32) and one label each, "
+                        f"got data of shape {images.shape} and {labels.size} labels")
+    return images.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------- folders

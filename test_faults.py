@@ -1,6 +1,7 @@
 """Bad input to the data layer (issue #20), as a new user gives it: each case stops with one line naming
 the file or flag, before anything is written, or is read in full. `python3 -m pytest -q test_faults.py`"""
 import gzip
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,36 @@ def test_fashion_mnist_files_that_are_not_whole_gzip_files_are_named(fake_fmnist
             assert one_line_error(invoke(*command), str(path), "gzip"), (name, corrupt)
             path.write_bytes(original)
     assert snapshot(out_dir) == before
+
+
+CIFAR_ROWS = np.zeros((3, 3072), np.uint8)  # three black 32 x 32 images, one row each
+CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+               "cifar100": ("cifar-100-python", ["train", "test"])}
+
+
+def write_cifar(root, name, batch):
+    """The pickles of CIFAR's python version, each holding the dict `batch` -> the first one's path."""
+    folder, files = CIFAR_FILES[name]
+    (root / folder).mkdir(parents=True)
+    for file in files:
+        (root / folder / file).write_bytes(pickle.dumps(batch))
+    return root / folder / files[0]
+
+
+@pytest.mark.parametrize("name, batch, needle", [
+    ("cifar10", {b"data": CIFAR_ROWS}, "b'labels'"), ("cifar100", {b"data": CIFAR_ROWS, b"labels": [0, 1, 2]}, "b'fine_labels'"),
+    ("cifar10", {b"data": np.zeros((3, 3000), np.uint8), b"labels": [0, 1, 2]}, "3072"),
+    ("cifar10", {b"data": CIFAR_ROWS, b"labels": [0, 1]}, "2 labels"),
+])
+def test_cifar_pickles_without_labels_or_of_other_rows_are_named(tmp_path, name, batch, needle):
+    first = write_cifar(tmp_path, name, batch)
+    refused(lambda: data.build_dataset(name, str(tmp_path), "train", data.data_info(name), None), first, needle)
+
+
+def test_a_truncated_cifar_pickle_is_named(tmp_path):
+    write_cifar(tmp_path, "cifar10", {b"data": CIFAR_ROWS, b"labels": [0, 1, 2]})
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    cut_short(test_batch)
+    info = data.data_info("cifar10")
+    assert len(data.build_dataset("cifar10", str(tmp_path), "train", info, None)) == 15
+    refused(lambda: data.build_dataset("cifar10", str(tmp_path), "val", info, None), test_batch, "CIFAR")
