@@ -11,6 +11,7 @@
 Normalisation happens on the device, inside the models, so loaders ship uint8.
 """
 import gzip
+import math
 import os
 import pickle
 import subprocess
@@ -59,6 +60,7 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
         raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     info = DATASETS[name]
     chans = in_chans or info.in_chans
+    check_stats(mean, std)
     if mean or std:
         if not len(mean) == len(std) == chans:
             raise DataError(f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag repeated")
@@ -67,6 +69,14 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
     if chans != info.in_chans:  # e.g. grayscale ImageNet: average the per-channel statistics
         mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
     return DataInfo(chans, img_size or info.img_size, info.num_classes, mean, std)
+
+
+def check_stats(mean, std):
+    """--mean and --std normalise as (x - mean) / std: each must be finite, and std > 0."""
+    bad = [f"--mean {m}" for m in mean if not math.isfinite(m)] + [f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise DataError(f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
+                        "and each --std finite and > 0")
 
 
 class DataError(ValueError):

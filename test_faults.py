@@ -147,3 +147,16 @@ def test_a_truncated_cifar_pickle_is_named(tmp_path):
     info = data.data_info("cifar10")
     assert len(data.build_dataset("cifar10", str(tmp_path), "train", info, None)) == 15
     refused(lambda: data.build_dataset("cifar10", str(tmp_path), "val", info, None), test_batch, "CIFAR")
+
+
+# ---------------------------------------------------------------- input statistics
+
+
+def test_statistics_that_cannot_normalise_are_refused_before_training(finished_run):
+    command, out_dir = finished_run
+    before = snapshot(out_dir)
+    for mean, std, flag in ((0.5, 0.0, "--std 0.0"), (0.5, -0.2, "--std -0.2"), (float("nan"), 0.3, "--mean nan"),
+                            (0.5, float("inf"), "--std inf")):
+        assert one_line_error(invoke(*command, "--mean", mean, "--std", std), flag), flag
+        refused(lambda: data.data_info("fashion-mnist", mean=(mean,), std=(std,)), flag)
+    assert snapshot(out_dir) == before
