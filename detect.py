@@ -236,11 +236,14 @@ def read_coco(path):
         for entry in dataset[key]:
             if not isinstance(entry, dict) or any(k not in entry for k in fields):
                 raise data.DataError(f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}")
-    categories, images = {c["id"] for c in dataset["categories"]}, {i["id"] for i in dataset["images"]}
+    if not dataset["annotations"]:  # COCOeval scores a split without objects as AP -100; training would learn background only
+        raise data.DataError(f"{path} has no annotations: COCOeval and training need objects in both splits")
+    categories, images = {c["id"] for c in dataset["categories"]}, {i["id"]: i for i in dataset["images"]}
     for ann in dataset["annotations"]:
         if ann["category_id"] not in categories or ann["image_id"] not in images:
             field, value = ("category_id", ann["category_id"]) if ann["category_id"] not in categories else ("image_id", ann["image_id"])
             raise data.DataError(f"{path}: annotation {ann['id']} has {field} {value}, which is not in its {field[:-3]}s list")
+        check_annotation(path, ann, images[ann["image_id"]])
     for ann in dataset["annotations"]:  # what COCOeval reads, as COCO defines it where a file leaves it out
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
@@ -249,6 +252,36 @@ def read_coco(path):
     with quiet():
         coco.createIndex()
     return coco
+
+
+BOX_TOLERANCE = 1  # pixels a box may reach past its image's border, for annotation tools that round outwards
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_annotation(path, ann, image):
+    """One annotation against COCO's format and its image: a bbox of 4 numbers [x, y, width, height] inside
+    the image (within BOX_TOLERANCE), polygons of x, y pairs of at least 3 points; data.DataError naming the
+    file and the annotation. Boxes of width or height 0 pass (COCO 2017's train split has two): training
+    drops them (CocoDetection)."""
+    where, box = f"{path}: annotation {ann['id']}", ann["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(map(is_number, box))):
+        raise data.DataError(f"{where} has bbox {box!r}, expected 4 numbers [x, y, width, height]")
+    x, y, w, h = box
+    if w < 0 or h < 0:
+        raise data.DataError(f"{where} has bbox {box} of negative width or height, expected [x, y, width, height]")
+    W, H = image["width"], image["height"]
+    if not (is_number(W) and is_number(H)):
+        raise data.DataError(f"{path}: image {image['id']} has width {W!r} and height {H!r}, expected numbers")
+    if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > W + BOX_TOLERANCE or y + h > H + BOX_TOLERANCE:
+        raise data.DataError(f"{where} has bbox {box} outside its image {image['id']} of {W} x {H} pixels")
+    polygons = ann.get("segmentation") if isinstance(ann.get("segmentation"), list) else []  # a dict is RLE
+    for polygon in polygons:
+        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))):
+            raise data.DataError(f"{where} has polygon {str(polygon)[:80]}, expected x, y numbers of at least 3 points "
+                                 "(an even count >= 6)")
 
 
 def read_image(path, mode):

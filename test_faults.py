@@ -1,6 +1,7 @@
 """Bad input to the data layer (issue #20), as a new user gives it: each case stops with one line naming
 the file or flag, before anything is written, or is read in full. `python3 -m pytest -q test_faults.py`"""
 import gzip
+import json
 import pickle
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pytest
 from PIL import Image
 
 import data
-from conftest import TINY_RUN, invoke
+import detect
+import test_detect
+from conftest import TINY_RUN, invoke, write_coco
 from test_cli import one_line_error, photo_folder
 
 
@@ -160,3 +163,65 @@ def test_statistics_that_cannot_normalise_are_refused_before_training(finished_r
         assert one_line_error(invoke(*command, "--mean", mean, "--std", std), flag), flag
         refused(lambda: data.data_info("fashion-mnist", mean=(mean,), std=(std,)), flag)
     assert snapshot(out_dir) == before
+
+
+# ---------------------------------------------------------------- COCO annotations and channels (detect.py)
+
+
+def edit_annotations(root, split, edit):
+    """edit(the parsed json) of annotations/instances_{split}.json, written back -> its path."""
+    path = root / "annotations" / f"instances_{split}.json"
+    coco = json.loads(path.read_text())
+    edit(coco)
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def first_annotation(**fields):
+    """An edit that sets fields of the first annotation: in write_coco's train2017 annotation 1, a
+    16 x 16 square at (4, 4) of a 64 x 48 image outlined by a polygon; in its val2017, the same."""
+    return lambda coco: coco["annotations"][0].update(fields)
+
+
+@pytest.mark.parametrize("split, edit, needles", [
+    ("train2017", first_annotation(bbox=["4", "4", "16", "16"]), ["annotation 1", "4 numbers"]),
+    ("train2017", first_annotation(bbox=[4, 4, 16]), ["annotation 1", "4 numbers"]),
+    ("val2017", first_annotation(bbox=[4, 4, -16, 16]), ["annotation 1", "negative"]),
+    ("train2017", first_annotation(bbox=[50, 4, 16, 16]), ["annotation 1", "outside", "64 x 48"]),
+    ("train2017", first_annotation(bbox=[4, -2, 16, 16]), ["annotation 1", "outside"]),
+    ("train2017", first_annotation(segmentation=[[4, 4, 20, 4]]), ["annotation 1", "at least 3 points"]),
+    ("val2017", first_annotation(segmentation=[[4, 4, 20, 4, 20, 20, 4]]), ["annotation 1", "at least 3 points"]),
+    ("train2017", first_annotation(segmentation=[[4, 4, 20, 4, "20", 20]]), ["annotation 1", "at least 3 points"]),
+    ("val2017", lambda coco: coco.update(annotations=[]), ["no annotations", "COCOeval"]),
+    ("train2017", lambda coco: coco.update(annotations=[]), ["no annotations"]),
+], ids=["bbox of strings", "bbox of 3", "negative width", "right of the image", "above the image", "polygon of 2 points",
+        "polygon of odd length", "polygon with a string", "val without annotations", "train without annotations"])
+def test_coco_annotations_outside_coco_s_format_are_refused_at_load(tmp_path, split, edit, needles):
+    root = write_coco(tmp_path / "coco")
+    path = edit_annotations(root, split, edit)
+    refused(lambda: detect.CocoDetection(root, split), path, *needles)
+
+
+def test_coco_boxes_may_reach_a_pixel_past_the_border_and_empty_ones_are_dropped(tmp_path):
+    root = write_coco(tmp_path / "coco")
+    edit_annotations(root, "train2017", first_annotation(bbox=[-0.5, 4, 65, 16]))  # 0.5 px past either side
+    edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16, 0]))  # COCO 2017 has two of height 0
+    assert detect.CocoDetection(root, "train2017")[1][1]["boxes"][0].tolist() == [-0.5, 4, 64.5, 20]
+    assert len(detect.CocoDetection(root, "val2017")[1][1]["boxes"]) == 1  # of 2 objects
+
+
+def bad_val_box(root):
+    edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16]))
+
+
+@pytest.mark.parametrize("corrupt, flags, needles", [
+    (bad_val_box, [], ["instances_val2017.json", "annotation 1", "4 numbers"]),
+])
+def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_path, corrupt, flags, needles):
+    root = write_coco(tmp_path / "coco")
+    if corrupt:
+        corrupt(root)
+    result = test_detect.run_cli("train", "--data-dir", root, "--init", "scratch", *flags, "--out-dir", tmp_path / "run",
+                                 *test_detect.TINY_RUN)
+    assert one_line_error(result, *needles)
+    assert not (tmp_path / "run").exists()
