@@ -284,6 +284,9 @@ def check_annotation(path, ann, image):
                                  "(an even count >= 6)")
 
 
+IMAGE_MODES = {1: "L", 3: "RGB"}  # the channels images are read with -> their PIL mode
+
+
 def read_image(path, mode):
     """An image file as uint8 (C, H, W) in PIL mode "L" or "RGB"."""
     img = data.read_image_file(path, mode)
@@ -320,7 +323,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, i):
         info = self.coco.imgs[self.ids[i]]
-        image = read_image(self.image_dir / info["file_name"], "L" if self.in_chans == 1 else "RGB")  # (C, H, W)
+        image = read_image(self.image_dir / info["file_name"], IMAGE_MODES[self.in_chans])  # (C, H, W)
         anns = [a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
@@ -521,8 +524,11 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
     train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
     val_set = CocoDetection(root, "val2017")
     vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
+    if vit.in_chans not in IMAGE_MODES:
+        given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
+        raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
     train_set.in_chans = val_set.in_chans = vit.in_chans
-    info = data.data_info("images", in_chans=vit.in_chans)
+    info = data.data_info("images", in_chans=vit.in_chans, mean=mean, std=std)  # which checks --mean and --std
     if mean or std:
         stats = (tuple(mean), tuple(std))
     mean, std = stats or (info.mean, info.std)

@@ -215,6 +215,8 @@ def bad_val_box(root):
 
 
 @pytest.mark.parametrize("corrupt, flags, needles", [
+    (None, ["--in-chans", 2], ["--in-chans 2", "1 (grayscale) or 3 (RGB)"]),
+    (None, ["--mean", 0.5, "--std", 0], ["--std 0.0"]),
     (bad_val_box, [], ["instances_val2017.json", "annotation 1", "4 numbers"]),
 ])
 def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_path, corrupt, flags, needles):
