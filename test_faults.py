@@ -11,7 +11,9 @@ from PIL import Image
 
 import data
 import detect
+import sleep1d
 import test_detect
+import test_sleep1d
 from conftest import TINY_RUN, invoke, write_coco
 from test_cli import one_line_error, photo_folder
 
@@ -226,4 +228,37 @@ def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_pa
     result = test_detect.run_cli("train", "--data-dir", root, "--init", "scratch", *flags, "--out-dir", tmp_path / "run",
                                  *test_detect.TINY_RUN)
     assert one_line_error(result, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- channels and subject splits (sleep1d.py)
+
+
+@pytest.mark.parametrize("channels, needles", [
+    ("", ["--channels ''", "F3-M2,F4-M1"]), (" , ,", ["--channels ' , ,'", "F3-M2,F4-M1"]),
+    ("F3-M2,Cz", ["--channels", "['Cz']", "'O2-M1'"]),
+], ids=["empty", "only commas", "a channel the data lack"])
+def test_sleep_channels_that_name_nothing_or_what_the_data_lack_are_refused(tmp_path, channels, needles):
+    result = test_sleep1d.invoke("pretrain", *test_sleep1d.TINY_RUN, "--channels", channels, "--out-dir", tmp_path / "run")
+    assert one_line_error(result, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sleep_edf_channels_the_files_lack_are_named_with_those_they_have(tmp_path):
+    nights = [test_sleep1d.write_sleep_edf(tmp_path / "edf", night)[0] for night in ("SC4011E", "SC4021E")]
+    result = test_sleep1d.invoke("finetune", "--init", "scratch", "--data", "sleep-edf", "--data-dir", tmp_path / "edf",
+                                 "--channels", "EEG Fpz-Cz,EEG Cz", "--finetune-subjects", 1, "--test-subjects", 1, "--out-dir", tmp_path / "run")
+    assert one_line_error(result, "['EEG Cz']", "'EEG Pz-Oz'", "--channels") and any(str(psg) in result.output for psg in nights)
+    assert not (tmp_path / "run").exists()
+
+
+def test_synthetic_nights_are_read_with_the_channels_asked_for():
+    signal, _, _ = sleep1d.synthetic_night(0, n_epochs=2)
+    picked, _, _ = sleep1d.synthetic_records(1, 2)[0].read(("C4-M1", "F3-M2"))
+    assert np.array_equal(picked, signal[[3, 0]])
+
+
+def test_subject_counts_that_leave_no_pretraining_subjects_say_so(tmp_path):
+    result = test_sleep1d.invoke("pretrain", *test_sleep1d.TINY_RUN, "--synthetic-subjects", 4, "--out-dir", tmp_path / "run")
+    assert one_line_error(result, "leaves no pretraining subjects", "--finetune-subjects", "--test-subjects", "--synthetic-subjects")
     assert not (tmp_path / "run").exists()
