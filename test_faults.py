@@ -105,8 +105,8 @@ def uncompressed(path):
 
 
 def cut_short(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
 
 
 def test_fashion_mnist_files_that_are_not_whole_gzip_files_are_named(fake_fmnist, finished_run):
