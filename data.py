@@ -11,9 +11,11 @@
 Normalisation happens on the device, inside the models, so loaders ship uint8.
 """
 import gzip
+import math
 import os
 import pickle
 import subprocess
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +60,7 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
         raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     info = DATASETS[name]
     chans = in_chans or info.in_chans
+    check_stats(mean, std)
     if mean or std:
         if not len(mean) == len(std) == chans:
             raise DataError(f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag repeated")
@@ -66,6 +69,14 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
     if chans != info.in_chans:  # e.g. grayscale ImageNet: average the per-channel statistics
         mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
     return DataInfo(chans, img_size or info.img_size, info.num_classes, mean, std)
+
+
+def check_stats(mean, std):
+    """--mean and --std normalise as (x - mean) / std: each must be finite, and std > 0."""
+    bad = [f"--mean {m}" for m in mean if not math.isfinite(m)] + [f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise DataError(f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
+                        "and each --std finite and > 0")
 
 
 class DataError(ValueError):
@@ -91,8 +102,11 @@ class TensorImages(Dataset):
 
 def read_idx(path):
     """A gzipped idx file (the MNIST format) as a numpy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip (gzip.BadGzipFile is an OSError), cut short, or corrupt
+        raise DataError(f"{path} is not a whole gzip file ({type(e).__name__}: {e}); idx files are read gzipped, as published") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise DataError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
@@ -141,11 +155,28 @@ def load_cifar(data_dir, split, classes):
         path = root / name
         if not path.is_file():
             raise DataError(f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')")
+        batch_images, batch_labels = read_cifar_batch(path, label_key)
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def read_cifar_batch(path, label_key):
+    """One pickle of CIFAR's python version -> images uint8 (n, 3, 32, 32), labels (n,); DataError naming the
+    file when it is cut short, lacks b"data" or `label_key`, or holds rows other than 3 x 32 x 32 bytes."""
+    try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")  # the format CIFAR is published in
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    except Exception as e:  # a cut-short or foreign pickle fails in many ways
+        raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{path} lacks b'data' or {label_key!r}: not a CIFAR batch of this dataset (it holds {keys})")
+    images, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+    if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or labels.shape != (len(images),):
+        raise DataError(f"{path}: expected rows of 3072 bytes (3 x 32 x 32) and one label each, "
+                        f"got data of shape {images.shape} and {labels.size} labels")
+    return images.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------- folders
@@ -155,13 +186,27 @@ class BadImageFile(DataError):
     """An image file that cannot be read; the message names it."""
 
 
+def full_range(img):
+    """A high-bit-depth grayscale image as 8-bit "L" over its full range: 16-bit integers (PIL modes
+    "I;16*", and "I", the mode older Pillow reads 16-bit PNGs in) by their high byte, floats ("F") taken
+    to span [0, 1]. PIL's own convert() clips them to 0..255, so most 16-bit pixels read as white.
+    Other modes (P, LA, CMYK, ...) convert() maps faithfully: returned as they are."""
+    if img.mode.startswith("I"):
+        pixels = np.asarray(img).astype(np.int64) >> 8  # 0..65535 -> 0..255
+    elif img.mode == "F":
+        pixels = (np.asarray(img) * 255).round()
+    else:
+        return img
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
 def read_image_file(path, mode, skippable=False):
     """A PIL image of the file at `path`, decoded in full and converted to `mode`; BadImageFile when
     it is missing, truncated or not an image (saying that --skip-bad-files would skip it, if skippable).
     Every reader of image files here (datasets, detect.py's COCO images, train.py show's --image) calls it."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode)  # convert() decodes every pixel, so a truncated file fails here
+            return full_range(img).convert(mode)  # both decode every pixel, so a truncated file fails here
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         hint = "; --skip-bad-files skips such files" if skippable else ""
         raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}){hint}") from None
@@ -227,6 +272,15 @@ def image_folder(root, mode, transform):
         return datasets.ImageFolder(root, transform=transform, loader=partial(read_image_file, mode=mode, skippable=True))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
+
+
+def check_val_classes(val_set, train_root):
+    """train/ names and numbers the classes (its sorted folder names, as ImageFolder's); val/ must have
+    the same folders, or its labels would number other classes."""
+    train_classes = {p.name for p in Path(train_root).iterdir() if p.is_dir()} if Path(train_root).is_dir() else set()
+    extra, missing = sorted(set(val_set.classes) - train_classes), sorted(train_classes - set(val_set.classes))
+    if extra or missing:
+        raise DataError(f"{val_set.root}: its class folders must be those of {train_root}; extra {extra}, missing {missing}")
 
 
 # ---------------------------------------------------------------- one entry point
@@ -299,6 +353,8 @@ def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
         dataset = image_files(data_dir, split, mode, transform)
     elif name in ("in1k", "imagefolder"):
         dataset = image_folder(Path(data_dir) / split, mode, transform)
+        if split == "val":
+            check_val_classes(dataset, Path(data_dir) / "train")
     else:
         raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     return SkipBadFiles(dataset) if skip_bad_files else dataset

@@ -233,11 +233,14 @@ def read_coco(path):
         for entry in dataset[key]:
             if not isinstance(entry, dict) or any(k not in entry for k in fields):
                 raise data.DataError(f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}")
-    categories, images = {c["id"] for c in dataset["categories"]}, {i["id"] for i in dataset["images"]}
+    if not dataset["annotations"]:  # COCOeval scores a split without objects as AP -100; training would learn background only
+        raise data.DataError(f"{path} has no annotations: COCOeval and training need objects in both splits")
+    categories, images = {c["id"] for c in dataset["categories"]}, {i["id"]: i for i in dataset["images"]}
     for ann in dataset["annotations"]:
         if ann["category_id"] not in categories or ann["image_id"] not in images:
             field, value = ("category_id", ann["category_id"]) if ann["category_id"] not in categories else ("image_id", ann["image_id"])
             raise data.DataError(f"{path}: annotation {ann['id']} has {field} {value}, which is not in its {field[:-3]}s list")
+        check_annotation(path, ann, images[ann["image_id"]])
     for ann in dataset["annotations"]:  # what COCOeval reads, as COCO defines it where a file leaves it out
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
@@ -246,6 +249,39 @@ def read_coco(path):
     with quiet():
         coco.createIndex()
     return coco
+
+
+BOX_TOLERANCE = 1  # pixels a box may reach past its image's border, for annotation tools that round outwards
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_annotation(path, ann, image):
+    """One annotation against COCO's format and its image: a bbox of 4 numbers [x, y, width, height] inside
+    the image (within BOX_TOLERANCE), polygons of x, y pairs of at least 3 points; data.DataError naming the
+    file and the annotation. Boxes of width or height 0 pass (COCO 2017's train split has two): training
+    drops them (CocoDetection)."""
+    where, box = f"{path}: annotation {ann['id']}", ann["bbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(map(is_number, box))):
+        raise data.DataError(f"{where} has bbox {box!r}, expected 4 numbers [x, y, width, height]")
+    x, y, w, h = box
+    if w < 0 or h < 0:
+        raise data.DataError(f"{where} has bbox {box} of negative width or height, expected [x, y, width, height]")
+    W, H = image["width"], image["height"]
+    if not (is_number(W) and is_number(H)):
+        raise data.DataError(f"{path}: image {image['id']} has width {W!r} and height {H!r}, expected numbers")
+    if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > W + BOX_TOLERANCE or y + h > H + BOX_TOLERANCE:
+        raise data.DataError(f"{where} has bbox {box} outside its image {image['id']} of {W} x {H} pixels")
+    polygons = ann.get("segmentation") if isinstance(ann.get("segmentation"), list) else []  # a dict is RLE
+    for polygon in polygons:
+        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))):
+            raise data.DataError(f"{where} has polygon {str(polygon)[:80]}, expected x, y numbers of at least 3 points "
+                                 "(an even count >= 6)")
+
+
+IMAGE_MODES = {1: "L", 3: "RGB"}  # the channels images are read with -> their PIL mode
 
 
 def read_image(path, mode):
@@ -284,7 +320,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, i):
         info = self.coco.imgs[self.ids[i]]
-        image = read_image(self.image_dir / info["file_name"], "L" if self.in_chans == 1 else "RGB")  # (C, H, W)
+        image = read_image(self.image_dir / info["file_name"], IMAGE_MODES[self.in_chans])  # (C, H, W)
         anns = [a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
@@ -485,8 +521,11 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
     train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
     val_set = CocoDetection(root, "val2017")
     vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
+    if vit.in_chans not in IMAGE_MODES:
+        given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
+        raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
     train_set.in_chans = val_set.in_chans = vit.in_chans
-    info = data.data_info("images", in_chans=vit.in_chans)
+    info = data.data_info("images", in_chans=vit.in_chans, mean=mean, std=std)  # which checks --mean and --std
     if mean or std:
         stats = (tuple(mean), tuple(std))
     mean, std = stats or (info.mean, info.std)

@@ -352,9 +352,17 @@ def synthetic_night(subject_index, n_epochs=120):
     return signal, float(FS), runs
 
 
+def read_synthetic(index, n_epochs, channels):
+    """The `channels` of synthetic night `index` (a subset of SYNTHETIC_CHANNELS, in the order asked for)."""
+    missing = [c for c in channels if c not in SYNTHETIC_CHANNELS]
+    if missing:
+        raise DataError(f"the synthetic data have no channel {missing}; they have {list(SYNTHETIC_CHANNELS)} (pass --channels)")
+    signal, fs, runs = synthetic_night(index, n_epochs)
+    return signal[[SYNTHETIC_CHANNELS.index(c) for c in channels]], fs, runs
+
+
 def synthetic_records(count, n_epochs):
-    return [RecordRef(f"synthetic-{i:03d}", f"synthetic-{i:03d}", True, lambda channels, i=i: synthetic_night(i, n_epochs))
-            for i in range(count)]
+    return [RecordRef(f"synthetic-{i:03d}", f"synthetic-{i:03d}", True, partial(read_synthetic, i, n_epochs)) for i in range(count)]
 
 
 # ---------------------------------------------------------------- datasets and subject splits
@@ -434,6 +442,9 @@ class ContextEpochs(Dataset):
 
 def load_epochs(refs, subjects, channels, scored_only, desc="loading"):
     """Read and preprocess the nights of `subjects` -> SleepEpochs; scored_only drops unscored epochs."""
+    if not subjects:  # all subjects with stages were split off for finetuning and testing
+        raise DataError(f"the subject split leaves no {desc}: --finetune-subjects and --test-subjects take every subject with sleep "
+                        "stages; lower them, or add subjects (--synthetic-subjects, or recordings in --data-dir)")
     wanted = set(subjects)
     picked = [r for r in refs if r.subject in wanted]
     names = sorted({r.subject for r in picked})
@@ -443,7 +454,7 @@ def load_epochs(refs, subjects, channels, scored_only, desc="loading"):
         keep = y >= 0 if scored_only else np.ones(len(y), dtype=bool)
         for name, values in zip(columns, (x, y, np.full(len(y), names.index(ref.subject)), np.full(len(y), night), starts)):
             columns[name].append(values[keep])
-    if not picked or sum(len(y) for y in columns["stages"]) == 0:
+    if sum(len(y) for y in columns["stages"]) == 0:
         raise DataError(f"no {'scored ' if scored_only else ''}30-s epochs in the {len(picked)} recordings of subjects {names[:5]}")
     c = {name: torch.from_numpy(np.concatenate(values)) for name, values in columns.items()}
     return SleepEpochs(c["epochs"], c["stages"], c["subjects"], names, c["nights"], c["starts"])
@@ -546,9 +557,20 @@ data_options = cli.options(
 )
 
 
+def parse_channels(flag, source):
+    """--channels as a tuple of names; the source's EEG channels when the flag is not given."""
+    if flag is None:
+        return DEFAULT_CHANNELS[source]
+    channels = tuple(c.strip() for c in flag.split(",") if c.strip())
+    if not channels:
+        raise DataError(f"--channels {flag!r} names no channel; give comma-separated names, e.g. {','.join(DEFAULT_CHANNELS[source])} "
+                        f"({source}'s EEG channels)")
+    return channels
+
+
 def load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs):
     """Records, channels and the subject split."""
-    channels = tuple(c.strip() for c in channels.split(",")) if channels else DEFAULT_CHANNELS[source]
+    channels = parse_channels(channels, source)
     refs = list_records(source, data_dir, synthetic_subjects, synthetic_epochs)
     split = split_subjects(refs, finetune_subjects, test_subjects, split_seed)
     data_config = {"source": source, "channels": list(channels), "split_seed": split_seed, "split": split}
