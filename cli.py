@@ -138,6 +138,26 @@ def read_config(path, ckpt):
     return config if isinstance(config, dict) else {}
 
 
+def check_kind(path, config, kinds, foreign=False):
+    """Stop with one line unless the checkpoint at `path`, with its `config`, is of one of `kinds` (config
+    kinds); foreign: a state dict of no kind of ours passes too (timm's, say). The one check of kinds."""
+    kind = config.get("kind")
+    if kind in kinds or (foreign and kind is None):
+        return kind
+    got = KINDS.get(kind, f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)")
+    fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
+
+
+def read_checkpoint(path, kinds):
+    """A checkpoint of one of `kinds` with its weights under "model" -> (checkpoint, config)."""
+    ckpt = load_checkpoint(path)
+    config = read_config(path, ckpt)
+    check_kind(path, config, kinds)
+    if "model" not in ckpt:
+        fail(f"{path} holds no weights under 'model': expected the checkpoint.pt of a training run")
+    return ckpt, config
+
+
 def pretrained_encoder(path, patch_ndim=2):
     """(encoder weights in timm names, the checkpoint's config, {} for a foreign state dict) from any
     checkpoint layout; stops with one line when the file is missing or of a kind that does not hold
@@ -147,11 +167,10 @@ def pretrained_encoder(path, patch_ndim=2):
              "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline")
     ckpt = load_checkpoint(path)
     config = read_config(path, ckpt)
-    kind, ndim = config.get("kind"), config.get("model", {}).get("vit", {}).get("patch_ndim", patch_ndim)
-    if kind and (kind not in ENCODER_KINDS[patch_ndim] or ndim != patch_ndim):
-        expected = " or ".join(KINDS[k] for k in ENCODER_KINDS[patch_ndim])
-        got = KINDS.get(kind, f"a checkpoint of kind {kind!r}") + (f" of a {ndim}D ViT" if ndim != patch_ndim else "")
-        fail(f"{path} is {got}; this command starts from {expected} of a {patch_ndim}D ViT")
+    check_kind(path, config, ENCODER_KINDS[patch_ndim], foreign=True)
+    ndim = config.get("model", {}).get("vit", {}).get("patch_ndim", patch_ndim)
+    if ndim != patch_ndim:  # an export of the other kind of ViT
+        fail(f"{path} is an encoder of a {ndim}D ViT; this command starts from one of a {patch_ndim}D ViT")
     return part.encoder_state_dict(ckpt), config
 
 

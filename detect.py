@@ -626,10 +626,7 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
 
 def trained_detector(ckpt, data_dir):
     """A detect.py checkpoint's Detector and held-out split (its own data unless --data-dir)."""
-    state = engine.load_checkpoint(ckpt)
-    config = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(config, dict) or config.get("kind") != "detect":
-        engine.fail(f"{ckpt} is not a detect.py checkpoint (expected the checkpoint.pt of `detect.py train`)")
+    state, config = cli.read_checkpoint(ckpt, ("detect",))
     cfg = DetectConfig(**config["model"])
     val_set = CocoDetection(data_dir or config["data"], "val2017", cfg.vit.in_chans)
     model = Detector(cfg)

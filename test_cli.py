@@ -92,7 +92,7 @@ def test_detect_refuses_a_sleep_checkpoint_naming_both_kinds(tmp_path):
     ckpt = fake_checkpoint(tmp_path / "sleep.pt", "part1d", 1)
     coco = write_coco(tmp_path / "coco")
     result = CliRunner().invoke(detect.main, ["eval", "--init", str(ckpt), "--data-dir", str(coco)])
-    assert one_line_error(result, "sleep.pt", "PART 1D pretraining checkpoint", "2D ViT")
+    assert one_line_error(result, "sleep.pt", "PART 1D pretraining checkpoint", "PART 2D pretraining checkpoint")
 
 
 def test_detect_names_an_unknown_command_instead_of_training():

@@ -236,7 +236,7 @@ def test_checkpoint_of_the_wrong_size_stops_with_a_message_naming_it(coco, part_
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
         assert f"vit_test_encoder.pt {message}" in result.output
     result = run_cli("eval", "--ckpt", path)  # a PART checkpoint is not a detector
-    assert result.exit_code != 0 and "part.pt is not a detect.py checkpoint" in result.output
+    assert result.exit_code != 0 and "part.pt is a PART 2D pretraining checkpoint (train.py pretrain --method part); expected a detector" in result.output
 
 
 def test_pyramid_needs_a_power_of_two_patch_size():

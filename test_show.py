@@ -120,7 +120,7 @@ def test_show_takes_held_out_images_of_the_checkpoints_dataset(tmp_path, fake_fm
 @pytest.mark.parametrize("make, args, message", [
     (lambda p: p.write_text("not an image"), ["--image", "{file}"], "is not a readable image"),
     (lambda p: None, ["--image", "{file}"], "is not a readable image"),  # missing
-    (lambda p: torch.save({"weights": torch.zeros(1)}, p), ["--ckpt", "{file}"], "not a PART pretraining checkpoint"),
+    (lambda p: torch.save({"weights": torch.zeros(1)}, p), ["--ckpt", "{file}"], "expected a PART 2D pretraining checkpoint"),
     (lambda p: None, ["--ref", "99"], "--ref 99 is not a patch"),
 ])
 def test_show_stops_with_a_clear_message(tmp_path, make, args, message):

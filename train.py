@@ -28,9 +28,10 @@ import baselines
 import bench as benchmark
 import data
 import part
-from cli import (COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, KINDS, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
-                 load_pretrained, method_options, options, pretrained_encoder, read_config, recipe_from, recipe_options, source_grid)
-from engine import Dist, autocast, fail, fit, load_checkpoint, local_device, make_loader, run, save_checkpoint, write_atomic
+from cli import (COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
+                 load_pretrained, method_options, options, pretrained_encoder, read_checkpoint, recipe_from, recipe_options,
+                 source_grid)
+from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
 
 @click.group(cls=Cli)
 def main():
@@ -223,12 +224,8 @@ EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every checkpoin
 def export(ckpt, out_dir):
     """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
     them, so that `--init OUT_DIR/encoder.pt` needs no other flag (README)."""
-    checkpoint = load_checkpoint(ckpt)
-    config = read_config(ckpt, checkpoint)
-    kind = config.get("kind")
-    if kind not in EXPORTABLE or "model" not in checkpoint:
-        got = KINDS.get(kind, "not a checkpoint of this project (its config names no kind)")
-        fail(f"{ckpt} is {got}; export takes " + " or ".join(KINDS[k] for k in EXPORTABLE))
+    checkpoint, config = read_checkpoint(ckpt, EXPORTABLE)
+    kind = config["kind"]
     state = part.encoder_state_dict(checkpoint)
     model = config["model"]
     meta = {"kind": "encoder", "source": str(ckpt), "source_kind": kind, "data": config.get("data"),
@@ -262,10 +259,7 @@ def plot(out_dirs, out):
 
 def load_part(path):
     """The PART model of a pretraining checkpoint, in eval mode, and the run's config."""
-    ckpt = load_checkpoint(path)
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict) or config.get("kind") != "part" or "model" not in ckpt:
-        fail(f"{path} is not a PART pretraining checkpoint: expected the checkpoint.pt of `train.py pretrain`, with config kind 'part'")
+    ckpt, config = read_checkpoint(path, ("part",))
     try:
         model = part.PART(part.PARTConfig(**config["model"]))
         model.load_state_dict(ckpt["model"])
