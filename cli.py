@@ -38,6 +38,23 @@ def options(*decorators):
     return apply
 
 
+class CommaList(click.ParamType):
+    """A comma-separated list of `item`s: "8,11" -> (8.0, 11.0) for float, "" -> ()."""
+
+    name = "list"
+
+    def __init__(self, item):
+        self.item = item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(self.item(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated {self.item.__name__} values, e.g. 8,11", param, ctx)
+
+
 POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), click.FloatRange(min=0)
 OUT_DIR_HELP = "gets checkpoint.pt, log.jsonl (and checkpoint_best.pt); a run resumes from its own"
 HEAD_HELP = "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
@@ -57,7 +74,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "compile": (bool, "torch.compile the model"),
     "grad_ckpt": (bool, "activation checkpointing in the ViT blocks: less memory, ~1/3 more compute, same gradients"),
     "log_every": (POSITIVE, "optimizer steps between log.jsonl lines"),
-    "lr_drops": (str, "a step schedule instead of cosine: epochs where the lr drops x0.1, e.g. 8,11"),
+    "lr_drops": (CommaList(float), "a step schedule instead of cosine: epochs where the lr drops x0.1, e.g. 8,11"),
     "resume_changed": (bool, "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's"),
 }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -210,6 +210,15 @@ def read_image_file(path, mode, skippable=False):
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         hint = "; --skip-bad-files skips such files" if skippable else ""
         raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}){hint}") from None
+
+
+def read_image(path, mode, size=None):
+    """An image file as uint8 (C, H, W) in PIL `mode`; with size = (H, W), centre-cropped to its aspect
+    ratio and resized to it (bicubic)."""
+    img = read_image_file(path, mode)
+    if size is not None:
+        img = ImageOps.fit(img, (size[1], size[0]), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(img)).reshape(img.height, img.width, -1).permute(2, 0, 1)
 
 
 class ImageFiles(Dataset):

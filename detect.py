@@ -143,12 +143,11 @@ class ViTBackbone(nn.Module):
 
 @dataclass
 class DetectConfig:
-    vit: part.ViTConfig = field(default_factory=part.ViTConfig)  # the encoder; pos_grid: the token grid of img_size
+    vit: part.ViTConfig = field(default_factory=part.ViTConfig)  # the encoder; pos_grid: the token grid of img_size;
+    # window, global_blocks: ViTDet's window attention (14 tokens, blocks 2, 5, 8, 11 global), 0: global in every block
     num_classes: int = 80  # object categories, background not counted
     masks: bool = True  # Mask R-CNN; False: Faster R-CNN, for box-only data
     img_size: int = 1024  # longest side the images are resized to, and the side of the square canvas they are padded to (ViTDet: 1024)
-    window: int = 0  # window attention, in tokens (ViTDet: 14); 0: global attention in every block
-    global_blocks: tuple = ()  # blocks that stay global with window > 0 (ViTDet, 12 blocks: 2, 5, 8, 11)
     rois: int = 512  # RoIs sampled per image for the box head in training (ViTDet: 512)
     anchor_size: int = 32  # the stride-4 level's anchor side, doubling per level (COCO: 32 ... 512)
     proposals: int = 1000  # RPN proposals kept per image after NMS (ViTDet: 1000)
@@ -158,15 +157,14 @@ class DetectConfig:
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = part.ViTConfig(**self.vit)
-        self.global_blocks = tuple(self.global_blocks)
-        self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0, window=self.window,
-                           global_blocks=self.global_blocks)
+        self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0,
+                           global_blocks=tuple(self.vit.global_blocks))
         self.mean, self.std = part.check_stats(self.mean, self.std, self.vit.in_chans)
         if self.img_size % 64 or self.img_size % self.vit.patch_size:
             raise part.ConfigError(f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
                              f"and of the patch size {self.vit.patch_size}")
-        if any(not 0 <= i < self.vit.depth for i in self.global_blocks):
-            raise part.ConfigError(f"--global-blocks {list(self.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
+        if any(not 0 <= i < self.vit.depth for i in self.vit.global_blocks):
+            raise part.ConfigError(f"--global-blocks {list(self.vit.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
 
 
 class Detector(nn.Module):
@@ -284,12 +282,6 @@ def check_annotation(path, ann, image):
 IMAGE_MODES = {1: "L", 3: "RGB"}  # the channels images are read with -> their PIL mode
 
 
-def read_image(path, mode):
-    """An image file as uint8 (C, H, W) in PIL mode "L" or "RGB"."""
-    img = data.read_image_file(path, mode)
-    return torch.from_numpy(np.array(img)).reshape(img.height, img.width, -1).permute(2, 0, 1)
-
-
 class CocoDetection(Dataset):
     """One split of a COCO-format folder: annotations/instances_{split}.json and {split}/ images.
 
@@ -320,7 +312,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, i):
         info = self.coco.imgs[self.ids[i]]
-        image = read_image(self.image_dir / info["file_name"], IMAGE_MODES[self.in_chans])  # (C, H, W)
+        image = data.read_image(self.image_dir / info["file_name"], IMAGE_MODES[self.in_chans])  # (C, H, W)
         anns = [a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
@@ -532,13 +524,9 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
     if img_size % vit.patch_size:
         engine.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
     grid = (img_size // vit.patch_size,) * 2
-    try:
-        blocks = tuple(int(b) for b in global_blocks.split(",") if b.strip())
-    except ValueError:
-        engine.fail(f"--global-blocks {global_blocks!r}: expected comma-separated block indices, e.g. 2,5,8,11")
-    cfg = DetectConfig(vit=replace(vit, pos_grid=grid, drop_path=drop_path), num_classes=len(train_set.cat_ids), masks=train_set.masks,
-                       img_size=img_size, window=window, global_blocks=blocks, rois=rois, anchor_size=anchor_size,
-                       proposals=proposals, mean=mean, std=std)
+    vit = replace(vit, pos_grid=grid, drop_path=drop_path, window=window, global_blocks=tuple(global_blocks))
+    cfg = DetectConfig(vit=vit, num_classes=len(train_set.cat_ids), masks=train_set.masks, img_size=img_size, rois=rois,
+                       anchor_size=anchor_size, proposals=proposals, mean=mean, std=std)
     if main:
         origin = "--mean / --std or the encoder's pretraining" if stats else "ImageNet's"
         print(f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std {', '.join(f'{s:.3f}' for s in std)} "
@@ -583,7 +571,7 @@ model_options = cli.options(
                  "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
     click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
     click.option("--window", type=cli.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
-    click.option("--global-blocks", default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
+    click.option("--global-blocks", type=cli.CommaList(int), default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
     click.option("--anchor-size", type=cli.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
     click.option("--proposals", type=cli.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
 )

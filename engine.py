@@ -98,7 +98,7 @@ class Recipe:
     compile: bool = False
     grad_ckpt: bool = False  # activation checkpointing in the ViT blocks: less memory, ~1/3 more compute
     log_every: int = 50  # optimizer steps
-    lr_drops: str = ""  # a step schedule: epochs where the lr drops x0.1, e.g. "8,11" (Detectron's 1x of 12); "": cosine
+    lr_drops: tuple = ()  # a step schedule: epochs where the lr drops x0.1, e.g. (8, 11) (Detectron's 1x of 12); (): cosine
     resume_changed: bool = False  # resume a run whose checkpoint has another recipe, with the new values
 
 
@@ -302,7 +302,7 @@ def lr_schedule(recipe, batches, world):
     eff_batch = recipe.batch_size * recipe.accum * world
     lr = recipe.blr * eff_batch / 256
     schedule = partial(lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), total_steps=recipe.epochs * steps_per_epoch,
-                       min_lr=recipe.min_lr, drop_steps=drop_steps(recipe.lr_drops, steps_per_epoch))
+                       min_lr=recipe.min_lr, drop_steps=[int(e * steps_per_epoch) for e in recipe.lr_drops])
     return steps_per_epoch, eff_batch, lr, schedule
 
 
@@ -357,14 +357,6 @@ def train_one_epoch(model, loader, optimizer, schedule, recipe, epoch, steps_per
         dist.all_reduce(count)
         skipped = int(count)
     return skipped
-
-
-def drop_steps(lr_drops, steps_per_epoch):
-    """--lr-drops "8,11" -> the optimizer steps where the lr drops x0.1."""
-    try:
-        return [int(float(e) * steps_per_epoch) for e in lr_drops.split(",") if e.strip()]
-    except ValueError:
-        fail(f"--lr-drops {lr_drops!r}: expected comma-separated epochs, e.g. 8,11")
 
 
 RESUMABLE = {"epochs", "workers", "log_every", "compile", "grad_ckpt", "resume_changed"}  # recipe fields a resume may change

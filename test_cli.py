@@ -195,3 +195,12 @@ def test_every_flag_of_every_command_has_help():
     for main in (train.main, sleep1d.main, detect.main):
         for name, command in main.commands.items():
             assert [p.name for p in command.params if isinstance(p, click.Option) and not p.help] == [], name
+
+
+def test_comma_lists_parse_once_and_a_bad_one_is_named(fake_fmnist, tmp_path):
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--lr-drops", "1,x", "--out-dir", tmp_path)
+    assert result.exit_code == 2 and "--lr-drops" in result.output and "'1,x'" in result.output, result.output
+    assert not (tmp_path / "checkpoint.pt").exists()
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 2, "--lr-drops", "1", "--out-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["recipe"]["lr_drops"] == (1.0,)

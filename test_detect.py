@@ -14,10 +14,10 @@ from conftest import square_mask, write_coco
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
-def tiny_config(masks=True, patch_size=4, **overrides):
-    vit = part.vit_config("vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16))
+def tiny_config(masks=True, patch_size=4, window=0, global_blocks=()):
+    vit = part.vit_config("vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16), window=window, global_blocks=global_blocks)
     return detect.DetectConfig(vit=vit, num_classes=2, masks=masks, img_size=64, rois=32, anchor_size=16, proposals=50,
-                               mean=(0.5,), std=(0.25,), **overrides)
+                               mean=(0.5,), std=(0.25,))
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_train_from_a_part_checkpoint_then_eval(coco, part_checkpoint, tmp_path)
 
 def test_part_weights_reach_the_backbone(part_checkpoint, coco):
     path, pretrained = part_checkpoint
-    cfg, state, _, _ = detect.prepare(str(path), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks="",
+    cfg, state, _, _ = detect.prepare(str(path), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(),
                                       anchor_size=16, proposals=50)
     assert cfg.vit.embed_dim == 32 and cfg.vit.patch_size == 4  # the checkpoint's encoder, not --preset / --patch-size
     encoder = detect.build_detector(cfg, state, str(path)).rcnn.backbone.encoder
@@ -266,7 +266,7 @@ def test_landscape_and_portrait_reach_the_backbone_on_the_training_grid(monkeypa
 
 def test_part_row_uses_its_pretraining_statistics_and_scratch_can_match_its_inputs(part_checkpoint, coco, tmp_path):
     path, _ = part_checkpoint  # pretrained with mean 0.3, std 0.2 on one channel
-    common = dict(img_size=64, preset="vit_test", patch_size=4, window=0, global_blocks="", anchor_size=16, proposals=50)
+    common = dict(img_size=64, preset="vit_test", patch_size=4, window=0, global_blocks=(), anchor_size=16, proposals=50)
     cfg, _, train_set, _ = detect.prepare(str(path), str(coco), **common)
     assert (cfg.mean, cfg.std, cfg.vit.in_chans, train_set.in_chans) == ((0.3,), (0.2,), 1, 1)
     rgb = tmp_path / "rgb"  # the same data in colour: scratch reads it in colour unless told otherwise
@@ -284,4 +284,5 @@ def test_part_row_uses_its_pretraining_statistics_and_scratch_can_match_its_inpu
 
 
 def common_flags(options):
-    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", v)]
+    """prepare's keyword arguments as detect.py flags (a tuple as a comma list)."""
+    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else v)]

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import baselines
-import figures
 import hub
 import part
 from conftest import TINY_RUN, invoke

@@ -233,7 +233,7 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     frozen, _, _ = train.frozen_encoder(str(ckpt), random_init=False)
     torch.testing.assert_close(frozen.pos_embed, pretrained["fixed_pos_embed"])  # kNN reads the tokens as pretrained, with positions
     coco = write_coco(tmp_path / "coco")
-    cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks="",
+    cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(),
                                         anchor_size=16, proposals=50)
     encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
     torch.testing.assert_close(encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])

@@ -19,9 +19,7 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torch.utils.data import Subset
-from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 import baselines
@@ -273,8 +271,7 @@ def read_image(path, chans, size):
     aspect ratio of size = (H, W) and resized to it."""
     if chans not in (1, 3):
         fail(f"--image needs a 1- or 3-channel checkpoint, this one takes {chans} channels")
-    img = data.read_image_file(path, "L" if chans == 1 else "RGB")
-    return pil_to_tensor(ImageOps.fit(img, (size[1], size[0]), Image.Resampling.BICUBIC))
+    return data.read_image(path, "L" if chans == 1 else "RGB", size)
 
 
 def held_out_images(config, cfg, data_dir, indices):
