@@ -2,11 +2,17 @@
 the option groups (recipe, method) and starting weights from --init (checkpoint kinds, encoder loading).
 No entry point imports another; they all import this.
 """
+import dataclasses
 import json
+import math
+import pickle
+import traceback
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 import baselines
 import data
@@ -16,17 +22,51 @@ from engine import Recipe, RunError, fail, load_checkpoint
 
 # ---------------------------------------------------------------- the error layer and option groups
 
+# what reading a file can raise, beyond our own errors: the OS's (a full disk, a missing or unreadable path; gzip's and
+# PIL's are OSErrors too), a file cut short, a broken pickle or zip (torch.save's format), JSON that is not
+FILE_ERRORS = (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError)
+
+
 class Cli(click.Group):
     """The commands of train.py, sleep1d.py and detect.py: our own errors (a bad setting, bad data, a run
-    that cannot go on) stop them with one line instead of a traceback."""
+    that cannot go on) and what a file can throw stop them with one line instead of a traceback; anything
+    else is a bug, shown with its traceback and a line that says so."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except (RunError, part.ConfigError, data.DataError) as e:
             # re-raised from a loader worker, the message ends with the original exception's own line
             message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
             raise click.ClickException(message) from None
+        except FILE_ERRORS as e:
+            raise click.ClickException(file_error(e)) from None
+        except Exception:
+            traceback.print_exc()
+            raise click.ClickException("the traceback above is a bug in PART, not a fault of your input: please report it "
+                                       "with the command that ran") from None
+
+
+def file_error(e):
+    """One line for what reading or writing a file raised, naming the file where the exception knows it."""
+    name = getattr(e, "filename", None)
+    text = str(e).strip()
+    what = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    return f"{name}: {what}" if name else f"a file could not be read or written ({type(e).__name__}: {what})"
+
+
+class Finite(click.FloatRange):
+    """A float flag that refuses NaN and the infinities (click's FloatRange lets NaN through every bound)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 def options(*decorators):
@@ -55,19 +95,19 @@ class CommaList(click.ParamType):
             self.fail(f"{value!r}: expected comma-separated {self.item.__name__} values, e.g. 8,11", param, ctx)
 
 
-POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), click.FloatRange(min=0)
+POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), Finite(min=0)
 OUT_DIR_HELP = "gets checkpoint.pt, log.jsonl (and checkpoint_best.pt); a run resumes from its own"
 HEAD_HELP = "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
 RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "epochs": (POSITIVE, "training epochs"),
     "batch_size": (POSITIVE, "images per process and step"),
     "accum": (POSITIVE, "gradient accumulation: micro-batches per optimizer step"),
-    "blr": (click.FloatRange(min=0, min_open=True), "base learning rate: lr = blr x effective batch / 256 (printed at start)"),
+    "blr": (Finite(min=0, min_open=True), "base learning rate: lr = blr x effective batch / 256 (printed at start)"),
     "min_lr": (NON_NEGATIVE, "the cosine schedule's last lr"),
     "warmup_epochs": (NON_NEGATIVE, "linear lr warmup, in epochs (fractions allowed)"),
     "weight_decay": (NON_NEGATIVE, "AdamW's, not on norms, biases, tokens and position embeddings"),
-    "layer_decay": (click.FloatRange(min=0, max=1, min_open=True), "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off"),
-    "beta2": (click.FloatRange(min=0, max=1, max_open=True), "AdamW's beta2: 0.95 pretraining (MAE), 0.999 finetuning (DeiT)"),
+    "layer_decay": (Finite(min=0, max=1, min_open=True), "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off"),
+    "beta2": (Finite(min=0, max=1, max_open=True), "AdamW's beta2: 0.95 pretraining (MAE), 0.999 finetuning (DeiT)"),
     "clip_grad": (NON_NEGATIVE, "max gradient norm; 0: no clipping"),
     "workers": (click.IntRange(min=-1), "data-loader workers per process; -1: 8 on CUDA, 0 on CPU"),
     "seed": (int, "seeds weights, sampling and data order: the same seed repeats a run"),
@@ -97,7 +137,7 @@ def recipe_from(kwargs):
 
 
 
-SHARE = click.FloatRange(0, 1, max_open=True)
+SHARE = Finite(0, 1, max_open=True)
 
 
 def method_options(pos_mask=0.0):
@@ -121,6 +161,19 @@ def method_options(pos_mask=0.0):
                      help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
     )
 
+
+
+def method_config(method, **fields):
+    """baselines.pretext_config of `method` from a pretrain command's flags (the method_options, --num-patches,
+    --pairs) and inputs; a flag given on the command line that the method does not take stops with one line."""
+    ctx = click.get_current_context()
+    taken = {f.name for f in dataclasses.fields(baselines.METHODS[method][0])}
+    for param in ctx.command.params:
+        if param.name in fields and param.name not in taken and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            takers = [m for m, (config_class, _) in baselines.METHODS.items()
+                      if param.name in {f.name for f in dataclasses.fields(config_class)}]
+            fail(f"{param.opts[0]} is not a flag of --method {method}: it is for {', '.join(takers)}")
+    return baselines.pretext_config(method, **fields)
 
 
 # ---------------------------------------------------------------- starting weights (--init)

@@ -567,9 +567,9 @@ model_options = cli.options(
     click.option("--patch-size", type=cli.POSITIVE, default=4, show_default=True, help="as --preset"),
     click.option("--in-chans", type=cli.POSITIVE, default=None,
                  help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
-    click.option("--mean", type=float, multiple=True, help="input mean per channel (repeat the flag); default: the "
+    click.option("--mean", type=cli.Finite(), multiple=True, help="input mean per channel (repeat the flag); default: the "
                  "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
-    click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
+    click.option("--std", type=cli.Finite(), multiple=True, help="input std per channel, as --mean"),
     click.option("--window", type=cli.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
     click.option("--global-blocks", type=cli.CommaList(int), default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
     click.option("--anchor-size", type=cli.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
@@ -582,9 +582,9 @@ model_options = cli.options(
               help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch")
 @data_options
 @model_options
-@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth; ViTDet, ViT-B: 0.1")
+@click.option("--drop-path", type=cli.Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth; ViTDet, ViT-B: 0.1")
 @click.option("--rois", type=cli.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
-@click.option("--scale-range", type=click.FloatRange(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
+@click.option("--scale-range", type=cli.Finite(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
               help="large-scale jitter of training images (ViTDet: 0.1 2.0)")
 @cli.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, beta2=0.999, lr_drops="4,5.5",
                       log_every=5)

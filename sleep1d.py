@@ -598,7 +598,7 @@ def held_out(source, split, val_set):
 @click.option("--pairs", "num_pairs", type=cli.POSITIVE, default=1024, show_default=True, help="part: K (ref, tgt) pairs per input")
 @click.option("--context", type=cli.POSITIVE, default=1, show_default=True,
               help="consecutive 30-s epochs of one night per input, windows drawn over all of them (5.2's 'longer sequences')")
-@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth")
+@click.option("--drop-path", type=cli.Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth")
 @cli.recipe_options(epochs=25, batch_size=64, blr=2e-3, warmup_epochs=2.0, log_every=20)
 @click.option("--out-dir", default="out/sleep-pretrain", show_default=True, help=cli.OUT_DIR_HELP)
 def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
@@ -609,7 +609,7 @@ def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split
     refs, channels, split, data_config = load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed,
                                                     synthetic_subjects, synthetic_epochs)
     vit = eeg_vit(preset, FS, len(channels), drop_path)
-    cfg = baselines.pretext_config(method, vit=vit, img_size=(context * EPOCH_S * FS,), **signal_stats(vit), **kwargs)
+    cfg = cli.method_config(method, vit=vit, img_size=(context * EPOCH_S * FS,), **signal_stats(vit), **kwargs)
 
     def command(dd):
         train_set = load_set(refs, split["pretrain"], channels, False, "pretraining subjects", context)
@@ -645,7 +645,7 @@ def encoder_from(init, preset, channels, drop_path):
               help="a sleep1d.py pretrain checkpoint (any --method), a stager or an export, or 'scratch' for the supervised baseline")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="default: the checkpoint's, or eeg_tiny from scratch")
 @click.option("--pos-mask", type=cli.SHARE, default=0.2, show_default=True, help="share of position embeddings masked in training (8.1)")
-@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="stochastic depth; DeiT: 0.1")
+@click.option("--drop-path", type=cli.Finite(0, 1, max_open=True), default=0.1, show_default=True, help="stochastic depth; DeiT: 0.1")
 @cli.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, beta2=0.999, log_every=20)
 @click.option("--out-dir", default="out/sleep-finetune", show_default=True, help=cli.OUT_DIR_HELP)
 def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import data
 import detect
 import part
 import sleep1d
@@ -204,3 +205,29 @@ def test_comma_lists_parse_once_and_a_bad_one_is_named(fake_fmnist, tmp_path):
     result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 2, "--lr-drops", "1", "--out-dir", tmp_path)
     assert result.exit_code == 0, result.output
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["recipe"]["lr_drops"] == (1.0,)
+
+
+@pytest.mark.parametrize("method, flag, value, takers", [("part", "--mask-ratio", 0.5, "mae, droppos"), ("mae", "--pairs", 64, "part"),
+                                                         ("droppos", "--sampler", "grid", "part")])
+def test_a_flag_the_method_does_not_take_is_named_with_the_methods_that_do(fake_fmnist, tmp_path, method, flag, value, takers):
+    result = invoke("pretrain", "--method", method, flag, value, "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
+    assert one_line_error(result, f"{flag} is not a flag of --method {method}: it is for {takers}"), result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_float_flags_refuse_nan_and_infinity(fake_fmnist, tmp_path):
+    for flag, value in (("--blr", "nan"), ("--weight-decay", "inf"), ("--drop-path", "nan"), ("--mask-ratio", "nan")):
+        result = invoke("pretrain", flag, value, "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path)
+        assert result.exit_code == 2 and f"'{flag}': {value} is not a finite number" in result.output, result.output
+
+
+def test_a_file_error_is_one_line_naming_the_file_and_a_bug_says_it_is_one(fake_fmnist, tmp_path, monkeypatch):
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "secret.idx"))
+
+    monkeypatch.setattr(data, "read_idx", unreadable)
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
+    assert one_line_error(result, "secret.idx: Permission denied"), result.output
+    monkeypatch.setattr(data, "read_idx", lambda *a: {}["no such key"])  # a bug: a KeyError deep inside
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
+    assert result.exit_code == 1 and "Traceback" in result.output and "is a bug in PART" in result.output.splitlines()[-1]

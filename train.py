@@ -26,8 +26,8 @@ import baselines
 import bench as benchmark
 import data
 import part
-from cli import (COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
-                 load_pretrained, method_options, options, pretrained_encoder, read_checkpoint, recipe_from, recipe_options,
+from cli import (COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, Finite, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
+                 load_pretrained, method_config, method_options, options, pretrained_encoder, read_checkpoint, recipe_from, recipe_options,
                  source_grid)
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
 
@@ -43,8 +43,8 @@ data_options = options(
     click.option("--img-size", type=POSITIVE, default=None, help="square side in pixels; default: the dataset's"),
     click.option("--in-chans", type=POSITIVE, default=None,
                  help="default: the dataset's; folders of images read 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)"),
-    click.option("--mean", type=float, multiple=True, help="input mean per channel, the flag repeated; default: the dataset's"),
-    click.option("--std", type=float, multiple=True, help="input std per channel, as --mean"),
+    click.option("--mean", type=Finite(), multiple=True, help="input mean per channel, the flag repeated; default: the dataset's"),
+    click.option("--std", type=Finite(), multiple=True, help="input std per channel, as --mean"),
     click.option("--train-subset", type=COUNT, default=0, help="train on N random training images (drawn under --seed); 0: all"),
     click.option("--skip-bad-files", is_flag=True, help="skip and count unreadable image files instead of stopping at the first"),
 )
@@ -79,7 +79,7 @@ model_options = options(
     click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
                  help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px"),
     click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"),
-    click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"),
+    click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"),
 )
 
 
@@ -98,7 +98,7 @@ def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
     vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
-    cfg = baselines.pretext_config(method, vit=vit, img_size=(info.img_size, info.img_size), mean=info.mean, std=info.std, **kwargs)
+    cfg = method_config(method, vit=vit, img_size=(info.img_size, info.img_size), mean=info.mean, std=info.std, **kwargs)
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
@@ -153,13 +153,13 @@ def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_
 @click.option("--patch-size", type=POSITIVE, default=None, help="default: the checkpoint's; 4 from scratch")
 @click.option("--pool", type=click.Choice(part.POOLS), default=None,
               help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)")
-@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
-@click.option("--smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
+@click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
+@click.option("--smoothing", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
 @click.option("--randaug-n", type=COUNT, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
 @click.option("--randaug-m", type=click.IntRange(0, 30), default=9, show_default=True, help="RandAugment magnitude; DeiT: 9")
 @click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
 @click.option("--cutmix", type=NON_NEGATIVE, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
-@click.option("--reprob", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
+@click.option("--reprob", type=Finite(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
 @recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, beta2=0.999, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
 def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing, randaug_n, randaug_m, mixup, cutmix, reprob, out_dir,
@@ -351,7 +351,7 @@ def frozen_encoder(path, random_init):
 @click.option("--pool", type=click.Choice(part.POOLS), default="avg", show_default=True,
               help="avg: the patch tokens' mean (PART trains no class token); cls: a finetuned model's class token")
 @click.option("--k", type=POSITIVE, default=20, show_default=True, help="neighbours (DINO: 20)")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
+@click.option("--temperature", type=Finite(min=0, min_open=True), default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
 @click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
 def knn(ckpt, data_dir, pool, k, temperature, random_init):
     """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
