@@ -43,6 +43,11 @@ def fake_fmnist(tmp_path):
 TINY_RUN = ["--preset", "vit_test", "--pairs", "16", "--batch-size", "32", "--log-every", "1", "--warmup-epochs", "0.5"]
 
 
+def tiny_run(method):
+    """TINY_RUN for `method`: --pairs is PART's alone."""
+    return TINY_RUN if method == "part" else [a for a in TINY_RUN if a not in ("--pairs", "16")]
+
+
 def invoke(*args):
     return CliRunner().invoke(train.main, [str(a) for a in args])
 

@@ -16,7 +16,7 @@ import detect
 import part
 import sleep1d
 import train
-from conftest import TINY_RUN, crash_after_epoch, invoke, write_coco
+from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_run, write_coco
 
 def one_line_error(result, *needles):
     """The command stopped with exit code 1 and a single 'Error: ...' line holding every needle, no traceback."""
@@ -210,7 +210,7 @@ def test_comma_lists_parse_once_and_a_bad_one_is_named(fake_fmnist, tmp_path):
 @pytest.mark.parametrize("method, flag, value, takers", [("part", "--mask-ratio", 0.5, "mae, droppos"), ("mae", "--pairs", 64, "part"),
                                                          ("droppos", "--sampler", "grid", "part")])
 def test_a_flag_the_method_does_not_take_is_named_with_the_methods_that_do(fake_fmnist, tmp_path, method, flag, value, takers):
-    result = invoke("pretrain", "--method", method, flag, value, "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
+    result = invoke("pretrain", "--method", method, flag, value, "--data-dir", fake_fmnist, *tiny_run(method), "--out-dir", tmp_path / "run")
     assert one_line_error(result, f"{flag} is not a flag of --method {method}: it is for {takers}"), result.output
     assert not (tmp_path / "run").exists()
 

@@ -11,7 +11,7 @@ import baselines
 import part
 import sleep1d
 import train
-from conftest import TINY_RUN, invoke, tiny_config, write_coco
+from conftest import TINY_RUN, invoke, tiny_config, tiny_run, write_coco
 
 
 def method_config(method, **overrides):
@@ -215,7 +215,7 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
 @pytest.mark.parametrize("method", ["mae", "droppos"])
 def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_path):
     pre = tmp_path / "pre"
-    assert invoke("pretrain", "--method", method, "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", pre).exit_code == 0
+    assert invoke("pretrain", "--method", method, "--data-dir", fake_fmnist, *tiny_run(method), "--epochs", 1, "--out-dir", pre).exit_code == 0
     ckpt = pre / "checkpoint.pt"
     result = invoke("finetune", "--init", ckpt, "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1,
                     "--out-dir", tmp_path / "ft")
@@ -268,7 +268,7 @@ def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_co
     seen = []
     loss = baselines.DropPos.loss
     monkeypatch.setattr(baselines.DropPos, "loss", lambda self, *a: seen.append(self.sigma) or loss(self, *a))
-    result = invoke("pretrain", "--method", "droppos", "--sigma", 2.0, "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 4,
+    result = invoke("pretrain", "--method", "droppos", "--sigma", 2.0, "--data-dir", fake_fmnist, *tiny_run("droppos"), "--epochs", 4,
                     "--out-dir", tmp_path)
     assert result.exit_code == 0, result.output
     per_epoch = len(seen) // 4  # training steps and evaluation batches of one epoch
