@@ -247,7 +247,7 @@ def pretrained_encoder(path, patch_ndim=2):
 def encoder_from_init(init, fallback, patch_ndim=2):
     """--init -> (the encoder's ViTConfig, its weights or None, the checkpoint's config), for finetune,
     detect.py and sleep1d.py alike: `scratch` is `fallback` without weights; a checkpoint or export of
-    ours brings its own ViT; a foreign state dict takes `fallback` with its patch embedding's channels."""
+    ours brings its own ViT; a foreign state dict (timm's names) the ViT its shapes tell (part.vit_of_state)."""
     if init == "scratch":
         return fallback, None, {}
     state, config = pretrained_encoder(init, patch_ndim)
@@ -256,7 +256,7 @@ def encoder_from_init(init, fallback, patch_ndim=2):
         return part.ViTConfig(**vit), state, config
     if "patch_embed.proj.weight" not in state:
         fail(f"{init} is neither a checkpoint of ours nor an encoder state dict (it has no patch_embed.proj.weight)")
-    return replace(fallback, in_chans=state["patch_embed.proj.weight"].shape[1]), state, config
+    return part.vit_of_state(state, fallback), state, config
 
 
 def source_grid(source):

@@ -817,6 +817,20 @@ def encoder_state_dict(checkpoint):
     return {**encoder, **({"pos_embed": state["fixed_pos_embed"]} if "fixed_pos_embed" in state else {})}
 
 
+def vit_of_state(state, fallback):
+    """The ViTConfig that a foreign encoder state dict in timm's names (a timm ViT's, say) was built with, as far
+    as its shapes tell: width, channels and patch size from the patch embedding, depth from the blocks, the MLP
+    ratio from fc1; the heads, which no shape tells, from a preset of that width and depth, else width / 64
+    (timm's ViTs); the rest from `fallback`."""
+    weight = state["patch_embed.proj.weight"]  # (D, C, P, P), or (D, C, P) for windows
+    D, C, P = weight.shape[0], weight.shape[1], weight.shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * D
+    heads = next((p["num_heads"] for p in PRESETS.values() if (p["embed_dim"], p["depth"]) == (D, depth)), max(1, D // 64))
+    return replace(fallback, embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=hidden / D, in_chans=C, patch_size=P,
+                   patch_ndim=weight.ndim - 2)
+
+
 def has_positions(state):
     """Whether encoder weights (encoder_state_dict's) bring position embeddings: a finetuned model's, or the
     fixed ones MAE, DropPos and PART --pos-mask pretrain with."""

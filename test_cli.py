@@ -231,3 +231,18 @@ def test_a_file_error_is_one_line_naming_the_file_and_a_bug_says_it_is_one(fake_
     monkeypatch.setattr(data, "read_idx", lambda *a: {}["no such key"])  # a bug: a KeyError deep inside
     result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
     assert result.exit_code == 1 and "Traceback" in result.output and "is a bug in PART" in result.output.splitlines()[-1]
+
+
+def test_a_foreign_timm_state_dict_is_read_at_its_own_size_by_finetune_and_detect(fake_fmnist, tmp_path):
+    theirs = timm.models.VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    ckpt = tmp_path / "timm.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, ckpt)
+    result = invoke("finetune", "--init", ckpt, "--data-dir", fake_fmnist, "--batch-size", 32, "--epochs", 1, "--out-dir", tmp_path / "ft")
+    assert result.exit_code == 0, result.output
+    ours = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["config"]["model"]["vit"]
+    assert (ours["embed_dim"], ours["depth"], ours["num_heads"], ours["patch_size"]) == (48, 2, 1, 4)  # heads: 48 / 64 -> 1
+    result = invoke("finetune", "--init", ckpt, "--preset", "vit_mini", "--data-dir", fake_fmnist, "--out-dir", tmp_path / "ft2")
+    assert one_line_error(result, "its ViT has embed_dim 48, depth 2"), result.output  # the file's own shapes
+    coco = write_coco(tmp_path / "coco")
+    result = CliRunner().invoke(detect.main, ["eval", "--init", str(ckpt), "--data-dir", str(coco), "--img-size", 64])
+    assert result.exit_code == 0 and "AP" in result.output, result.output
