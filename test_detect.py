@@ -226,15 +226,13 @@ def test_bad_data_stops_with_a_message_naming_it(coco, tmp_path, corrupt):
     assert message in result.output
 
 
-def test_checkpoint_of_the_wrong_size_stops_with_a_message_naming_it(coco, part_checkpoint, tmp_path):
+def test_a_bare_state_dict_is_read_at_its_own_size_and_a_wrong_checkpoint_named(coco, part_checkpoint, tmp_path):
     path, pretrained = part_checkpoint
     bare = tmp_path / "vit_test_encoder.pt"
-    torch.save(part.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # as train.py export writes it
-    for flags, message in ((["--patch-size", "8"], "is of another size"), (["--preset", "vit_mini"], "lacks encoder weights")):
-        args = ["--data-dir", coco, "--init", bare, "--out-dir", tmp_path / "run", "--preset", "vit_test", "--img-size", "64", *flags]
-        result = run_cli("train", *args)
-        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
-        assert f"vit_test_encoder.pt {message}" in result.output
+    torch.save(part.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # the weights alone, no config
+    cfg, (state, _), _, _ = detect.prepare(str(bare), str(coco), img_size=64, preset="vit_mini", patch_size=8, window=0,
+                                           global_blocks=(), anchor_size=16, proposals=50)
+    assert (cfg.vit.embed_dim, cfg.vit.depth, cfg.vit.patch_size) == (32, 2, 4)  # the file's vit_test/4, not the flags'
     result = run_cli("eval", "--ckpt", path)  # a PART checkpoint is not a detector
     assert result.exit_code != 0 and "part.pt is a PART 2D pretraining checkpoint (train.py pretrain --method part); expected a detector" in result.output
 
