@@ -295,30 +295,33 @@ def check_val_classes(val_set, train_root):
 # ---------------------------------------------------------------- one entry point
 
 
+BICUBIC = v2.InterpolationMode.BICUBIC  # MAE's, DeiT's and timm's resizing (interpolation=3) in every recipe here
+
+
 def pretrain_transform(info, name):
     """Pretraining augmentation: MAE's random resized crop and flip for large photos, flip alone for small sets."""
     if name in ("in1k", "imagefolder", "images"):
-        return v2.Compose([v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+        return v2.Compose([v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), interpolation=BICUBIC, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     return v2.Compose([*resize_if_needed(info, name), v2.RandomHorizontalFlip()])
 
 
 def eval_transform(info, name):
     """Held-out images: resize to 1/0.875 and centre crop (DeiT) for photos, resize only for small sets."""
     if name in ("in1k", "imagefolder", "images"):
-        return v2.Compose([v2.Resize(int(info.img_size / 0.875), antialias=True), v2.CenterCrop(info.img_size), v2.PILToTensor()])
+        return v2.Compose([v2.Resize(int(info.img_size / 0.875), interpolation=BICUBIC, antialias=True), v2.CenterCrop(info.img_size), v2.PILToTensor()])
     return v2.Compose(resize_if_needed(info, name) or [v2.Identity()])
 
 
 def resize_if_needed(info, name):
     """Small in-memory sets are used at their native size unless --img-size asks otherwise."""
-    return [] if info.img_size == DATASETS[name].img_size else [v2.Resize(info.img_size, antialias=True)]
+    return [] if info.img_size == DATASETS[name].img_size else [v2.Resize(info.img_size, interpolation=BICUBIC, antialias=True)]
 
 
 def finetune_transform(info, name, randaug_n, randaug_m, reprob):
     """DeiT's finetuning augmentation, torchvision's ops on uint8: random resized crop for photos
     (random crop with 1/8 padding for small sets), flip, RandAugment(n, m), RandomErasing(p)."""
     if name in ("in1k", "imagefolder"):
-        crop = [v2.RandomResizedCrop(info.img_size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+        crop = [v2.RandomResizedCrop(info.img_size, interpolation=BICUBIC, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
     else:
         crop = [*resize_if_needed(info, name), v2.RandomCrop(info.img_size, padding=info.img_size // 8), v2.RandomHorizontalFlip()]
     augment = [v2.RandAugment(randaug_n, randaug_m)] if randaug_n else []

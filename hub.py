@@ -67,7 +67,7 @@ def timm_config(model_config, kind, data_name, positions):
     pretrained_cfg = {  # only fields of timm's PretrainedCfg: create_model raises TypeError on any other
         "input_size": [args["in_chans"], *args["img_size"]],  # (C, H, W)
         "fixed_input_size": True,  # position embeddings and patch embedding are for this size
-        "interpolation": "bilinear",  # torchvision's Resize, as data.eval_transform uses it
+        "interpolation": "bicubic",  # data.eval_transform resizes bicubic (MAE, DeiT)
         "crop_pct": 0.875 if data_name in PHOTOS else 1.0,
         "crop_mode": "center",
         "mean": list(model_config["mean"]),

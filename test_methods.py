@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import detect
 import baselines
+import detect
 import part
 import sleep1d
 import train

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+from torchvision.transforms import v2
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import data
 import baselines
-import engine
 import cli
+import data
+import engine
 import part
 import train
 from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_config, write_idx
@@ -588,3 +589,12 @@ def test_the_model_file_and_the_engine_import_lean():
             "print(lean, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
     assert out.stdout.split() == ["True", "False"]  # part: no click, PIL or matplotlib; train: no matplotlib
+
+
+def test_every_recipe_resizes_bicubic_as_mae_and_deit():
+    info = data.data_info("in1k")
+    small = data.data_info("fashion-mnist", img_size=32)  # not its native 28: resized too
+    transforms = [data.pretrain_transform(info, "in1k"), data.eval_transform(info, "in1k"), data.eval_transform(small, "fashion-mnist"),
+                  data.finetune_transform(info, "in1k", 2, 9, 0.25)]
+    resizers = [t for c in transforms for t in c.transforms if isinstance(t, (v2.Resize, v2.RandomResizedCrop))]
+    assert len(resizers) == 4 and all(t.interpolation == v2.InterpolationMode.BICUBIC for t in resizers)
