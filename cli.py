@@ -22,6 +22,47 @@ from engine import Recipe, RunError, fail, load_checkpoint
 
 # ---------------------------------------------------------------- the error layer and option groups
 
+class Finite(click.FloatRange):
+    """A float flag that refuses NaN and the infinities (click's FloatRange lets NaN through every bound)."""
+
+    name = "float"
+
+    def _describe_range(self):  # --help's "[0<=x<1]"; nothing for a flag unbounded but finite
+        return super()._describe_range() if self.min is not None or self.max is not None else ""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+def options(*decorators, section=None):
+    """Apply click options so that --help lists them in the order given, under `section` (SectionedCommand)."""
+    def apply(f):
+        for decorate in reversed(decorators):
+            f = decorate(f)
+        for param in f.__click_params__[-len(decorators):]:  # click collects them there until the command is made
+            param.section = section
+        return f
+    return apply
+
+
+class SectionedCommand(click.Command):
+    """--help lists the options in sections (data, model, method, recipe, then the command's own), as timm's
+    and MAE's argparse groups do."""
+
+    def format_options(self, ctx, formatter):
+        sections = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                sections.setdefault(getattr(param, "section", None) or "options", []).append(record)
+        for name, records in sections.items():
+            with formatter.section(name.capitalize()):
+                formatter.write_dl(records)
+
+
 # what reading a file can raise, beyond our own errors: the OS's (a full disk, a missing or unreadable path; gzip's and
 # PIL's are OSErrors too), a file cut short, a broken pickle or zip (torch.save's format), JSON that is not
 FILE_ERRORS = (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError)
@@ -30,7 +71,9 @@ FILE_ERRORS = (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, js
 class Cli(click.Group):
     """The commands of train.py, sleep1d.py and detect.py: our own errors (a bad setting, bad data, a run
     that cannot go on) and what a file can throw stop them with one line instead of a traceback; anything
-    else is a bug, shown with its traceback and a line that says so."""
+    else is a bug, shown with its traceback and a line that says so. Their --help lists options in sections."""
+
+    command_class = SectionedCommand
 
     def invoke(self, ctx):
         try:
@@ -55,27 +98,6 @@ def file_error(e):
     text = str(e).strip()
     what = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
     return f"{name}: {what}" if name else f"a file could not be read or written ({type(e).__name__}: {what})"
-
-
-class Finite(click.FloatRange):
-    """A float flag that refuses NaN and the infinities (click's FloatRange lets NaN through every bound)."""
-
-    name = "finite float"
-
-    def convert(self, value, param, ctx):
-        value = super().convert(value, param, ctx)
-        if not math.isfinite(value):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return value
-
-
-def options(*decorators):
-    """Apply click options so that --help lists them in the order given."""
-    def apply(f):
-        for decorate in reversed(decorators):
-            f = decorate(f)
-        return f
-    return apply
 
 
 class CommaList(click.ParamType):
@@ -129,12 +151,11 @@ def recipe_options(**defaults):
             flags.append(click.option(flag, is_flag=True, default=default, help=text))
         else:
             flags.append(click.option(flag, type=kind, default=default, show_default=True, help=text))
-    return options(*flags)
+    return options(*flags, section="recipe")
 
 
 def recipe_from(kwargs):
     return Recipe(**{k: kwargs.pop(k) for k in asdict(Recipe())})
-
 
 
 SHARE = Finite(0, 1, max_open=True)
@@ -159,6 +180,7 @@ def method_options(pos_mask=0.0):
         click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
         click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
                      help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
+        section="method",
     )
 
 

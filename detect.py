@@ -548,13 +548,15 @@ class DefaultGroup(cli.Cli):
 
 @click.group(cls=DefaultGroup)
 def main():
-    """Detection and instance segmentation transfer (section 5.2). See README.md."""
+    """Detection and instance segmentation transfer (section 5.2). A bare `python detect.py [flags]` runs
+    `train` on the embedded nuclei data (or --data-dir, COCO layout). See README.md."""
 
 
 data_options = cli.options(
     click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
                                                 "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
     click.option("--out-dir", default="out/detect", show_default=True, help=cli.OUT_DIR_HELP + "; nuclei/ the default data"),
+    section="data",
 )
 
 
@@ -574,6 +576,7 @@ model_options = cli.options(
     click.option("--global-blocks", type=cli.CommaList(int), default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
     click.option("--anchor-size", type=cli.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
     click.option("--proposals", type=cli.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
+    section="model",
 )
 
 

@@ -554,6 +554,7 @@ data_options = cli.options(
     click.option("--split-seed", type=int, default=0, show_default=True, help="seeds which subjects go to which split"),
     click.option("--synthetic-subjects", type=cli.POSITIVE, default=50, show_default=True, help="synthetic nights, one per subject"),
     click.option("--synthetic-epochs", type=cli.POSITIVE, default=120, show_default=True, help="30-s epochs per synthetic night"),
+    section="data",
 )
 
 

@@ -47,6 +47,7 @@ data_options = options(
     click.option("--std", type=Finite(), multiple=True, help="input std per channel, as --mean"),
     click.option("--train-subset", type=COUNT, default=0, help="train on N random training images (drawn under --seed); 0: all"),
     click.option("--skip-bad-files", is_flag=True, help="skip and count unreadable image files instead of stopping at the first"),
+    section="data",
 )
 
 
@@ -80,6 +81,7 @@ model_options = options(
                  help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px"),
     click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"),
     click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"),
+    section="model",
 )
 
 
@@ -87,9 +89,10 @@ model_options = options(
 @data_options
 @model_options
 @method_options()
-@click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper")
-@click.option("--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
-              help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)")
+@options(click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper"),
+         click.option("--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
+                      help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)"),
+         section="method")
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
 @click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
 def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
@@ -217,7 +220,7 @@ EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every checkpoin
 
 
 @main.command()
-@click.option("--ckpt", required=True, help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune")
+@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune")
 @click.option("--out-dir", default="out/export", show_default=True, help="gets encoder.pt (timm's names) and encoder.json (its config)")
 def export(ckpt, out_dir):
     """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
@@ -291,7 +294,7 @@ def held_out_images(config, cfg, data_dir, indices):
 
 
 @main.command()
-@click.option("--ckpt", required=True, help="a PART pretraining checkpoint (out/pretrain/checkpoint.pt)")
+@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
 @click.option("--image", "image_paths", multiple=True, help="an image file (repeatable); default: held-out images of the checkpoint's dataset")
 @click.option("--index", "indices", type=COUNT, multiple=True, default=(0,), show_default=True, help="held-out image(s) shown without --image")
 @click.option("--data-dir", default=None, help="the checkpoint's dataset, for held-out images (fashion-mnist falls back to Debian's package)")
