@@ -246,3 +246,11 @@ def test_a_foreign_timm_state_dict_is_read_at_its_own_size_by_finetune_and_detec
     coco = write_coco(tmp_path / "coco")
     result = CliRunner().invoke(detect.main, ["eval", "--init", str(ckpt), "--data-dir", str(coco), "--img-size", 64])
     assert result.exit_code == 0 and "AP" in result.output, result.output
+
+
+def test_help_lists_flags_in_sections():
+    text = invoke("pretrain", "--help").output
+    heads = [line for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert heads == ["Data:", "Model:", "Method:", "Recipe:", "Options:"], heads
+    recipe = text[text.index("Recipe:"):text.index("Options:")]
+    assert "--blr" in recipe and "--mask-ratio" not in recipe and "--mask-ratio" in text[text.index("Method:"):]
