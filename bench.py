@@ -1,11 +1,18 @@
 """Performance: a PART pretraining step timed beside a bare ViT step and beside the baselines' steps on
-this device (images/s, ratios, GFLOP, peak memory, MFU on CUDA). `python train.py bench` runs it.
+this device (images/s, ratios, GFLOP, peak memory, MFU on CUDA), and the pre-flight a user runs on a GPU
+node before a multi-day job. `python train.py bench [--methods | --preflight]` runs them.
 """
 import itertools
 import resource
+import socket
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import baselines
@@ -29,7 +36,8 @@ def bench(vit, size, batch_size, num_patches, pairs, sampler, head, steps, use_c
         bench_methods(vit, size, stats, batch_size, steps, device, sampler=sampler, num_pairs=pairs[0], head=head)
 
 
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, vendor sheets
+# dense bf16 peaks from the vendor sheets, the first name the device's contains wins: NVL and PCIe before SXM
+PEAK_BF16_FLOPS = {"H100 NVL": 835e12, "H200 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def timed(fns, steps, device):
@@ -112,17 +120,123 @@ def bench_one(cfg, batch_size, steps, use_compile, device):
     line = (f"N {cfg.num_patches:4d}, K {cfg.num_pairs:5d}: PART step {t_step * 1e3:8.1f} ms = {batch_size / t_step:7.1f} img/s, "
             f"bare ViT {t_vit * 1e3:8.1f} ms, ratio {t_step / t_vit:.3f}; sampler {t_sample / t_step:.1%}; "
             f"GFLOP/img (fwd+bwd) {flops:.2f} vs {vit_flops:.2f}; peak memory {peak_memory_gib(device):.2f} GiB")
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in describe(device)), None)
+    peak = peak_flops(device)
     print(line + (f"; MFU {flops * 1e9 * batch_size / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
 
 
 def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of fn(), attention included: its math form is counted on every device (CPU's fused kernel is not)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak, or None where it is not known (CPUs, other GPUs)."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in describe(device)), None)
 
 
 def describe(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------- pre-flight
+
+
+def preflight_variants():
+    """Each method with its defaults, and PART with --pos-mask (the step that once synced the host)."""
+    return [(method, {}) for method in baselines.METHODS] + [("part --pos-mask 0.2", {"pos_mask": 0.2})]
+
+
+def compile_counts():
+    """Dynamo's counts since the last reset: (graphs, graph breaks, recompiles); a graph break resumes in a new
+    frame, so the frames compiled beyond the first and the breaks' are recompiles."""
+    breaks = sum(counters["graph_break"].values())
+    return counters["stats"]["unique_graphs"], breaks, max(0, counters["frames"]["total"] - 1 - breaks)
+
+
+def preflight_step(method, flags, vit, size, batch_size, steps, device, compiled):
+    """`steps` pretraining steps of one variant, eager or compiled (inductor on CUDA, dynamo's graphs alone on
+    CPU, where inductor's build would take the test suite's minutes) -> a row of figures."""
+    torch.manual_seed(0)
+    name = method.split()[0]
+    stats = (0.5,) * vit.in_chans, (0.25,) * vit.in_chans
+    model = baselines.pretext_model(name, baselines.pretext_config(name, vit=vit, img_size=size, mean=stats[0], std=stats[1],
+                                                                   **flags)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    images = torch.randint(0, 256, (batch_size, vit.in_chans, *size), dtype=torch.uint8, device=device)
+    torch._dynamo.reset()
+    counters.clear()
+    forward = torch.compile(model, backend="inductor" if device.type == "cuda" else "eager") if compiled else model
+
+    def step():
+        with autocast(device):
+            loss, _ = forward(images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed([step], steps, device)[0]
+    graphs, breaks, recompiles = compile_counts() if compiled else (0, 0, 0)
+    peak = peak_flops(device)
+    flops = count_flops(step) if peak else None  # eager, after the timing
+    return {"method": method, "compiled": compiled, "ms": seconds * 1e3, "img_per_s": batch_size / seconds,
+            "mfu": flops / seconds / peak if peak else None, "peak_gib": peak_memory_gib(device), "graphs": graphs,
+            "breaks": breaks, "recompiles": recompiles}
+
+
+def preflight(vit, size, batch_size, steps, num_pairs):
+    """Before a multi-day run, on the node it will run on: every method's step eager and compiled, bf16 on CUDA;
+    ms, images/s, MFU and peak memory, dynamo's graphs, breaks and recompiles; with 2 or more GPUs, DDP
+    replicas equal after a few steps (ddp_replicas_agree). PART's steps take num_pairs. -> the rows, printed as they come."""
+    device = local_device()
+    print(f"pre-flight on {describe(device)}: ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, "
+          f"{'x'.join(map(str, size))} px, batch {batch_size}, {steps} timed steps each")
+    rows = []
+    for method, flags in preflight_variants():
+        for compiled in (False, True):
+            row = preflight_step(method, {"num_pairs": num_pairs, **flags}, vit, size, batch_size, steps, device, compiled)
+            mfu = f"MFU {row['mfu']:.1%}" if row["mfu"] is not None else "MFU unknown for this device"
+            print(f"{method:20s} {'compiled' if compiled else 'eager':8s} {row['ms']:8.1f} ms {row['img_per_s']:8.1f} img/s; "
+                  f"{mfu}; peak {row['peak_gib']:.2f} GiB" + (f"; graphs {row['graphs']}, breaks {row['breaks']}, "
+                                                              f"recompiles {row['recompiles']}" if compiled else ""))
+            rows.append(row)
+    if device.type == "cuda" and torch.cuda.device_count() >= 2:
+        print(f"DDP over 2 GPUs: replicas {'equal' if ddp_replicas_agree(vit, size) else 'DIFFER'} after 3 steps")
+    return rows
+
+
+def ddp_replica_worker(rank, vit, size, port, result):
+    """One of two DDP processes: 3 PART steps, then whether its weights equal rank 0's (result[rank])."""
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)
+    cfg = baselines.pretext_config("part", vit=vit, img_size=size, mean=(0.5,) * vit.in_chans, std=(0.25,) * vit.in_chans)
+    model = DDP(part.PART(cfg).cuda(), device_ids=[rank])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    torch.manual_seed(1 + rank)  # each rank its own images and sampling, as in training
+    for _ in range(3):
+        with autocast(torch.device("cuda")):
+            loss, _ = model(torch.randint(0, 256, (8, vit.in_chans, *size), dtype=torch.uint8, device="cuda"))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    theirs = flat.clone()
+    dist.broadcast(theirs, 0)
+    result[rank] = bool(torch.equal(flat, theirs))
+    dist.destroy_process_group()
+
+
+def ddp_replicas_agree(vit, size):
+    """Two DDP processes on GPUs 0 and 1 end 3 steps with equal weights."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(ddp_replica_worker, args=(vit, size, port, result), nprocs=2)
+    return all(result.values())

@@ -254,3 +254,14 @@ def test_help_lists_flags_in_sections():
     assert heads == ["Data:", "Model:", "Method:", "Recipe:", "Options:"], heads
     recipe = text[text.index("Recipe:"):text.index("Options:")]
     assert "--blr" in recipe and "--mask-ratio" not in recipe and "--mask-ratio" in text[text.index("Method:"):]
+
+
+def test_knn_under_torchrun_runs_on_rank_0_alone(fake_fmnist, tmp_path, monkeypatch):
+    assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path / "pre").exit_code == 0
+    ckpt = tmp_path / "pre" / "checkpoint.pt"
+    monkeypatch.setenv("RANK", "1")
+    result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
+    assert result.exit_code == 0 and result.output == "", result.output
+    monkeypatch.setenv("RANK", "0")
+    result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
+    assert result.exit_code == 0 and result.output.count("kNN top-1") == 1, result.output

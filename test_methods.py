@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import baselines
+import bench
 import detect
 import part
 import sleep1d
@@ -273,3 +274,12 @@ def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_co
     assert result.exit_code == 0, result.output
     per_epoch = len(seen) // 4  # training steps and evaluation batches of one epoch
     assert [sorted(set(seen[e * per_epoch:(e + 1) * per_epoch])) for e in range(4)] == [[2.0], [1.5], [1.0], [0.5]]  # (1 - e/E) 2
+
+
+def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
+    result = invoke("bench", "--preflight", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 20, "--pairs", 64)
+    assert result.exit_code == 0, result.output
+    compiled = [line for line in result.output.splitlines() if " compiled " in line]
+    assert len(compiled) == len(bench.preflight_variants()) and any("--pos-mask" in line for line in compiled)
+    for line in compiled:  # 20 steps (and 2 warm-ups) each: one graph, traced once
+        assert "graphs 1, breaks 0, recompiles 0" in line, line

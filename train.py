@@ -1,10 +1,11 @@
-"""The commands of PART: pretrain, finetune (and the linear probe), knn, bench, export and show.
+r"""The commands of PART: pretrain, finetune (and the linear probe), knn, bench, export and show.
 
     python train.py pretrain                          # PART on Fashion-MNIST, CPU-sized
-    torchrun --nproc_per_node=8 train.py pretrain --data in1k --data-dir /data/imagenet --preset vit_b --patch-size 16
+    torchrun --nproc_per_node=8 train.py pretrain --data in1k --data-dir /data/imagenet --preset vit_b --patch-size 16 \
+        --pairs 4802 --epochs 200 --batch-size 128 --blr 1.25e-4 --warmup-epochs 10   # the paper's (8.1): lr 5e-4 at 1024
     python train.py finetune                          # the pretrained encoder on Fashion-MNIST's labels
     python train.py knn                               # kNN top-1 of the frozen encoder
-    python train.py bench --preset vit_b --img-size 224 --patch-size 16
+    python train.py bench --preflight --preset vit_b --img-size 224 --patch-size 16 --in-chans 3 --batch-size 128
     python train.py export --ckpt out/pretrain/checkpoint.pt
     python train.py show --ckpt out/pretrain/checkpoint.pt --image photo.jpg   # section 5.1's figures
 
@@ -12,6 +13,7 @@ Each command builds its data and model and hands them to engine.fit; the models 
 baselines.py's, the shared flags and --init loading cli.py's.
 """
 import json
+import os
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -209,10 +211,16 @@ def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
 @click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
 @click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
 @click.option("--methods", is_flag=True, help="also time an MAE and a DropPos step (defaults) beside PART's, interleaved")
-def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods):
+@click.option("--preflight", is_flag=True, help="before a multi-day run on a GPU node: every method eager and compiled, "
+              "recompiles, graph breaks, peak memory, MFU, DDP replicas on 2+ GPUs (README: GPUs and clusters)")
+def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods,
+          preflight):
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
     vit = part.vit_config(preset, patch_size=patch_size, in_chans=in_chans)
+    if preflight:
+        benchmark.preflight(vit, (img_size, img_size), batch_size, steps, pairs[0])
+        return
     benchmark.bench(vit, (img_size, img_size), batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods)
 
 
@@ -370,7 +378,9 @@ def knn(ckpt, data_dir, pool, k, temperature, random_init):
     count_classes(name, info, train_set)  # stops on unlabelled data
     if k > len(train_set):
         fail(f"--k {k}: expected 1 to the {len(train_set)} training images")
-    dd = Dist(0, 0, 1, local_device())  # one process, even under torchrun
+    if int(os.environ.get("RANK", 0)):  # under torchrun the job is one process's: rank 0 runs it, the others leave
+        return
+    dd = Dist(0, 0, 1, local_device())
     encoder.to(dd.device)
     bank, bank_labels = knn_features(encoder, model["mean"], model["std"], pool, train_set, dd)
     queries, labels = knn_features(encoder, model["mean"], model["std"], pool, val_set, dd)
