@@ -1,11 +1,13 @@
 """The baselines of the paper's Tables 1-3, each a pretraining method over part.py's ViT, one per section:
-MAE and DropPos (grid patches with position embeddings); and the registry of every method, PART included,
-that `--method` chooses from.
+MAE and DropPos (grid patches with position embeddings), MP3 (grid patches without them); and the registry
+of every method, PART included, that `--method` chooses from.
 
 Each model takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), as PART does, so they share
-the engine, checkpoints and exports. Where they differ from their official code, README.md says how.
+the engine, checkpoints and exports. Where they differ from their official code, README.md says how
+("Baselines as their official code trains them").
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -178,9 +180,53 @@ class DropPos(nn.Module):
         return self.loss(logits, kept, dropped)
 
 
+# ---------------------------------------------------------------- MP3
+
+
+@dataclass
+class MP3Config(InputConfig):
+    """MP3 (Zhai et al., ICML 2022) on our ViT. Its paper's body could not be read here: README ("MP3")
+    gives each choice made and the sentence it rests on."""
+
+    mask_ratio: float = 0.75  # eta: share of the patches that give no keys and values (MAE's ratio; the paper's unread)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_share("--mask-ratio", self.mask_ratio)
+        N = math.prod(self.grid)
+        if round(self.mask_ratio * N) == N:
+            raise ConfigError(f"--mask-ratio {self.mask_ratio} leaves none of the {N} patches to give keys and values")
+
+
+class MP3(nn.Module):
+    """Masked position prediction: the on-grid patches without position embeddings, each a query, while
+    keys and values come from a random context of them, the same in every block; a linear head on the
+    encoder's normalised tokens classifies each patch's grid position, cross-entropy over all patches."""
+
+    def __init__(self, cfg: MP3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)  # trunc_normal(0.02), DeiT's: MP3's code is built on DeiT
+        self.head = nn.Linear(cfg.vit.embed_dim, math.prod(cfg.grid))
+        self.head.apply(_init_weights)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics with the position accuracy)."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        B, N = patches.shape[:2]
+        context, _ = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, N - M)
+        logits = self.head(self.encoder.forward_features(patches, context=context)).float()  # (B, N, N)
+        # raster order: without position embeddings the encoder is permutation-equivariant, the order tells it nothing
+        target = torch.arange(N, device=images.device).expand(B, N)  # (B, N) each patch's grid index
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        acc = (logits.argmax(dim=-1) == target).float().mean()
+        return loss, {"loss": loss.detach(), "pos_acc": acc}
+
+
 # ---------------------------------------------------------------- the registry
 
-METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos)}
+METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos), "mp3": (MP3Config, MP3)}
 
 
 def pretext_config(method, **fields):

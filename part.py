@@ -286,8 +286,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, grid=None):
-        x = x + self.drop_path(self.attn(self.norm1(x), grid=grid))
+    def forward(self, x, grid=None, context=None):
+        """x (B, N, D) -> (B, N, D). context (B, M), optional: the tokens whose keys and values every token
+        attends to (MP3); default all of them."""
+        h = self.norm1(x)
+        x = x + self.drop_path(self.attn(h, ctx=None if context is None else take_rows(h, context), grid=grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -341,13 +344,15 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, self.cfg.pos_grid, grid, int(self.cfg.class_token))
 
-    def forward_features(self, patches, pos=None, grid=None):
+    def forward_features(self, patches, pos=None, grid=None, context=None):
         """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
 
         pos (B or 1, T, D), optional: the position embedding of every token, computed by the caller (the
         fixed sin-cos of MAE and DropPos, PART's continuous ones with --pos-mask, a classifier's with a
         share masked out); default: the encoder's own, if it has them. grid, optional: the token grid
         (h, w) of on-grid patches in raster order, for window attention and resized embeddings (detection).
+        context (B, M), optional: indices of the tokens that alone give keys and values, the same in
+        every block, while every token is a query (MP3's masked transformer).
         """
         x = self.patch_embed(patches)  # (B, N, D)
         if self.cls_token is not None:
@@ -355,7 +360,7 @@ class VisionTransformer(nn.Module):
         pos = self.position_embedding(grid) if pos is None else pos
         if pos is not None:
             x = x + pos.to(x.dtype)
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, grid))
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, grid, context))
 
     def pool(self, tokens, how=None):
         """Tokens (B, T, D) -> (B, D): the class token ("cls") or the mean of the patch tokens ("avg");
@@ -368,12 +373,15 @@ class VisionTransformer(nn.Module):
         return self.head(self.pool(self.forward_features(patches, pos)))
 
 
-def run_blocks(blocks, x, checkpointed=False, grid=None):
-    """x through the blocks in order. checkpointed: while training, keep no activations inside a
-    block and recompute them in backward (activation checkpointing: less memory, ~1/3 more compute;
-    the recomputation replays drop path's random draws, so gradients are the same)."""
+def run_blocks(blocks, x, checkpointed=False, grid=None, context=None):
+    """x through the blocks in order (grid, context: as Block's). checkpointed: while training, keep no
+    activations inside a block and recompute them in backward (activation checkpointing: less memory,
+    ~1/3 more compute; the recomputation replays drop path's random draws, so gradients are the same)."""
     for block in blocks:
-        x = checkpoint(block, x, grid, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x, grid)
+        if checkpointed and torch.is_grad_enabled():
+            x = checkpoint(block, x, grid, context, use_reentrant=False)
+        else:
+            x = block(x, grid, context)
     return x
 
 

@@ -94,8 +94,8 @@ model_options = options(
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
 @click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
 def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
-    """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE or
-    DropPos on the same ViT, data and loop."""
+    """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE,
+    DropPos or MP3 on the same ViT, data and loop."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
     vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
@@ -206,7 +206,7 @@ def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
 @click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP)
 @click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
 @click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
-@click.option("--methods", is_flag=True, help="also time an MAE and a DropPos step (defaults) beside PART's, interleaved")
+@click.option("--methods", is_flag=True, help="also time every other method's step (MAE, DropPos, MP3; defaults) beside PART's, interleaved")
 def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods):
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
