@@ -19,6 +19,17 @@ from part import (PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, 
 
 # ---------------------------------------------------------------- shared by MAE and DropPos
 
+
+def xavier_init(m):
+    """MAE's and DropPos' init (models_mae.py `_init_weights`, DropPos' the same): xavier_uniform for every
+    Linear, the fused qkv as one matrix, bias 0; LayerNorm 1, 0 and the patch embedding as part's."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    else:
+        _init_weights(m)
+
+
 class Decoder(nn.Module):
     """MAE's light decoder, also DropPos': a linear map to its width (`embed`, applied first by the
     caller), transformer blocks, a norm and a linear prediction per token."""
@@ -80,7 +91,7 @@ class MAE(nn.Module):
         v = cfg.vit
         self.decoder = Decoder(v.embed_dim, cfg.decoder_dim, cfg.decoder_depth, v.in_chans * v.patch_size**v.patch_ndim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
-        self.decoder.apply(_init_weights)
+        self.apply(xavier_init)  # encoder and decoder
         nn.init.normal_(self.mask_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         positions = grid_positions(cfg)  # (N, d)
@@ -104,6 +115,9 @@ class MAE(nn.Module):
 # ---------------------------------------------------------------- DropPos
 
 
+TARGET_NORMS = ("columns", "rows")
+
+
 @dataclass
 class DropPosConfig(InputConfig):
     """DropPos (Wang et al., NeurIPS 2023) on our ViT, with its defaults except the decoder's size
@@ -113,21 +127,28 @@ class DropPosConfig(InputConfig):
     pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
     decoder_dim: int = 128
     decoder_depth: int = 2
-    sigma: float = 1.0  # position smoothing at the start, in patches; decays linearly to 0 over training
+    sigma: float = 1.0  # position smoothing at the start, in patches; (1 - epoch / epochs) sigma in each epoch
+    target_norm: str = "columns"  # of the smoothed targets: "columns" as DropPos' code, "rows": each a distribution
 
     def __post_init__(self):
         super().__post_init__()
         check_share("--mask-ratio", self.mask_ratio)
         check_share("--pos-mask-ratio", self.pos_mask_ratio)
+        if self.target_norm not in TARGET_NORMS:
+            raise ConfigError(f"unknown --droppos-target {self.target_norm!r}, expected one of {TARGET_NORMS}")
 
 
-def smoothed_positions(positions, sigma):
-    """DropPos' position smoothing: for each true position a distribution over all positions,
-    exp(-|p_i - p_j|^2 / sigma^2) normalised; one-hot at sigma 0. (N, d) -> (N, N)."""
+def smoothed_positions(positions, sigma, norm="columns"):
+    """DropPos' position smoothing: row i is the target of a token at position i, from
+    w_ij = exp(-|p_i - p_j|^2 / sigma^2); one-hot at sigma 0. (N, d) -> (N, N).
+
+    norm "columns": DropPos' `weight / weight.sum(-1)` (engine_pretrain.py) broadcasts the (N,) sums over
+    the last dim, dividing column j by its sum (w is symmetric), so a row sums to about, not exactly, 1.
+    norm "rows": each row divided by its own sum, a distribution."""
     if sigma == 0:
         return torch.eye(len(positions), device=positions.device)
     weight = torch.exp(-torch.cdist(positions, positions).square() / sigma**2)
-    return weight / weight.sum(dim=-1, keepdim=True)
+    return weight / weight.sum(dim=0 if norm == "columns" else 1, keepdim=True)
 
 
 class DropPos(nn.Module):
@@ -142,7 +163,7 @@ class DropPos(nn.Module):
         positions = grid_positions(cfg)  # (N, d)
         self.decoder = Decoder(cfg.vit.embed_dim, cfg.decoder_dim, cfg.decoder_depth, len(positions))
         self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, cfg.vit.embed_dim))
-        self.decoder.apply(_init_weights)
+        self.apply(xavier_init)  # encoder and decoder
         nn.init.normal_(self.mask_pos_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         self.register_buffer("positions", positions, persistent=False)
@@ -165,7 +186,7 @@ class DropPos(nn.Module):
     def loss(self, logits, kept, dropped):
         """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
         averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
-        target = smoothed_positions(self.positions, self.sigma)[kept]  # (B, V, N)
+        target = smoothed_positions(self.positions, self.sigma, self.cfg.target_norm)[kept]  # (B, V, N)
         ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
         weight = dropped.float()
         loss = (ce * weight).sum() / weight.sum()

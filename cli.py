@@ -99,10 +99,13 @@ def method_options(pos_mask=0.0):
                      help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values (its eta)"),
         click.option("--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
                      help="droppos: share of the visible patches whose position embedding is dropped"),
-        click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True, help="mae, droppos: decoder width (the papers: 512)"),
+        click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True,
+                     help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)"),
         click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
         click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
-                     help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
+                     help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)"),
+        click.option("--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns", show_default=True,
+                     help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)"),
     )
 
 

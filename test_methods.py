@@ -1,10 +1,12 @@
-"""The pretraining methods beside PART (MAE, DropPos, MP3), PART's --pos-mask reading, and every method's checkpoints downstream."""
+"""The pretraining methods beside PART (MAE, DropPos, MP3), PART's --pos-mask reading, the baselines' own
+initialisation, and every method's checkpoints downstream."""
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 
@@ -99,7 +101,7 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
 
 def test_droppos_position_smoothing_and_its_one_hot_limit():
     positions = part.grid_positions(method_config("droppos"))  # (16, 2) patch centres
-    smooth = baselines.smoothed_positions(positions, 1.0)
+    smooth = baselines.smoothed_positions(positions, 1.0, "rows")
     torch.testing.assert_close(smooth.sum(dim=1), torch.ones(16))
     d2 = ((positions[0] - positions[1]) ** 2).sum()
     assert (smooth[0, 1] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
@@ -109,6 +111,23 @@ def test_droppos_position_smoothing_and_its_one_hot_limit():
     kept, dropped = torch.tensor([[0, 5, 10, 15]]), torch.ones(1, 4, dtype=torch.bool)
     loss, _ = model.loss(logits, kept, dropped)
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[0], kept[0]).item(), rel=1e-5)
+
+
+def test_droppos_default_target_on_a_3x3_grid_is_its_codes_column_normalised_map():
+    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
+    model = baselines.DropPos(baselines.pretext_config("droppos", vit=vit, img_size=(12, 12), mean=(0.5,), std=(0.25,)))  # 3 x 3 patches
+    sigma = 1.5
+    w = [[math.exp(-((i // 3 - j // 3) ** 2 + (i % 3 - j % 3) ** 2) / sigma**2) for j in range(9)] for i in range(9)]
+    column = [sum(w[i][j] for i in range(9)) for j in range(9)]
+    row = [sum(w[i]) for i in range(9)]
+    by_columns = torch.tensor([[w[i][j] / column[j] for j in range(9)] for i in range(9)])
+    by_rows = torch.tensor([[w[i][j] / row[i] for j in range(9)] for i in range(9)])
+    assert (by_columns.sum(dim=1) - 1).abs().max() > 0.05  # the two differ: a corner's row does not sum to 1
+    model.sigma = sigma
+    logits = torch.randn(1, 9, 9)
+    loss, _ = model.loss(logits, torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool))  # every token dropped, in raster order
+    assert loss.item() == pytest.approx(-(by_columns * logits[0].log_softmax(dim=-1)).sum(dim=1).mean().item(), rel=1e-5)
+    torch.testing.assert_close(baselines.smoothed_positions(model.positions, sigma, "rows"), by_rows)
 
 
 # ---------------------------------------------------------------- MP3
@@ -191,6 +210,31 @@ def test_mp3_pretrains_from_the_cli_and_its_loss_falls(fake_fmnist, tmp_path):
     assert steps[0]["loss"] == pytest.approx(math.log(49), rel=0.01)  # chance among the 7 x 7 grid positions
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.2
     assert [r for r in rows if "val_pos_acc" in r][-1]["val_pos_acc"] > 3 / 49  # held-out position accuracy, 3 x chance
+
+
+# ---------------------------------------------------------------- initialisation as each method's own code
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_each_method_initialises_its_linear_layers_as_its_own_code(method):
+    torch.manual_seed(0)
+    model = baselines.pretext_model(method, method_config(method))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) >= 9  # the encoder's 2 blocks x 4, and the pretext's own
+    for m in linears:
+        w = m.weight.detach()
+        if method in ("mae", "droppos"):  # xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3)
+            bound = math.sqrt(6 / sum(w.shape))
+            assert w.abs().max() <= bound
+            expected = bound / math.sqrt(3)
+        else:  # DeiT's trunc_normal(0.02)
+            expected = 0.02
+        if w.numel() >= 512:  # enough weights for their std to be within 10%
+            assert w.std().item() == pytest.approx(expected, rel=0.1)
+        assert (m.bias == 0).all()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
 
 
 # ---------------------------------------------------------------- every method learns, in 2D and 1D
