@@ -1,5 +1,6 @@
 """The pretraining methods beside PART (MAE, DropPos, MP3), PART's --pos-mask reading, the baselines' own
-initialisation, and every method's checkpoints downstream."""
+initialisation and finetuning protocols, and every method's checkpoints downstream."""
+import dataclasses
 import json
 import math
 
@@ -394,6 +395,62 @@ def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
     assert result.exit_code == 0 and expected in result.output, result.output
     ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["kind"] == "sleep-stager" and "kappa" in ckpt["metrics"]
+
+
+# ---------------------------------------------------------------- the baselines' own finetuning protocols
+
+
+def finetune_run(init, data, out, *flags):
+    return invoke("finetune", "--init", init, *flags, "--data-dir", data, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1, "--out-dir", out)
+
+
+def shuffle_patches(images, order, P=4):
+    """uint8 images (B, C, H, W) with their P x P patches moved: raster slot i takes patch order[i]."""
+    B, C, H, W = images.shape
+    tiles = images.reshape(B, C, H // P, P, W // P, P).permute(0, 1, 2, 4, 3, 5).reshape(B, C, -1, P, P)[:, :, order]
+    return tiles.reshape(B, C, H // P, W // P, P, P).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H, W)
+
+
+def test_finetune_without_position_embeddings_is_blind_to_the_order_of_the_patches(fake_fmnist, tmp_path):
+    pre = tmp_path / "pre" / "checkpoint.pt"
+    assert invoke("pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", pre.parent).exit_code == 0
+    result = finetune_run(pre, fake_fmnist, tmp_path / "ft", "--no-pos-embed")
+    assert result.exit_code == 0 and "new: cls_token, head.weight, head.bias" in result.output, result.output
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    assert "encoder.pos_embed" not in ckpt["model"]
+    cfg = part.ClassifierConfig(**ckpt["config"]["model"])
+    model = part.Classifier(cfg).eval()
+    model.load_state_dict(ckpt["model"])
+    torch.manual_seed(0)
+    images, order = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8), torch.randperm(49)
+    torch.testing.assert_close(model.logits(shuffle_patches(images, order)), model.logits(images))
+    with_positions = part.Classifier(dataclasses.replace(cfg, pos_embed=True)).eval()  # the paper's row: positions added
+    with_positions.load_state_dict(ckpt["model"], strict=False)
+    assert not torch.allclose(with_positions.logits(shuffle_patches(images, order)), with_positions.logits(images), atol=1e-4)
+    result = finetune_run(pre, fake_fmnist, tmp_path / "frozen", "--freeze-pos-embed")
+    assert result.exit_code != 0 and "--freeze-pos-embed keeps pretrained position embeddings" in result.output
+
+
+def test_droppos_protocol_keeps_its_sin_cos_fixed_and_pools_through_fc_norm(fake_fmnist, tmp_path):
+    pre = tmp_path / "pre" / "checkpoint.pt"
+    assert invoke("pretrain", "--method", "droppos", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", pre.parent).exit_code == 0
+    result = finetune_run(pre, fake_fmnist, tmp_path / "ft", "--pool", "avg", "--fc-norm", "--freeze-pos-embed")
+    assert result.exit_code == 0 and "fc_norm.weight, fc_norm.bias" in result.output and "ignored: norm.weight, norm.bias" in result.output
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    pretrained = torch.load(pre, weights_only=True)["model"]
+    torch.testing.assert_close(ckpt["model"]["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])  # unchanged by training
+    assert ckpt["model"]["encoder.blocks.0.attn.qkv.weight"].ne(pretrained["encoder.blocks.0.attn.qkv.weight"]).any()  # while the rest learnt
+    model = part.Classifier(part.ClassifierConfig(**ckpt["config"]["model"])).eval()
+    model.load_state_dict(ckpt["model"])
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    enc = model.encoder
+    x = torch.cat([enc.cls_token.expand(2, -1, -1), enc.patch_embed(part.patchify(model.normalize(images), 4))], dim=1) + enc.pos_embed
+    for block in enc.blocks:
+        x = block(x)
+    expected = F.layer_norm(x[:, 1:].mean(dim=1), (32,), enc.fc_norm.weight, enc.fc_norm.bias, 1e-6)  # MAE: fc_norm(mean), no final norm
+    torch.testing.assert_close(enc.pool(part.encode_grid(enc, model.normalize, images)), expected)
+    result = finetune_run(pre, fake_fmnist, tmp_path / "cls", "--fc-norm")
+    assert result.exit_code != 0 and "--fc-norm normalises the mean of the patch tokens: it needs --pool avg" in result.output
 
 
 def test_bench_times_each_method_beside_part():
