@@ -1,11 +1,13 @@
 """The baselines of the paper's Tables 1-3, each a pretraining method over part.py's ViT, one per section:
-MAE and DropPos (grid patches with position embeddings); and the registry of every method, PART included,
-that `--method` chooses from.
+MAE and DropPos (grid patches with position embeddings), MP3 (grid patches without them); and the registry
+of every method, PART included, that `--method` chooses from.
 
 Each model takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), as PART does, so they share
-the engine, checkpoints and exports. Where they differ from their official code, README.md says how.
+the engine, checkpoints and exports. Where they differ from their official code, README.md says how
+("Baselines as their official code trains them").
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,17 @@ from part import (PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, 
                   check_share, grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows)
 
 # ---------------------------------------------------------------- shared by MAE and DropPos
+
+
+def xavier_init(m):
+    """MAE's and DropPos' init (models_mae.py `_init_weights`, DropPos' the same): xavier_uniform for every
+    Linear, the fused qkv as one matrix, bias 0; LayerNorm 1, 0 and the patch embedding as part's."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    else:
+        _init_weights(m)
+
 
 class Decoder(nn.Module):
     """MAE's light decoder, also DropPos': a linear map to its width (`embed`, applied first by the
@@ -78,7 +91,7 @@ class MAE(nn.Module):
         v = cfg.vit
         self.decoder = Decoder(v.embed_dim, cfg.decoder_dim, cfg.decoder_depth, v.in_chans * v.patch_size**v.patch_ndim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
-        self.decoder.apply(_init_weights)
+        self.apply(xavier_init)  # encoder and decoder
         nn.init.normal_(self.mask_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         positions = grid_positions(cfg)  # (N, d)
@@ -102,6 +115,9 @@ class MAE(nn.Module):
 # ---------------------------------------------------------------- DropPos
 
 
+TARGET_NORMS = ("columns", "rows")
+
+
 @dataclass
 class DropPosConfig(InputConfig):
     """DropPos (Wang et al., NeurIPS 2023) on our ViT, with its defaults except the decoder's size
@@ -111,21 +127,28 @@ class DropPosConfig(InputConfig):
     pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
     decoder_dim: int = 128
     decoder_depth: int = 2
-    sigma: float = 1.0  # position smoothing at the start, in patches; decays linearly to 0 over training
+    sigma: float = 1.0  # position smoothing at the start, in patches; (1 - epoch / epochs) sigma in each epoch
+    target_norm: str = "columns"  # of the smoothed targets: "columns" as DropPos' code, "rows": each a distribution
 
     def __post_init__(self):
         super().__post_init__()
         check_share("--mask-ratio", self.mask_ratio)
         check_share("--pos-mask-ratio", self.pos_mask_ratio)
+        if self.target_norm not in TARGET_NORMS:
+            raise ConfigError(f"unknown --droppos-target {self.target_norm!r}, expected one of {TARGET_NORMS}")
 
 
-def smoothed_positions(positions, sigma):
-    """DropPos' position smoothing: for each true position a distribution over all positions,
-    exp(-|p_i - p_j|^2 / sigma^2) normalised; one-hot at sigma 0. (N, d) -> (N, N)."""
+def smoothed_positions(positions, sigma, norm="columns"):
+    """DropPos' position smoothing: row i is the target of a token at position i, from
+    w_ij = exp(-|p_i - p_j|^2 / sigma^2); one-hot at sigma 0. (N, d) -> (N, N).
+
+    norm "columns": DropPos' `weight / weight.sum(-1)` (engine_pretrain.py) broadcasts the (N,) sums over
+    the last dim, dividing column j by its sum (w is symmetric), so a row sums to about, not exactly, 1.
+    norm "rows": each row divided by its own sum, a distribution."""
     if sigma == 0:
         return torch.eye(len(positions), device=positions.device)
     weight = torch.exp(-torch.cdist(positions, positions).square() / sigma**2)
-    return weight / weight.sum(dim=-1, keepdim=True)
+    return weight / weight.sum(dim=0 if norm == "columns" else 1, keepdim=True)
 
 
 class DropPos(nn.Module):
@@ -140,7 +163,7 @@ class DropPos(nn.Module):
         positions = grid_positions(cfg)  # (N, d)
         self.decoder = Decoder(cfg.vit.embed_dim, cfg.decoder_dim, cfg.decoder_depth, len(positions))
         self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, cfg.vit.embed_dim))
-        self.decoder.apply(_init_weights)
+        self.apply(xavier_init)  # encoder and decoder
         nn.init.normal_(self.mask_pos_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         self.register_buffer("positions", positions, persistent=False)
@@ -163,7 +186,7 @@ class DropPos(nn.Module):
     def loss(self, logits, kept, dropped):
         """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
         averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
-        target = smoothed_positions(self.positions, self.sigma)[kept]  # (B, V, N)
+        target = smoothed_positions(self.positions, self.sigma, self.cfg.target_norm)[kept]  # (B, V, N)
         ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
         weight = dropped.float()
         loss = (ce * weight).sum() / weight.sum()
@@ -178,9 +201,53 @@ class DropPos(nn.Module):
         return self.loss(logits, kept, dropped)
 
 
+# ---------------------------------------------------------------- MP3
+
+
+@dataclass
+class MP3Config(InputConfig):
+    """MP3 (Zhai et al., ICML 2022) on our ViT. Its paper's body could not be read here: README ("MP3")
+    gives each choice made and the sentence it rests on."""
+
+    mask_ratio: float = 0.75  # eta: share of the patches that give no keys and values (MAE's ratio; the paper's unread)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_share("--mask-ratio", self.mask_ratio)
+        N = math.prod(self.grid)
+        if round(self.mask_ratio * N) == N:
+            raise ConfigError(f"--mask-ratio {self.mask_ratio} leaves none of the {N} patches to give keys and values")
+
+
+class MP3(nn.Module):
+    """Masked position prediction: the on-grid patches without position embeddings, each a query, while
+    keys and values come from a random context of them, the same in every block; a linear head on the
+    encoder's normalised tokens classifies each patch's grid position, cross-entropy over all patches."""
+
+    def __init__(self, cfg: MP3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VisionTransformer(cfg.vit)  # trunc_normal(0.02), DeiT's: MP3's code is built on DeiT
+        self.head = nn.Linear(cfg.vit.embed_dim, math.prod(cfg.grid))
+        self.head.apply(_init_weights)
+        self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
+
+    def forward(self, images, labels=None):
+        """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics with the position accuracy)."""
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        B, N = patches.shape[:2]
+        context, _ = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, N - M)
+        logits = self.head(self.encoder.forward_features(patches, context=context)).float()  # (B, N, N)
+        # raster order: without position embeddings the encoder is permutation-equivariant, the order tells it nothing
+        target = torch.arange(N, device=images.device).expand(B, N)  # (B, N) each patch's grid index
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        acc = (logits.argmax(dim=-1) == target).float().mean()
+        return loss, {"loss": loss.detach(), "pos_acc": acc}
+
+
 # ---------------------------------------------------------------- the registry
 
-METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos)}
+METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos), "mp3": (MP3Config, MP3)}
 
 
 def pretext_config(method, **fields):

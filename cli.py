@@ -8,7 +8,7 @@ import math
 import pickle
 import traceback
 import zipfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -166,20 +166,24 @@ def method_options(pos_mask=0.0):
     default of --pos-mask); each flag names the methods it is for."""
     return options(
         click.option("--method", type=click.Choice(list(baselines.METHODS)), default="part", show_default=True,
-                     help="part: the paper's; mae, droppos: the baselines of its Tables 1-3, on the same ViT"),
+                     help="part: the paper's; mae, droppos, mp3: the baselines of its Tables 1-3, on the same ViT"),
         click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
                      help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
         click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help="part: " + HEAD_HELP),
         click.option("--pos-mask", type=SHARE, default=pos_mask, show_default=True,
                      help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
                           "loss on pairs with a masked patch (README, the 1D readings)"),
-        click.option("--mask-ratio", type=SHARE, default=0.75, show_default=True, help="mae, droppos: share of patches hidden from the encoder"),
+        click.option("--mask-ratio", type=SHARE, default=0.75, show_default=True,
+                     help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values (its eta)"),
         click.option("--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
                      help="droppos: share of the visible patches whose position embedding is dropped"),
-        click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True, help="mae, droppos: decoder width (the papers: 512)"),
+        click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True,
+                     help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)"),
         click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
         click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
-                     help="droppos: position smoothing in patches at the start, decaying linearly to 0 (DropPos: 1)"),
+                     help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)"),
+        click.option("--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns", show_default=True,
+                     help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)"),
         section="method",
     )
 

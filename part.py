@@ -188,6 +188,7 @@ class ViTConfig:
     pos_grid: tuple = ()  # token grid of the learnable position embeddings, () for none
     num_classes: int = 0  # 0: no head, forward returns pooled features
     pool: str = "cls"  # "cls" or "avg"
+    fc_norm: bool = False  # a new LayerNorm after avg pooling in place of the final norm on the tokens (MAE's global pool)
 
 
 PRESETS = {  # widths and depths of DeiT / timm
@@ -287,8 +288,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, grid=None):
-        x = x + self.drop_path(self.attn(self.norm1(x), grid=grid))
+    def forward(self, x, grid=None, context=None):
+        """x (B, N, D) -> (B, N, D). context (B, M), optional: the tokens whose keys and values every token
+        attends to (MP3); default all of them."""
+        h = self.norm1(x)
+        x = x + self.drop_path(self.attn(h, ctx=None if context is None else take_rows(h, context), grid=grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -327,7 +331,8 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         windows = [0 if i in cfg.global_blocks else cfg.window for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r, w) for r, w in zip(rates, windows))
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)  # MAE's models_vit.py deletes norm for fc_norm
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False  # timm's name; a memory setting, not part of the model (train.fit sets it)
         self.apply(_init_weights)
@@ -342,13 +347,15 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, self.cfg.pos_grid, grid, int(self.cfg.class_token))
 
-    def forward_features(self, patches, pos=None, grid=None):
+    def forward_features(self, patches, pos=None, grid=None, context=None):
         """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
 
         pos (B or 1, T, D), optional: the position embedding of every token, computed by the caller (the
         fixed sin-cos of MAE and DropPos, PART's continuous ones with --pos-mask, a classifier's with a
         share masked out); default: the encoder's own, if it has them. grid, optional: the token grid
         (h, w) of on-grid patches in raster order, for window attention and resized embeddings (detection).
+        context (B, M), optional: indices of the tokens that alone give keys and values, the same in
+        every block, while every token is a query (MP3's masked transformer).
         """
         x = self.patch_embed(patches)  # (B, N, D)
         if self.cls_token is not None:
@@ -356,25 +363,31 @@ class VisionTransformer(nn.Module):
         pos = self.position_embedding(grid) if pos is None else pos
         if pos is not None:
             x = x + pos.to(x.dtype)
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, grid))
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, grid, context))
 
     def pool(self, tokens, how=None):
-        """Tokens (B, T, D) -> (B, D): the class token ("cls") or the mean of the patch tokens ("avg");
-        default: the config's pool."""
+        """Tokens (B, T, D) -> (B, D): the class token ("cls") or the mean of the patch tokens ("avg"),
+        then fc_norm if the encoder has it; default: the config's pool."""
         how = how or self.cfg.pool
-        return tokens[:, 0] if how == "cls" else tokens[:, int(self.cfg.class_token) :].mean(dim=1)
+        if how == "cls":
+            return tokens[:, 0]
+        pooled = tokens[:, int(self.cfg.class_token) :].mean(dim=1)
+        return pooled if self.fc_norm is None else self.fc_norm(pooled)
 
     def forward(self, patches, pos=None):
         """(B, N, C, *patch) -> logits (B, classes), or pooled features (B, D) without a head."""
         return self.head(self.pool(self.forward_features(patches, pos)))
 
 
-def run_blocks(blocks, x, checkpointed=False, grid=None):
-    """x through the blocks in order. checkpointed: while training, keep no activations inside a
-    block and recompute them in backward (activation checkpointing: less memory, ~1/3 more compute;
-    the recomputation replays drop path's random draws, so gradients are the same)."""
+def run_blocks(blocks, x, checkpointed=False, grid=None, context=None):
+    """x through the blocks in order (grid, context: as Block's). checkpointed: while training, keep no
+    activations inside a block and recompute them in backward (activation checkpointing: less memory,
+    ~1/3 more compute; the recomputation replays drop path's random draws, so gradients are the same)."""
     for block in blocks:
-        x = checkpoint(block, x, grid, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x, grid)
+        if checkpointed and torch.is_grad_enabled():
+            x = checkpoint(block, x, grid, context, use_reentrant=False)
+        else:
+            x = block(x, grid, context)
     return x
 
 
@@ -719,24 +732,35 @@ POOLS = ("cls", "avg")
 @dataclass
 class ClassifierConfig(InputConfig):
     """The ViT the paper finetunes (section 4 "Training setup"; 8.1 for 1D): the pretrained encoder
-    plus a class token, new learnable position embeddings over the patch grid and a linear head."""
+    plus a class token, new learnable position embeddings over the patch grid and a linear head.
+    The baselines' own protocols are options: MAE's and DropPos' fc_norm, DropPos' frozen sin-cos,
+    MP3's finetuning without position embeddings."""
 
     num_classes: int = 1000
     pool: str = "cls"  # "cls": the class token (the paper); "avg": mean of the patch tokens
+    fc_norm: bool = False  # with pool "avg": a new LayerNorm after the mean instead of the final norm (MAE, DropPos)
     linear_probe: bool = False  # frozen encoder, BatchNorm without affine before the head (MAE)
     smoothing: float = 0.1  # label smoothing (DeiT)
     pos_mask: float = 0.0  # share of patch tokens whose position embedding is masked out in training (8.1, EEG: 0.2)
     pos_pretrained: bool = False  # the encoder was pretrained with position embeddings (MAE, DropPos, PART --pos-mask)
+    pos_embed: bool = True  # position embeddings over the patch grid; False: none (MP3's Table 1 row "without")
+    freeze_pos_embed: bool = False  # keep the pretrained position embeddings fixed (DropPos' finetuning)
 
     def __post_init__(self):
         super().__post_init__()
         if self.pool not in POOLS:
             raise ConfigError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
+        if self.fc_norm and self.pool != "avg":
+            raise ConfigError("--fc-norm normalises the mean of the patch tokens: it needs --pool avg")
         check_share("--pos-mask", self.pos_mask)
+        if not self.pos_embed and (self.pos_mask or self.freeze_pos_embed):
+            raise ConfigError("--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze (--freeze-pos-embed)")
+        if self.freeze_pos_embed and not self.pos_pretrained:
+            raise ConfigError("--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; these weights bring none")
         # a probed encoder stays as pretrained: with the position embeddings it was pretrained with, if any;
         # random ones it could not adapt to would be noise
-        grid = () if self.linear_probe and not self.pos_pretrained else self.grid
-        self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool)
+        grid = () if not self.pos_embed or (self.linear_probe and not self.pos_pretrained) else self.grid
+        self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool, fc_norm=self.fc_norm)
 
 
 class Classifier(nn.Module):
@@ -753,6 +777,8 @@ class Classifier(nn.Module):
             self.encoder.head = nn.Sequential(nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6), self.encoder.head)
             for name, p in self.encoder.named_parameters():
                 p.requires_grad = name.startswith("head.")
+        if cfg.freeze_pos_embed:  # the class token's slot too: a constant added to a learnt token changes nothing
+            self.encoder.pos_embed.requires_grad = False
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
 
     def masked_positions(self, B, device):
@@ -862,7 +888,7 @@ def load_encoder(model, state, source="checkpoint"):
     """
     state = dict(state)
     own = model.state_dict()
-    fresh = [k for k in own if k in ("cls_token", "pos_embed") or k.startswith("head.")]
+    fresh = [k for k in own if k in ("cls_token", "pos_embed") or k.startswith(("head.", "fc_norm."))]
     for key in fresh:  # finetuning's additions start fresh unless the checkpoint already has them in shape
         if key in state and state[key].shape != own[key].shape:
             state.pop(key)

@@ -604,7 +604,7 @@ def held_out(source, split, val_set):
 @click.option("--out-dir", default="out/sleep-pretrain", show_default=True, help=cli.OUT_DIR_HELP)
 def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
              preset, method, context, drop_path, out_dir, **kwargs):
-    """Pretraining (PART, or MAE or DropPos in 1D) on the pretraining subjects' epochs; the pretext's
+    """Pretraining (PART, or MAE, DropPos or MP3 in 1D) on the pretraining subjects' epochs; the pretext's
     error on the held-out test subjects."""
     recipe = cli.recipe_from(kwargs)
     refs, channels, split, data_config = load_split(source, data_dir, channels, finetune_subjects, test_subjects, split_seed,

@@ -1,9 +1,14 @@
-"""The pretraining methods beside PART (MAE, DropPos), PART's --pos-mask reading, and their checkpoints downstream."""
+"""The pretraining methods beside PART (MAE, DropPos, MP3), PART's --pos-mask reading, the baselines' own
+initialisation and finetuning protocols, and every method's checkpoints downstream."""
+import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 import baselines
@@ -98,7 +103,7 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
 
 def test_droppos_position_smoothing_and_its_one_hot_limit():
     positions = part.grid_positions(method_config("droppos"))  # (16, 2) patch centres
-    smooth = baselines.smoothed_positions(positions, 1.0)
+    smooth = baselines.smoothed_positions(positions, 1.0, "rows")
     torch.testing.assert_close(smooth.sum(dim=1), torch.ones(16))
     d2 = ((positions[0] - positions[1]) ** 2).sum()
     assert (smooth[0, 1] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
@@ -108,6 +113,130 @@ def test_droppos_position_smoothing_and_its_one_hot_limit():
     kept, dropped = torch.tensor([[0, 5, 10, 15]]), torch.ones(1, 4, dtype=torch.bool)
     loss, _ = model.loss(logits, kept, dropped)
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits[0], kept[0]).item(), rel=1e-5)
+
+
+def test_droppos_default_target_on_a_3x3_grid_is_its_codes_column_normalised_map():
+    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
+    model = baselines.DropPos(baselines.pretext_config("droppos", vit=vit, img_size=(12, 12), mean=(0.5,), std=(0.25,)))  # 3 x 3 patches
+    sigma = 1.5
+    w = [[math.exp(-((i // 3 - j // 3) ** 2 + (i % 3 - j % 3) ** 2) / sigma**2) for j in range(9)] for i in range(9)]
+    column = [sum(w[i][j] for i in range(9)) for j in range(9)]
+    row = [sum(w[i]) for i in range(9)]
+    by_columns = torch.tensor([[w[i][j] / column[j] for j in range(9)] for i in range(9)])
+    by_rows = torch.tensor([[w[i][j] / row[i] for j in range(9)] for i in range(9)])
+    assert (by_columns.sum(dim=1) - 1).abs().max() > 0.05  # the two differ: a corner's row does not sum to 1
+    model.sigma = sigma
+    logits = torch.randn(1, 9, 9)
+    loss, _ = model.loss(logits, torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool))  # every token dropped, in raster order
+    assert loss.item() == pytest.approx(-(by_columns * logits[0].log_softmax(dim=-1)).sum(dim=1).mean().item(), rel=1e-5)
+    torch.testing.assert_close(baselines.smoothed_positions(model.positions, sigma, "rows"), by_rows)
+
+
+# ---------------------------------------------------------------- MP3
+
+
+def hand_masked_attention(block, x, allowed):
+    """A pre-norm block whose attention, written out, takes softmax over the allowed keys (B, N) only."""
+    B, N, D = x.shape
+    nh = block.attn.num_heads
+    q, k, v = (block.norm1(x) @ block.attn.qkv.weight.T + block.attn.qkv.bias).split(D, dim=-1)
+    heads = lambda t: t.reshape(B, N, nh, D // nh).transpose(1, 2)  # noqa: E731 (B, nh, N, hs)
+    scores = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(D // nh)  # (B, nh, N, N)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    y = x + block.attn.proj((scores.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(B, N, D))
+    return y + block.mlp(block.norm2(y))
+
+
+def test_mp3_attention_over_the_context_equals_a_hand_written_masked_attention():
+    torch.manual_seed(0)
+    block = part.Block(32, 4, 4.0, 0.0)
+    x = torch.randn(3, 16, 32)
+    context = part.random_split(3, 16, 0.75)[0]  # (3, 4): the tokens that give keys and values
+    allowed = torch.zeros(3, 16, dtype=torch.bool)
+    for b in range(3):
+        for j in context[b].tolist():
+            allowed[b, j] = True
+    expected = hand_masked_attention(block, x, allowed)
+    torch.testing.assert_close(block(x, context=context), expected)
+    torch.testing.assert_close(block(x), hand_masked_attention(block, x, torch.ones(3, 16, dtype=torch.bool)))
+    assert not torch.allclose(block(x), expected, atol=1e-3)
+
+
+def test_mp3_tokens_outside_the_context_reach_no_other_token_in_any_block():
+    torch.manual_seed(0)
+    encoder = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1))
+    patches = torch.randn(2, 16, 1, 4, 4)
+    context = part.random_split(2, 16, 0.75)[0]  # (2, 4)
+    out = encoder.forward_features(patches, context=context)
+    outside, inside = (next(j for j in range(16) if (j in context[0].tolist()) == flag) for flag in (False, True))
+    for j, reaches_others in ((outside, False), (inside, True)):
+        changed = patches.clone()
+        changed[0, j] += 1.0
+        moved = (encoder.forward_features(changed, context=context) - out).abs().amax(dim=-1)  # (2, 16)
+        others = [i for i in range(16) if i != j]
+        assert moved[0, j] > 1e-3 and (moved[1] == 0).all()  # the token itself moves; the other image not at all
+        if reaches_others:  # a context token is a key and value of every token
+            assert (moved[0, others] > 1e-4).all()
+        else:
+            assert moved[0, others].max() < 1e-6
+
+
+def test_mp3_classifies_each_patch_by_its_raster_grid_index_with_keys_from_a_quarter(monkeypatch):
+    model = baselines.MP3(method_config("mp3"))  # 16 x 16 images, 4 x 4 patches of 4 px
+    index = torch.arange(16, dtype=torch.uint8).view(4, 4)  # patch (row r, column c) filled with r * 4 + c
+    images = index.repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)[None, None].expand(2, 1, 16, 16)
+    contexts = []
+
+    def encode(patches, context):  # each token: its normalised pixels
+        contexts.append(context)
+        return patches.flatten(2)
+
+    def classify(tokens):  # certain of the index written in the patch
+        written = ((tokens[..., 0] * 0.25 + 0.5) * 255).round().long()
+        return 100.0 * F.one_hot(written, 16).float()
+
+    monkeypatch.setattr(model.encoder, "forward_features", encode)
+    monkeypatch.setattr(model.head, "forward", classify)
+    loss, metrics = model(images)
+    assert loss.item() < 1e-6 and metrics["pos_acc"].item() == 1.0  # the targets are the raster indices
+    assert contexts[0].shape == (2, 4)  # 75% of the 16 patches give no keys and values
+    _, metrics = model(index.T.repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)[None, None])  # column-major indices
+    assert metrics["pos_acc"].item() == 4 / 16  # right on the diagonal only
+
+
+def test_mp3_pretrains_from_the_cli_and_its_loss_falls(fake_fmnist, tmp_path):
+    result = invoke("pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *tiny_run("mp3"), "--epochs", 4, "--blr", 1e-2, "--out-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and "pos_acc" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(49), rel=0.01)  # chance among the 7 x 7 grid positions
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.2
+    assert [r for r in rows if "val_pos_acc" in r][-1]["val_pos_acc"] > 3 / 49  # held-out position accuracy, 3 x chance
+
+
+# ---------------------------------------------------------------- initialisation as each method's own code
+
+
+@pytest.mark.parametrize("method", baselines.METHODS)
+def test_each_method_initialises_its_linear_layers_as_its_own_code(method):
+    torch.manual_seed(0)
+    model = baselines.pretext_model(method, method_config(method))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) >= 9  # the encoder's 2 blocks x 4, and the pretext's own
+    for m in linears:
+        w = m.weight.detach()
+        if method in ("mae", "droppos"):  # xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3)
+            bound = math.sqrt(6 / sum(w.shape))
+            assert w.abs().max() <= bound
+            expected = bound / math.sqrt(3)
+        else:  # DeiT's trunc_normal(0.02)
+            expected = 0.02
+        if w.numel() >= 512:  # enough weights for their std to be within 10%
+            assert w.std().item() == pytest.approx(expected, rel=0.1)
+        assert (m.bias == 0).all()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
 
 
 # ---------------------------------------------------------------- every method learns, in 2D and 1D
@@ -210,50 +339,119 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
     np.testing.assert_allclose(target.numpy(), expected, rtol=1e-5, atol=1e-3)
 
 
-# ---------------------------------------------------------------- MAE and DropPos checkpoints downstream
+# ---------------------------------------------------------------- every method's checkpoints downstream
 
 
-@pytest.mark.parametrize("method", ["mae", "droppos"])
+@pytest.mark.parametrize("method", baselines.METHODS)
 def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_path):
     pre = tmp_path / "pre"
     assert invoke("pretrain", "--method", method, "--data-dir", fake_fmnist, *tiny_run(method), "--epochs", 1, "--out-dir", pre).exit_code == 0
     ckpt = pre / "checkpoint.pt"
+    pretrained = torch.load(ckpt, weights_only=True)["model"]
+    positions = "fixed_pos_embed" in pretrained  # MAE's and DropPos' sin-cos; PART and MP3 pretrain without
+    assert positions == (method in ("mae", "droppos"))
     result = invoke("finetune", "--init", ckpt, "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1,
                     "--out-dir", tmp_path / "ft")
-    assert result.exit_code == 0 and "pos_embed kept, class token's slot new" in result.output, result.output
+    expected = "pos_embed kept, class token's slot new" if positions else "new: cls_token, pos_embed, head.weight, head.bias"
+    assert result.exit_code == 0 and expected in result.output, result.output
     ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
     assert ft["encoder.pos_embed"].shape == (1, 50, 32)
     result = invoke("finetune", "--init", ckpt, "--linear-probe", "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32,
                     "--epochs", 1, "--out-dir", tmp_path / "probe")
     assert result.exit_code == 0, result.output
-    pretrained = torch.load(ckpt, weights_only=True)["model"]
     probe = torch.load(tmp_path / "probe" / "checkpoint.pt", weights_only=True)["model"]
-    torch.testing.assert_close(probe["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])  # probed with its pretraining positions
+    torch.testing.assert_close(probe["encoder.blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
+    if positions:  # probed with its pretraining positions; the others with none, as pretrained
+        torch.testing.assert_close(probe["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])
+    else:
+        assert "encoder.pos_embed" not in probe
     result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
     frozen, _, _ = train.frozen_encoder(str(ckpt), random_init=False)
-    torch.testing.assert_close(frozen.pos_embed, pretrained["fixed_pos_embed"])  # kNN reads the tokens as pretrained, with positions
+    if positions:  # kNN reads the tokens as pretrained, with positions
+        torch.testing.assert_close(frozen.pos_embed, pretrained["fixed_pos_embed"])
+    else:
+        assert frozen.pos_embed is None
     coco = write_coco(tmp_path / "coco")
     cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(),
                                         anchor_size=16, proposals=50)
     encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
     torch.testing.assert_close(encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
-    pos = part.resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
-    torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
+    if positions:
+        pos = part.resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
+        torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 
 
-@pytest.mark.parametrize("method", ["mae", "droppos"])
+@pytest.mark.parametrize("method", baselines.METHODS)
 def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
     tiny = ["--synthetic-subjects", 6, "--synthetic-epochs", 20, "--finetune-subjects", 2, "--test-subjects", 2, "--preset", "eeg_test",
             "--batch-size", 16, "--epochs", 1]
     runner = lambda *a: CliRunner().invoke(sleep1d.main, [str(x) for x in a])  # noqa: E731
     result = runner("pretrain", "--method", method, *tiny, "--out-dir", tmp_path / "pre")
     assert result.exit_code == 0, result.output
+    assert torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["config"]["kind"] == f"{method}1d"
     result = runner("finetune", "--init", tmp_path / "pre" / "checkpoint.pt", *tiny[:-6], "--batch-size", 16, "--epochs", 1,
                     "--out-dir", tmp_path / "ft")
-    assert result.exit_code == 0 and "pos_embed kept" in result.output, result.output
+    expected = "pos_embed kept" if method in ("mae", "droppos") else "new: cls_token, pos_embed, head.weight, head.bias"
+    assert result.exit_code == 0 and expected in result.output, result.output
     ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["kind"] == "sleep-stager" and "kappa" in ckpt["metrics"]
+
+
+# ---------------------------------------------------------------- the baselines' own finetuning protocols
+
+
+def finetune_run(init, data, out, *flags):
+    return invoke("finetune", "--init", init, *flags, "--data-dir", data, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1, "--out-dir", out)
+
+
+def shuffle_patches(images, order, P=4):
+    """uint8 images (B, C, H, W) with their P x P patches moved: raster slot i takes patch order[i]."""
+    B, C, H, W = images.shape
+    tiles = images.reshape(B, C, H // P, P, W // P, P).permute(0, 1, 2, 4, 3, 5).reshape(B, C, -1, P, P)[:, :, order]
+    return tiles.reshape(B, C, H // P, W // P, P, P).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H, W)
+
+
+def test_finetune_without_position_embeddings_is_blind_to_the_order_of_the_patches(fake_fmnist, tmp_path):
+    pre = tmp_path / "pre" / "checkpoint.pt"
+    assert invoke("pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *tiny_run("mp3"), "--epochs", 1, "--out-dir", pre.parent).exit_code == 0
+    result = finetune_run(pre, fake_fmnist, tmp_path / "ft", "--no-pos-embed")
+    assert result.exit_code == 0 and "new: cls_token, head.weight, head.bias" in result.output, result.output
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    assert "encoder.pos_embed" not in ckpt["model"]
+    cfg = part.ClassifierConfig(**ckpt["config"]["model"])
+    model = part.Classifier(cfg).eval()
+    model.load_state_dict(ckpt["model"])
+    torch.manual_seed(0)
+    images, order = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8), torch.randperm(49)
+    torch.testing.assert_close(model.logits(shuffle_patches(images, order)), model.logits(images))
+    with_positions = part.Classifier(dataclasses.replace(cfg, pos_embed=True)).eval()  # the paper's row: positions added
+    with_positions.load_state_dict(ckpt["model"], strict=False)
+    assert not torch.allclose(with_positions.logits(shuffle_patches(images, order)), with_positions.logits(images), atol=1e-4)
+    result = finetune_run(pre, fake_fmnist, tmp_path / "frozen", "--freeze-pos-embed")
+    assert result.exit_code != 0 and "--freeze-pos-embed keeps pretrained position embeddings" in result.output
+
+
+def test_droppos_protocol_keeps_its_sin_cos_fixed_and_pools_through_fc_norm(fake_fmnist, tmp_path):
+    pre = tmp_path / "pre" / "checkpoint.pt"
+    assert invoke("pretrain", "--method", "droppos", "--data-dir", fake_fmnist, *tiny_run("droppos"), "--epochs", 1, "--out-dir", pre.parent).exit_code == 0
+    result = finetune_run(pre, fake_fmnist, tmp_path / "ft", "--pool", "avg", "--fc-norm", "--freeze-pos-embed")
+    assert result.exit_code == 0 and "fc_norm.weight, fc_norm.bias" in result.output and "ignored: norm.weight, norm.bias" in result.output
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    pretrained = torch.load(pre, weights_only=True)["model"]
+    torch.testing.assert_close(ckpt["model"]["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])  # unchanged by training
+    assert ckpt["model"]["encoder.blocks.0.attn.qkv.weight"].ne(pretrained["encoder.blocks.0.attn.qkv.weight"]).any()  # while the rest learnt
+    model = part.Classifier(part.ClassifierConfig(**ckpt["config"]["model"])).eval()
+    model.load_state_dict(ckpt["model"])
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    enc = model.encoder
+    x = torch.cat([enc.cls_token.expand(2, -1, -1), enc.patch_embed(part.patchify(model.normalize(images), 4))], dim=1) + enc.pos_embed
+    for block in enc.blocks:
+        x = block(x)
+    expected = F.layer_norm(x[:, 1:].mean(dim=1), (32,), enc.fc_norm.weight, enc.fc_norm.bias, 1e-6)  # MAE: fc_norm(mean), no final norm
+    torch.testing.assert_close(enc.pool(part.encode_grid(enc, model.normalize, images)), expected)
+    result = finetune_run(pre, fake_fmnist, tmp_path / "cls", "--fc-norm")
+    assert result.exit_code != 0 and "--fc-norm normalises the mean of the patch tokens: it needs --pool avg" in result.output
 
 
 def test_bench_times_each_method_beside_part():

@@ -98,8 +98,8 @@ model_options = options(
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
 @click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
 def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
-    """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE or
-    DropPos on the same ViT, data and loop."""
+    """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE,
+    DropPos or MP3 on the same ViT, data and loop."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
     vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
@@ -135,9 +135,11 @@ def count_classes(name, info, train_set):
     return classes
 
 
-def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, pos_pretrained=False):
+def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, pos_pretrained=False,
+                      **protocol):
     """The ViT of --init (`base`, from encoder_from_init) unless --preset / --patch-size say otherwise; with
-    `pretrained` weights they must then agree with it. pos_pretrained: the weights bring position embeddings."""
+    `pretrained` weights they must then agree with it. pos_pretrained: the weights bring position embeddings.
+    protocol: the baselines' own finetuning options, ClassifierConfig's fc_norm, pos_embed and freeze_pos_embed."""
     vit = replace(base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size, in_chans=info.in_chans,
                   drop_path=0.0 if linear_probe else drop_path)
     size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
@@ -145,7 +147,8 @@ def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_
         fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {getattr(base, k)}' for k in size)}; "
              f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}")
     return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
-                                 linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std, pos_pretrained=pos_pretrained)
+                                 linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std, pos_pretrained=pos_pretrained,
+                                 **protocol)
 
 
 
@@ -158,6 +161,9 @@ def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_
 @click.option("--patch-size", type=POSITIVE, default=None, help="default: the checkpoint's; 4 from scratch")
 @click.option("--pool", type=click.Choice(part.POOLS), default=None,
               help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)")
+@click.option("--fc-norm", is_flag=True, help="with --pool avg: a new LayerNorm after the mean in place of the final norm (MAE, DropPos)")
+@click.option("--no-pos-embed", is_flag=True, help="no position embeddings (MP3's Table 1 row 'without'); default: learnable ones (the paper)")
+@click.option("--freeze-pos-embed", is_flag=True, help="keep the pretrained sin-cos position embeddings fixed (DropPos' finetuning)")
 @click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
 @click.option("--smoothing", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
 @click.option("--randaug-n", type=COUNT, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
@@ -167,19 +173,21 @@ def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_
 @click.option("--reprob", type=Finite(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
 @recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, beta2=0.999, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
-def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing, randaug_n, randaug_m, mixup, cutmix, reprob, out_dir,
-             **kwargs):
+def finetune(init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed, freeze_pos_embed, drop_path, smoothing, randaug_n,
+             randaug_m, mixup, cutmix, reprob, out_dir, **kwargs):
     """Finetune a PART encoder as the paper does (section 4 "Training setup": class token, new
     position embeddings, linear head; DeiT's recipe), or linear-probe it. --init scratch trains the
     same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
-    --layer-decay is given, and then for either init alike."""
+    --layer-decay is given, and then for either init alike. --fc-norm, --no-pos-embed and
+    --freeze-pos-embed are the baselines' own protocols (README)."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     base, state, source = encoder_from_init(init, part.vit_config("vit_mini", patch_size=4))
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
     cfg = classifier_config(info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size, drop_path,
-                            pool, linear_probe, smoothing, pos_pretrained=state is not None and part.has_positions(state))
+                            pool, linear_probe, smoothing, pos_pretrained=state is not None and part.has_positions(state), fc_norm=fc_norm,
+                            pos_embed=not no_pos_embed, freeze_pos_embed=freeze_pos_embed)
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same new weights on every process
@@ -210,7 +218,7 @@ def finetune(init, linear_probe, preset, patch_size, pool, drop_path, smoothing,
 @click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP)
 @click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
 @click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
-@click.option("--methods", is_flag=True, help="also time an MAE and a DropPos step (defaults) beside PART's, interleaved")
+@click.option("--methods", is_flag=True, help="also time every other method's step (MAE, DropPos, MP3; defaults) beside PART's, interleaved")
 @click.option("--preflight", is_flag=True, help="before a multi-day run on a GPU node: every method eager and compiled, "
               "recompiles, graph breaks, peak memory, MFU, DDP replicas on 2+ GPUs (README: GPUs and clusters)")
 def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods,
