@@ -54,6 +54,16 @@ def hide_patches(patches, ratio):
     return take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:]), kept, hidden
 
 
+def split_sizes(flag, ratio, n, kept_role=None, dropped_role=None):
+    """random_split's (kept, dropped) counts of n tokens at `ratio`; stops with one line when a side the method
+    needs (it names the side's role) would be empty, so that no run trains on nothing."""
+    dropped = round(ratio * n)
+    for count, role in ((n - dropped, kept_role), (dropped, dropped_role)):
+        if role and count == 0:
+            raise ConfigError(f"{flag} {ratio} leaves no patch of the {n} {role}")
+    return n - dropped, dropped
+
+
 # ---------------------------------------------------------------- MAE
 
 
@@ -69,6 +79,7 @@ class MAEConfig(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         check_share("--mask-ratio", self.mask_ratio)
+        split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see", "to reconstruct")
 
 
 def patch_targets(patches, norm_pix):
@@ -134,6 +145,8 @@ class DropPosConfig(InputConfig):
         super().__post_init__()
         check_share("--mask-ratio", self.mask_ratio)
         check_share("--pos-mask-ratio", self.pos_mask_ratio)
+        visible, _ = split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see")
+        split_sizes("--pos-mask-ratio", self.pos_mask_ratio, visible, dropped_role="visible to lose its position (the loss)")
         if self.target_norm not in TARGET_NORMS:
             raise ConfigError(f"unknown --droppos-target {self.target_norm!r}, expected one of {TARGET_NORMS}")
 
@@ -214,9 +227,7 @@ class MP3Config(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         check_share("--mask-ratio", self.mask_ratio)
-        N = math.prod(self.grid)
-        if round(self.mask_ratio * N) == N:
-            raise ConfigError(f"--mask-ratio {self.mask_ratio} leaves none of the {N} patches to give keys and values")
+        split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "to give keys and values")
 
 
 class MP3(nn.Module):

@@ -481,3 +481,15 @@ def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
     assert len(compiled) == len(bench.preflight_variants()) and any("--pos-mask" in line for line in compiled)
     for line in compiled:  # 20 steps (and 2 warm-ups) each: one graph, traced once
         assert "graphs 1, breaks 0, recompiles 0" in line, line
+
+
+@pytest.mark.parametrize("method, flags, message", [
+    ("mae", ["--mask-ratio", 0.999], "--mask-ratio 0.999 leaves no patch of the 49 for the encoder to see"),
+    ("mae", ["--mask-ratio", 0.0], "--mask-ratio 0.0 leaves no patch of the 49 to reconstruct"),
+    ("droppos", ["--pos-mask-ratio", 0.0], "--pos-mask-ratio 0.0 leaves no patch of the 12 visible to lose its position"),
+    ("mp3", ["--mask-ratio", 0.99], "--mask-ratio 0.99 leaves no patch of the 49 to give keys and values"),
+])
+def test_ratios_that_leave_nothing_to_learn_stop_before_training(fake_fmnist, tmp_path, method, flags, message):
+    result = invoke("pretrain", "--method", method, *flags, "--data-dir", fake_fmnist, *tiny_run(method), "--out-dir", tmp_path / "run")
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()
