@@ -202,6 +202,25 @@ def method_config(method, **fields):
     return baselines.pretext_config(method, **fields)
 
 
+def pretrain_summary(method, metrics, out_dir, signals=False):
+    """The line a pretraining run ends on: the held-out metric it is judged by (PART's: its error as a share of
+    the zero predictor's), and where the checkpoint is; for signals (sleep1d.py), a PART pretext no better than
+    predicting no shift says so and points to --pos-mask."""
+    where = f"checkpoint {Path(out_dir) / 'checkpoint.pt'}"
+    if not metrics:  # another rank, or nothing was evaluated
+        return None
+    if metrics.get("euclid_zero"):
+        ratio = metrics["euclid"] / metrics["euclid_zero"]
+        stuck = signals and ratio > 0.99
+        hint = ("; no better than predicting no shift: 1-s windows without positions may leave nothing to learn "
+                "(README, the 1D readings; try --pos-mask 0.2)") if stuck else ""
+        return f"{method}: held-out error {ratio:.3f} x the zero predictor's ({metrics['euclid']:.3f} / " \
+               f"{metrics['euclid_zero']:.3f} patch sizes){hint}; {where}"
+    if "pos_acc" in metrics:
+        return f"{method}: held-out position accuracy {metrics['pos_acc']:.3f}, loss {metrics['loss']:.4f}; {where}"
+    return f"{method}: held-out loss {metrics['loss']:.4f}; {where}"
+
+
 # ---------------------------------------------------------------- starting weights (--init)
 
 DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by default

@@ -473,6 +473,13 @@ def confusion_matrix(pred, target, k=len(STAGES)):
     return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
 
 
+def confusion_table(confusion):
+    """A confusion matrix (rows: true stage, columns: predicted) as a labelled text table."""
+    rows = ["true / predicted".rjust(18) + "".join(f"{s:>7}" for s in STAGES)]
+    rows += [f"{true:>18}" + "".join(f"{n:7d}" for n in counts) for true, counts in zip(STAGES, confusion)]
+    return "\n".join(rows)
+
+
 def cohen_kappa(confusion):
     """Cohen's kappa from a confusion matrix: (p_o - p_e) / (1 - p_e), agreement beyond chance."""
     c = confusion.double()
@@ -622,7 +629,9 @@ def pretrain(source, data_dir, channels, finetune_subjects, test_subjects, split
         model = baselines.pretext_model(method, cfg)
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
         config = {"kind": f"{method}1d", "data": {**data_config, "context": context}, "model": cfg.to_dict(), "recipe": asdict(recipe)}
-        engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
+        metrics = engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
+        if dd.main:
+            print(cli.pretrain_summary(f"{method} (1D)", metrics, out_dir, signals=method == "part"))
 
     engine.run(command)
 
@@ -682,7 +691,10 @@ def finetune(source, data_dir, channels, finetune_subjects, test_subjects, split
         config = {"kind": "sleep-stager", "init": init, "data": data_config, "model": cfg.to_dict(), "recipe": asdict(recipe)}
         # no checkpoint_best.pt: the evaluation set is the held-out test subjects, not one to select on
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
-        engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, evaluate_fn=evaluate_staging)
+        metrics = engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, evaluate_fn=evaluate_staging)
+        if dd.main and metrics:
+            print(f"{source} data: held-out kappa {metrics['kappa']:.3f}, accuracy {metrics['acc']:.3f}; "
+                  f"checkpoint {Path(out_dir) / 'checkpoint.pt'}\n{confusion_table(metrics['confusion'])}")
 
     engine.run(command)
 

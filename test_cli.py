@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import cli
 import data
 import detect
 import part
@@ -265,3 +266,20 @@ def test_knn_under_torchrun_runs_on_rank_0_alone(fake_fmnist, tmp_path, monkeypa
     monkeypatch.setenv("RANK", "0")
     result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
     assert result.exit_code == 0 and result.output.count("kNN top-1") == 1, result.output
+
+
+def test_runs_end_on_the_metric_they_are_judged_by_and_where_the_checkpoint_is(fake_fmnist, tmp_path):
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path / "pre")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 0 and "x the zero predictor's" in last and str(tmp_path / "pre" / "checkpoint.pt") in last, last
+    result = invoke("finetune", "--init", tmp_path / "pre" / "checkpoint.pt", "--data-dir", fake_fmnist, "--batch-size", 32,
+                    "--epochs", 1, "--out-dir", tmp_path / "ft")
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 0 and last.startswith("finetune: held-out top-1 ") and "checkpoint_best.pt" in last, last
+
+
+def test_a_1d_pretext_stuck_at_the_zero_predictor_says_so():
+    stuck = {"euclid": 3.0, "euclid_zero": 3.0, "loss": 9.0}
+    assert "try --pos-mask 0.2" in cli.pretrain_summary("part (1D)", stuck, "out", signals=True)
+    assert "--pos-mask" not in cli.pretrain_summary("part", stuck, "out") and "1.000 x the zero" in cli.pretrain_summary("part", stuck, "out")
+    assert "position accuracy 0.500" in cli.pretrain_summary("mp3", {"pos_acc": 0.5, "loss": 1.0}, "out")

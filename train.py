@@ -29,7 +29,7 @@ import bench as benchmark
 import data
 import part
 from cli import (COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, Finite, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
-                 load_pretrained, method_config, method_options, options, pretrained_encoder, read_checkpoint, recipe_from, recipe_options,
+                 load_pretrained, method_config, method_options, pretrain_summary, options, pretrained_encoder, read_checkpoint, recipe_from, recipe_options,
                  source_grid)
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
 
@@ -111,7 +111,9 @@ def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
         config = {"kind": method, "data": flags["data_name"], "train_subset": flags["train_subset"], "model": cfg.to_dict(),
                   "recipe": asdict(recipe)}
-        fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
+        metrics = fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
+        if dd.main:
+            print(pretrain_summary(method, metrics, out_dir))
 
     run(command)
 
@@ -199,8 +201,12 @@ def finetune(init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed
                   "model": cfg.to_dict(),
                   "recipe": {**asdict(recipe), **augmentation}}
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
-        fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
-            train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes))
+        metrics = fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
+                      train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes))
+        if dd.main and metrics:
+            what = "linear probe" if linear_probe else "finetune"
+            print(f"{what}: held-out top-1 {metrics['acc']:.4f} on {len(val_set)} images; checkpoints {Path(out_dir) / 'checkpoint.pt'} "
+                  f"(last) and {Path(out_dir) / 'checkpoint_best.pt'} (best)")
 
     run(command)
 

@@ -1,0 +1,65 @@
+"""The layout's promises (README, "Layout"), checked on the source: one room per file, the engine blind to
+the models, no entry point importing another, short functions and lines."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent
+LIBRARY = ["part.py", "baselines.py", "engine.py", "cli.py", "bench.py", "hub.py", "data.py", "figures.py"]
+ENTRY_POINTS = ["train.py", "sleep1d.py", "detect.py"]
+SOURCES = LIBRARY + ENTRY_POINTS + ["compare_table.py"]
+# what the engine may ask of a model: nn.Module's own interface, nothing a method defines
+MODULE_API = {"train", "eval", "parameters", "named_parameters", "buffers", "state_dict", "load_state_dict", "to", "no_sync",
+              "module"}
+
+
+def tree(name):
+    return ast.parse((ROOT / name).read_text(), filename=name)
+
+
+def imports(name):
+    found = set()
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def model_classes():
+    """Every class that part.py, baselines.py and detect.py define."""
+    return {node.name for name in ("part.py", "baselines.py", "detect.py") for node in ast.walk(tree(name))
+            if isinstance(node, ast.ClassDef)}
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_each_file_opens_with_what_it_owns(name):
+    assert ast.get_docstring(tree(name)), f"{name} has no opening docstring"
+
+
+def test_the_engine_imports_no_model_nor_click_and_names_no_model_class():
+    assert not imports("engine.py") & {"part", "baselines", "detect", "sleep1d", "train", "cli", "click", "hub", "figures"}
+    names = {node.id for node in ast.walk(tree("engine.py")) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree("engine.py")) if isinstance(node, ast.Attribute)}
+    assert not names & model_classes()
+
+
+def test_the_engine_reads_nothing_of_a_model_but_modules_own_interface():
+    asked = {node.attr for node in ast.walk(tree("engine.py"))
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("model", "raw")}
+    assert asked <= MODULE_API, asked - MODULE_API
+
+
+@pytest.mark.parametrize("name", LIBRARY + ENTRY_POINTS)
+def test_no_entry_point_is_imported(name):
+    assert not imports(name) & {Path(e).stem for e in ENTRY_POINTS if e != name}
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_functions_are_short_and_lines_within_120_characters(name):
+    long_functions = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree(name))
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    long_lines = [i for i, line in enumerate((ROOT / name).read_text().splitlines(), 1) if len(line) > 120]
+    assert long_functions == [] and long_lines == [], (long_functions, long_lines[:10])
