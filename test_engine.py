@@ -1,0 +1,204 @@
+"""The engine's faults: what a run survives and how it stops (issues #20 and #24). Each fault ends in the
+right result or one line naming the file or flag, and leaves what was written before as it was (checksums)."""
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import engine
+from conftest import TINY_RUN, invoke
+from test_cli import TINY_IMAGES, one_line_error, photo_folder
+
+REPO = Path(__file__).parent
+
+
+def checksums(folder, pattern="*.pt"):
+    """{file name: sha256} of the files in folder that match pattern."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob(pattern))}
+
+
+def log_rows(out_dir):
+    return [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+
+
+# ---------------------------------------------------------------- #20: one run per out-dir, nothing lost
+
+
+def test_an_out_dir_holds_one_run_and_a_killed_holder_leaves_no_lock(fake_fmnist, tmp_path):
+    out = tmp_path / "run"
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", out]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    before = checksums(out, "*[tl]")  # checkpoint.pt, log.jsonl
+    holder = subprocess.Popen(  # another run's lock, taken as fit takes it
+        [sys.executable, "-c", "import sys, pathlib, engine; lock = engine.take_lock(pathlib.Path(sys.argv[1])); "
+         "print('locked', flush=True); sys.stdin.read()", str(out)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = invoke(*common, "--epochs", 2)
+        assert one_line_error(result, out, "in use by another run", f"pid {holder.pid}")
+        assert checksums(out, "*[tl]") == before
+    finally:
+        holder.kill()  # SIGKILL: the lock goes with the process
+        holder.wait()
+    assert invoke(*common, "--epochs", 2).exit_code == 0
+
+
+def test_a_crash_between_the_best_and_the_last_checkpoint_keeps_the_best(fake_fmnist, tmp_path, monkeypatch):
+    common = ["finetune", "--data-dir", fake_fmnist, "--init", "scratch", "--preset", "vit_test", "--batch-size", 32,
+              "--epochs", 1, "--out-dir", tmp_path]
+    save, written = engine.save_checkpoint, []
+
+    def second_write_dies(path, state):
+        if written:
+            raise KeyboardInterrupt
+        written.append(Path(path).name)
+        save(path, state)
+
+    monkeypatch.setattr(engine, "save_checkpoint", second_write_dies)
+    assert invoke(*common).exit_code != 0
+    monkeypatch.undo()
+    assert written == ["checkpoint_best.pt"] and not (tmp_path / "checkpoint.pt").exists()
+    best = torch.load(tmp_path / "checkpoint_best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["best"] == best["metrics"]["acc"]
+    assert best["config"]["data_dir"] == str(fake_fmnist.resolve())
+    before = checksums(tmp_path)
+    assert invoke(*common).exit_code == 0  # redoes epoch 1, to the same weights: the best is kept, not rewritten
+    assert checksums(tmp_path)["checkpoint_best.pt"] == before["checkpoint_best.pt"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["best"] == best["best"]
+
+
+# ---------------------------------------------------------------- #20: tracebacks that are one line now
+
+
+def test_a_zero_byte_checkpoint_is_named_in_one_line_in_the_out_dir_and_as_init(fake_fmnist, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")  # the file a full disk leaves
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
+    assert one_line_error(result, tmp_path / "run" / "checkpoint.pt", "is empty (0 bytes)")
+    assert (tmp_path / "run" / "checkpoint.pt").stat().st_size == 0
+    (tmp_path / "empty.pt").write_bytes(b"")
+    result = invoke("finetune", "--data-dir", fake_fmnist, "--init", tmp_path / "empty.pt", "--out-dir", tmp_path)
+    assert one_line_error(result, tmp_path / "empty.pt", "is empty (0 bytes)")
+
+
+@pytest.mark.parametrize("where, message", [("file", "is a file, not a folder"), ("file/run", "cannot be created")])
+def test_an_out_dir_that_is_a_file_or_cannot_be_made_is_named(fake_fmnist, tmp_path, where, message):
+    (tmp_path / "file").write_text("not a folder")
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / where)
+    assert one_line_error(result, f"--out-dir {tmp_path / where}", message)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_names_it(fake_fmnist, tmp_path, monkeypatch):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    before = checksums(tmp_path)
+
+    def disk_full(state, path):
+        Path(path).write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    result = invoke(*common, "--epochs", 2)
+    assert one_line_error(result, tmp_path / "checkpoint.pt", "No space left on device", "checkpoint.pt is unchanged")
+    assert checksums(tmp_path) == before and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    assert invoke(*common, "--epochs", 2).exit_code == 0
+
+
+def test_a_log_line_that_is_not_json_is_named_and_a_torn_last_line_is_dropped(fake_fmnist, tmp_path):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    log, before = tmp_path / "log.jsonl", checksums(tmp_path)
+    good = log.read_text()
+    log.write_text("an editor's note\n" + good)
+    result = invoke(*common, "--epochs", 2)
+    assert one_line_error(result, log, "line 1 is not a row of ours")
+    assert checksums(tmp_path) == before and log.read_text() == "an editor's note\n" + good
+    log.write_text(good + '{"epoch": 2, "st')  # a kill in the middle of a write
+    assert invoke(*common, "--epochs", 2).exit_code == 0
+    steps = [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_without_step_is_named(fake_fmnist, tmp_path):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
+    assert invoke(*common, "--epochs", 1).exit_code == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["step"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    before = checksums(tmp_path)
+    assert one_line_error(invoke(*common, "--epochs", 2), tmp_path / "checkpoint.pt", "has no step")
+    assert checksums(tmp_path) == before
+
+
+def unreadable_images(folder, n):
+    """n files named .jpg that hold the first third of a JPEG."""
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(folder / "whole.jpg")
+    cut = (folder / "whole.jpg").read_bytes()[:200]
+    (folder / "whole.jpg").unlink()
+    for i in range(n):
+        (folder / f"bad_{i:02d}.jpg").write_bytes(cut)
+    return folder
+
+
+def test_an_epoch_whose_every_file_is_skipped_stops_in_one_line(tmp_path):
+    photos = unreadable_images(tmp_path / "photos", 13)
+    result = invoke("pretrain", "--data-dir", photos, *TINY_IMAGES, "--batch-size", 4, "--skip-bad-files",
+                    "--out-dir", tmp_path / "run")
+    assert one_line_error(result, "every batch of epoch 1 was unreadable", "--skip-bad-files")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_finetune_whose_every_held_out_file_is_skipped_stops_in_one_line(tmp_path):
+    root = tmp_path / "folder"
+    for c in ("a", "b"):
+        photo_folder(root / "train" / c, 8)
+        unreadable_images(root / "val" / c, 2)
+    result = invoke("finetune", "--data", "imagefolder", "--data-dir", root, "--init", "scratch", "--img-size", 32,
+                    "--patch-size", 8, "--preset", "vit_test", "--batch-size", 8, "--epochs", 1, "--skip-bad-files",
+                    "--out-dir", tmp_path / "run")
+    assert one_line_error(result, "no held-out item could be read", "unreadable")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- #20: the log and the data a run resumes with
+
+
+def test_a_resume_with_fewer_steps_per_epoch_keeps_the_earlier_epochs_log(fake_fmnist, tmp_path):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path]
+    assert invoke(*common, "--epochs", 2).exit_code == 0  # batch 32: 3 steps an epoch
+    assert invoke(*common, "--epochs", 3, "--batch-size", 96, "--resume-changed").exit_code == 0  # 1 step an epoch
+    assert invoke(*common, "--epochs", 4, "--batch-size", 96).exit_code == 0
+    assert [(r["epoch"], r["step"]) for r in log_rows(tmp_path)] == [
+        (1, 1), (1, 2), (1, 3), (1, 3), (2, 4), (2, 5), (2, 6), (2, 6), (3, 3), (3, 3), (4, 4), (4, 4)]
+
+
+def test_the_config_records_the_data_location_and_resume_refuses_other_data(fake_fmnist, tmp_path, monkeypatch):
+    other = tmp_path / "moved"
+    other.mkdir()
+    for p in fake_fmnist.glob("*.gz"):
+        (other / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "run"
+    common = ["pretrain", *TINY_RUN, "--out-dir", out]
+    assert invoke(*common, "--data-dir", fake_fmnist, "--epochs", 1).exit_code == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["data_dir"] == str(fake_fmnist.resolve())
+    before = checksums(out, "*[tl]")
+    result = invoke(*common, "--data-dir", other, "--epochs", 2)
+    assert one_line_error(result, out / "checkpoint.pt", "another data location", f"data_dir: {fake_fmnist} -> {other}")
+    assert checksums(out, "*[tl]") == before
+    assert invoke(*common, "--data-dir", other, "--epochs", 2, "--resume-changed").exit_code == 0  # the data moved
+    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN", str(other))  # no --data-dir: the fallback folder is recorded
+    assert invoke(*common[:-1], tmp_path / "fallback", "--epochs", 1).exit_code == 0
+    config = torch.load(tmp_path / "fallback" / "checkpoint.pt", weights_only=True)["config"]
+    assert config["data_dir"] == str(other.resolve())
