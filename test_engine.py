@@ -4,8 +4,10 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from PIL import Image
 
 import data
 import engine
-from conftest import TINY_RUN, invoke
+from conftest import TINY_RUN, invoke, write_idx
 from test_cli import TINY_IMAGES, one_line_error, photo_folder
 
 REPO = Path(__file__).parent
@@ -202,3 +204,55 @@ def test_the_config_records_the_data_location_and_resume_refuses_other_data(fake
     assert invoke(*common[:-1], tmp_path / "fallback", "--epochs", 1).exit_code == 0
     config = torch.load(tmp_path / "fallback" / "checkpoint.pt", weights_only=True)["config"]
     assert config["data_dir"] == str(other.resolve())
+
+
+# ---------------------------------------------------------------- #24: stops, resumed mid-epoch to the same weights
+
+
+@pytest.fixture(scope="module")
+def long_epochs(tmp_path_factory):
+    """A Fashion-MNIST folder of 320 training images (40 steps of 8 an epoch, time to stop a run in one), and an
+    uninterrupted 2-epoch run on it."""
+    root = tmp_path_factory.mktemp("long")
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 320), ("t10k", 32)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", (torch.rand(n, 28, 28, generator=g) * 255).numpy())
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g).numpy())
+    common = ["pretrain", "--data-dir", root, *TINY_RUN, "--batch-size", 8, "--epochs", 2]
+    assert invoke(*common, "--out-dir", root / "whole").exit_code == 0
+    return common, torch.load(root / "whole" / "checkpoint.pt", weights_only=True)["model"]
+
+
+def wait_for_step(out_dir, step, proc, timeout=120):
+    """Until out_dir/log.jsonl holds a row of `step` (the run is mid-epoch 1)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = out_dir / "log.jsonl"
+        if log.exists() and any(f'"step": {step},' in line for line in log.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"no step {step} in {out_dir / 'log.jsonl'} (the run {'ended' if proc.poll() is not None else 'hangs'})")
+
+
+@pytest.mark.parametrize("sig, flags", [(signal.SIGTERM, ["--workers", 2]), (signal.SIGINT, []),
+                                        (signal.SIGKILL, ["--save-every-min", 0.0002])])
+def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterrupted_run(long_epochs, tmp_path, sig,
+                                                                                         flags):
+    common, whole = long_epochs
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common + flags), "--out-dir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path, 5, proc)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    stopped = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 40  # part-way into epoch 1
+    if sig != signal.SIGKILL:
+        errors = [line for line in output.splitlines() if line.startswith("Error")]
+        assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in output
+        assert f"stopped by {sig.name} at step {stopped['step']}" in errors[0] and str(tmp_path / "checkpoint.pt") in errors[0]
+        assert "rerun the same command to resume" in errors[0]
+    result = invoke(*common, *flags, "--out-dir", tmp_path)
+    assert result.exit_code == 0 and f"and {stopped['epoch_step']} steps of epoch 1" in result.output
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[k], whole[k]) for k in whole)
+    assert [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r] == list(range(1, 81))
