@@ -707,14 +707,15 @@ def resume(ckpt_path, model, optimizer, config, dd, steps_per_epoch):
     with together(dd):
         ckpt = read_run_checkpoint(ckpt_path, config) if ckpt_path.exists() else None
         best = best_so_far(ckpt, ckpt_path) if ckpt else -math.inf
-    seen = gather(dd, (ckpt["epoch"], ckpt["step"]) if ckpt else None)
-    if seen[0] is None:
+    seen = gather(dd, ((ckpt["epoch"], ckpt["step"]) if ckpt else None, str(ckpt_path)))
+    if seen[0][0] is None:
         return Progress()
-    odd = next((r for r, s in enumerate(seen) if s != seen[0]), None)
+    odd = next((r for r, (at, _) in enumerate(seen) if at != seen[0][0]), None)
     if odd is not None:
-        sees = f"a checkpoint at step {seen[odd][1]}" if seen[odd] else "no checkpoint"
-        fail(f"rank {odd} sees {sees} at {ckpt_path} where rank 0 resumes from step {seen[0][1]}: every process "
-             "must see the same --out-dir; put it on a file system that all nodes share")
+        (at, path), step = seen[odd], seen[0][0][1]
+        sees = f"a checkpoint at step {at[1]}" if at else "no checkpoint"
+        fail(f"rank {odd} sees {sees} at {path} where rank 0 resumes from step {step}: every process must see "
+             "the same --out-dir; put it on a file system that all nodes share")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     epoch_step = ckpt.get("epoch_step", 0) * steps_per_epoch // ckpt.get("steps_per_epoch", steps_per_epoch)
