@@ -3,6 +3,7 @@ right result or one line naming the file or flag, and leaves what was written be
 import errno
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
 
 import data
 import engine
-from conftest import TINY_RUN, invoke, write_idx
+from conftest import TINY_RUN, crash_after_epoch, invoke, write_idx
 from test_cli import TINY_IMAGES, one_line_error, photo_folder
+from test_part import _free_port
 
 REPO = Path(__file__).parent
 
@@ -256,3 +262,178 @@ def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterru
     model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(model[k], whole[k]) for k in whole)
     assert [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r] == list(range(1, 81))
+
+
+def test_a_crash_and_rerun_with_two_workers_ends_as_an_uninterrupted_run(fake_fmnist, tmp_path, monkeypatch):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 2]
+    assert invoke(*common, "--workers", 2, "--out-dir", tmp_path / "whole").exit_code == 0
+    crash_after_epoch(monkeypatch, 1)
+    assert invoke(*common, "--workers", 2, "--out-dir", tmp_path / "rerun").exit_code != 0
+    monkeypatch.undo()
+    assert invoke(*common, "--workers", 2, "--out-dir", tmp_path / "rerun").exit_code == 0
+    assert invoke(*common, "--workers", 0, "--out-dir", tmp_path / "no_workers").exit_code == 0
+    whole, rerun, no_workers = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"]
+                                for d in ("whole", "rerun", "no_workers"))
+    assert all(torch.equal(whole[k], rerun[k]) and torch.equal(whole[k], no_workers[k]) for k in whole)
+
+
+# ---------------------------------------------------------------- #24: two processes (gloo) that agree
+
+
+class Tiny(nn.Module):
+    """The smallest model fit trains: a linear classifier of 4 x 4 inputs, the same weights in every process."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        logits = self.fc(x.flatten(1))
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def tiny_set(n, seed, nan=False):
+    """n random 4 x 4 inputs with labels; all NaN with nan."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 4, 4), math.nan) if nan else torch.randn(n, 4, 4, generator=g)
+    return TensorDataset(x, torch.randint(0, 4, (n,), generator=g))
+
+
+def tiny_fit(dd, out_dir, train_set, **recipe):
+    """fit of Tiny, 8 a batch, a log row every step; -> its weights, or the line of the RunError it stopped with."""
+    model = Tiny()
+    recipe = engine.Recipe(**{"epochs": 1, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 0, "workers": 0,
+                              "log_every": 1, **recipe})
+    try:
+        engine.fit(model, train_set, tiny_set(16, 99), recipe, out_dir, {"kind": "test"}, dd)
+    except engine.RunError as e:
+        return str(e)
+    return model.state_dict()
+
+
+def _ranked(rank, world, port, results, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes on a CPU runner
+    dd = engine.setup_distributed()
+    torch.save(fn(dd, *args), Path(results) / f"rank{rank}.pt")
+
+
+def two_ranks(fn, tmp_path, *args, timeout=120):
+    """fn(dd, *args) in 2 processes of a gloo group -> their results; fails when they have not ended in `timeout` s."""
+    results = tmp_path / f"results{time.monotonic_ns()}"
+    results.mkdir()
+    ctx = mp.start_processes(_ranked, args=(2, _free_port(), str(results), fn, args), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 2 ranks still run after {timeout} s")
+    return [torch.load(results / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _one_rank_goes_non_finite(dd, out_dir):
+    return tiny_fit(dd, out_dir, tiny_set(64, dd.rank, nan=dd.rank == 1), epochs=2)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both_with_the_same_line(tmp_path):
+    started = time.monotonic()
+    lines = two_ranks(_one_rank_goes_non_finite, tmp_path, tmp_path / "run", timeout=90)
+    assert lines[0] == lines[1] and "loss is nan at step 1 on rank 1; stopping (no checkpoint yet)" in lines[0]
+    assert time.monotonic() - started < 90
+
+
+def _held_out_metrics(dd):
+    model, held_out = Tiny(), tiny_set(101, 5)
+    return engine.evaluate(model, engine.make_loader(held_out, 8, dd, 0, 0, False), dd, seed=0)
+
+
+def test_held_out_metrics_over_two_ranks_count_each_item_once(tmp_path):
+    one = _held_out_metrics(engine.Dist(0, 0, 1, torch.device("cpu")))
+    two = two_ranks(_held_out_metrics, tmp_path)  # 101 items: DistributedSampler would add item 0 a second time
+    x, y = tiny_set(101, 5).tensors
+    correct = (Tiny().fc(x.flatten(1)).argmax(-1) == y).sum().item()
+    assert two[0] == two[1] and two[0] == pytest.approx(one, rel=1e-6) and one["acc"] == pytest.approx(correct / 101)
+
+
+def _compile_records(dd, out_dir):
+    compiled, compile = [], torch.compile
+
+    def compile_eagerly(model):  # dynamo traces DDP and its no_sync; no C++ compiler on a CPU test
+        compiled.append(type(model).__name__)
+        return compile(model, backend="eager")
+
+    torch.compile = compile_eagerly
+    return compiled, tiny_fit(dd, out_dir, tiny_set(64, dd.rank), compile=True, accum=2)
+
+
+def test_compile_wraps_the_ddp_module_so_gradient_all_reduces_overlap_the_backward(tmp_path):
+    (compiled, a), (_, b) = two_ranks(_compile_records, tmp_path, tmp_path / "run")
+    assert compiled == ["DistributedDataParallel"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["fc.weight"], Tiny().fc.weight)
+
+
+def _bad_first_batch_on_rank_1(dd, out_dir):
+    fetched = [0]
+
+    class FirstBatchUnreadable(TensorDataset):
+        def __getitem__(self, i):
+            fetched[0] += 1
+            if dd.rank == 1 and fetched[0] <= 8:
+                raise data.BadImageFile(f"item {i} unreadable")
+            return super().__getitem__(i)
+
+    train_set = data.SkipBadFiles(FirstBatchUnreadable(*tiny_set(64, dd.rank).tensors))
+    return tiny_fit(dd, out_dir, train_set)
+
+
+def test_a_rank_whose_whole_batch_is_unreadable_skips_that_step_with_the_others(tmp_path):
+    a, b = two_ranks(_bad_first_batch_on_rank_1, tmp_path, tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = log_rows(tmp_path / "run")
+    assert [r["step"] for r in rows if "img_per_s" in r] == [2, 3, 4] and rows[-1]["skipped_files"] == 8
+
+
+def _own_out_dirs(dd, tmp_path):
+    """Node-local out-dirs: rank 0 writes rank0/ and rank 1 sees rank1/; the ranks go on after a RunError."""
+    out = tmp_path / f"rank{dd.rank}"
+    tiny_fit(dd, out, tiny_set(64, dd.rank), epochs=1)
+    before = checksums(tmp_path / "rank0")
+    line = tiny_fit(dd, out, tiny_set(64, dd.rank), epochs=2)
+    refused = line, checksums(tmp_path / "rank0") == before
+    if dd.main:  # now both see the same checkpoint
+        (tmp_path / "rank1").mkdir()
+        (tmp_path / "rank1" / "checkpoint.pt").write_bytes((tmp_path / "rank0" / "checkpoint.pt").read_bytes())
+    torch.distributed.barrier()
+    return refused, tiny_fit(dd, out, tiny_set(64, dd.rank), epochs=2)
+
+
+def test_ranks_that_see_different_out_dirs_stop_with_one_line_and_resume_when_they_agree(tmp_path):
+    ((line, kept), a), ((other_line, _), b) = two_ranks(_own_out_dirs, tmp_path, tmp_path)
+    assert line == other_line and f"rank 1 sees no checkpoint at {tmp_path / 'rank1' / 'checkpoint.pt'}" in line
+    assert "where rank 0 resumes from step 4" in line and kept
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / "rank0" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_setup_takes_a_visible_gpu_one_timeout_and_tf32(monkeypatch):
+    calls = {}
+    for name, value in (("RANK", "5"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "8")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM: each task sees one GPU
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(device=device))
+    monkeypatch.setattr(engine, "attempt_store", lambda: "store", raising=False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(engine.dist, "new_group", lambda **kw: calls.update(flags=kw) or "gloo group")
+    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        monkeypatch.setattr(flags, "allow_tf32", False)
+    dd = engine.setup_distributed()
+    assert dd.device == calls["device"] == torch.device("cuda", 0) and (dd.rank, dd.world) == (5, 8)
+    assert calls["backend"] == "nccl" and calls["timeout"].total_seconds() >= 30 * 60
+    assert calls["flags"] == {"backend": "gloo", "timeout": calls["timeout"]} and dd.flags == "gloo group"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
