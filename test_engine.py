@@ -437,3 +437,76 @@ def test_setup_takes_a_visible_gpu_one_timeout_and_tf32(monkeypatch):
     assert calls["backend"] == "nccl" and calls["timeout"].total_seconds() >= 30 * 60
     assert calls["flags"] == {"backend": "gloo", "timeout": calls["timeout"]} and dd.flags == "gloo group"
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+# ---------------------------------------------------------------- #24: two processes under torchrun
+
+LAUNCHER = '''"""train.py under torchrun; in the first attempt, rank 1 is killed (SIGKILL) once step 22, step 2
+of epoch 2, is logged, and in the second it reaches the process group 3 s after rank 0, as on another node."""
+import os, signal, sys, threading, time
+sys.path.insert(0, os.environ["REPO"])
+import train
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+log = sys.argv[-1] + "/log.jsonl"  # --out-dir comes last
+
+def dies_at_step_22():
+    while not (os.path.exists(log) and '"step": 22,' in open(log).read()):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if attempt == 0 and rank == 1:
+    threading.Thread(target=dies_at_step_22, daemon=True).start()
+if attempt == 1 and rank == 1:
+    time.sleep(3)
+sys.argv[0] = "train.py"
+train.main()
+'''
+
+
+def torchrun(args, out_dir, script=REPO / "train.py", restarts=0):
+    """`torchrun --nproc_per_node=2 script args --out-dir out_dir`, started."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master-port={_free_port()}", f"--max-restarts={restarts}", str(script),
+                             *map(str, args), "--out-dir", str(out_dir)],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(long_epochs, tmp_path_factory):
+    """An uninterrupted 2-epoch run of 2 ranks (20 steps of 8 images each an epoch) -> its args and weights."""
+    common, _ = long_epochs
+    out = tmp_path_factory.mktemp("two_ranks")
+    output = torchrun(common, out).communicate(timeout=300)[0]
+    assert (out / "checkpoint.pt").exists(), output
+    return common, torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_torchrun_sigterm_mid_epoch_checkpoints_on_both_ranks_and_a_rerun_ends_as_an_uninterrupted_run(two_rank_run,
+                                                                                                      tmp_path):
+    common, whole = two_rank_run
+    proc = torchrun(common, tmp_path)
+    wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    output = proc.communicate(timeout=120)[0]
+    stopped = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert stopped["epoch"] == 0 and 3 <= stopped["epoch_step"] < 20
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 2 and errors[0] == errors[1] and f"at step {stopped['step']}" in errors[0]
+    output = torchrun(common, tmp_path).communicate(timeout=300)[0]
+    assert f"and {stopped['epoch_step']} steps of epoch 1" in output
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[k], whole[k]) for k in whole)
+    assert [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r] == list(range(1, 41))
+
+
+def test_torchrun_restarts_a_killed_rank_with_one_rank_late_and_ends_as_an_uninterrupted_run(two_rank_run, tmp_path):
+    common, whole = two_rank_run
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    for attempt in range(2):  # the last attempt's rendezvous keys once broke 2 restarts in 3
+        out = tmp_path / f"run{attempt}"
+        proc = torchrun(common, out, tmp_path / "launch.py", restarts=1)
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0 and "resuming from" in output, output[-3000:]
+        model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        assert all(torch.equal(model[k], whole[k]) for k in whole)
