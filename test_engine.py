@@ -237,7 +237,8 @@ def wait_for_step(out_dir, step, proc, timeout=120):
         if log.exists() and any(f'"step": {step},' in line for line in log.read_text().splitlines()):
             return
         time.sleep(0.02)
-    pytest.fail(f"no step {step} in {out_dir / 'log.jsonl'} (the run {'ended' if proc.poll() is not None else 'hangs'})")
+    state = "ended" if proc.poll() is not None else "hangs"
+    pytest.fail(f"no step {step} in {out_dir / 'log.jsonl'} (the run {state})")
 
 
 @pytest.mark.parametrize("sig, flags", [(signal.SIGTERM, ["--workers", 2]), (signal.SIGINT, []),
@@ -255,8 +256,8 @@ def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterru
     if sig != signal.SIGKILL:
         errors = [line for line in output.splitlines() if line.startswith("Error")]
         assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in output
-        assert f"stopped by {sig.name} at step {stopped['step']}" in errors[0] and str(tmp_path / "checkpoint.pt") in errors[0]
-        assert "rerun the same command to resume" in errors[0]
+        assert f"stopped by {sig.name} at step {stopped['step']}" in errors[0]
+        assert f"{tmp_path / 'checkpoint.pt'} holds the run: rerun the same command to resume" in errors[0]
     result = invoke(*common, *flags, "--out-dir", tmp_path)
     assert result.exit_code == 0 and f"and {stopped['epoch_step']} steps of epoch 1" in result.output
     model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
