@@ -251,7 +251,8 @@ def load_checkpoint(path, mmap=False):
 @contextmanager
 def out_dir_lock(out_dir, dd):
     """The out-dir, created by rank 0 and locked by it for the run's life: one run at a time writes there.
-    flock ends with the process that holds it, so a killed run leaves no stale lock."""
+    flock ends with the process that holds it, so a killed run leaves no stale lock; it holds across the
+    nodes of NFS (Linux maps it to NFS locks)."""
     lock = None
     with together(dd):
         if dd.main:
@@ -279,6 +280,8 @@ def take_lock(out_dir):
         lock.close()
         fail(f"--out-dir {out_dir} is in use by another run ({holder}, {out_dir / '.lock'}); "
              "wait for it to end, or pass another --out-dir")
+    except OSError as e:  # a file system without flock (Lustre mounted without -o flock): run unlocked, and say so
+        print(f"note: {out_dir} cannot be locked ({first_line(e)}); make sure no other run writes there")
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
