@@ -136,6 +136,8 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "compile": (bool, "torch.compile the model"),
     "grad_ckpt": (bool, "activation checkpointing in the ViT blocks: less memory, ~1/3 more compute, same gradients"),
     "log_every": (POSITIVE, "optimizer steps between log.jsonl lines"),
+    "save_every_min": (NON_NEGATIVE, "also checkpoint within an epoch every M minutes, bounding what a kill loses; "
+                                     "0: at epoch ends (and at SIGINT / SIGTERM) only"),
     "lr_drops": (CommaList(float), "a step schedule instead of cosine: epochs where the lr drops x0.1, e.g. 8,11"),
     "resume_changed": (bool, "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's"),
 }

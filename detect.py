@@ -437,8 +437,8 @@ def coco_metrics(coco, results, iou_type):
 def evaluate(model, loader, dd, seed):
     """COCOeval on the held-out split -> {AP_box, AP50_box, AP75_box (, AP_mask, ...)} on rank 0.
 
-    Each process detects on its shard and rank 0 scores them all; the images DistributedSampler
-    repeats to even out shards collapse by image id. Other ranks return {} (engine.fit reads rank 0's).
+    Each process detects on its shard (engine.make_loader's, each image once) and rank 0 scores
+    them all. Other ranks return {} (engine.fit reads rank 0's).
     """
     model.eval()
     dataset = loader.dataset

@@ -493,8 +493,8 @@ def cohen_kappa(confusion):
 def evaluate_staging(model, loader, dd, seed=None):
     """Kappa, accuracy, loss and the confusion matrix over the whole held-out set, for engine.fit.
 
-    Processes add up their confusion matrices, so the kappa is that of the full set (DDP's
-    sampler pads the last shard by repeating up to world - 1 epochs). Deterministic: seed unused.
+    Processes add up their confusion matrices, so the kappa is that of the full set (engine.make_loader
+    shards held-out sets without repeats). Deterministic: seed unused.
     """
     model.eval()
     confusion = torch.zeros(len(STAGES), len(STAGES), dtype=torch.long, device=dd.device)

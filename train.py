@@ -78,6 +78,13 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     return info, train_set, val_set
 
 
+def data_source(flags):
+    """Where the data come from, as an absolute path (--data-dir, or the folder fashion-mnist falls back to):
+    recorded in the run's config, so that a resume on other data is refused (engine.check_same_run)."""
+    name, data_dir = flags["data_name"], flags["data_dir"]
+    return str(Path(data.fashion_mnist_dir(data_dir) if name == "fashion-mnist" else data_dir or ".").resolve())
+
+
 model_options = options(
     click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
                  help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px"),
@@ -109,8 +116,8 @@ def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
         model = baselines.pretext_model(method, cfg)
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
-        config = {"kind": method, "data": flags["data_name"], "train_subset": flags["train_subset"], "model": cfg.to_dict(),
-                  "recipe": asdict(recipe)}
+        config = {"kind": method, "data": flags["data_name"], "data_dir": data_source(flags),
+                  "train_subset": flags["train_subset"], "model": cfg.to_dict(), "recipe": asdict(recipe)}
         metrics = fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
         if dd.main:
             print(pretrain_summary(method, metrics, out_dir))
@@ -197,7 +204,8 @@ def finetune(init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed
         if state is not None:
             load_pretrained(model.encoder, state, source.get("model", {}), init, dd.main)
         augmentation = {"randaug_n": randaug_n, "randaug_m": randaug_m, "mixup": mixup, "cutmix": cutmix, "reprob": reprob}
-        config = {"kind": "classifier", "data": flags["data_name"], "train_subset": flags["train_subset"], "init": init,
+        config = {"kind": "classifier", "data": flags["data_name"], "data_dir": data_source(flags),
+                  "train_subset": flags["train_subset"], "init": init,
                   "model": cfg.to_dict(),
                   "recipe": {**asdict(recipe), **augmentation}}
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
