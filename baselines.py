@@ -6,6 +6,7 @@ Each model takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), a
 the engine, checkpoints and exports. Where they differ from their official code, README.md says how
 ("Baselines as their official code trains them").
 """
+
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from part import (PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, VisionTransformer, _init_weights, as_mask,
-                  check_share, grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows)
+from part import (
+    PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, VisionTransformer, _init_weights, as_mask,
+    check_share, grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows,
+)
 
 # ---------------------------------------------------------------- shared by MAE and DropPos
 
@@ -106,7 +109,9 @@ class MAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         positions = grid_positions(cfg)  # (N, d)
-        self.register_buffer("fixed_pos_embed", sincos_embed(positions, v.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
+        self.register_buffer(
+            "fixed_pos_embed", sincos_embed(positions, v.embed_dim)[None]
+        )  # (1, N, D), saved: finetuning starts from it
         self.register_buffer("decoder_pos", sincos_embed(positions, cfg.decoder_dim), persistent=False)  # (N, Dd)
 
     def forward(self, images, labels=None):
@@ -114,9 +119,13 @@ class MAE(nn.Module):
         patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
         B, N = patches.shape[:2]
         visible, kept, masked = hide_patches(patches, self.cfg.mask_ratio)  # (B, N - M, C, *patch), (B, N - M), (B, M)
-        tokens = self.decoder.embed(self.encoder.forward_features(visible, pos=self.fixed_pos_embed[0, kept]))  # (B, N - M, Dd)
+        tokens = self.decoder.embed(
+            self.encoder.forward_features(visible, pos=self.fixed_pos_embed[0, kept])
+        )  # (B, N - M, Dd)
         index = kept[..., None].expand(-1, -1, tokens.shape[-1])
-        full = self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)  # (B, N, Dd), mask tokens elsewhere
+        full = (
+            self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)
+        )  # (B, N, Dd), mask tokens elsewhere
         pred = self.decoder(full + self.decoder_pos)  # (B, N, C * prod(patch))
         target = patch_targets(patches, self.cfg.norm_pix)
         loss = F.mse_loss(take_rows(pred, masked).float(), take_rows(target, masked))
@@ -146,7 +155,9 @@ class DropPosConfig(InputConfig):
         check_share("--mask-ratio", self.mask_ratio)
         check_share("--pos-mask-ratio", self.pos_mask_ratio)
         visible, _ = split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see")
-        split_sizes("--pos-mask-ratio", self.pos_mask_ratio, visible, dropped_role="visible to lose its position (the loss)")
+        split_sizes(
+            "--pos-mask-ratio", self.pos_mask_ratio, visible, dropped_role="visible to lose its position (the loss)"
+        )
         if self.target_norm not in TARGET_NORMS:
             raise ConfigError(f"unknown --droppos-target {self.target_norm!r}, expected one of {TARGET_NORMS}")
 
@@ -180,7 +191,9 @@ class DropPos(nn.Module):
         nn.init.normal_(self.mask_pos_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         self.register_buffer("positions", positions, persistent=False)
-        self.register_buffer("fixed_pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None])  # (1, N, D), saved: finetuning starts from it
+        self.register_buffer(
+            "fixed_pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None]
+        )  # (1, N, D), saved: finetuning starts from it
         self.sigma = cfg.sigma  # the smoothing of this epoch (set_epoch)
 
     def set_epoch(self, epoch, epochs):
@@ -258,7 +271,12 @@ class MP3(nn.Module):
 
 # ---------------------------------------------------------------- the registry
 
-METHODS = {"part": (PARTConfig, PART), "mae": (MAEConfig, MAE), "droppos": (DropPosConfig, DropPos), "mp3": (MP3Config, MP3)}
+METHODS = {
+    "part": (PARTConfig, PART),
+    "mae": (MAEConfig, MAE),
+    "droppos": (DropPosConfig, DropPos),
+    "mp3": (MP3Config, MP3),
+}
 
 
 def pretext_config(method, **fields):
@@ -272,4 +290,3 @@ def pretext_config(method, **fields):
 
 def pretext_model(method, cfg):
     return METHODS[method][1](cfg)
-

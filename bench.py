@@ -2,6 +2,7 @@
 this device (images/s, ratios, GFLOP, peak memory, MFU on CUDA), and the pre-flight a user runs on a GPU
 node before a multi-day job. `python train.py bench [--methods | --preflight]` runs them.
 """
+
 import itertools
 import resource
 import socket
@@ -25,19 +26,31 @@ def bench(vit, size, batch_size, num_patches, pairs, sampler, head, steps, use_c
     every method's step (defaults, PART's as given) on the same ViT and images."""
     device = local_device()
     stats = (0.5,) * vit.in_chans, (0.25,) * vit.in_chans
-    print(f"ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, at {'x'.join(map(str, size))}px, batch {batch_size}, "
-          f"{head}, {sampler}, on {describe(device)}; "
-          "PART: sampler + ViT + head + loss; bare ViT: the same ViT on the same patches, no sampler, no head")
+    print(
+        f"ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, at {'x'.join(map(str, size))}px, batch "
+        f"{batch_size}, "
+        f"{head}, {sampler}, on {describe(device)}; "
+        "PART: sampler + ViT + head + loss; bare ViT: the same ViT on the same patches, no sampler, no head"
+    )
     for n, k in itertools.product(num_patches, pairs):
-        cfg = baselines.pretext_config("part", vit=vit, img_size=size, mean=stats[0], std=stats[1], sampler=sampler, num_patches=n,
-                                       num_pairs=k, head=head)
+        cfg = baselines.pretext_config(
+            "part", vit=vit, img_size=size, mean=stats[0], std=stats[1], sampler=sampler, num_patches=n, num_pairs=k,
+            head=head,
+        )
         bench_one(cfg, batch_size, steps, use_compile, device)
     if methods:
         bench_methods(vit, size, stats, batch_size, steps, device, sampler=sampler, num_pairs=pairs[0], head=head)
 
 
 # dense bf16 peaks from the vendor sheets, the first name the device's contains wins: NVL and PCIe before SXM
-PEAK_BF16_FLOPS = {"H100 NVL": 835e12, "H200 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16_FLOPS = {
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
 
 
 def timed(fns, steps, device):
@@ -71,7 +84,9 @@ def bench_methods(vit, size, stats, batch_size, steps, device, **part_flags):
     steps_of = {}
     for method in baselines.METHODS:
         torch.manual_seed(0)
-        model = baselines.pretext_model(method, baselines.pretext_config(method, vit=vit, img_size=size, mean=stats[0], std=stats[1], **part_flags)).to(device)
+        model = baselines.pretext_model(
+            method, baselines.pretext_config(method, vit=vit, img_size=size, mean=stats[0], std=stats[1], **part_flags)
+        ).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, optimizer=optimizer):
@@ -84,8 +99,11 @@ def bench_methods(vit, size, stats, batch_size, steps, device, **part_flags):
         steps_of[method] = step
     times = dict(zip(steps_of, timed(list(steps_of.values()), steps, device)))
     for method, step in steps_of.items():
-        print(f"{method:8s} step {times[method] * 1e3:8.1f} ms = {batch_size / times[method]:7.1f} img/s, "
-              f"{times[method] / times['part']:.2f} x PART's; GFLOP/img (fwd+bwd) {count_flops(step) / batch_size / 1e9:.3g}")
+        print(
+            f"{method:8s} step {times[method] * 1e3:8.1f} ms = {batch_size / times[method]:7.1f} img/s, "
+            f"{times[method] / times['part']:.2f} x PART's; GFLOP/img (fwd+bwd) "
+            f"{count_flops(step) / batch_size / 1e9:.3g}"
+        )
 
 
 def bench_one(cfg, batch_size, steps, use_compile, device):
@@ -117,11 +135,17 @@ def bench_one(cfg, batch_size, steps, use_compile, device):
 
     t_step, t_vit, t_sample = timed([step, vit_step, lambda: model.sample(images)], steps, device)
     flops, vit_flops = (count_flops(fn) / batch_size / 1e9 for fn in (step, vit_step))  # per image
-    line = (f"N {cfg.num_patches:4d}, K {cfg.num_pairs:5d}: PART step {t_step * 1e3:8.1f} ms = {batch_size / t_step:7.1f} img/s, "
-            f"bare ViT {t_vit * 1e3:8.1f} ms, ratio {t_step / t_vit:.3f}; sampler {t_sample / t_step:.1%}; "
-            f"GFLOP/img (fwd+bwd) {flops:.2f} vs {vit_flops:.2f}; peak memory {peak_memory_gib(device):.2f} GiB")
+    line = (
+        f"N {cfg.num_patches:4d}, K {cfg.num_pairs:5d}: PART step {t_step * 1e3:8.1f} ms = "
+        f"{batch_size / t_step:7.1f} img/s, "
+        f"bare ViT {t_vit * 1e3:8.1f} ms, ratio {t_step / t_vit:.3f}; sampler {t_sample / t_step:.1%}; "
+        f"GFLOP/img (fwd+bwd) {flops:.2f} vs {vit_flops:.2f}; peak memory {peak_memory_gib(device):.2f} GiB"
+    )
     peak = peak_flops(device)
-    print(line + (f"; MFU {flops * 1e9 * batch_size / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+    print(
+        line
+        + (f"; MFU {flops * 1e9 * batch_size / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "")
+    )
 
 
 def count_flops(fn):
@@ -163,8 +187,9 @@ def preflight_step(method, flags, vit, size, batch_size, steps, device, compiled
     torch.manual_seed(0)
     name = method.split()[0]
     stats = (0.5,) * vit.in_chans, (0.25,) * vit.in_chans
-    model = baselines.pretext_model(name, baselines.pretext_config(name, vit=vit, img_size=size, mean=stats[0], std=stats[1],
-                                                                   **flags)).to(device)
+    model = baselines.pretext_model(
+        name, baselines.pretext_config(name, vit=vit, img_size=size, mean=stats[0], std=stats[1], **flags)
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     images = torch.randint(0, 256, (batch_size, vit.in_chans, *size), dtype=torch.uint8, device=device)
     torch._dynamo.reset()
@@ -184,26 +209,46 @@ def preflight_step(method, flags, vit, size, batch_size, steps, device, compiled
     graphs, breaks, recompiles = compile_counts() if compiled else (0, 0, 0)
     peak = peak_flops(device)
     flops = count_flops(step) if peak else None  # eager, after the timing
-    return {"method": method, "compiled": compiled, "ms": seconds * 1e3, "img_per_s": batch_size / seconds,
-            "mfu": flops / seconds / peak if peak else None, "peak_gib": peak_memory_gib(device), "graphs": graphs,
-            "breaks": breaks, "recompiles": recompiles}
+    return {
+        "method": method,
+        "compiled": compiled,
+        "ms": seconds * 1e3,
+        "img_per_s": batch_size / seconds,
+        "mfu": flops / seconds / peak if peak else None,
+        "peak_gib": peak_memory_gib(device),
+        "graphs": graphs,
+        "breaks": breaks,
+        "recompiles": recompiles,
+    }
 
 
 def preflight(vit, size, batch_size, steps, num_pairs):
     """Before a multi-day run, on the node it will run on: every method's step eager and compiled, bf16 on CUDA;
     ms, images/s, MFU and peak memory, dynamo's graphs, breaks and recompiles; with 2 or more GPUs, DDP
-    replicas equal after a few steps (ddp_replicas_agree). PART's steps take num_pairs. -> the rows, printed as they come."""
+    replicas equal after a few steps (ddp_replicas_agree). PART's steps take num_pairs. -> the rows, printed as
+    they come."""
     device = local_device()
-    print(f"pre-flight on {describe(device)}: ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, "
-          f"{'x'.join(map(str, size))} px, batch {batch_size}, {steps} timed steps each")
+    print(
+        f"pre-flight on {describe(device)}: ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, "
+        f"{'x'.join(map(str, size))} px, batch {batch_size}, {steps} timed steps each"
+    )
     rows = []
     for method, flags in preflight_variants():
         for compiled in (False, True):
-            row = preflight_step(method, {"num_pairs": num_pairs, **flags}, vit, size, batch_size, steps, device, compiled)
+            row = preflight_step(
+                method, {"num_pairs": num_pairs, **flags}, vit, size, batch_size, steps, device, compiled
+            )
             mfu = f"MFU {row['mfu']:.1%}" if row["mfu"] is not None else "MFU unknown for this device"
-            print(f"{method:20s} {'compiled' if compiled else 'eager':8s} {row['ms']:8.1f} ms {row['img_per_s']:8.1f} img/s; "
-                  f"{mfu}; peak {row['peak_gib']:.2f} GiB" + (f"; graphs {row['graphs']}, breaks {row['breaks']}, "
-                                                              f"recompiles {row['recompiles']}" if compiled else ""))
+            print(
+                f"{method:20s} {'compiled' if compiled else 'eager':8s} {row['ms']:8.1f} ms {row['img_per_s']:8.1f} "
+                "img/s; "
+                f"{mfu}; peak {row['peak_gib']:.2f} GiB"
+                + (
+                    f"; graphs {row['graphs']}, breaks {row['breaks']}, recompiles {row['recompiles']}"
+                    if compiled
+                    else ""
+                )
+            )
             rows.append(row)
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
         print(f"DDP over 2 GPUs: replicas {'equal' if ddp_replicas_agree(vit, size) else 'DIFFER'} after 3 steps")
@@ -215,7 +260,9 @@ def ddp_replica_worker(rank, vit, size, port, result):
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.cuda.set_device(rank)
     torch.manual_seed(0)
-    cfg = baselines.pretext_config("part", vit=vit, img_size=size, mean=(0.5,) * vit.in_chans, std=(0.25,) * vit.in_chans)
+    cfg = baselines.pretext_config(
+        "part", vit=vit, img_size=size, mean=(0.5,) * vit.in_chans, std=(0.25,) * vit.in_chans
+    )
     model = DDP(part.PART(cfg).cuda(), device_ids=[rank])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     torch.manual_seed(1 + rank)  # each rank its own images and sampling, as in training

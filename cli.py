@@ -2,6 +2,7 @@
 the option groups (recipe, method) and starting weights from --init (checkpoint kinds, encoder loading).
 No entry point imports another; they all import this.
 """
+
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ from engine import Recipe, RunError, fail, load_checkpoint
 
 # ---------------------------------------------------------------- the error layer and option groups
 
+
 class Finite(click.FloatRange):
     """A float flag that refuses NaN and the infinities (click's FloatRange lets NaN through every bound)."""
 
@@ -39,12 +41,14 @@ class Finite(click.FloatRange):
 
 def options(*decorators, section=None):
     """Apply click options so that --help lists them in the order given, under `section` (SectionedCommand)."""
+
     def apply(f):
         for decorate in reversed(decorators):
             f = decorate(f)
-        for param in f.__click_params__[-len(decorators):]:  # click collects them there until the command is made
+        for param in f.__click_params__[-len(decorators) :]:  # click collects them there until the command is made
             param.section = section
         return f
+
     return apply
 
 
@@ -88,8 +92,10 @@ class Cli(click.Group):
             raise click.ClickException(file_error(e)) from None
         except Exception:
             traceback.print_exc()
-            raise click.ClickException("the traceback above is a bug in PART, not a fault of your input: please report it "
-                                       "with the command that ran") from None
+            raise click.ClickException(
+                "the traceback above is a bug in PART, not a fault of your input: please report it "
+                "with the command that ran"
+            ) from None
 
 
 def file_error(e):
@@ -119,7 +125,9 @@ class CommaList(click.ParamType):
 
 POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), Finite(min=0)
 OUT_DIR_HELP = "gets checkpoint.pt, log.jsonl (and checkpoint_best.pt); a run resumes from its own"
-HEAD_HELP = "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
+HEAD_HELP = (
+    "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
+)
 RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "epochs": (POSITIVE, "training epochs"),
     "batch_size": (POSITIVE, "images per process and step"),
@@ -128,7 +136,10 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "min_lr": (NON_NEGATIVE, "the cosine schedule's last lr"),
     "warmup_epochs": (NON_NEGATIVE, "linear lr warmup, in epochs (fractions allowed)"),
     "weight_decay": (NON_NEGATIVE, "AdamW's, not on norms, biases, tokens and position embeddings"),
-    "layer_decay": (Finite(min=0, max=1, min_open=True), "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off"),
+    "layer_decay": (
+        Finite(min=0, max=1, min_open=True),
+        "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off",
+    ),
     "beta2": (Finite(min=0, max=1, max_open=True), "AdamW's beta2: 0.95 pretraining (MAE), 0.999 finetuning (DeiT)"),
     "clip_grad": (NON_NEGATIVE, "max gradient norm; 0: no clipping"),
     "workers": (click.IntRange(min=-1), "data-loader workers per process; -1: 8 on CUDA, 0 on CPU"),
@@ -136,10 +147,16 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "compile": (bool, "torch.compile the model"),
     "grad_ckpt": (bool, "activation checkpointing in the ViT blocks: less memory, ~1/3 more compute, same gradients"),
     "log_every": (POSITIVE, "optimizer steps between log.jsonl lines"),
-    "save_every_min": (NON_NEGATIVE, "also checkpoint within an epoch every M minutes, bounding what a kill loses; "
-                                     "0: at epoch ends (and at SIGINT / SIGTERM) only"),
+    "save_every_min": (
+        NON_NEGATIVE,
+        "also checkpoint within an epoch every M minutes, bounding what a kill loses; "
+        "0: at epoch ends (and at SIGINT / SIGTERM) only",
+    ),
     "lr_drops": (CommaList(float), "a step schedule instead of cosine: epochs where the lr drops x0.1, e.g. 8,11"),
-    "resume_changed": (bool, "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's"),
+    "resume_changed": (
+        bool,
+        "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's",
+    ),
 }
 
 
@@ -167,28 +184,57 @@ def method_options(pos_mask=0.0):
     """The pretraining method and its flags, one set for train.py and sleep1d.py (which differ in the
     default of --pos-mask); each flag names the methods it is for."""
     return options(
-        click.option("--method", type=click.Choice(list(baselines.METHODS)), default="part", show_default=True,
-                     help="part: the paper's; mae, droppos, mp3: the baselines of its Tables 1-3, on the same ViT"),
-        click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
-                     help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)"),
-        click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help="part: " + HEAD_HELP),
-        click.option("--pos-mask", type=SHARE, default=pos_mask, show_default=True,
-                     help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
-                          "loss on pairs with a masked patch (README, the 1D readings)"),
-        click.option("--mask-ratio", type=SHARE, default=0.75, show_default=True,
-                     help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values (its eta)"),
-        click.option("--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
-                     help="droppos: share of the visible patches whose position embedding is dropped"),
-        click.option("--decoder-dim", type=POSITIVE, default=128, show_default=True,
-                     help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)"),
-        click.option("--decoder-depth", type=POSITIVE, default=2, show_default=True, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
-        click.option("--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
-                     help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)"),
-        click.option("--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns", show_default=True,
-                     help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)"),
+        click.option(
+            "--method", type=click.Choice(list(baselines.METHODS)), default="part", show_default=True,
+            help="part: the paper's; mae, droppos, mp3: the baselines of its Tables 1-3, on the same ViT",
+        ),
+        click.option(
+            "--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
+            help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)",
+        ),
+        click.option(
+            "--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True,
+            help="part: " + HEAD_HELP,
+        ),
+        click.option(
+            "--pos-mask",
+            type=SHARE,
+            default=pos_mask,
+            show_default=True,
+            help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
+            "loss on pairs with a masked patch (README, the 1D readings)",
+        ),
+        click.option(
+            "--mask-ratio",
+            type=SHARE,
+            default=0.75,
+            show_default=True,
+            help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values "
+                 "(its eta)",
+        ),
+        click.option(
+            "--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
+            help="droppos: share of the visible patches whose position embedding is dropped",
+        ),
+        click.option(
+            "--decoder-dim", type=POSITIVE, default=128, show_default=True,
+            help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)",
+        ),
+        click.option(
+            "--decoder-depth", type=POSITIVE, default=2, show_default=True,
+            help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)",
+        ),
+        click.option(
+            "--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
+            help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)",
+        ),
+        click.option(
+            "--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns",
+            show_default=True,
+            help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)",
+        ),
         section="method",
     )
-
 
 
 def method_config(method, **fields):
@@ -197,9 +243,16 @@ def method_config(method, **fields):
     ctx = click.get_current_context()
     taken = {f.name for f in dataclasses.fields(baselines.METHODS[method][0])}
     for param in ctx.command.params:
-        if param.name in fields and param.name not in taken and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
-            takers = [m for m, (config_class, _) in baselines.METHODS.items()
-                      if param.name in {f.name for f in dataclasses.fields(config_class)}]
+        if (
+            param.name in fields
+            and param.name not in taken
+            and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
+        ):
+            takers = [
+                m
+                for m, (config_class, _) in baselines.METHODS.items()
+                if param.name in {f.name for f in dataclasses.fields(config_class)}
+            ]
             fail(f"{param.opts[0]} is not a flag of --method {method}: it is for {', '.join(takers)}")
     return baselines.pretext_config(method, **fields)
 
@@ -214,10 +267,18 @@ def pretrain_summary(method, metrics, out_dir, signals=False):
     if metrics.get("euclid_zero"):
         ratio = metrics["euclid"] / metrics["euclid_zero"]
         stuck = signals and ratio > 0.99
-        hint = ("; no better than predicting no shift: 1-s windows without positions may leave nothing to learn "
-                "(README, the 1D readings; try --pos-mask 0.2)") if stuck else ""
-        return f"{method}: held-out error {ratio:.3f} x the zero predictor's ({metrics['euclid']:.3f} / " \
-               f"{metrics['euclid_zero']:.3f} patch sizes){hint}; {where}"
+        hint = (
+            (
+                "; no better than predicting no shift: 1-s windows without positions may leave nothing to learn "
+                "(README, the 1D readings; try --pos-mask 0.2)"
+            )
+            if stuck
+            else ""
+        )
+        return (
+            f"{method}: held-out error {ratio:.3f} x the zero predictor's ({metrics['euclid']:.3f} / "
+            f"{metrics['euclid_zero']:.3f} patch sizes){hint}; {where}"
+        )
     if "pos_acc" in metrics:
         return f"{method}: held-out position accuracy {metrics['pos_acc']:.3f}, loss {metrics['loss']:.4f}; {where}"
     return f"{method}: held-out loss {metrics['loss']:.4f}; {where}"
@@ -229,8 +290,14 @@ DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by defaul
 
 
 KINDS = {  # what a checkpoint's config "kind" says it is
-    **{m: f"a {model.__name__} 2D pretraining checkpoint (train.py pretrain --method {m})" for m, (_, model) in baselines.METHODS.items()},
-    **{f"{m}1d": f"a {model.__name__} 1D pretraining checkpoint (sleep1d.py pretrain --method {m})" for m, (_, model) in baselines.METHODS.items()},
+    **{
+        m: f"a {model.__name__} 2D pretraining checkpoint (train.py pretrain --method {m})"
+        for m, (_, model) in baselines.METHODS.items()
+    },
+    **{
+        f"{m}1d": f"a {model.__name__} 1D pretraining checkpoint (sleep1d.py pretrain --method {m})"
+        for m, (_, model) in baselines.METHODS.items()
+    },
     "classifier": "an image classifier (train.py finetune)",
     "sleep-stager": "a sleep stager (sleep1d.py finetune)",
     "detect": "a detector (detect.py)",
@@ -261,7 +328,10 @@ def check_kind(path, config, kinds, foreign=False):
     kind = config.get("kind")
     if kind in kinds or (foreign and kind is None):
         return kind
-    got = KINDS.get(kind, f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)")
+    got = KINDS.get(
+        kind,
+        f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)",
+    )
     fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
 
 
@@ -280,8 +350,11 @@ def pretrained_encoder(path, patch_ndim=2):
     checkpoint layout; stops with one line when the file is missing or of a kind that does not hold
     a `patch_ndim`-D encoder to start from."""
     if not Path(path).is_file():
-        fail(f"{path} not found: finetuning starts from a PART checkpoint; run `python {'train.py' if patch_ndim == 2 else 'sleep1d.py'} "
-             "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline")
+        fail(
+            f"{path} not found: finetuning starts from a PART checkpoint; run `python "
+            f"{'train.py' if patch_ndim == 2 else 'sleep1d.py'} "
+            "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline"
+        )
     ckpt = load_checkpoint(path)
     config = read_config(path, ckpt)
     check_kind(path, config, ENCODER_KINDS[patch_ndim], foreign=True)
@@ -323,4 +396,7 @@ def load_pretrained(encoder, state, source, path, main):
         state["pos_embed"], note = part.adapt_pos_embed(state["pos_embed"], source_grid(source), encoder)
     fresh, unexpected = part.load_encoder(encoder, state, path)
     if main:
-        print(f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: {', '.join(unexpected) or 'none'}")
+        print(
+            f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: "
+            f"{', '.join(unexpected) or 'none'}"
+        )

@@ -3,6 +3,7 @@ once the sleep study has run, its sample-efficiency curve as OUT/sleep_sample_ef
 
     python compare_table.py out/compare 0 1 2
 """
+
 import json
 import re
 import statistics
@@ -67,38 +68,64 @@ def table(header, names, columns):
 def main(out, seeds):
     run = lambda *parts: [out / f"seed{s}" / "/".join(parts).format(s=s) for s in seeds]  # noqa: E731
     print(f"seeds {' '.join(seeds)}; mean ± sample std over seeds")
-    table("Methods: Fashion-MNIST and nuclei (compare.sh methods)", ["scratch", "part", "mae", "droppos"], [
-        ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{m}")], 1),
-        ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3),
-        ("linear probe top-1", lambda m: [last(p, "val_acc") for p in run(f"probe_{m}")], 3),
-        ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{m}.txt")], 3),
-        ("AP box", lambda m: [last(p, "val_AP_box") for p in run(f"det_{m}")], 1),
-        ("AP mask", lambda m: [last(p, "val_AP_mask") for p in run(f"det_{m}")], 1),
-        ("sleep kappa (n=10)", lambda m: [last(p, "val_kappa") for p in run(f"../sleep/seed{{s}}/ft_{m}_n10")], 3),
-    ])
+    table(
+        "Methods: Fashion-MNIST and nuclei (compare.sh methods)",
+        ["scratch", "part", "mae", "droppos"],
+        [
+            ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{m}")], 1),
+            ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3),
+            ("linear probe top-1", lambda m: [last(p, "val_acc") for p in run(f"probe_{m}")], 3),
+            ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{m}.txt")], 3),
+            ("AP box", lambda m: [last(p, "val_AP_box") for p in run(f"det_{m}")], 1),
+            ("AP mask", lambda m: [last(p, "val_AP_mask") for p in run(f"det_{m}")], 1),
+            ("sleep kappa (n=10)", lambda m: [last(p, "val_kappa") for p in run(f"../sleep/seed{{s}}/ft_{m}_n10")], 3),
+        ],
+    )
     sleep = ["scratch", "part", "part-posmask", "part-posmask-context2", "mae", "droppos"]
-    table("Sleep staging, synthetic (compare.sh sleep)", sleep, [
-        ("pretraining min", lambda m: [minutes(p) for p in run(f"../sleep/seed{{s}}/pre_{m}")], 1),
-        ("held-out Δt error / zero predictor", lambda m: [ratio(p) for p in run(f"../sleep/seed{{s}}/pre_{m}")], 4),
-        ("pretext metric (DropPos: position acc)", lambda m: [last(p, "val_pos_acc") or last(p, "val_loss")
-                                                              for p in run(f"../sleep/seed{{s}}/pre_{m}")], 3),
-        *[(f"kappa n={n}", lambda m, n=n: [last(p, "val_kappa") for p in run(f"../sleep/seed{{s}}/ft_{m}_n{n}")], 3)
-          for n in (2, 5, 10, 20)],
-    ])
-    table("PART ablations (compare.sh ablations; offgrid is `methods`' part row)", ["default", "offgrid", "residual", "grid", "pairwise-mlp", "mlp"], [
-        ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{'part' if m == 'offgrid' else m}")], 1),
-        ("val euclid / zero", lambda m: [ratio(p) for p in run(f"pre_{'part' if m == 'offgrid' else m}")], 3),
-        ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{'part' if m == 'offgrid' else m}.txt")], 3),
-        ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{'part' if m == 'offgrid' else m}")], 3),
-    ])
+    table(
+        "Sleep staging, synthetic (compare.sh sleep)",
+        sleep,
+        [
+            ("pretraining min", lambda m: [minutes(p) for p in run(f"../sleep/seed{{s}}/pre_{m}")], 1),
+            ("held-out Δt error / zero predictor", lambda m: [ratio(p) for p in run(f"../sleep/seed{{s}}/pre_{m}")], 4),
+            (
+                "pretext metric (DropPos: position acc)",
+                lambda m: [last(p, "val_pos_acc") or last(p, "val_loss") for p in run(f"../sleep/seed{{s}}/pre_{m}")],
+                3,
+            ),
+            *[
+                (
+                    f"kappa n={n}",
+                    lambda m, n=n: [last(p, "val_kappa") for p in run(f"../sleep/seed{{s}}/ft_{m}_n{n}")],
+                    3,
+                )
+                for n in (2, 5, 10, 20)
+            ],
+        ],
+    )
+    table(
+        "PART ablations (compare.sh ablations; offgrid is `methods`' part row)",
+        ["default", "offgrid", "residual", "grid", "pairwise-mlp", "mlp"],
+        [
+            ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{'part' if m == 'offgrid' else m}")], 1),
+            ("val euclid / zero", lambda m: [ratio(p) for p in run(f"pre_{'part' if m == 'offgrid' else m}")], 3),
+            ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{'part' if m == 'offgrid' else m}.txt")], 3),
+            ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{'part' if m == 'offgrid' else m}")], 3),
+        ],
+    )
 
 
-CURVE = {"scratch": "scratch", "part": "PART, no positions (today's reading)", "part-posmask": "PART, --pos-mask 0.2 (the other)"}
+CURVE = {
+    "scratch": "scratch",
+    "part": "PART, no positions (today's reading)",
+    "part-posmask": "PART, --pos-mask 0.2 (the other)",
+}
 
 
 def plot_sample_efficiency(out, seeds, path):
     """8.2's curve: kappa on the held-out subjects against the number of finetuning subjects, mean ± std."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -106,14 +133,20 @@ def plot_sample_efficiency(out, seeds, path):
     for name, label in CURVE.items():
         points = []
         for n in (2, 5, 10, 20):
-            values = [v for v in (last(out / "sleep" / f"seed{s}" / f"ft_{name}_n{n}", "val_kappa") for s in seeds) if v is not None]
+            values = [
+                v
+                for v in (last(out / "sleep" / f"seed{s}" / f"ft_{name}_n{n}", "val_kappa") for s in seeds)
+                if v is not None
+            ]
             if values:
                 points.append((n, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
         if points:
             n, mean, std = zip(*points)
             ax.errorbar(n, mean, yerr=std, marker="o", capsize=3, label=label)
-    ax.set(xscale="log", xlabel="finetuning subjects (about 360 steps each)", ylabel="Cohen's kappa, 10 held-out subjects",
-           title=f"Sleep staging, SYNTHETIC EEG, {len(seeds)} seeds", fontsize=10)
+    ax.set(
+        xscale="log", xlabel="finetuning subjects (about 360 steps each)", ylabel="Cohen's kappa, 10 held-out subjects",
+        title=f"Sleep staging, SYNTHETIC EEG, {len(seeds)} seeds", fontsize=10,
+    )
     ax.minorticks_off()
     ax.set_xticks([2, 5, 10, 20], ["2", "5", "10", "20"])
     ax.legend(fontsize=8)

@@ -1,4 +1,5 @@
 """Shared test fixtures and helpers: tiny data written by the tests, tiny configs, the CLI, a crash."""
+
 import gzip
 import json
 import struct
@@ -17,7 +18,9 @@ import train
 
 def tiny_config(**overrides):
     vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
-    return part.PARTConfig(**{"vit": vit, "img_size": (16, 16), "num_pairs": 32, "mean": (0.5,), "std": (0.25,), **overrides})
+    return part.PARTConfig(
+        **{"vit": vit, "img_size": (16, 16), "num_pairs": 32, "mean": (0.5,), "std": (0.25,), **overrides}
+    )
 
 
 def write_idx(path, array):
@@ -84,8 +87,14 @@ def write_coco(root, masks=True):
             placed = objects[: i % 3 + 1] if i else []  # image 0 is empty
             for k, (x0, y0, x1, y1) in enumerate(placed):
                 pixels[y0:y1, x0:x1] = 200
-                ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": (3, 7)[k % 2], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                       "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                ann = {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": (3, 7)[k % 2],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
                 if masks and k % 2 == 0:  # a polygon around the square's pixels
                     ann["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
                 elif masks:
@@ -96,6 +105,7 @@ def write_coco(root, masks=True):
             images.append({"id": i + 1, "file_name": f"img{i}.png", "height": H, "width": W})
         categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
         (root / "annotations").mkdir(exist_ok=True)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                                                  "categories": categories}))
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": categories})
+        )
     return root

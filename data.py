@@ -10,6 +10,7 @@
 
 Normalisation happens on the device, inside the models, so loaders ship uint8.
 """
+
 import gzip
 import math
 import os
@@ -63,7 +64,10 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
     check_stats(mean, std)
     if mean or std:
         if not len(mean) == len(std) == chans:
-            raise DataError(f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag repeated")
+            raise DataError(
+                f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag "
+                "repeated"
+            )
         return DataInfo(chans, img_size or info.img_size, info.num_classes, tuple(mean), tuple(std))
     mean, std = info.mean, info.std
     if chans != info.in_chans:  # e.g. grayscale ImageNet: average the per-channel statistics
@@ -73,10 +77,14 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
 
 def check_stats(mean, std):
     """--mean and --std normalise as (x - mean) / std: each must be finite, and std > 0."""
-    bad = [f"--mean {m}" for m in mean if not math.isfinite(m)] + [f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)]
+    bad = [f"--mean {m}" for m in mean if not math.isfinite(m)] + [
+        f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)
+    ]
     if bad:
-        raise DataError(f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
-                        "and each --std finite and > 0")
+        raise DataError(
+            f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
+            "and each --std finite and > 0"
+        )
 
 
 class DataError(ValueError):
@@ -106,7 +114,9 @@ def read_idx(path):
         with gzip.open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:  # not gzip (gzip.BadGzipFile is an OSError), cut short, or corrupt
-        raise DataError(f"{path} is not a whole gzip file ({type(e).__name__}: {e}); idx files are read gzipped, as published") from None
+        raise DataError(
+            f"{path} is not a whole gzip file ({type(e).__name__}: {e}); idx files are read gzipped, as published"
+        ) from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise DataError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
@@ -149,12 +159,18 @@ def load_fashion_mnist(data_dir, split):
 def load_cifar(data_dir, split, classes):
     folder, label_key = ("cifar-10-batches-py", b"labels") if classes == 10 else ("cifar-100-python", b"fine_labels")
     root = Path(data_dir or ".") / folder
-    names = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]) if classes == 10 else [split if split == "train" else "test"]
+    names = (
+        ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"])
+        if classes == 10
+        else [split if split == "train" else "test"]
+    )
     images, labels = [], []
     for name in names:
         path = root / name
         if not path.is_file():
-            raise DataError(f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')")
+            raise DataError(
+                f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')"
+            )
         batch_images, batch_labels = read_cifar_batch(path, label_key)
         images.append(batch_images)
         labels.append(batch_labels)
@@ -174,8 +190,10 @@ def read_cifar_batch(path, label_key):
         raise DataError(f"{path} lacks b'data' or {label_key!r}: not a CIFAR batch of this dataset (it holds {keys})")
     images, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
     if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or labels.shape != (len(images),):
-        raise DataError(f"{path}: expected rows of 3072 bytes (3 x 32 x 32) and one label each, "
-                        f"got data of shape {images.shape} and {labels.size} labels")
+        raise DataError(
+            f"{path}: expected rows of 3072 bytes (3 x 32 x 32) and one label each, "
+            f"got data of shape {images.shape} and {labels.size} labels"
+        )
     return images.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -278,7 +296,9 @@ def image_folder(root, mode, transform):
     if not Path(root).is_dir():
         raise DataError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=partial(read_image_file, mode=mode, skippable=True))
+        return datasets.ImageFolder(
+            root, transform=transform, loader=partial(read_image_file, mode=mode, skippable=True)
+        )
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
 
@@ -289,7 +309,9 @@ def check_val_classes(val_set, train_root):
     train_classes = {p.name for p in Path(train_root).iterdir() if p.is_dir()} if Path(train_root).is_dir() else set()
     extra, missing = sorted(set(val_set.classes) - train_classes), sorted(train_classes - set(val_set.classes))
     if extra or missing:
-        raise DataError(f"{val_set.root}: its class folders must be those of {train_root}; extra {extra}, missing {missing}")
+        raise DataError(
+            f"{val_set.root}: its class folders must be those of {train_root}; extra {extra}, missing {missing}"
+        )
 
 
 # ---------------------------------------------------------------- one entry point
@@ -301,29 +323,53 @@ BICUBIC = v2.InterpolationMode.BICUBIC  # MAE's, DeiT's and timm's resizing (int
 def pretrain_transform(info, name):
     """Pretraining augmentation: MAE's random resized crop and flip for large photos, flip alone for small sets."""
     if name in ("in1k", "imagefolder", "images"):
-        return v2.Compose([v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), interpolation=BICUBIC, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), interpolation=BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.PILToTensor(),
+            ]
+        )
     return v2.Compose([*resize_if_needed(info, name), v2.RandomHorizontalFlip()])
 
 
 def eval_transform(info, name):
     """Held-out images: resize to 1/0.875 and centre crop (DeiT) for photos, resize only for small sets."""
     if name in ("in1k", "imagefolder", "images"):
-        return v2.Compose([v2.Resize(int(info.img_size / 0.875), interpolation=BICUBIC, antialias=True), v2.CenterCrop(info.img_size), v2.PILToTensor()])
+        return v2.Compose(
+            [
+                v2.Resize(int(info.img_size / 0.875), interpolation=BICUBIC, antialias=True),
+                v2.CenterCrop(info.img_size),
+                v2.PILToTensor(),
+            ]
+        )
     return v2.Compose(resize_if_needed(info, name) or [v2.Identity()])
 
 
 def resize_if_needed(info, name):
     """Small in-memory sets are used at their native size unless --img-size asks otherwise."""
-    return [] if info.img_size == DATASETS[name].img_size else [v2.Resize(info.img_size, interpolation=BICUBIC, antialias=True)]
+    return (
+        []
+        if info.img_size == DATASETS[name].img_size
+        else [v2.Resize(info.img_size, interpolation=BICUBIC, antialias=True)]
+    )
 
 
 def finetune_transform(info, name, randaug_n, randaug_m, reprob):
     """DeiT's finetuning augmentation, torchvision's ops on uint8: random resized crop for photos
     (random crop with 1/8 padding for small sets), flip, RandAugment(n, m), RandomErasing(p)."""
     if name in ("in1k", "imagefolder"):
-        crop = [v2.RandomResizedCrop(info.img_size, interpolation=BICUBIC, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+        crop = [
+            v2.RandomResizedCrop(info.img_size, interpolation=BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+        ]
     else:
-        crop = [*resize_if_needed(info, name), v2.RandomCrop(info.img_size, padding=info.img_size // 8), v2.RandomHorizontalFlip()]
+        crop = [
+            *resize_if_needed(info, name),
+            v2.RandomCrop(info.img_size, padding=info.img_size // 8),
+            v2.RandomHorizontalFlip(),
+        ]
     augment = [v2.RandAugment(randaug_n, randaug_m)] if randaug_n else []
     erase = [v2.RandomErasing(reprob)] if reprob else []
     return v2.Compose([*crop, *augment, *erase])
@@ -334,7 +380,11 @@ def mix_collate(mixup, cutmix, num_classes):
 
     Labels become soft targets (B, classes); images become floats in [0, 1] so they can be blended.
     """
-    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+    mixes = [
+        mix(alpha=alpha, num_classes=num_classes)
+        for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+        if alpha > 0
+    ]
     return partial(mix_batch, mix=v2.RandomChoice(mixes)) if mixes else None
 
 
@@ -353,13 +403,20 @@ def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
     if name in ("fashion-mnist", "cifar10", "cifar100"):
         if info.in_chans != DATASETS[name].in_chans:
             raise DataError(f"--in-chans {info.in_chans}: {name} images have {DATASETS[name].in_chans} channel(s)")
-        images = load_fashion_mnist(data_dir, split) if name == "fashion-mnist" else load_cifar(data_dir, split, 10 if name == "cifar10" else 100)
+        images = (
+            load_fashion_mnist(data_dir, split)
+            if name == "fashion-mnist"
+            else load_cifar(data_dir, split, 10 if name == "cifar10" else 100)
+        )
         return TensorImages(*images, transform)
     if not data_dir:
         raise DataError(f"--data {name} needs --data-dir")
     if info.in_chans not in FILE_MODES:
-        raise DataError(f"--in-chans {info.in_chans}: image files are read as {', '.join(f'{c} ({m})' for c, m in FILE_MODES.items())} "
-                        "channels; for other counts, train from a Dataset of uint8 (C, H, W) tensors in your own code")
+        raise DataError(
+            f"--in-chans {info.in_chans}: image files are read as "
+            f"{', '.join(f'{c} ({m})' for c, m in FILE_MODES.items())} "
+            "channels; for other counts, train from a Dataset of uint8 (C, H, W) tensors in your own code"
+        )
     mode = FILE_MODES[info.in_chans]
     if name == "images":
         dataset = image_files(data_dir, split, mode, transform)

@@ -13,6 +13,7 @@ stride-P map feeds ViTDet's simple feature pyramid (strides 4, 8, 16, 32, plus 6
 RPN) and torchvision's ViTDet-like heads. Training is engine.fit, the loop of pretraining;
 evaluation is pycocotools' COCOeval on the held-out split.
 """
+
 import contextlib
 import importlib.util
 import io
@@ -89,8 +90,12 @@ def pyramid_level(dim, patch_size, stride):
             dim //= 2
     elif stride > patch_size:
         layers.append(nn.MaxPool2d(stride // patch_size))
-    layers += [nn.Conv2d(dim, PYRAMID_DIM, 1, bias=False), LayerNorm2d(PYRAMID_DIM),
-               nn.Conv2d(PYRAMID_DIM, PYRAMID_DIM, 3, padding=1, bias=False), LayerNorm2d(PYRAMID_DIM)]
+    layers += [
+        nn.Conv2d(dim, PYRAMID_DIM, 1, bias=False),
+        LayerNorm2d(PYRAMID_DIM),
+        nn.Conv2d(PYRAMID_DIM, PYRAMID_DIM, 3, padding=1, bias=False),
+        LayerNorm2d(PYRAMID_DIM),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -105,7 +110,9 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, x):
         maps = OrderedDict((str(i), level(x)) for i, level in enumerate(self.levels))
-        maps["pool"] = F.max_pool2d(maps["3"], kernel_size=1, stride=2)  # stride 64 for the RPN (torchvision's LastLevelMaxPool)
+        maps["pool"] = F.max_pool2d(
+            maps["3"], kernel_size=1, stride=2
+        )  # stride 64 for the RPN (torchvision's LastLevelMaxPool)
         return maps
 
 
@@ -147,7 +154,7 @@ class DetectConfig:
     # window, global_blocks: ViTDet's window attention (14 tokens, blocks 2, 5, 8, 11 global), 0: global in every block
     num_classes: int = 80  # object categories, background not counted
     masks: bool = True  # Mask R-CNN; False: Faster R-CNN, for box-only data
-    img_size: int = 1024  # longest side the images are resized to, and the side of the square canvas they are padded to (ViTDet: 1024)
+    img_size: int = 1024  # longest side the images are resized to, and the square canvas's side (ViTDet: 1024)
     rois: int = 512  # RoIs sampled per image for the box head in training (ViTDet: 512)
     anchor_size: int = 32  # the stride-4 level's anchor side, doubling per level (COCO: 32 ... 512)
     proposals: int = 1000  # RPN proposals kept per image after NMS (ViTDet: 1000)
@@ -157,14 +164,20 @@ class DetectConfig:
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = part.ViTConfig(**self.vit)
-        self.vit = replace(self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0,
-                           global_blocks=tuple(self.vit.global_blocks))
+        self.vit = replace(
+            self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0,
+            global_blocks=tuple(self.vit.global_blocks),
+        )
         self.mean, self.std = part.check_stats(self.mean, self.std, self.vit.in_chans)
         if self.img_size % 64 or self.img_size % self.vit.patch_size:
-            raise part.ConfigError(f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
-                             f"and of the patch size {self.vit.patch_size}")
+            raise part.ConfigError(
+                f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
+                f"and of the patch size {self.vit.patch_size}"
+            )
         if any(not 0 <= i < self.vit.depth for i in self.vit.global_blocks):
-            raise part.ConfigError(f"--global-blocks {list(self.vit.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}")
+            raise part.ConfigError(
+                f"--global-blocks {list(self.vit.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}"
+            )
 
 
 class Detector(nn.Module):
@@ -179,20 +192,27 @@ class Detector(nn.Module):
         super().__init__()
         self.cfg = cfg
         C = PYRAMID_DIM
-        sizes = tuple((cfg.anchor_size * 2**i,) for i in range(len(STRIDES) + 1))  # one size per level, as torchvision's FPN
+        sizes = tuple(
+            (cfg.anchor_size * 2**i,) for i in range(len(STRIDES) + 1)
+        )  # one size per level, as torchvision's FPN
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        heads = dict(rpn_anchor_generator=anchors, rpn_head=RPNHead(C, 3, conv_depth=2),
-                     box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [1024], norm_layer=LayerNorm2d))
+        heads = dict(
+            rpn_anchor_generator=anchors,
+            rpn_head=RPNHead(C, 3, conv_depth=2),
+            box_head=FastRCNNConvFCHead((C, 7, 7), [C] * 4, [1024], norm_layer=LayerNorm2d),
+        )
         if cfg.masks:
             heads["mask_head"] = MaskRCNNHeads(C, [C] * 4, 1, norm_layer=LayerNorm2d)
         rcnn = MaskRCNN if cfg.masks else FasterRCNN
-        # min_size = max_size: the longest side becomes img_size; size_divisible = img_size pads every batch to the fixed
-        # img_size x img_size canvas (ViTDet's 1024^2), in training and evaluation alike, so the token grid is always
-        # the position embeddings' own and no image's layout depends on the others in its batch
-        self.rcnn = rcnn(ViTBackbone(cfg.vit), cfg.num_classes + 1, min_size=cfg.img_size,
-                         max_size=cfg.img_size, image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=cfg.img_size,
-                         box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
-                         rpn_post_nms_top_n_test=cfg.proposals, **heads)
+        # min_size = max_size: the longest side becomes img_size; size_divisible = img_size pads every batch to
+        # the fixed img_size x img_size canvas (ViTDet's 1024^2), in training and evaluation alike, so the token grid
+        # is always the position embeddings' own and no image's layout depends on the others in its batch
+        self.rcnn = rcnn(
+            ViTBackbone(cfg.vit), cfg.num_classes + 1, min_size=cfg.img_size, max_size=cfg.img_size,
+            image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=cfg.img_size,
+            box_batch_size_per_image=cfg.rois, rpn_post_nms_top_n_train=cfg.proposals,
+            rpn_post_nms_top_n_test=cfg.proposals, **heads,
+        )
 
     def forward(self, images, targets=None):
         images = [x.float() / 255 for x in images]
@@ -219,25 +239,40 @@ def read_coco(path):
         with open(path) as f:
             dataset = json.load(f)
     except FileNotFoundError:
-        raise data.DataError(f"{path} not found: --data-dir must hold annotations/instances_{{train2017,val2017}}.json "
-                             "and the image folders train2017/, val2017/ (COCO's layout)") from None
+        raise data.DataError(
+            f"{path} not found: --data-dir must hold annotations/instances_{{train2017,val2017}}.json "
+            "and the image folders train2017/, val2017/ (COCO's layout)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise data.DataError(f"{path} is not valid JSON ({e})") from None
-    needs = {"images": ("id", "file_name", "height", "width"), "annotations": ("id", "image_id", "category_id", "bbox"),
-             "categories": ("id",)}
+    needs = {
+        "images": ("id", "file_name", "height", "width"),
+        "annotations": ("id", "image_id", "category_id", "bbox"),
+        "categories": ("id",),
+    }
     for key, fields in needs.items():
         if not isinstance(dataset, dict) or not isinstance(dataset.get(key), list):
             raise data.DataError(f"{path} has no list {key!r}: not a COCO instances file")
         for entry in dataset[key]:
             if not isinstance(entry, dict) or any(k not in entry for k in fields):
-                raise data.DataError(f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}")
-    if not dataset["annotations"]:  # COCOeval scores a split without objects as AP -100; training would learn background only
+                raise data.DataError(
+                    f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}"
+                )
+    if not dataset[
+        "annotations"
+    ]:  # COCOeval scores a split without objects as AP -100; training would learn background only
         raise data.DataError(f"{path} has no annotations: COCOeval and training need objects in both splits")
     categories, images = {c["id"] for c in dataset["categories"]}, {i["id"]: i for i in dataset["images"]}
     for ann in dataset["annotations"]:
         if ann["category_id"] not in categories or ann["image_id"] not in images:
-            field, value = ("category_id", ann["category_id"]) if ann["category_id"] not in categories else ("image_id", ann["image_id"])
-            raise data.DataError(f"{path}: annotation {ann['id']} has {field} {value}, which is not in its {field[:-3]}s list")
+            field, value = (
+                ("category_id", ann["category_id"])
+                if ann["category_id"] not in categories
+                else ("image_id", ann["image_id"])
+            )
+            raise data.DataError(
+                f"{path}: annotation {ann['id']} has {field} {value}, which is not in its {field[:-3]}s list"
+            )
         check_annotation(path, ann, images[ann["image_id"]])
     for ann in dataset["annotations"]:  # what COCOeval reads, as COCO defines it where a file leaves it out
         ann.setdefault("iscrowd", 0)
@@ -274,9 +309,13 @@ def check_annotation(path, ann, image):
         raise data.DataError(f"{where} has bbox {box} outside its image {image['id']} of {W} x {H} pixels")
     polygons = ann.get("segmentation") if isinstance(ann.get("segmentation"), list) else []  # a dict is RLE
     for polygon in polygons:
-        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))):
-            raise data.DataError(f"{where} has polygon {str(polygon)[:80]}, expected x, y numbers of at least 3 points "
-                                 "(an even count >= 6)")
+        if not (
+            isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))
+        ):
+            raise data.DataError(
+                f"{where} has polygon {str(polygon)[:80]}, expected x, y numbers of at least 3 points "
+                "(an even count >= 6)"
+            )
 
 
 IMAGE_MODES = {1: "L", 3: "RGB"}  # the channels images are read with -> their PIL mode
@@ -313,12 +352,18 @@ class CocoDetection(Dataset):
     def __getitem__(self, i):
         info = self.coco.imgs[self.ids[i]]
         image = data.read_image(self.image_dir / info["file_name"], IMAGE_MODES[self.in_chans])  # (C, H, W)
-        anns = [a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        anns = [
+            a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0
+        ]
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
-                  "labels": torch.tensor([self.label[a["category_id"]] for a in anns], dtype=torch.int64)}
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
+            "labels": torch.tensor([self.label[a["category_id"]] for a in anns], dtype=torch.int64),
+        }
         if self.masks:  # an object without segmentation in a set with masks gets an empty mask
-            masks = [self.coco.annToMask(a) if "segmentation" in a else np.zeros(image.shape[-2:], np.uint8) for a in anns]
+            masks = [
+                self.coco.annToMask(a) if "segmentation" in a else np.zeros(image.shape[-2:], np.uint8) for a in anns
+            ]
             target["masks"] = tv_tensors.Mask(np.stack(masks) if masks else np.zeros((0, *image.shape[-2:]), np.uint8))
         if self.transform:
             image, target = self.transform(image, target)
@@ -329,8 +374,14 @@ class CocoDetection(Dataset):
 def train_transform(img_size, scale_range):
     """ViTDet's large-scale jitter: resize by a random factor of the img_size square, crop or
     pad to it, flip; boxes and masks follow, objects cropped away are dropped."""
-    return v2.Compose([v2.ScaleJitter((img_size, img_size), scale_range=scale_range), v2.RandomCrop(img_size, pad_if_needed=True),
-                       v2.RandomHorizontalFlip(), v2.SanitizeBoundingBoxes()])
+    return v2.Compose(
+        [
+            v2.ScaleJitter((img_size, img_size), scale_range=scale_range),
+            v2.RandomCrop(img_size, pad_if_needed=True),
+            v2.RandomHorizontalFlip(),
+            v2.SanitizeBoundingBoxes(),
+        ]
+    )
 
 
 def collate(batch):
@@ -350,8 +401,10 @@ def stardist_images():
     spec = importlib.util.find_spec("stardist")
     folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "images" if spec else None
     if folder is None or not (folder / "img2d.tif").is_file():
-        raise data.DataError("the default data set is the nuclei image of the stardist package: pip install --no-deps "
-                             "stardist==0.9.2, or pass --data-dir with a COCO-format folder")
+        raise data.DataError(
+            "the default data set is the nuclei image of the stardist package: pip install --no-deps "
+            "stardist==0.9.2, or pass --data-dir with a COCO-format folder"
+        )
     return folder
 
 
@@ -371,8 +424,10 @@ def write_nuclei(root):
     image = ((image - lo) / (hi - lo)).clip(0, 1) * 255
     T, S, H = NUCLEI_TILE, NUCLEI_STRIDE, image.shape[0]
     corners = [(y, x) for y in range(0, H - T + 1, S) for x in range(0, H - T + 1, S)]
-    splits = {"train2017": [(y, x) for y, x in corners if y + T <= H // 2 or x + T <= H // 2],
-              "val2017": [(y, x) for y in range(H // 2, H, T) for x in range(H // 2, H, T)]}
+    splits = {
+        "train2017": [(y, x) for y, x in corners if y + T <= H // 2 or x + T <= H // 2],
+        "val2017": [(y, x) for y in range(H // 2, H, T) for x in range(H // 2, H, T)],
+    }
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, tiles in splits.items():
         (root / split).mkdir(exist_ok=True)
@@ -385,9 +440,17 @@ def write_nuclei(root):
             for k in np.unique(tile[tile > 0]):
                 rle = mask_utils.encode(np.asfortranarray((tile == k).astype(np.uint8)))
                 if mask_utils.area(rle) >= MIN_FRAGMENT:
-                    anns.append({"id": len(anns) + 1, "image_id": len(images), "category_id": 1, "iscrowd": 0,
-                                 "bbox": mask_utils.toBbox(rle).tolist(), "area": int(mask_utils.area(rle)),
-                                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+                    anns.append(
+                        {
+                            "id": len(anns) + 1,
+                            "image_id": len(images),
+                            "category_id": 1,
+                            "iscrowd": 0,
+                            "bbox": mask_utils.toBbox(rle).tolist(),
+                            "area": int(mask_utils.area(rle)),
+                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                        }
+                    )
         coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
@@ -409,8 +472,10 @@ def data_root(data_dir, out_dir, dd):
 
 def image_results(out, image_id, cat_ids):
     """One image's torchvision detections -> COCO result entries for boxes and, where predicted, masks."""
-    common = [{"image_id": image_id, "category_id": cat_ids[int(label) - 1], "score": float(score)}
-              for label, score in zip(out["labels"], out["scores"])]
+    common = [
+        {"image_id": image_id, "category_id": cat_ids[int(label) - 1], "score": float(score)}
+        for label, score in zip(out["labels"], out["scores"])
+    ]
     xywh = box_convert(out["boxes"].float().cpu(), "xyxy", "xywh")
     boxes = [{**c, "bbox": [round(float(v), 2) for v in box]} for c, box in zip(common, xywh)]
     if "masks" not in out or not common:
@@ -454,7 +519,10 @@ def evaluate(model, loader, dd, seed):
         if not dd.main:
             return {}
         per_image = {k: v for shard in shards for k, v in shard.items()}
-    metrics = {f"{k}_box": v for k, v in coco_metrics(dataset.coco, [r for b, _ in per_image.values() for r in b], "bbox").items()}
+    metrics = {
+        f"{k}_box": v
+        for k, v in coco_metrics(dataset.coco, [r for b, _ in per_image.values() for r in b], "bbox").items()
+    }
     if dataset.masks:
         masks = [r for _, m in per_image.values() for r in m]
         metrics.update({f"{k}_mask": v for k, v in coco_metrics(dataset.coco, masks, "segm").items()})
@@ -477,13 +545,18 @@ def encoder_init(init, preset, patch_size, in_chans):
     """(ViTConfig, weights: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
     for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
     state dict takes --preset and --patch-size, scratch those and --in-chans."""
-    vit, state, config = cli.encoder_from_init(init, part.vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3))
+    vit, state, config = cli.encoder_from_init(
+        init, part.vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3)
+    )
     if state is None:
         return vit, None, None
     source = config.get("model", {})
     stats = (tuple(source["mean"]), tuple(source["std"])) if "mean" in source else None
     if in_chans and in_chans != vit.in_chans:
-        engine.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to use them")
+        engine.fail(
+            f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to "
+            "use them"
+        )
     return vit, (state, source), stats
 
 
@@ -500,8 +573,10 @@ def build_detector(cfg, weights, path, main=True):
     return model
 
 
-def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, in_chans=None, mean=(), std=(),
-            drop_path=0.0, rois=512, scale_range=(0.1, 2.0), main=True):
+def prepare(
+    init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, in_chans=None, mean=(),
+    std=(), drop_path=0.0, rois=512, scale_range=(0.1, 2.0), main=True,
+):
     """The splits of `root`, the DetectConfig and the encoder weights (None for scratch) of a run.
 
     The images are read with the encoder's channels (a grayscale encoder reads colour as grey; for
@@ -512,7 +587,9 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
     """
     train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
     val_set = CocoDetection(root, "val2017")
-    vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None))
+    vit, weights, stats = encoder_init(
+        init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None)
+    )
     if vit.in_chans not in IMAGE_MODES:
         given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
         raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
@@ -525,12 +602,17 @@ def prepare(init, root, img_size, preset, patch_size, window, global_blocks, anc
         engine.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
     grid = (img_size // vit.patch_size,) * 2
     vit = replace(vit, pos_grid=grid, drop_path=drop_path, window=window, global_blocks=tuple(global_blocks))
-    cfg = DetectConfig(vit=vit, num_classes=len(train_set.cat_ids), masks=train_set.masks, img_size=img_size, rois=rois,
-                       anchor_size=anchor_size, proposals=proposals, mean=mean, std=std)
+    cfg = DetectConfig(
+        vit=vit, num_classes=len(train_set.cat_ids), masks=train_set.masks, img_size=img_size, rois=rois,
+        anchor_size=anchor_size, proposals=proposals, mean=mean, std=std,
+    )
     if main:
         origin = "--mean / --std or the encoder's pretraining" if stats else "ImageNet's"
-        print(f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std {', '.join(f'{s:.3f}' for s in std)} "
-              f"({origin}), padded to a {img_size}x{img_size} canvas")
+        print(
+            f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std "
+            f"{', '.join(f'{s:.3f}' for s in std)} "
+            f"({origin}), padded to a {img_size}x{img_size} canvas"
+        )
     return cfg, weights, train_set, val_set
 
 
@@ -553,44 +635,87 @@ def main():
 
 
 data_options = cli.options(
-    click.option("--data-dir", default=None, help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
-                                                "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei"),
-    click.option("--out-dir", default="out/detect", show_default=True, help=cli.OUT_DIR_HELP + "; nuclei/ the default data"),
+    click.option(
+        "--data-dir",
+        default=None,
+        help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
+        "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei",
+    ),
+    click.option(
+        "--out-dir", default="out/detect", show_default=True, help=cli.OUT_DIR_HELP + "; nuclei/ the default data"
+    ),
     section="data",
 )
 
 
 # the detector's flags; their defaults are the embedded default's (the paper's in the help)
 model_options = cli.options(
-    click.option("--img-size", type=cli.POSITIVE, default=NUCLEI_TILE, show_default=True,
-                 help="longest side, and the square canvas every image is padded to; ViTDet: 1024"),
-    click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
-                 help="for scratch or a bare state dict; a PART checkpoint brings its own"),
+    click.option(
+        "--img-size", type=cli.POSITIVE, default=NUCLEI_TILE, show_default=True,
+        help="longest side, and the square canvas every image is padded to; ViTDet: 1024",
+    ),
+    click.option(
+        "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+        help="for scratch or a bare state dict; a PART checkpoint brings its own",
+    ),
     click.option("--patch-size", type=cli.POSITIVE, default=4, show_default=True, help="as --preset"),
-    click.option("--in-chans", type=cli.POSITIVE, default=None,
-                 help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour as grey)"),
-    click.option("--mean", type=cli.Finite(), multiple=True, help="input mean per channel (repeat the flag); default: the "
-                 "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)"),
+    click.option(
+        "--in-chans",
+        type=cli.POSITIVE,
+        default=None,
+        help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour "
+             "as grey)",
+    ),
+    click.option(
+        "--mean",
+        type=cli.Finite(),
+        multiple=True,
+        help="input mean per channel (repeat the flag); default: the "
+        "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)",
+    ),
     click.option("--std", type=cli.Finite(), multiple=True, help="input std per channel, as --mean"),
-    click.option("--window", type=cli.COUNT, default=0, show_default=True, help="window attention in tokens, 0: global (ViTDet: 14)"),
-    click.option("--global-blocks", type=cli.CommaList(int), default="", help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)"),
-    click.option("--anchor-size", type=cli.POSITIVE, default=16, show_default=True, help="anchor side at stride 4, doubling per level (COCO: 32)"),
-    click.option("--proposals", type=cli.POSITIVE, default=300, show_default=True, help="RPN proposals per image after NMS (ViTDet: 1000)"),
+    click.option(
+        "--window", type=cli.COUNT, default=0, show_default=True,
+        help="window attention in tokens, 0: global (ViTDet: 14)",
+    ),
+    click.option(
+        "--global-blocks", type=cli.CommaList(int), default="",
+        help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)",
+    ),
+    click.option(
+        "--anchor-size", type=cli.POSITIVE, default=16, show_default=True,
+        help="anchor side at stride 4, doubling per level (COCO: 32)",
+    ),
+    click.option(
+        "--proposals", type=cli.POSITIVE, default=300, show_default=True,
+        help="RPN proposals per image after NMS (ViTDet: 1000)",
+    ),
     section="model",
 )
 
 
 @main.command("train")
-@click.option("--init", default=cli.DEFAULT_INIT, show_default=True,
-              help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch")
+@click.option(
+    "--init", default=cli.DEFAULT_INIT, show_default=True,
+    help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch",
+)
 @data_options
 @model_options
-@click.option("--drop-path", type=cli.Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth; ViTDet, ViT-B: 0.1")
-@click.option("--rois", type=cli.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)")
-@click.option("--scale-range", type=cli.Finite(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
-              help="large-scale jitter of training images (ViTDet: 0.1 2.0)")
-@cli.recipe_options(epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, beta2=0.999, lr_drops="4,5.5",
-                      log_every=5)
+@click.option(
+    "--drop-path", type=cli.Finite(0, 1, max_open=True), default=0.0, show_default=True,
+    help="stochastic depth; ViTDet, ViT-B: 0.1",
+)
+@click.option(
+    "--rois", type=cli.POSITIVE, default=64, show_default=True, help="RoIs per image for the box head (ViTDet: 512)"
+)
+@click.option(
+    "--scale-range", type=cli.Finite(min=0, min_open=True), nargs=2, default=(0.5, 2.0), show_default=True,
+    help="large-scale jitter of training images (ViTDet: 0.1 2.0)",
+)
+@cli.recipe_options(
+    epochs=6, batch_size=4, blr=1e-2, warmup_epochs=0.5, weight_decay=0.1, layer_decay=0.7, beta2=0.999,
+    lr_drops="4,5.5", log_every=5,
+)
 def train_cmd(init, data_dir, out_dir, **kwargs):
     """Finetune Mask R-CNN end to end: AdamW, layer decay 0.7, warmup, x0.1 at 2/3 and 11/12 of the run (ViTDet's
     1x: epochs 8 and 11 of 12). The defaults are the embedded default's; see README.md for COCO's.
@@ -606,9 +731,10 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
         # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round coordinates by up to
         # 4 px at 1024: the heads run in fp32 and only the backbone under autocast (ViTBackbone), so fit adds none
-        metrics = engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
-                             precision=lambda device: contextlib.nullcontext(),
-                             collate_fn=collate)
+        metrics = engine.fit(
+            model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
+            precision=lambda device: contextlib.nullcontext(), collate_fn=collate,
+        )
         if dd.main and metrics:
             print(f"held-out COCO metrics, {len(val_set)} images of {root}/val2017:\n{table(metrics)}")
 
@@ -627,7 +753,9 @@ def trained_detector(ckpt, data_dir):
 
 @main.command("eval")
 @click.option("--ckpt", default=None, help="a detect.py checkpoint (out/detect/checkpoint.pt)")
-@click.option("--init", default=None, help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)")
+@click.option(
+    "--init", default=None, help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)"
+)
 @data_options
 @model_options
 @click.option("--batch-size", type=cli.POSITIVE, default=4, show_default=True, help="images per evaluation batch")

@@ -13,6 +13,7 @@ temporary and renamed, the best one before the last); SIGINT / SIGTERM (a checkp
 step, and a rerun continues from that step, bit-exact on CPU); a full disk (the last good checkpoint
 stays); a second run on the same out-dir (a lock); a rank that stops (every rank stops with the same line).
 """
+
 import fcntl
 import hashlib
 import itertools
@@ -170,7 +171,7 @@ class Recipe:
     grad_ckpt: bool = False  # activation checkpointing in the ViT blocks: less memory, ~1/3 more compute
     log_every: int = 50  # optimizer steps
     save_every_min: float = 0.0  # also checkpoint within an epoch every this many minutes; 0: at epoch ends only
-    lr_drops: tuple = ()  # a step schedule: epochs where the lr drops x0.1, e.g. (8, 11) (Detectron's 1x of 12); (): cosine
+    lr_drops: tuple = ()  # a step schedule: epochs where the lr drops x0.1, e.g. (8, 11) (Detectron's 1x); (): cosine
     resume_changed: bool = False  # resume a run whose checkpoint has another recipe, with the new values
 
 
@@ -202,8 +203,14 @@ def layer_id(name, depth):
 def param_groups(model, weight_decay, layer_decay):
     """AdamW groups: no decay on norms, biases, tokens and position embeddings (ndim < 2),
     and, with layer_decay < 1, lr scaled by layer_decay ** (depth + 1 - layer)."""
-    depth = 1 + max((int(encoder_name(n).split(".")[1]) for n, _ in model.named_parameters()
-                     if encoder_name(n).startswith("blocks.")), default=-1)
+    depth = 1 + max(
+        (
+            int(encoder_name(n).split(".")[1])
+            for n, _ in model.named_parameters()
+            if encoder_name(n).startswith("blocks.")
+        ),
+        default=-1,
+    )
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -212,8 +219,11 @@ def param_groups(model, weight_decay, layer_decay):
         layer = layer_id(name, depth)
         key = (layer, decay)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": layer_decay ** (depth + 1 - layer)}
+            groups[key] = {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": layer_decay ** (depth + 1 - layer),
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -278,8 +288,10 @@ def take_lock(out_dir):
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
-        fail(f"--out-dir {out_dir} is in use by another run ({holder}, {out_dir / '.lock'}); "
-             "wait for it to end, or pass another --out-dir")
+        fail(
+            f"--out-dir {out_dir} is in use by another run ({holder}, {out_dir / '.lock'}); "
+            "wait for it to end, or pass another --out-dir"
+        )
     except OSError as e:  # a file system without flock (Lustre mounted without -o flock): run unlocked, and say so
         print(f"note: {out_dir} cannot be locked ({first_line(e)}); make sure no other run writes there")
     lock.truncate(0)
@@ -388,8 +400,10 @@ def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
     workers = (8 if dd.device.type == "cuda" else 0) if workers < 0 else workers
     if data.skips_bad_files(dataset):
         collate_fn = partial(data.skip_none_collate, collate=collate_fn or default_collate)
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=dd.device.type == "cuda",
-                      drop_last=train, persistent_workers=workers > 0, collate_fn=collate_fn)
+    return DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=dd.device.type == "cuda", drop_last=train,
+        persistent_workers=workers > 0, collate_fn=collate_fn,
+    )
 
 
 @torch.no_grad()
@@ -425,8 +439,10 @@ def evaluate(model, loader, dd, seed, precision=autocast):
 # ---------------------------------------------------------------- the loop
 
 
-def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=None, collate_fn=None,
-        train_collate_fn=None, precision=autocast, on_epoch=None):
+def fit(
+    model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=None, collate_fn=None,
+    train_collate_fn=None, precision=autocast, on_epoch=None,
+):
     """Train `model` (forward(x, y) -> (loss, metrics)) and return the last held-out metrics.
 
     evaluate_fn(model, val_loader, dd, seed) -> {name: float} runs after every epoch (default:
@@ -438,26 +454,34 @@ def fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, e
     called before each epoch (0-based).
     """
     out_dir = Path(out_dir)
-    train_loader = make_loader(train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True,
-                               train_collate_fn or collate_fn)
+    train_loader = make_loader(
+        train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True, train_collate_fn or collate_fn
+    )
     val_loader = make_loader(val_set, recipe.batch_size, dd, recipe.seed, recipe.workers, False, collate_fn)
     steps_per_epoch, eff_batch, lr, schedule = lr_schedule(recipe, len(train_loader), dd.world)
     model.to(dd.device)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr,
-                                  betas=(0.9, recipe.beta2))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, recipe.beta2)
+    )
     with out_dir_lock(out_dir, dd), stop_on_signals() as signals:
         progress = resume(out_dir / "checkpoint.pt", model, optimizer, config, dd, steps_per_epoch)
         if progress.epoch >= recipe.epochs:
             if dd.main:
-                print(f"{out_dir / 'checkpoint.pt'} is a finished run of {progress.epoch} epochs: nothing to train "
-                      "(raise --epochs to continue it)")
+                print(
+                    f"{out_dir / 'checkpoint.pt'} is a finished run of {progress.epoch} epochs: nothing to train "
+                    "(raise --epochs to continue it)"
+                )
             return progress.metrics
         if dd.main:
-            print(f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = "
-                  f"{eff_batch} effective; base lr {recipe.blr:.3g} -> lr {lr:.3g}; {steps_per_epoch} steps/epoch, "
-                  f"{recipe.epochs * steps_per_epoch} steps in all; device {dd.device}")
-        loop = Loop(model, wrap(model, recipe, dd), optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch,
-                    precision, signals, train_loader, progress)
+            print(
+                f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = "
+                f"{eff_batch} effective; base lr {recipe.blr:.3g} -> lr {lr:.3g}; {steps_per_epoch} steps/epoch, "
+                f"{recipe.epochs * steps_per_epoch} steps in all; device {dd.device}"
+            )
+        loop = Loop(
+            model, wrap(model, recipe, dd), optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch,
+            precision, signals, train_loader, progress,
+        )
         with open(out_dir / "log.jsonl", "a") if dd.main else nullcontext() as loop.log:
             for epoch in range(progress.epoch, recipe.epochs):
                 first_step = progress.epoch_step if epoch == progress.epoch else 0
@@ -483,6 +507,7 @@ def wrap(model, recipe, dd):
 class Progress:
     """Where a run stands: epochs done, optimizer steps done in the next one (a checkpoint written at a stop
     or by --save-every-min), unreadable files skipped in those steps, the best metric and the last metrics."""
+
     epoch: int = 0
     epoch_step: int = 0
     skipped: int = 0
@@ -493,8 +518,10 @@ class Progress:
 class Loop:
     """What the loop carries from step to step, and the steps: train_one_epoch, after_step, end_of_epoch, save."""
 
-    def __init__(self, raw, model, optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch, precision,
-                 signals, train_loader, progress):
+    def __init__(
+        self, raw, model, optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch, precision, signals,
+        train_loader, progress,
+    ):
         self.raw, self.model = raw, model  # raw: unwrapped and uncompiled, what checkpoints hold and evaluate runs
         self.optimizer, self.schedule, self.recipe, self.dd, self.config = optimizer, schedule, recipe, dd, config
         self.out_dir, self.ckpt_path, self.steps_per_epoch = out_dir, out_dir / "checkpoint.pt", steps_per_epoch
@@ -512,8 +539,10 @@ class Loop:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches, first = self.steps_per_epoch * r.accum, first_step * r.accum
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{r.epochs}", disable=not dd.main, leave=False,
-                   initial=first, total=micro_batches)
+        bar = tqdm(
+            self.loader, desc=f"epoch {epoch + 1}/{r.epochs}", disable=not dd.main, leave=False, initial=first,
+            total=micro_batches,
+        )
         self.t_epoch = self.t_log = t0 = time.perf_counter()
         self.t_data, self.n_img, loss = 0.0, 0, None
         for i, batch in enumerate(bar, start=first):
@@ -557,8 +586,14 @@ class Loop:
         self.check_finite(value, step, bad)
         if logging and self.dd.main:
             elapsed = time.perf_counter() - self.t_log
-            row = {"epoch": epoch + 1, "step": step, "lr": step_lr, **{k: v.item() for k, v in metrics.items()},
-                   "img_per_s": self.n_img / elapsed, "data_share": self.t_data / elapsed}
+            row = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": step_lr,
+                **{k: v.item() for k, v in metrics.items()},
+                "img_per_s": self.n_img / elapsed,
+                "data_share": self.t_data / elapsed,
+            }
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{row['img_per_s']:.0f}")
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
@@ -588,14 +623,19 @@ class Loop:
             if dd.main:
                 done = epoch + 1 - self.first_epoch
                 eta = (time.perf_counter() - self.t_run) / done * (self.recipe.epochs - epoch - 1)
-                summary = {"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch,
-                           "epoch_s": time.perf_counter() - self.t_epoch,
-                           **({"skipped_files": skipped} if skipped else {}),
-                           **{f"val_{k}": v for k, v in metrics.items()}}
+                summary = {
+                    "epoch": epoch + 1,
+                    "step": (epoch + 1) * self.steps_per_epoch,
+                    "epoch_s": time.perf_counter() - self.t_epoch,
+                    **({"skipped_files": skipped} if skipped else {}),
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                }
                 report_epoch(summary, self.log, eta if epoch + 1 < self.recipe.epochs else None)
                 if best_key is not None and best_key not in metrics:
-                    fail(f"the held-out evaluation gave no {best_key!r} to keep the best checkpoint by "
-                         f"(it gave {', '.join(metrics) or 'nothing'})")
+                    fail(
+                        f"the held-out evaluation gave no {best_key!r} to keep the best checkpoint by "
+                        f"(it gave {', '.join(metrics) or 'nothing'})"
+                    )
                 improved = best_key is not None and metrics[best_key] > self.best
                 self.best = metrics[best_key] if improved else self.best
         self.metrics, self.skipped = metrics, 0
@@ -610,11 +650,18 @@ class Loop:
         skipped = sum(gather(self.dd, self.skipped))
         with together(self.dd):
             if self.dd.main:
-                state = {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "epoch": epochs_done, "epoch_step": epoch_step, "skipped": skipped,
-                         "step": epochs_done * self.steps_per_epoch + epoch_step,
-                         "steps_per_epoch": self.steps_per_epoch, "config": self.config, "best": self.best,
-                         "metrics": self.metrics}
+                state = {
+                    "model": self.raw.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "epoch": epochs_done,
+                    "epoch_step": epoch_step,
+                    "skipped": skipped,
+                    "step": epochs_done * self.steps_per_epoch + epoch_step,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "config": self.config,
+                    "best": self.best,
+                    "metrics": self.metrics,
+                }
                 if improved:
                     save_checkpoint(self.out_dir / "checkpoint_best.pt", state)
                 save_checkpoint(self.ckpt_path, state)
@@ -630,8 +677,10 @@ def report_epoch(summary, log, eta_s=None):
     """An epoch's summary row (plus peak memory on CUDA) printed, with the time left, and appended to log.jsonl."""
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-          + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else ""))
+    print(
+        " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+        + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else "")
+    )
     log.write(json.dumps(summary) + "\n")
     log.flush()
 
@@ -644,9 +693,11 @@ def lr_schedule(recipe, batches, world):
         fail(f"--accum {recipe.accum} is more than the {batches} batches of an epoch")
     eff_batch = recipe.batch_size * recipe.accum * world
     lr = recipe.blr * eff_batch / 256
-    schedule = partial(lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch),
-                       total_steps=recipe.epochs * steps_per_epoch, min_lr=recipe.min_lr,
-                       drop_steps=[int(e * steps_per_epoch) for e in recipe.lr_drops])
+    schedule = partial(
+        lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch),
+        total_steps=recipe.epochs * steps_per_epoch, min_lr=recipe.min_lr,
+        drop_steps=[int(e * steps_per_epoch) for e in recipe.lr_drops],
+    )
     return steps_per_epoch, eff_batch, lr, schedule
 
 
@@ -670,17 +721,26 @@ def check_same_run(path, old_config, config):
     """Stops when the checkpoint at path is of another model or data, or of another recipe or data location
     unless --resume-changed."""
     old, new = flat(old_config), flat(config)
-    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
-               and k.removeprefix("recipe.") not in RESUMABLE and not (k == DATA_DIR and k not in old)]
+    changed = [
+        k
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+        and k.removeprefix("recipe.") not in RESUMABLE
+        and not (k == DATA_DIR and k not in old)
+    ]
     described = [f"{k.removeprefix('recipe.')}: {old.get(k)} -> {new.get(k)}" for k in changed]
     run_changed = [d for k, d in zip(changed, described) if not k.startswith("recipe.") and k != DATA_DIR]
     if run_changed:
-        fail(f"{path} holds a run of another model or data ({', '.join(run_changed[:4])}); "
-             "pass a new --out-dir, or delete it to start over")
+        fail(
+            f"{path} holds a run of another model or data ({', '.join(run_changed[:4])}); "
+            "pass a new --out-dir, or delete it to start over"
+        )
     if changed and not config.get("recipe", {}).get("resume_changed"):
         what = "data location" if changed == [DATA_DIR] else "recipe" + (" and data location" * (DATA_DIR in changed))
-        fail(f"{path} was trained with another {what} ({', '.join(described)}); "
-             "rerun with its flags, or add --resume-changed to continue with the new values")
+        fail(
+            f"{path} was trained with another {what} ({', '.join(described)}); "
+            "rerun with its flags, or add --resume-changed to continue with the new values"
+        )
 
 
 def read_run_checkpoint(path, config):
@@ -688,8 +748,9 @@ def read_run_checkpoint(path, config):
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        fail(f"{path} has no {', '.join(missing)}: not a checkpoint that a run of ours wrote; "
-             "move it away to start over")
+        fail(
+            f"{path} has no {', '.join(missing)}: not a checkpoint that a run of ours wrote; move it away to start over"
+        )
     check_same_run(path, ckpt.get("config", {}), config)
     return ckpt
 
@@ -709,8 +770,10 @@ def resume(ckpt_path, model, optimizer, config, dd, steps_per_epoch):
     if odd is not None:
         (at, path), step = seen[odd], seen[0][0][1]
         sees = f"a checkpoint at step {at[1]}" if at else "no checkpoint"
-        fail(f"rank {odd} sees {sees} at {path} where rank 0 resumes from step {step}: every process must see "
-             "the same --out-dir; put it on a file system that all nodes share")
+        fail(
+            f"rank {odd} sees {sees} at {path} where rank 0 resumes from step {step}: every process must see "
+            "the same --out-dir; put it on a file system that all nodes share"
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     epoch_step = ckpt.get("epoch_step", 0) * steps_per_epoch // ckpt.get("steps_per_epoch", steps_per_epoch)

@@ -15,6 +15,7 @@ y1. Every panel is PANEL x PANEL inches at DPI, so a figure of c x r panels is e
 
 At the end, `plot_runs`: the training curves of runs side by side, from their log.jsonl.
 """
+
 import json
 import math
 from pathlib import Path
@@ -48,7 +49,9 @@ def predict_all_pairs(model, patches, chunk=4096):
     B, N = patches.shape[:2]
     x = model.encoder.forward_features(patches)  # (B, N, D)
     pairs = all_pairs(N, patches.device).expand(B, -1, -1)  # (B, N*N, 2)
-    pred = torch.cat([model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1)  # (B, N*N, 2|4)
+    pred = torch.cat(
+        [model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1
+    )  # (B, N*N, 2|4)
     return pred.float().reshape(B, N, N, -1)
 
 
@@ -87,7 +90,9 @@ def patch_uncertainty(placed):
     """Each patch's uncertainty (Figure 5): the RMS distance, in pixels, of the N-1 centres that the
     other patches predict for it from their mean. placed (N, N, 4) -> (N,)."""
     N = placed.shape[0]
-    centres = off_diagonal(part.centres_sizes(placed)[0].transpose(0, 1)).reshape(N, N - 1, 2)  # [j] = j's centre from every i != j
+    centres = off_diagonal(part.centres_sizes(placed)[0].transpose(0, 1)).reshape(
+        N, N - 1, 2
+    )  # [j] = j's centre from every i != j
     return (centres - centres.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1).sqrt()
 
 
@@ -103,7 +108,10 @@ OUTPUT_NAMES = ("dx", "dy", "dw", "dh")
 
 def correlations(a, b):
     """Per output, the correlation of a and b over the pairs i != j: (N, N, k) twice -> {"dx": r, ...}."""
-    return {name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k])) for k, name in enumerate(OUTPUT_NAMES[: a.shape[-1]])}
+    return {
+        name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k]))
+        for k, name in enumerate(OUTPUT_NAMES[: a.shape[-1]])
+    }
 
 
 def symmetry_scores(pred):
@@ -137,7 +145,9 @@ TARGET_COLOURS = ("tab:orange", "gold", "tab:cyan", "tab:pink")  # the paper's F
 
 
 def figure(cols, rows=1):
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL, rows * PANEL), dpi=DPI, layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * PANEL, rows * PANEL), dpi=DPI, layout="constrained", squeeze=False
+    )
     return fig, axes
 
 
@@ -152,7 +162,9 @@ def imshow(ax, pixels, box, **kwargs):
     pixels = pixels.clamp(0, 1).numpy()
     grey = pixels.shape[0] != 3
     img = pixels[0] if grey else pixels.transpose(1, 2, 0)  # (h, w) or (h, w, 3)
-    ax.imshow(img, extent=(x0, x1, y1, y0), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest", **kwargs)
+    ax.imshow(
+        img, extent=(x0, x1, y1, y0), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest", **kwargs
+    )
 
 
 def outline(ax, box, colour, width=1.5):
@@ -238,7 +250,9 @@ def symmetry(path, pred, target, order, shuffled, names):
     Grey is zero, bright positive, dark negative, on one scale per row."""
     rows = pred.shape[-1]
     fig, axes = figure(4, rows)
-    columns = (("predicted", pred, order), ("true", target, order), ("predicted", pred, shuffled), ("true", target, shuffled))
+    columns = (
+        ("predicted", pred, order), ("true", target, order), ("predicted", pred, shuffled), ("true", target, shuffled),
+    )
     for k, name in enumerate(names):
         log = name in ("dw", "dh")  # sizes are ratios: log puts "same size" at grey
         mats = [(m[..., k].clamp_min(1e-3).log() if log else m[..., k])[idx][:, idx] for _, m, idx in columns]
@@ -248,7 +262,9 @@ def symmetry(path, pred, target, order, shuffled, names):
             im = ax.imshow(m.numpy(), cmap="gray", vmin=-vmax, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{kind} {'log ' if log else ''}{name}, {'ordered' if idx is order else 'shuffled'}", fontsize=9)
+            ax.set_title(
+                f"{kind} {'log ' if log else ''}{name}, {'ordered' if idx is order else 'shuffled'}", fontsize=9
+            )
         fig.colorbar(im, ax=axes[k, :], shrink=0.8)
     save(fig, path)
 
@@ -271,14 +287,26 @@ def errors(path, error_px, zero_px):
 # ---------------------------------------------------------------- one image end to end
 
 
+def report_symmetry(pred, truth, scale):
+    """Figure 6's numbers printed: negative symmetry of the prediction matrices and their correlation with the
+    truth -> (the outputs' names, the symmetry scores, the correlations)."""
+    names = OUTPUT_NAMES[: pred.shape[-1]]
+    mirrored, agreement = symmetry_scores(pred), correlations(pred, truth)
+    print("  Figure 6, negative symmetry corr(P, -P^T): " + " ".join(f"{k} {v:.3f}" for k, v in mirrored.items())
+          + "; correlation with the truth: " + " ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    if scale:
+        print("  (offgrid-scale: shifts are in the reference's size, so dx, dy are scored as dx_ij = -dx_ji * dw_ij; "
+              "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
+    return names, mirrored, agreement
+
+
 def show_image(model, name, image, ref, target, seed, out_dir):
     """Figures 4-6 and the numbers behind them for one uint8 image (C, H, W)."""
     P, scale = model.cfg.vit.patch_size, model.scale
     torch.manual_seed(seed)  # the same boxes and shuffle for every image of one size
     patches, boxes = model.sample(image[None])  # (1, N, C, P, P), (1, N, 4)
     pred = predict_all_pairs(model, patches)[0]  # (N, N, 2|4): pred[i, j] = target j from reference i
-    boxes = boxes[0]
-    N = len(boxes)
+    boxes, N = boxes[0], boxes.shape[1]  # (N, 4)
     truth = all_pair_targets(boxes, scale)  # (N, N, 2|4)
     pixels = image.float() / 255  # (C, H, W) for display
     crops = part.crop_patches(pixels[None], boxes[None], P, scale)[0]  # (N, C, P, P): what the model saw, unnormalised
@@ -288,8 +316,6 @@ def show_image(model, name, image, ref, target, seed, out_dir):
             raise part.ConfigError(f"{flag} {index} is not a patch: the checkpoint samples {N} patches, 0..{N - 1}")
     if ref < 0:  # the patch nearest the image centre sees the others in every direction
         ref = int((centre - torch.tensor([image.shape[2], image.shape[1]]) / 2).norm(dim=1).argmin())
-
-    # Figure 4: every patch placed from one reference
     placed = placed_boxes(boxes, pred)  # (N, N, 4)
     err_px = off_diagonal(placement_errors(boxes, placed))  # (N*(N-1),)
     zero_px = off_diagonal(placement_errors(boxes, boxes[:, None].expand(N, N, 4)))  # every patch on its reference
@@ -297,27 +323,27 @@ def show_image(model, name, image, ref, target, seed, out_dir):
     zero_ref = off_diagonal(truth[..., :2].norm(dim=-1))
     row = slice(ref * (N - 1), (ref + 1) * (N - 1))  # the reference's own pairs in off-diagonal order
     print(f"{name}: {N} {model.cfg.sampler} patches of {P} px, all {N * N} ordered pairs predicted")
-    print(f"  Figure 4, off-grid reconstruction from reference #{ref} at ({centre[ref, 0]:.1f}, {centre[ref, 1]:.1f}): "
-          f"mean placement error {err_px[row].mean():.2f} px = {err_ref[row].mean():.3f} reference sizes over {N - 1} targets "
-          f"(all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); "
-          f"over all {N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: {zero_px.mean():.2f} px = {zero_ref.mean():.3f})")
+    print(  # Figure 4
+        f"  Figure 4, off-grid reconstruction from reference #{ref} at ({centre[ref, 0]:.1f}, {centre[ref, 1]:.1f}): "
+        f"mean placement error {err_px[row].mean():.2f} px = {err_ref[row].mean():.3f} reference sizes over {N - 1} "
+        "targets "
+        f"(all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); "
+        f"over all {N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: "
+        f"{zero_px.mean():.2f} px = {zero_ref.mean():.3f})"
+    )
 
     # Figure 5: how much the references agree on each patch
     spread = patch_uncertainty(placed)  # (N,)
     targets = [target] if target >= 0 else [int(spread.argmin()), int(spread.argmax())]
     contrast = crops.flatten(1).std(dim=1)  # a flat patch could sit anywhere alike
-    print(f"  Figure 5, patch uncertainty (RMS spread of a patch's {N - 1} predicted centres): median {spread.median():.2f} px, "
-          + ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
-          + f"; correlation with the patch's pixel std {pearson(spread, contrast):+.2f}")
+    print(
+        f"  Figure 5, patch uncertainty (RMS spread of a patch's {N - 1} predicted centres): median "
+        f"{spread.median():.2f} px, "
+        + ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
+        + f"; correlation with the patch's pixel std {pearson(spread, contrast):+.2f}"
+    )
 
-    # Figure 6: the N x N prediction matrices
-    names = OUTPUT_NAMES[: pred.shape[-1]]
-    mirrored, agreement = symmetry_scores(pred), correlations(pred, truth)
-    print("  Figure 6, negative symmetry corr(P, -P^T): " + " ".join(f"{k} {v:.3f}" for k, v in mirrored.items())
-          + "; correlation with the truth: " + " ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
-    if scale:
-        print("  (offgrid-scale: shifts are in the reference's size, so dx, dy are scored as dx_ij = -dx_ji * dw_ij; "
-              "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
+    names, mirrored, agreement = report_symmetry(pred, truth, scale)  # Figure 6: the N x N prediction matrices
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry", "errors")]
@@ -326,10 +352,10 @@ def show_image(model, name, image, ref, target, seed, out_dir):
     order = raster_order(boxes, P)
     symmetry(paths[2], pred, truth, order, torch.randperm(N), names)
     errors(paths[3], err_px, zero_px)
-    numbers = {"image": name, "sampler": model.cfg.sampler, "patch_size": P, "reference": ref, "targets": targets,
-               "boxes": boxes.tolist(), "pred": pred.tolist(), "truth": truth.tolist(), "uncertainty_px": spread.tolist(),
-               "placement_error_px": err_px[row].mean().item(), "placement_error_ref": err_ref[row].mean().item(),
-               "symmetry": mirrored, "correlation_with_truth": agreement, "raster_order": order.tolist()}
+    numbers = dict(image=name, sampler=model.cfg.sampler, patch_size=P, reference=ref, targets=targets,
+                   boxes=boxes.tolist(), pred=pred.tolist(), truth=truth.tolist(), uncertainty_px=spread.tolist(),
+                   placement_error_px=err_px[row].mean().item(), placement_error_ref=err_ref[row].mean().item(),
+                   symmetry=mirrored, correlation_with_truth=agreement, raster_order=order.tolist())
     (out_dir / f"{name}_numbers.json").write_text(json.dumps(numbers))
     print("  wrote " + ", ".join(str(p) for p in paths) + f" and {name}_numbers.json")
 
@@ -364,11 +390,13 @@ def plot_runs(out_dirs, path):
     fig, axes = figure(cols, math.ceil(len(keys) / cols))
     for ax, key in zip(axes.flat, keys):
         for i, (name, rows) in enumerate(runs):
-            points = [(row["step"], row[key]) for row in rows if key in row]  # (step, value); none where the run lacks the key
+            points = [
+                (row["step"], row[key]) for row in rows if key in row
+            ]  # (step, value); none where the run lacks the key
             if points:  # a run keeps its colour in every panel; epochs are few, so their points are marked
                 ax.plot(*zip(*points), color=f"C{i}", label=name, marker="." if key in held_out else None)
         ax.set(title=key, xlabel="step")
         ax.legend(fontsize="small")
-    for ax in axes.flat[len(keys):]:
+    for ax in axes.flat[len(keys) :]:
         ax.axis("off")
     save(fig, path)

@@ -10,6 +10,7 @@ writes and `_parse_model_cfg` reads (timm/models/_hub.py): the architecture (a r
 function), model_args (keyword arguments that override its defaults), the pretrained_cfg (input and
 preprocessing) and, for information, num_classes, num_features and global_pool.
 """
+
 import json
 import os
 from pathlib import Path
@@ -19,8 +20,16 @@ from safetensors.torch import save_file
 import part
 
 # the timm model function named for each preset of the same size; model_args override all its sizes
-TIMM_ARCHITECTURES = {"vit_tiny": "vit_tiny_patch16_224", "vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224"}
-PHOTOS = ("in1k", "imagefolder", "images")  # data.eval_transform's DeiT centre crop (crop_pct 0.875); other sets are resized only
+TIMM_ARCHITECTURES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_s": "vit_small_patch16_224",
+    "vit_b": "vit_base_patch16_224",
+}
+PHOTOS = (
+    "in1k",
+    "imagefolder",
+    "images",
+)  # data.eval_transform's DeiT centre crop (crop_pct 0.875); other sets are resized only
 PROBE_EPS = 1e-6  # the eps of part.Classifier's linear-probe BatchNorm
 
 
@@ -34,7 +43,10 @@ def timm_architecture(vit):
     """The name of timm's ViT of the same width, depth and heads, else ViT-B's: it only supplies
     defaults that model_args override, so any would rebuild the model; the name tells its size."""
     size = {k: vit[k] for k in ("embed_dim", "depth", "num_heads")}
-    return next((name for preset, name in TIMM_ARCHITECTURES.items() if part.PRESETS[preset] == size), TIMM_ARCHITECTURES["vit_b"])
+    return next(
+        (name for preset, name in TIMM_ARCHITECTURES.items() if part.PRESETS[preset] == size),
+        TIMM_ARCHITECTURES["vit_b"],
+    )
 
 
 def timm_model_args(model_config, kind, positions):
@@ -47,12 +59,22 @@ def timm_model_args(model_config, kind, positions):
         global_pool = {"cls": "token", "avg": "avg"}[vit["pool"]]
     else:  # the bare encoder; its features are the mean of the patch tokens
         class_token, num_classes, global_pool = False, 0, "avg"
-    return dict(img_size=list(model_config["img_size"]), patch_size=vit["patch_size"], in_chans=vit["in_chans"],
-                embed_dim=vit["embed_dim"], depth=vit["depth"], num_heads=vit["num_heads"], mlp_ratio=vit["mlp_ratio"],
-                qkv_bias=True, class_token=class_token, pos_embed="learn" if positions else "none",
-                no_embed_class=False,  # a class token's position slot is first, added after it is prepended (ours)
-                global_pool=global_pool, fc_norm=False,  # the final norm before pooling, not after it
-                num_classes=num_classes)
+    return dict(
+        img_size=list(model_config["img_size"]),
+        patch_size=vit["patch_size"],
+        in_chans=vit["in_chans"],
+        embed_dim=vit["embed_dim"],
+        depth=vit["depth"],
+        num_heads=vit["num_heads"],
+        mlp_ratio=vit["mlp_ratio"],
+        qkv_bias=True,
+        class_token=class_token,
+        pos_embed="learn" if positions else "none",
+        no_embed_class=False,  # a class token's position slot is first, added after it is prepended (ours)
+        global_pool=global_pool,
+        fc_norm=False,  # the final norm before pooling, not after it
+        num_classes=num_classes,
+    )
 
 
 def timm_config(model_config, kind, data_name, positions):
@@ -75,11 +97,18 @@ def timm_config(model_config, kind, data_name, positions):
         "num_classes": args["num_classes"],
         "first_conv": "patch_embed.proj",
         "classifier": "head",
-        "description": f"{what}" + (f" on {data_name}" if data_name else "") + ", PART reference implementation (train.py export)",
+        "description": f"{what}"
+        + (f" on {data_name}" if data_name else "")
+        + ", PART reference implementation (train.py export)",
     }
-    return {"architecture": timm_architecture(model_config["vit"]), "num_classes": args["num_classes"],
-            "num_features": args["embed_dim"], "global_pool": args["global_pool"], "model_args": args,
-            "pretrained_cfg": pretrained_cfg}
+    return {
+        "architecture": timm_architecture(model_config["vit"]),
+        "num_classes": args["num_classes"],
+        "num_features": args["embed_dim"],
+        "global_pool": args["global_pool"],
+        "model_args": args,
+        "pretrained_cfg": pretrained_cfg,
+    }
 
 
 def fold_probe_head(state, eps=PROBE_EPS):

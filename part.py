@@ -18,6 +18,7 @@ that finetunes any encoder, and kNN on frozen features -> checkpoint helpers.
 
     python train.py pretrain          # trains PART on Fashion-MNIST
 """
+
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -78,7 +79,9 @@ def crop_patches(images, boxes, P, scaled=False):
     adaptive rule is not used for P-sided boxes, whose float width P + eps would get two.
     A signal is read as an image one pixel high and a window (t0, t1) as the box (t0, 0, t1, 1).
     """
-    from torchvision.ops import roi_align  # imported here: torchvision brings PIL and its datasets, which part.py needs not
+    from torchvision.ops import (
+        roi_align,
+    )  # imported here: torchvision brings PIL and its datasets, which part.py needs not
 
     if images.ndim == 3:
         zero = torch.zeros_like(boxes[..., :1])
@@ -88,8 +91,10 @@ def crop_patches(images, boxes, P, scaled=False):
     C = images.shape[1]
     index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(N)[:, None]
     rois = torch.cat([index, boxes.reshape(B * N, 4)], dim=1)  # (B*N, 5): batch index, x0, y0, x1, y1
-    patches = roi_align(images, rois.to(images.dtype), output_size=P, spatial_scale=1.0, sampling_ratio=-1 if scaled else 1,
-                        aligned=True)
+    patches = roi_align(
+        images, rois.to(images.dtype), output_size=P, spatial_scale=1.0, sampling_ratio=-1 if scaled else 1,
+        aligned=True,
+    )
     return patches.reshape(B, N, C, *patches.shape[-2:])
 
 
@@ -188,7 +193,9 @@ class ViTConfig:
     pos_grid: tuple = ()  # token grid of the learnable position embeddings, () for none
     num_classes: int = 0  # 0: no head, forward returns pooled features
     pool: str = "cls"  # "cls" or "avg"
-    fc_norm: bool = False  # a new LayerNorm after avg pooling in place of the final norm on the tokens (MAE's global pool)
+    fc_norm: bool = (
+        False  # a new LayerNorm after avg pooling in place of the final norm on the tokens (MAE's global pool)
+    )
 
 
 PRESETS = {  # widths and depths of DeiT / timm
@@ -331,7 +338,9 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         windows = [0 if i in cfg.global_blocks else cfg.window for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, r, w) for r, w in zip(rates, windows))
-        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)  # MAE's models_vit.py deletes norm for fc_norm
+        self.norm = (
+            nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)
+        )  # MAE's models_vit.py deletes norm for fc_norm
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False  # timm's name; a memory setting, not part of the model (train.fit sets it)
@@ -473,8 +482,12 @@ class CrossAttentionHead(nn.Module):
         """x (B, N, D), pairs (B, K, 2) -> (B, K, n_out)."""
         B, N, D = x.shape
         w = self.query.weight.view(D, 2, D).transpose(0, 1).reshape(2 * D, D) / math.sqrt(D)  # [W_ref; W_tgt] / sqrt(D)
-        q = F.linear(x, w).view(B, N, 2, D).transpose(1, 2).reshape(B, 2 * N, D)  # (B, 2N, D): W_ref x_i, then W_tgt x_i
-        tables = q @ x.transpose(1, 2)  # (B, 2N, N): row i (or N + i) = token i's score for every key as reference (target)
+        q = (
+            F.linear(x, w).view(B, N, 2, D).transpose(1, 2).reshape(B, 2 * N, D)
+        )  # (B, 2N, D): W_ref x_i, then W_tgt x_i
+        tables = q @ x.transpose(
+            1, 2
+        )  # (B, 2N, N): row i (or N + i) = token i's score for every key as reference (target)
         rows = pairs + torch.tensor([0, N], device=pairs.device)  # (B, K, 2): each pair's rows in the tables
         scores = take_rows(tables, rows.reshape(B, -1)).view(B, -1, 2, N).sum(dim=2)  # (B, K, N)
         scores = scores + (x @ self.query.bias / math.sqrt(D))[:, None]  # + b . x_j / sqrt(D)
@@ -613,7 +626,9 @@ class InputConfig:
         self.vit = ViTConfig(**self.vit) if isinstance(self.vit, dict) else self.vit
         self.img_size, P = tuple(self.img_size), self.vit.patch_size
         if len(self.img_size) != self.vit.patch_ndim:
-            raise ConfigError(f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}")
+            raise ConfigError(
+                f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}"
+            )
         if any(s % P for s in self.img_size):
             raise ConfigError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
         self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
@@ -670,15 +685,19 @@ class PARTConfig(InputConfig):
         if self.sampler == "grid" and self.num_patches != grid_n:
             raise ConfigError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
         if self.num_patches > 16 * grid_n:
-            raise ConfigError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
-                              f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
+            raise ConfigError(
+                f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
+                f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)"
+            )
         N, M = self.num_patches, round(self.pos_mask * self.num_patches)
         pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
         if self.pos_mask and M == 0:
             raise ConfigError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
         if self.num_pairs > pairs:
-            raise ConfigError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
-                              + (f" with one of the {M} masked" if self.pos_mask else ""))
+            raise ConfigError(
+                f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
+                + (f" with one of the {M} masked" if self.pos_mask else "")
+            )
 
 
 class PART(nn.Module):
@@ -694,11 +713,16 @@ class PART(nn.Module):
         self.relative.apply(_init_weights)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         if cfg.pos_mask:  # the embeddings of the on-grid patches, saved for finetuning to start from
-            self.register_buffer("fixed_pos_embed", sincos_embed(grid_positions(cfg), cfg.vit.embed_dim)[None])  # (1, N, D)
+            self.register_buffer(
+                "fixed_pos_embed", sincos_embed(grid_positions(cfg), cfg.vit.embed_dim)[None]
+            )  # (1, N, D)
 
     def sample(self, images):
         """uint8 or float inputs (B, C, *size) -> patches (B, N, C, *patch), boxes (B, N, 2d)."""
-        boxes = sample_boxes(len(images), self.cfg.img_size, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler, images.device)
+        boxes = sample_boxes(
+            len(images), self.cfg.img_size, self.cfg.vit.patch_size, self.cfg.num_patches, self.cfg.sampler,
+            images.device,
+        )
         return crop_patches(self.normalize(images), boxes, self.cfg.vit.patch_size, self.scale), boxes
 
     def positions(self, boxes, masked):
@@ -754,13 +778,21 @@ class ClassifierConfig(InputConfig):
             raise ConfigError("--fc-norm normalises the mean of the patch tokens: it needs --pool avg")
         check_share("--pos-mask", self.pos_mask)
         if not self.pos_embed and (self.pos_mask or self.freeze_pos_embed):
-            raise ConfigError("--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze (--freeze-pos-embed)")
+            raise ConfigError(
+                "--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze (--freeze-pos-embed)"
+            )
         if self.freeze_pos_embed and not self.pos_pretrained:
-            raise ConfigError("--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; these weights bring none")
+            raise ConfigError(
+                "--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; these weights "
+                "bring none"
+            )
         # a probed encoder stays as pretrained: with the position embeddings it was pretrained with, if any;
         # random ones it could not adapt to would be noise
         grid = () if not self.pos_embed or (self.linear_probe and not self.pos_pretrained) else self.grid
-        self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool, fc_norm=self.fc_norm)
+        self.vit = replace(
+            self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool,
+            fc_norm=self.fc_norm,
+        )
 
 
 class Classifier(nn.Module):
@@ -774,7 +806,9 @@ class Classifier(nn.Module):
         self.cfg = cfg
         self.encoder = VisionTransformer(cfg.vit)
         if cfg.linear_probe:  # MAE's probe: only a BatchNorm without affine and the linear head learn
-            self.encoder.head = nn.Sequential(nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6), self.encoder.head)
+            self.encoder.head = nn.Sequential(
+                nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6), self.encoder.head
+            )
             for name, p in self.encoder.named_parameters():
                 p.requires_grad = name.startswith("head.")
         if cfg.freeze_pos_embed:  # the class token's slot too: a constant added to a learnt token changes nothing
@@ -818,7 +852,9 @@ def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
     preds = []
     for q in queries.split(chunk):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k) the nearest neighbours
-        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(
+            1, bank_labels[idx], (sim / temperature).exp()
+        )
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
@@ -853,9 +889,13 @@ def vit_of_state(state, fallback):
     D, C, P = weight.shape[0], weight.shape[1], weight.shape[-1]
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * D
-    heads = next((p["num_heads"] for p in PRESETS.values() if (p["embed_dim"], p["depth"]) == (D, depth)), max(1, D // 64))
-    return replace(fallback, embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=hidden / D, in_chans=C, patch_size=P,
-                   patch_ndim=weight.ndim - 2)
+    heads = next(
+        (p["num_heads"] for p in PRESETS.values() if (p["embed_dim"], p["depth"]) == (D, depth)), max(1, D // 64)
+    )
+    return replace(
+        fallback, embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=hidden / D, in_chans=C, patch_size=P,
+        patch_ndim=weight.ndim - 2,
+    )
 
 
 def has_positions(state):
@@ -874,7 +914,11 @@ def adapt_pos_embed(pos_embed, old_grid, model):
     own_prefix = int(model.cfg.class_token)
     if prefix == 0 and own_prefix:
         pos = torch.cat([model.pos_embed[:, :1].detach(), pos], dim=1)
-    how = "kept" if tuple(old_grid) == new_grid else f"interpolated {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
+    how = (
+        "kept"
+        if tuple(old_grid) == new_grid
+        else f"interpolated {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
+    )
     return pos, f"pos_embed {how}" + (", class token's slot new" if prefix == 0 and own_prefix else "")
 
 
@@ -894,8 +938,15 @@ def load_encoder(model, state, source="checkpoint"):
             state.pop(key)
     missing = [k for k in own if k not in state and k not in fresh]
     if missing:
-        raise ConfigError(f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT checkpoint?")
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+        raise ConfigError(
+            f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT "
+            "checkpoint?"
+        )
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if wrong:
         raise ConfigError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
     unexpected = [k for k in state if k not in own]

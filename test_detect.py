@@ -1,4 +1,5 @@
 """Tests for detect.py on CPU with a tiny ViT and small images: `pytest -q test_detect.py`."""
+
 import json
 
 import numpy as np
@@ -15,9 +16,20 @@ LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "lo
 
 
 def tiny_config(masks=True, patch_size=4, window=0, global_blocks=()):
-    vit = part.vit_config("vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16), window=window, global_blocks=global_blocks)
-    return detect.DetectConfig(vit=vit, num_classes=2, masks=masks, img_size=64, rois=32, anchor_size=16, proposals=50,
-                               mean=(0.5,), std=(0.25,))
+    vit = part.vit_config(
+        "vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16), window=window, global_blocks=global_blocks
+    )
+    return detect.DetectConfig(
+        vit=vit,
+        num_classes=2,
+        masks=masks,
+        img_size=64,
+        rois=32,
+        anchor_size=16,
+        proposals=50,
+        mean=(0.5,),
+        std=(0.25,),
+    )
 
 
 @pytest.fixture
@@ -28,8 +40,13 @@ def coco(tmp_path):
 @pytest.fixture
 def part_checkpoint(tmp_path):
     """A PART pretraining checkpoint as engine.fit writes it, of a vit_test / 4 on 16 x 16 images."""
-    cfg = part.PARTConfig(vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16, mean=(0.3,),
-                          std=(0.2,))
+    cfg = part.PARTConfig(
+        vit=part.vit_config("vit_test", patch_size=4, in_chans=1),
+        img_size=(16, 16),
+        num_pairs=16,
+        mean=(0.3,),
+        std=(0.2,),
+    )
     torch.manual_seed(1)
     model = part.PART(cfg)
     path = tmp_path / "part.pt"
@@ -41,8 +58,24 @@ def run_cli(*args):
     return CliRunner().invoke(detect.main, [str(a) for a in args])
 
 
-TINY_RUN = ["--preset", "vit_test", "--img-size", "64", "--rois", "32", "--proposals", "50", "--epochs", "1", "--batch-size", "2",
-            "--blr", "0.01", "--log-every", "1"]
+TINY_RUN = [
+    "--preset",
+    "vit_test",
+    "--img-size",
+    "64",
+    "--rois",
+    "32",
+    "--proposals",
+    "50",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "2",
+    "--blr",
+    "0.01",
+    "--log-every",
+    "1",
+]
 
 # ---------------------------------------------------------------- the backbone
 
@@ -74,14 +107,18 @@ def test_window_attention_covering_the_grid_is_global_attention():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 32)  # (B, h, w, D), neither side a multiple of the window
     assert torch.equal(part.window_unpartition(part.window_partition(x, 3), 3, 2, 5, 7), x)
-    x = x[:, :, :5].reshape(2, 25, 32)  # one window of 5 x 5 tokens, without padding (padded tokens take part as zeros, as in ViTDet)
+    x = x[:, :, :5].reshape(
+        2, 25, 32
+    )  # one window of 5 x 5 tokens, without padding (padded tokens take part as zeros, as in ViTDet)
     attn = part.Attention(32, 2, window=0)
     windowed = part.Attention(32, 2, window=5)
     windowed.load_state_dict(attn.state_dict())
     torch.testing.assert_close(windowed(x, grid=(5, 5)), attn(x, grid=(5, 5)))
     small = part.Attention(32, 2, window=2)
     small.load_state_dict(attn.state_dict())
-    assert not torch.allclose(small(x, grid=(5, 5)), attn(x), atol=1e-4)  # a real restriction, not global attention again
+    assert not torch.allclose(
+        small(x, grid=(5, 5)), attn(x), atol=1e-4
+    )  # a real restriction, not global attention again
 
 
 def test_global_blocks_stay_global_and_the_others_window():
@@ -100,7 +137,9 @@ def targets_for(images, with_masks=True):
     first = {"boxes": boxes, "labels": torch.tensor([1, 2])}
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     if with_masks:
-        first["masks"] = torch.from_numpy(np.stack([square_mask(H, W, 4, 4, 20, 20), square_mask(H, W, 30, 10, 50, 30)]))
+        first["masks"] = torch.from_numpy(
+            np.stack([square_mask(H, W, 4, 4, 20, 20), square_mask(H, W, 30, 10, 50, 30)])
+        )
         empty["masks"] = torch.zeros(0, H, W, dtype=torch.uint8)
     return [first, empty]
 
@@ -108,7 +147,10 @@ def targets_for(images, with_masks=True):
 def test_mask_rcnn_gives_five_losses_in_training_and_detections_in_eval():
     torch.manual_seed(0)
     model = detect.Detector(tiny_config())
-    images = [torch.randint(0, 256, (1, 48, 64), dtype=torch.uint8), torch.randint(0, 256, (1, 40, 56), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (1, 48, 64), dtype=torch.uint8),
+        torch.randint(0, 256, (1, 40, 56), dtype=torch.uint8),
+    ]
     loss, losses = model(images, targets_for(images))
     assert set(losses) == LOSSES | {"loss"} and torch.isfinite(loss)
     loss.backward()
@@ -147,7 +189,9 @@ def test_coco_loader_decodes_polygons_and_rle_and_keeps_empty_images(coco):
     assert torch.equal(target["masks"][1], torch.from_numpy(square_mask(48, 64, 30, 10, 50, 30)))  # RLE: exact
     polygon = target["masks"][0].bool()
     inside = torch.from_numpy(square_mask(48, 64, 4, 4, 20, 20)).bool()
-    assert polygon[inside].all() and (polygon & ~inside).sum() <= 2 * 17 + 1  # rasterised outline may add one row and column
+    assert (
+        polygon[inside].all() and (polygon & ~inside).sum() <= 2 * 17 + 1
+    )  # rasterised outline may add one row and column
 
 
 def test_ground_truth_as_detections_scores_100_ap(coco):
@@ -155,8 +199,12 @@ def test_ground_truth_as_detections_scores_100_ap(coco):
     ds = detect.CocoDetection(coco, "val2017")
     boxes, masks = [], []
     for _, target in (ds[i] for i in range(len(ds))):
-        out = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"])),
-               "masks": target["masks"][:, None].float()}
+        out = {
+            "boxes": target["boxes"],
+            "labels": target["labels"],
+            "scores": torch.ones(len(target["labels"])),
+            "masks": target["masks"][:, None].float(),
+        }
         b, m = detect.image_results(out, int(target["image_id"]), ds.cat_ids)
         boxes, masks = boxes + b, masks + m
     for iou_type, results in (("bbox", boxes), ("segm", masks)):
@@ -182,8 +230,17 @@ def test_train_from_a_part_checkpoint_then_eval(coco, part_checkpoint, tmp_path)
 
 def test_part_weights_reach_the_backbone(part_checkpoint, coco):
     path, pretrained = part_checkpoint
-    cfg, state, _, _ = detect.prepare(str(path), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(),
-                                      anchor_size=16, proposals=50)
+    cfg, state, _, _ = detect.prepare(
+        str(path),
+        str(coco),
+        img_size=64,
+        preset="vit_mini",
+        patch_size=16,
+        window=0,
+        global_blocks=(),
+        anchor_size=16,
+        proposals=50,
+    )
     assert cfg.vit.embed_dim == 32 and cfg.vit.patch_size == 4  # the checkpoint's encoder, not --preset / --patch-size
     encoder = detect.build_detector(cfg, state, str(path)).rcnn.backbone.encoder
     for name, value in pretrained.encoder.state_dict().items():
@@ -196,7 +253,9 @@ def test_box_only_data_trains_without_masks(tmp_path):
     result = run_cli("train", "--data-dir", root, "--init", "scratch", "--out-dir", tmp_path / "run", *TINY_RUN)
     assert result.exit_code == 0, result.output
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ckpt["config"]["model"]["masks"] is False and "AP_box" in ckpt["metrics"] and "AP_mask" not in ckpt["metrics"]
+    assert (
+        ckpt["config"]["model"]["masks"] is False and "AP_box" in ckpt["metrics"] and "AP_mask" not in ckpt["metrics"]
+    )
     assert not any(k.startswith("rcnn.roi_heads.mask") for k in ckpt["model"])
 
 
@@ -230,11 +289,24 @@ def test_a_bare_state_dict_is_read_at_its_own_size_and_a_wrong_checkpoint_named(
     path, pretrained = part_checkpoint
     bare = tmp_path / "vit_test_encoder.pt"
     torch.save(part.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # the weights alone, no config
-    cfg, (state, _), _, _ = detect.prepare(str(bare), str(coco), img_size=64, preset="vit_mini", patch_size=8, window=0,
-                                           global_blocks=(), anchor_size=16, proposals=50)
+    cfg, (state, _), _, _ = detect.prepare(
+        str(bare),
+        str(coco),
+        img_size=64,
+        preset="vit_mini",
+        patch_size=8,
+        window=0,
+        global_blocks=(),
+        anchor_size=16,
+        proposals=50,
+    )
     assert (cfg.vit.embed_dim, cfg.vit.depth, cfg.vit.patch_size) == (32, 2, 4)  # the file's vit_test/4, not the flags'
     result = run_cli("eval", "--ckpt", path)  # a PART checkpoint is not a detector
-    assert result.exit_code != 0 and "part.pt is a PART 2D pretraining checkpoint (train.py pretrain --method part); expected a detector" in result.output
+    assert (
+        result.exit_code != 0
+        and "part.pt is a PART 2D pretraining checkpoint (train.py pretrain --method part); expected a detector"
+        in result.output
+    )
 
 
 def test_pyramid_needs_a_power_of_two_patch_size():
@@ -253,10 +325,19 @@ def test_landscape_and_portrait_reach_the_backbone_on_the_training_grid(monkeypa
         return resize(pos_embed, old_grid, new_grid, num_prefix)
 
     monkeypatch.setattr(part, "resize_pos_embed", recording_resize)
-    images = [torch.randint(0, 256, (1, 30, 50), dtype=torch.uint8), torch.randint(0, 256, (1, 50, 20), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (1, 30, 50), dtype=torch.uint8),
+        torch.randint(0, 256, (1, 50, 20), dtype=torch.uint8),
+    ]
     model(images)
-    targets = [{"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([1]),
-                "masks": torch.zeros(1, *im.shape[1:], dtype=torch.uint8)} for im in images]
+    targets = [
+        {
+            "boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, *im.shape[1:], dtype=torch.uint8),
+        }
+        for im in images
+    ]
     model.train()(images, targets)
     assert seen == [(2, 1, 64, 64)] * 2  # both images on the fixed 64 x 64 canvas, in evaluation and in training
     assert resized == [((16, 16), (16, 16))] * 2  # so the position embeddings are used on their own grid, unresized
@@ -264,7 +345,9 @@ def test_landscape_and_portrait_reach_the_backbone_on_the_training_grid(monkeypa
 
 def test_part_row_uses_its_pretraining_statistics_and_scratch_can_match_its_inputs(part_checkpoint, coco, tmp_path):
     path, _ = part_checkpoint  # pretrained with mean 0.3, std 0.2 on one channel
-    common = dict(img_size=64, preset="vit_test", patch_size=4, window=0, global_blocks=(), anchor_size=16, proposals=50)
+    common = dict(
+        img_size=64, preset="vit_test", patch_size=4, window=0, global_blocks=(), anchor_size=16, proposals=50
+    )
     cfg, _, train_set, _ = detect.prepare(str(path), str(coco), **common)
     assert (cfg.mean, cfg.std, cfg.vit.in_chans, train_set.in_chans) == ((0.3,), (0.2,), 1, 1)
     rgb = tmp_path / "rgb"  # the same data in colour: scratch reads it in colour unless told otherwise
@@ -283,4 +366,8 @@ def test_part_row_uses_its_pretraining_statistics_and_scratch_can_match_its_inpu
 
 def common_flags(options):
     """prepare's keyword arguments as detect.py flags (a tuple as a comma list)."""
-    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else v)]
+    return [
+        a
+        for k, v in options.items()
+        for a in (f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else v)
+    ]

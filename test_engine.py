@@ -1,5 +1,6 @@
 """The engine's faults: what a run survives and how it stops (issues #20 and #24). Each fault ends in the
 right result or one line naming the file or flag, and leaves what was written before as it was (checksums)."""
+
 import errno
 import hashlib
 import json
@@ -47,9 +48,18 @@ def test_an_out_dir_holds_one_run_and_a_killed_holder_leaves_no_lock(fake_fmnist
     assert invoke(*common, "--epochs", 1).exit_code == 0
     before = checksums(out, "*[tl]")  # checkpoint.pt, log.jsonl
     holder = subprocess.Popen(  # another run's lock, taken as fit takes it
-        [sys.executable, "-c", "import sys, pathlib, engine; lock = engine.take_lock(pathlib.Path(sys.argv[1])); "
-         "print('locked', flush=True); sys.stdin.read()", str(out)],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib, engine; lock = engine.take_lock(pathlib.Path(sys.argv[1])); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(out),
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = invoke(*common, "--epochs", 2)
@@ -62,8 +72,21 @@ def test_an_out_dir_holds_one_run_and_a_killed_holder_leaves_no_lock(fake_fmnist
 
 
 def test_a_crash_between_the_best_and_the_last_checkpoint_keeps_the_best(fake_fmnist, tmp_path, monkeypatch):
-    common = ["finetune", "--data-dir", fake_fmnist, "--init", "scratch", "--preset", "vit_test", "--batch-size", 32,
-              "--epochs", 1, "--out-dir", tmp_path]
+    common = [
+        "finetune",
+        "--data-dir",
+        fake_fmnist,
+        "--init",
+        "scratch",
+        "--preset",
+        "vit_test",
+        "--batch-size",
+        32,
+        "--epochs",
+        1,
+        "--out-dir",
+        tmp_path,
+    ]
     save, written = engine.save_checkpoint, []
 
     def second_write_dies(path, state):
@@ -163,8 +186,17 @@ def unreadable_images(folder, n):
 
 def test_an_epoch_whose_every_file_is_skipped_stops_in_one_line(tmp_path):
     photos = unreadable_images(tmp_path / "photos", 13)
-    result = invoke("pretrain", "--data-dir", photos, *TINY_IMAGES, "--batch-size", 4, "--skip-bad-files",
-                    "--out-dir", tmp_path / "run")
+    result = invoke(
+        "pretrain",
+        "--data-dir",
+        photos,
+        *TINY_IMAGES,
+        "--batch-size",
+        4,
+        "--skip-bad-files",
+        "--out-dir",
+        tmp_path / "run",
+    )
     assert one_line_error(result, "every batch of epoch 1 was unreadable", "--skip-bad-files")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -174,9 +206,28 @@ def test_finetune_whose_every_held_out_file_is_skipped_stops_in_one_line(tmp_pat
     for c in ("a", "b"):
         photo_folder(root / "train" / c, 8)
         unreadable_images(root / "val" / c, 2)
-    result = invoke("finetune", "--data", "imagefolder", "--data-dir", root, "--init", "scratch", "--img-size", 32,
-                    "--patch-size", 8, "--preset", "vit_test", "--batch-size", 8, "--epochs", 1, "--skip-bad-files",
-                    "--out-dir", tmp_path / "run")
+    result = invoke(
+        "finetune",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--init",
+        "scratch",
+        "--img-size",
+        32,
+        "--patch-size",
+        8,
+        "--preset",
+        "vit_test",
+        "--batch-size",
+        8,
+        "--epochs",
+        1,
+        "--skip-bad-files",
+        "--out-dir",
+        tmp_path / "run",
+    )
     assert one_line_error(result, "no held-out item could be read", "unreadable")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -190,7 +241,19 @@ def test_a_resume_with_fewer_steps_per_epoch_keeps_the_earlier_epochs_log(fake_f
     assert invoke(*common, "--epochs", 3, "--batch-size", 96, "--resume-changed").exit_code == 0  # 1 step an epoch
     assert invoke(*common, "--epochs", 4, "--batch-size", 96).exit_code == 0
     assert [(r["epoch"], r["step"]) for r in log_rows(tmp_path)] == [
-        (1, 1), (1, 2), (1, 3), (1, 3), (2, 4), (2, 5), (2, 6), (2, 6), (3, 3), (3, 3), (4, 4), (4, 4)]
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (1, 3),
+        (2, 4),
+        (2, 5),
+        (2, 6),
+        (2, 6),
+        (3, 3),
+        (3, 3),
+        (4, 4),
+        (4, 4),
+    ]
 
 
 def test_the_config_records_the_data_location_and_resume_refuses_other_data(fake_fmnist, tmp_path, monkeypatch):
@@ -242,13 +305,21 @@ def wait_for_step(out_dir, step, proc, timeout=120):
     pytest.fail(f"no step {step} in {out_dir / 'log.jsonl'} (the run {state})")
 
 
-@pytest.mark.parametrize("sig, flags", [(signal.SIGTERM, ["--workers", 2]), (signal.SIGINT, []),
-                                        (signal.SIGKILL, ["--save-every-min", 0.0002])])
-def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterrupted_run(long_epochs, tmp_path, sig,
-                                                                                         flags):
+@pytest.mark.parametrize(
+    "sig, flags",
+    [(signal.SIGTERM, ["--workers", 2]), (signal.SIGINT, []), (signal.SIGKILL, ["--save-every-min", 0.0002])],
+)
+def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterrupted_run(
+    long_epochs, tmp_path, sig, flags
+):
     common, whole = long_epochs
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common + flags), "--out-dir", str(tmp_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *map(str, common + flags), "--out-dir", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_step(tmp_path, 5, proc)
     proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0]
@@ -274,8 +345,9 @@ def test_a_crash_and_rerun_with_two_workers_ends_as_an_uninterrupted_run(fake_fm
     monkeypatch.undo()
     assert invoke(*common, "--workers", 2, "--out-dir", tmp_path / "rerun").exit_code == 0
     assert invoke(*common, "--workers", 0, "--out-dir", tmp_path / "no_workers").exit_code == 0
-    whole, rerun, no_workers = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"]
-                                for d in ("whole", "rerun", "no_workers"))
+    whole, rerun, no_workers = (
+        torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("whole", "rerun", "no_workers")
+    )
     assert all(torch.equal(whole[k], rerun[k]) and torch.equal(whole[k], no_workers[k]) for k in whole)
 
 
@@ -306,8 +378,9 @@ def tiny_set(n, seed, nan=False):
 def tiny_fit(dd, out_dir, train_set, **recipe):
     """fit of Tiny, 8 a batch, a log row every step; -> its weights, or the line of the RunError it stopped with."""
     model = Tiny()
-    recipe = engine.Recipe(**{"epochs": 1, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 0, "workers": 0,
-                              "log_every": 1, **recipe})
+    recipe = engine.Recipe(
+        **{"epochs": 1, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 0, "workers": 0, "log_every": 1, **recipe}
+    )
     try:
         engine.fit(model, train_set, tiny_set(16, 99), recipe, out_dir, {"kind": "test"}, dd)
     except engine.RunError as e:
@@ -316,8 +389,9 @@ def tiny_fit(dd, out_dir, train_set, **recipe):
 
 
 def _ranked(rank, world, port, results, fn, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)  # two processes on a CPU runner
     dd = engine.setup_distributed()
     torch.save(fn(dd, *args), Path(results) / f"rank{rank}.pt")
@@ -327,8 +401,9 @@ def two_ranks(fn, tmp_path, *args, timeout=120):
     """fn(dd, *args) in 2 processes of a gloo group -> their results; fails when they have not ended in `timeout` s."""
     results = tmp_path / f"results{time.monotonic_ns()}"
     results.mkdir()
-    ctx = mp.start_processes(_ranked, args=(2, _free_port(), str(results), fn, args), nprocs=2, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _ranked, args=(2, _free_port(), str(results), fn, args), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -467,11 +542,25 @@ train.main()
 
 def torchrun(args, out_dir, script=REPO / "train.py", restarts=0):
     """`torchrun --nproc_per_node=2 script args --out-dir out_dir`, started."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master-port={_free_port()}", f"--max-restarts={restarts}", str(script),
-                             *map(str, args), "--out-dir", str(out_dir)],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master-port={_free_port()}",
+            f"--max-restarts={restarts}",
+            str(script),
+            *map(str, args),
+            "--out-dir",
+            str(out_dir),
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -484,8 +573,9 @@ def two_rank_run(long_epochs, tmp_path_factory):
     return common, torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-def test_torchrun_sigterm_mid_epoch_checkpoints_on_both_ranks_and_a_rerun_ends_as_an_uninterrupted_run(two_rank_run,
-                                                                                                      tmp_path):
+def test_torchrun_sigterm_mid_epoch_checkpoints_on_both_ranks_and_a_rerun_ends_as_an_uninterrupted_run(
+    two_rank_run, tmp_path
+):
     common, whole = two_rank_run
     proc = torchrun(common, tmp_path)
     wait_for_step(tmp_path, 3, proc)

@@ -1,5 +1,6 @@
 """Bad input to the data layer (issue #20), as a new user gives it: each case stops with one line naming
 the file or flag, before anything is written, or is read in full. `python3 -m pytest -q test_faults.py`"""
+
 import gzip
 import json
 import math
@@ -53,8 +54,27 @@ def class_folders(root, splits):
 
 def test_val_classes_must_be_the_class_folders_of_train(tmp_path):
     root = class_folders(tmp_path / "tree", {"train": "abc", "val": "ax"})
-    result = invoke("pretrain", "--data", "imagefolder", "--data-dir", root, "--img-size", 32, "--patch-size", 8, "--preset", "vit_test",
-                    "--pairs", 16, "--batch-size", 2, "--epochs", 1, "--out-dir", tmp_path / "run")
+    result = invoke(
+        "pretrain",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--img-size",
+        32,
+        "--patch-size",
+        8,
+        "--preset",
+        "vit_test",
+        "--pairs",
+        16,
+        "--batch-size",
+        2,
+        "--epochs",
+        1,
+        "--out-dir",
+        tmp_path / "run",
+    )
     assert one_line_error(result, str(root / "val"), "extra ['x']", "missing ['b', 'c']")
     assert not (tmp_path / "run").exists()
     root = class_folders(tmp_path / "short", {"train": "abc", "val": "ac"})
@@ -123,8 +143,10 @@ def test_fashion_mnist_files_that_are_not_whole_gzip_files_are_named(fake_fmnist
 
 
 CIFAR_ROWS = np.zeros((3, 3072), np.uint8)  # three black 32 x 32 images, one row each
-CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
-               "cifar100": ("cifar-100-python", ["train", "test"])}
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+    "cifar100": ("cifar-100-python", ["train", "test"]),
+}
 
 
 def write_cifar(root, name, batch):
@@ -136,11 +158,15 @@ def write_cifar(root, name, batch):
     return root / folder / files[0]
 
 
-@pytest.mark.parametrize("name, batch, needle", [
-    ("cifar10", {b"data": CIFAR_ROWS}, "b'labels'"), ("cifar100", {b"data": CIFAR_ROWS, b"labels": [0, 1, 2]}, "b'fine_labels'"),
-    ("cifar10", {b"data": np.zeros((3, 3000), np.uint8), b"labels": [0, 1, 2]}, "3072"),
-    ("cifar10", {b"data": CIFAR_ROWS, b"labels": [0, 1]}, "2 labels"),
-])
+@pytest.mark.parametrize(
+    "name, batch, needle",
+    [
+        ("cifar10", {b"data": CIFAR_ROWS}, "b'labels'"),
+        ("cifar100", {b"data": CIFAR_ROWS, b"labels": [0, 1, 2]}, "b'fine_labels'"),
+        ("cifar10", {b"data": np.zeros((3, 3000), np.uint8), b"labels": [0, 1, 2]}, "3072"),
+        ("cifar10", {b"data": CIFAR_ROWS, b"labels": [0, 1]}, "2 labels"),
+    ],
+)
 def test_cifar_pickles_without_labels_or_of_other_rows_are_named(tmp_path, name, batch, needle):
     first = write_cifar(tmp_path, name, batch)
     refused(lambda: data.build_dataset(name, str(tmp_path), "train", data.data_info(name), None), first, needle)
@@ -161,8 +187,12 @@ def test_a_truncated_cifar_pickle_is_named(tmp_path):
 def test_statistics_that_cannot_normalise_are_refused_before_training(finished_run):
     command, out_dir = finished_run
     before = snapshot(out_dir)
-    for mean, std, flag in ((0.5, 0.0, "--std 0.0"), (0.5, -0.2, "--std -0.2"), (float("nan"), 0.3, "--mean nan"),
-                            (0.5, float("inf"), "--std inf")):
+    for mean, std, flag in (
+        (0.5, 0.0, "--std 0.0"),
+        (0.5, -0.2, "--std -0.2"),
+        (float("nan"), 0.3, "--mean nan"),
+        (0.5, float("inf"), "--std inf"),
+    ):
         result = invoke(*command, "--mean", mean, "--std", std)
         if math.isfinite(mean) and math.isfinite(std):
             assert one_line_error(result, flag), flag
@@ -191,19 +221,33 @@ def first_annotation(**fields):
     return lambda coco: coco["annotations"][0].update(fields)
 
 
-@pytest.mark.parametrize("split, edit, needles", [
-    ("train2017", first_annotation(bbox=["4", "4", "16", "16"]), ["annotation 1", "4 numbers"]),
-    ("train2017", first_annotation(bbox=[4, 4, 16]), ["annotation 1", "4 numbers"]),
-    ("val2017", first_annotation(bbox=[4, 4, -16, 16]), ["annotation 1", "negative"]),
-    ("train2017", first_annotation(bbox=[50, 4, 16, 16]), ["annotation 1", "outside", "64 x 48"]),
-    ("train2017", first_annotation(bbox=[4, -2, 16, 16]), ["annotation 1", "outside"]),
-    ("train2017", first_annotation(segmentation=[[4, 4, 20, 4]]), ["annotation 1", "at least 3 points"]),
-    ("val2017", first_annotation(segmentation=[[4, 4, 20, 4, 20, 20, 4]]), ["annotation 1", "at least 3 points"]),
-    ("train2017", first_annotation(segmentation=[[4, 4, 20, 4, "20", 20]]), ["annotation 1", "at least 3 points"]),
-    ("val2017", lambda coco: coco.update(annotations=[]), ["no annotations", "COCOeval"]),
-    ("train2017", lambda coco: coco.update(annotations=[]), ["no annotations"]),
-], ids=["bbox of strings", "bbox of 3", "negative width", "right of the image", "above the image", "polygon of 2 points",
-        "polygon of odd length", "polygon with a string", "val without annotations", "train without annotations"])
+@pytest.mark.parametrize(
+    "split, edit, needles",
+    [
+        ("train2017", first_annotation(bbox=["4", "4", "16", "16"]), ["annotation 1", "4 numbers"]),
+        ("train2017", first_annotation(bbox=[4, 4, 16]), ["annotation 1", "4 numbers"]),
+        ("val2017", first_annotation(bbox=[4, 4, -16, 16]), ["annotation 1", "negative"]),
+        ("train2017", first_annotation(bbox=[50, 4, 16, 16]), ["annotation 1", "outside", "64 x 48"]),
+        ("train2017", first_annotation(bbox=[4, -2, 16, 16]), ["annotation 1", "outside"]),
+        ("train2017", first_annotation(segmentation=[[4, 4, 20, 4]]), ["annotation 1", "at least 3 points"]),
+        ("val2017", first_annotation(segmentation=[[4, 4, 20, 4, 20, 20, 4]]), ["annotation 1", "at least 3 points"]),
+        ("train2017", first_annotation(segmentation=[[4, 4, 20, 4, "20", 20]]), ["annotation 1", "at least 3 points"]),
+        ("val2017", lambda coco: coco.update(annotations=[]), ["no annotations", "COCOeval"]),
+        ("train2017", lambda coco: coco.update(annotations=[]), ["no annotations"]),
+    ],
+    ids=[
+        "bbox of strings",
+        "bbox of 3",
+        "negative width",
+        "right of the image",
+        "above the image",
+        "polygon of 2 points",
+        "polygon of odd length",
+        "polygon with a string",
+        "val without annotations",
+        "train without annotations",
+    ],
+)
 def test_coco_annotations_outside_coco_s_format_are_refused_at_load(tmp_path, split, edit, needles):
     root = write_coco(tmp_path / "coco")
     path = edit_annotations(root, split, edit)
@@ -222,17 +266,21 @@ def bad_val_box(root):
     edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16]))
 
 
-@pytest.mark.parametrize("corrupt, flags, needles", [
-    (None, ["--in-chans", 2], ["--in-chans 2", "1 (grayscale) or 3 (RGB)"]),
-    (None, ["--mean", 0.5, "--std", 0], ["--std 0.0"]),
-    (bad_val_box, [], ["instances_val2017.json", "annotation 1", "4 numbers"]),
-])
+@pytest.mark.parametrize(
+    "corrupt, flags, needles",
+    [
+        (None, ["--in-chans", 2], ["--in-chans 2", "1 (grayscale) or 3 (RGB)"]),
+        (None, ["--mean", 0.5, "--std", 0], ["--std 0.0"]),
+        (bad_val_box, [], ["instances_val2017.json", "annotation 1", "4 numbers"]),
+    ],
+)
 def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_path, corrupt, flags, needles):
     root = write_coco(tmp_path / "coco")
     if corrupt:
         corrupt(root)
-    result = test_detect.run_cli("train", "--data-dir", root, "--init", "scratch", *flags, "--out-dir", tmp_path / "run",
-                                 *test_detect.TINY_RUN)
+    result = test_detect.run_cli(
+        "train", "--data-dir", root, "--init", "scratch", *flags, "--out-dir", tmp_path / "run", *test_detect.TINY_RUN
+    )
     assert one_line_error(result, *needles)
     assert not (tmp_path / "run").exists()
 
@@ -240,21 +288,45 @@ def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_pa
 # ---------------------------------------------------------------- channels and subject splits (sleep1d.py)
 
 
-@pytest.mark.parametrize("channels, needles", [
-    ("", ["--channels ''", "F3-M2,F4-M1"]), (" , ,", ["--channels ' , ,'", "F3-M2,F4-M1"]),
-    ("F3-M2,Cz", ["--channels", "['Cz']", "'O2-M1'"]),
-], ids=["empty", "only commas", "a channel the data lack"])
+@pytest.mark.parametrize(
+    "channels, needles",
+    [
+        ("", ["--channels ''", "F3-M2,F4-M1"]),
+        (" , ,", ["--channels ' , ,'", "F3-M2,F4-M1"]),
+        ("F3-M2,Cz", ["--channels", "['Cz']", "'O2-M1'"]),
+    ],
+    ids=["empty", "only commas", "a channel the data lack"],
+)
 def test_sleep_channels_that_name_nothing_or_what_the_data_lack_are_refused(tmp_path, channels, needles):
-    result = test_sleep1d.invoke("pretrain", *test_sleep1d.TINY_RUN, "--channels", channels, "--out-dir", tmp_path / "run")
+    result = test_sleep1d.invoke(
+        "pretrain", *test_sleep1d.TINY_RUN, "--channels", channels, "--out-dir", tmp_path / "run"
+    )
     assert one_line_error(result, *needles)
     assert not (tmp_path / "run").exists()
 
 
 def test_sleep_edf_channels_the_files_lack_are_named_with_those_they_have(tmp_path):
     nights = [test_sleep1d.write_sleep_edf(tmp_path / "edf", night)[0] for night in ("SC4011E", "SC4021E")]
-    result = test_sleep1d.invoke("finetune", "--init", "scratch", "--data", "sleep-edf", "--data-dir", tmp_path / "edf",
-                                 "--channels", "EEG Fpz-Cz,EEG Cz", "--finetune-subjects", 1, "--test-subjects", 1, "--out-dir", tmp_path / "run")
-    assert one_line_error(result, "['EEG Cz']", "'EEG Pz-Oz'", "--channels") and any(str(psg) in result.output for psg in nights)
+    result = test_sleep1d.invoke(
+        "finetune",
+        "--init",
+        "scratch",
+        "--data",
+        "sleep-edf",
+        "--data-dir",
+        tmp_path / "edf",
+        "--channels",
+        "EEG Fpz-Cz,EEG Cz",
+        "--finetune-subjects",
+        1,
+        "--test-subjects",
+        1,
+        "--out-dir",
+        tmp_path / "run",
+    )
+    assert one_line_error(result, "['EEG Cz']", "'EEG Pz-Oz'", "--channels") and any(
+        str(psg) in result.output for psg in nights
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -265,6 +337,10 @@ def test_synthetic_nights_are_read_with_the_channels_asked_for():
 
 
 def test_subject_counts_that_leave_no_pretraining_subjects_say_so(tmp_path):
-    result = test_sleep1d.invoke("pretrain", *test_sleep1d.TINY_RUN, "--synthetic-subjects", 4, "--out-dir", tmp_path / "run")
-    assert one_line_error(result, "leaves no pretraining subjects", "--finetune-subjects", "--test-subjects", "--synthetic-subjects")
+    result = test_sleep1d.invoke(
+        "pretrain", *test_sleep1d.TINY_RUN, "--synthetic-subjects", 4, "--out-dir", tmp_path / "run"
+    )
+    assert one_line_error(
+        result, "leaves no pretraining subjects", "--finetune-subjects", "--test-subjects", "--synthetic-subjects"
+    )
     assert not (tmp_path / "run").exists()

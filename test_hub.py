@@ -1,4 +1,5 @@
 """hub.py: exports that timm rebuilds with our outputs; figures.plot_runs: training curves from log.jsonl."""
+
 import dataclasses
 import json
 
@@ -12,7 +13,11 @@ import hub
 import part
 from conftest import TINY_RUN, invoke
 
-SIZE, MEAN, STD = (12, 16), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)  # non-square RGB, so H, W and channel orders must all be right
+SIZE, MEAN, STD = (
+    (12, 16),
+    (0.4, 0.5, 0.6),
+    (0.2, 0.25, 0.3),
+)  # non-square RGB, so H, W and channel orders must all be right
 
 
 def tiny_vit():
@@ -36,12 +41,23 @@ def export_and_load(tmp_path, model, kind):
     state = part.encoder_state_dict({"model": model.state_dict()})
     out = tmp_path / kind
     message = hub.write_timm_export(out, state, model_config, kind, "cifar10")
-    assert message.startswith("wrote") and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no .tmp left
-    theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # loads strictly: every key by name and shape
+    assert message.startswith("wrote") and sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]  # no .tmp left
+    theirs = timm.create_model(
+        f"local-dir:{out}", pretrained=True
+    ).eval()  # loads strictly: every key by name and shape
     data_config = timm.data.resolve_data_config({}, model=theirs)
-    assert data_config["input_size"] == (3, *SIZE) and tuple(data_config["mean"]) == MEAN and tuple(data_config["std"]) == STD
+    assert (
+        data_config["input_size"] == (3, *SIZE)
+        and tuple(data_config["mean"]) == MEAN
+        and tuple(data_config["std"]) == STD
+    )
     images = torch.rand(2, 3, *SIZE)
-    normalised = (images - torch.tensor(data_config["mean"]).view(1, 3, 1, 1)) / torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+    normalised = (images - torch.tensor(data_config["mean"]).view(1, 3, 1, 1)) / torch.tensor(data_config["std"]).view(
+        1, 3, 1, 1
+    )
     return theirs, images, normalised
 
 
@@ -61,13 +77,21 @@ def test_pretrained_encoder_in_timm_gives_our_tokens_and_features(tmp_path, meth
     assert (theirs.pos_embed is None) == (pos is None)
 
 
-CLASSIFIERS = [dict(pool="cls"), dict(pool="avg"), dict(pool="avg", linear_probe=True),
-               dict(pool="cls", linear_probe=True, pos_pretrained=True)]
+CLASSIFIERS = [
+    dict(pool="cls"),
+    dict(pool="avg"),
+    dict(pool="avg", linear_probe=True),
+    dict(pool="cls", linear_probe=True, pos_pretrained=True),
+]
 
 
 @pytest.mark.parametrize("fields", CLASSIFIERS, ids=["cls", "avg", "probe", "probe-with-positions"])
 def test_classifier_in_timm_gives_our_logits(tmp_path, fields):
-    model = perturbed(part.Classifier(part.ClassifierConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_classes=5, **fields)))
+    model = perturbed(
+        part.Classifier(
+            part.ClassifierConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_classes=5, **fields)
+        )
+    )
     if model.cfg.linear_probe:  # running statistics away from (0, 1), so that folding them into the head matters
         norm = model.encoder.head[0]
         assert norm.eps == hub.PROBE_EPS
@@ -81,7 +105,11 @@ def test_classifier_in_timm_gives_our_logits(tmp_path, fields):
 
 def test_folded_probe_head_is_the_norm_then_the_linear_head():
     torch.manual_seed(0)
-    head = torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False, eps=hub.PROBE_EPS), torch.nn.Linear(8, 3)).double().eval()
+    head = (
+        torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False, eps=hub.PROBE_EPS), torch.nn.Linear(8, 3))
+        .double()
+        .eval()
+    )
     head[0].running_mean.copy_(torch.randn(8))
     head[0].running_var.copy_(torch.rand(8) * 1e-5)  # variances near eps, where leaving eps out would show
     state = hub.fold_probe_head({f"head.{k}": v for k, v in head.state_dict().items()})
@@ -105,7 +133,9 @@ def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
 
 def test_architecture_names_the_timm_vit_of_the_same_size():
     assert hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_s"))) == "vit_small_patch16_224"
-    assert hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_mini"))) == "vit_base_patch16_224"  # none in timm
+    assert (
+        hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_mini"))) == "vit_base_patch16_224"
+    )  # none in timm
     assert all(timm.is_model(name) for name in hub.TIMM_ARCHITECTURES.values())
 
 
@@ -113,8 +143,10 @@ def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
     vit = part.vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=1)
     model = part.PART(part.PARTConfig(vit=vit, img_size=(64,), mean=(0.0,), std=(1.0,), num_pairs=32))
     state = part.encoder_state_dict(model.state_dict())
-    assert hub.write_timm_export(tmp_path / "out", state, model.cfg.to_dict(), "part1d", None) == \
-        "no timm export: timm has no 1D ViT (its vision_transformer takes images)"
+    assert (
+        hub.write_timm_export(tmp_path / "out", state, model.cfg.to_dict(), "part1d", None)
+        == "no timm export: timm has no 1D ViT (its vision_transformer takes images)"
+    )
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="timm has no 1D ViT"):
         hub.timm_config(model.cfg.to_dict(), "part1d", None, positions=False)
@@ -122,8 +154,21 @@ def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
 
 def test_plot_command_draws_two_runs_and_names_a_folder_without_a_log(fake_fmnist, tmp_path):
     for seed in (0, 1):
-        assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--seed", seed, "--log-every", 1,
-                      "--out-dir", tmp_path / f"run{seed}").exit_code == 0
+        assert (
+            invoke(
+                "pretrain",
+                "--data-dir",
+                fake_fmnist,
+                *TINY_RUN,
+                "--seed",
+                seed,
+                "--log-every",
+                1,
+                "--out-dir",
+                tmp_path / f"run{seed}",
+            ).exit_code
+            == 0
+        )
     result = invoke("plot", tmp_path / "run0", tmp_path / "run1", "--out", tmp_path / "curves.png")
     assert result.exit_code == 0 and "2 run(s)" in result.output, result.output
     with Image.open(tmp_path / "curves.png") as png:

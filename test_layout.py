@@ -1,5 +1,6 @@
 """The layout's promises (README, "Layout"), checked on the source: one room per file, the engine blind to
 the models, no entry point importing another, short functions and lines."""
+
 import ast
 from pathlib import Path
 
@@ -10,8 +11,18 @@ LIBRARY = ["part.py", "baselines.py", "engine.py", "cli.py", "bench.py", "hub.py
 ENTRY_POINTS = ["train.py", "sleep1d.py", "detect.py"]
 SOURCES = LIBRARY + ENTRY_POINTS + ["compare_table.py"]
 # what the engine may ask of a model: nn.Module's own interface, nothing a method defines
-MODULE_API = {"train", "eval", "parameters", "named_parameters", "buffers", "state_dict", "load_state_dict", "to", "no_sync",
-              "module"}
+MODULE_API = {
+    "train",
+    "eval",
+    "parameters",
+    "named_parameters",
+    "buffers",
+    "state_dict",
+    "load_state_dict",
+    "to",
+    "no_sync",
+    "module",
+}
 
 
 def tree(name):
@@ -30,8 +41,12 @@ def imports(name):
 
 def model_classes():
     """Every class that part.py, baselines.py and detect.py define."""
-    return {node.name for name in ("part.py", "baselines.py", "detect.py") for node in ast.walk(tree(name))
-            if isinstance(node, ast.ClassDef)}
+    return {
+        node.name
+        for name in ("part.py", "baselines.py", "detect.py")
+        for node in ast.walk(tree(name))
+        if isinstance(node, ast.ClassDef)
+    }
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -40,15 +55,28 @@ def test_each_file_opens_with_what_it_owns(name):
 
 
 def test_the_engine_imports_no_model_nor_click_and_names_no_model_class():
-    assert not imports("engine.py") & {"part", "baselines", "detect", "sleep1d", "train", "cli", "click", "hub", "figures"}
+    assert not imports("engine.py") & {
+        "part",
+        "baselines",
+        "detect",
+        "sleep1d",
+        "train",
+        "cli",
+        "click",
+        "hub",
+        "figures",
+    }
     names = {node.id for node in ast.walk(tree("engine.py")) if isinstance(node, ast.Name)}
     names |= {node.attr for node in ast.walk(tree("engine.py")) if isinstance(node, ast.Attribute)}
     assert not names & model_classes()
 
 
 def test_the_engine_reads_nothing_of_a_model_but_modules_own_interface():
-    asked = {node.attr for node in ast.walk(tree("engine.py"))
-             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("model", "raw")}
+    asked = {
+        node.attr
+        for node in ast.walk(tree("engine.py"))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("model", "raw")
+    }
     assert asked <= MODULE_API, asked - MODULE_API
 
 
@@ -59,7 +87,10 @@ def test_no_entry_point_is_imported(name):
 
 @pytest.mark.parametrize("name", SOURCES)
 def test_functions_are_short_and_lines_within_120_characters(name):
-    long_functions = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree(name))
-                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    long_functions = [
+        f"{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for node in ast.walk(tree(name))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
     long_lines = [i for i, line in enumerate((ROOT / name).read_text().splitlines(), 1) if len(line) > 120]
     assert long_functions == [] and long_lines == [], (long_functions, long_lines[:10])

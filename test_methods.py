@@ -1,5 +1,6 @@
 """The pretraining methods beside PART (MAE, DropPos, MP3), PART's --pos-mask reading, the baselines' own
 initialisation and finetuning protocols, and every method's checkpoints downstream."""
+
 import dataclasses
 import json
 import math
@@ -23,14 +24,20 @@ from conftest import TINY_RUN, invoke, tiny_config, tiny_run, write_coco
 def method_config(method, **overrides):
     """A tiny 2D config of `method`: vit_test / 4 on 16 x 16 grey images."""
     base = tiny_config()
-    return baselines.pretext_config(method, vit=base.vit, img_size=(16, 16), mean=(0.5,), std=(0.25,), **{"num_pairs": 32, **overrides})
+    return baselines.pretext_config(
+        method, vit=base.vit, img_size=(16, 16), mean=(0.5,), std=(0.25,), **{"num_pairs": 32, **overrides}
+    )
 
 
 def independent_patches(images, P):
     """(B, C, H, W) -> (B, N, C*P*P) in raster order, by slicing each patch out in a loop."""
     B, C, H, W = images.shape
-    return torch.stack([torch.stack([images[b, :, y : y + P, x : x + P].flatten() for y in range(0, H, P) for x in range(0, W, P)])
-                        for b in range(B)])
+    return torch.stack(
+        [
+            torch.stack([images[b, :, y : y + P, x : x + P].flatten() for y in range(0, H, P) for x in range(0, W, P)])
+            for b in range(B)
+        ]
+    )
 
 
 def spy(monkeypatch, module, name, seen):
@@ -47,7 +54,9 @@ def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactl
     model = baselines.MAE(method_config("mae", mask_ratio=0.75))
     seen = {}
     spy(monkeypatch, baselines, "random_split", seen)
-    monkeypatch.setattr(model.decoder, "forward", lambda x: torch.zeros(x.shape[0], 16, 16))  # predicts 0 for every pixel
+    monkeypatch.setattr(
+        model.decoder, "forward", lambda x: torch.zeros(x.shape[0], 16, 16)
+    )  # predicts 0 for every pixel
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     loss, _ = model(images)
     kept, masked = seen["random_split"][0]
@@ -55,9 +64,13 @@ def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactl
     assert all(sorted(k + m) == list(range(16)) for k, m in zip(kept.tolist(), masked.tolist()))
     x = independent_patches((images.double() / 255 - 0.5) / 0.25, 4)  # (B, 16, 16)
     target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
-    expected = torch.stack([target[b, masked[b]] for b in range(3)]).square().mean()  # zero prediction: MSE = mean target^2
+    expected = (
+        torch.stack([target[b, masked[b]] for b in range(3)]).square().mean()
+    )  # zero prediction: MSE = mean target^2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert expected.item() == pytest.approx(15 / 16, rel=1e-3)  # normalised with the unbiased variance, mean square (n-1)/n
+    assert expected.item() == pytest.approx(
+        15 / 16, rel=1e-3
+    )  # normalised with the unbiased variance, mean square (n-1)/n
 
 
 def test_mae_loss_ignores_the_visible_patches(monkeypatch):
@@ -86,7 +99,9 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     model = baselines.DropPos(method_config("droppos", sigma=0.0))
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     visible, kept, dropped = model.sample(images)
-    assert visible.shape == (3, 4, 1, 4, 4) and (dropped.sum(dim=1) == 3).all()  # 25% of 16 visible, 75% of those dropped
+    assert (
+        visible.shape == (3, 4, 1, 4, 4) and (dropped.sum(dim=1) == 3).all()
+    )  # 25% of 16 visible, 75% of those dropped
     grid = part.patchify(model.normalize(images), 4)
     for b in range(3):  # each visible patch is the on-grid patch whose index is its target
         torch.testing.assert_close(visible[b], grid[b, kept[b]])
@@ -94,7 +109,9 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     right = logits.scatter(2, kept[..., None], 100.0)  # every token's true index far ahead
     loss, metrics = model.loss(torch.where(dropped[..., None], right, logits), kept, dropped)
     assert loss.item() < 1e-6 and metrics["pos_acc"].item() == 1.0
-    loss_other, _ = model.loss(torch.where(dropped[..., None], right, logits + 5 * torch.randn(3, 4, 16)), kept, dropped)
+    loss_other, _ = model.loss(
+        torch.where(dropped[..., None], right, logits + 5 * torch.randn(3, 4, 16)), kept, dropped
+    )
     assert loss_other.item() == loss.item()  # the tokens that kept their position embedding do not count
     one = dropped & (torch.arange(4) == dropped.float().argmax(dim=1, keepdim=True))  # one dropped token per item
     loss_wrong, _ = model.loss(torch.where(one[..., None], logits, right), kept, dropped)
@@ -117,7 +134,9 @@ def test_droppos_position_smoothing_and_its_one_hot_limit():
 
 def test_droppos_default_target_on_a_3x3_grid_is_its_codes_column_normalised_map():
     vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
-    model = baselines.DropPos(baselines.pretext_config("droppos", vit=vit, img_size=(12, 12), mean=(0.5,), std=(0.25,)))  # 3 x 3 patches
+    model = baselines.DropPos(
+        baselines.pretext_config("droppos", vit=vit, img_size=(12, 12), mean=(0.5,), std=(0.25,))
+    )  # 3 x 3 patches
     sigma = 1.5
     w = [[math.exp(-((i // 3 - j // 3) ** 2 + (i % 3 - j % 3) ** 2) / sigma**2) for j in range(9)] for i in range(9)]
     column = [sum(w[i][j] for i in range(9)) for j in range(9)]
@@ -127,8 +146,12 @@ def test_droppos_default_target_on_a_3x3_grid_is_its_codes_column_normalised_map
     assert (by_columns.sum(dim=1) - 1).abs().max() > 0.05  # the two differ: a corner's row does not sum to 1
     model.sigma = sigma
     logits = torch.randn(1, 9, 9)
-    loss, _ = model.loss(logits, torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool))  # every token dropped, in raster order
-    assert loss.item() == pytest.approx(-(by_columns * logits[0].log_softmax(dim=-1)).sum(dim=1).mean().item(), rel=1e-5)
+    loss, _ = model.loss(
+        logits, torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool)
+    )  # every token dropped, in raster order
+    assert loss.item() == pytest.approx(
+        -(by_columns * logits[0].log_softmax(dim=-1)).sum(dim=1).mean().item(), rel=1e-5
+    )
     torch.testing.assert_close(baselines.smoothed_positions(model.positions, sigma, "rows"), by_rows)
 
 
@@ -200,12 +223,27 @@ def test_mp3_classifies_each_patch_by_its_raster_grid_index_with_keys_from_a_qua
     loss, metrics = model(images)
     assert loss.item() < 1e-6 and metrics["pos_acc"].item() == 1.0  # the targets are the raster indices
     assert contexts[0].shape == (2, 4)  # 75% of the 16 patches give no keys and values
-    _, metrics = model(index.T.repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)[None, None])  # column-major indices
+    _, metrics = model(
+        index.T.repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)[None, None]
+    )  # column-major indices
     assert metrics["pos_acc"].item() == 4 / 16  # right on the diagonal only
 
 
 def test_mp3_pretrains_from_the_cli_and_its_loss_falls(fake_fmnist, tmp_path):
-    result = invoke("pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *tiny_run("mp3"), "--epochs", 4, "--blr", 1e-2, "--out-dir", tmp_path)
+    result = invoke(
+        "pretrain",
+        "--method",
+        "mp3",
+        "--data-dir",
+        fake_fmnist,
+        *tiny_run("mp3"),
+        "--epochs",
+        4,
+        "--blr",
+        1e-2,
+        "--out-dir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and "pos_acc" in r]
@@ -264,7 +302,9 @@ def test_each_method_lowers_its_loss_in_a_few_steps(method):
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_each_method_runs_on_1d_signals(method):
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
-    cfg = baselines.pretext_config(method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64)
+    cfg = baselines.pretext_config(
+        method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64
+    )
     loss, metrics = baselines.pretext_model(method, cfg)(torch.randn(2, 6, 3000))
     assert loss.ndim == 0 and math.isfinite(loss.item()) and "loss" in metrics
 
@@ -274,8 +314,12 @@ def test_each_method_runs_on_1d_signals(method):
 
 def pos_mask_part(**overrides):
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
-    cfg = baselines.pretext_config("part", vit=vit, **sleep1d.signal_stats(vit),
-                              **{"img_size": (3000,), "num_patches": 40, "num_pairs": 256, "pos_mask": 0.2, **overrides})
+    cfg = baselines.pretext_config(
+        "part",
+        vit=vit,
+        **sleep1d.signal_stats(vit),
+        **{"img_size": (3000,), "num_patches": 40, "num_pairs": 256, "pos_mask": 0.2, **overrides},
+    )
     return part.PART(cfg)
 
 
@@ -288,7 +332,9 @@ def test_pos_mask_gives_masked_windows_no_position_and_the_others_their_start_ti
     moved = boxes + torch.rand(4, 40, 1) * 500 * masked[..., None]  # shift only the masked windows
     torch.testing.assert_close(model.positions(moved, masked), pos)  # their input does not depend on where they are
     assert (pos[masked] == 0).all()
-    t0 = boxes[..., 0][~masked]  # the unmasked: the sin-cos embedding of the window's centre, a function of its start alone
+    t0 = boxes[..., 0][
+        ~masked
+    ]  # the unmasked: the sin-cos embedding of the window's centre, a function of its start alone
     torch.testing.assert_close(pos[~masked], part.sincos_embed((t0[:, None] + 50) / 100, 32))
     other = boxes.clone()
     other[~masked] += 1.0
@@ -322,7 +368,9 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
     epochs = torch.arange(n, dtype=torch.float16)[:, None, None].expand(n, 6, L).clone()  # epoch i is constant i
     nights = torch.tensor([0, 0, 0, 0, 1, 1, 1])
     starts = torch.tensor([0, 1, 2, 4, 0, 1, 2]) * L  # night 0 has a gap after its third epoch
-    ds = sleep1d.ContextEpochs(sleep1d.SleepEpochs(epochs, torch.zeros(n, dtype=torch.long), nights, ["a"], nights, starts), 2)
+    ds = sleep1d.ContextEpochs(
+        sleep1d.SleepEpochs(epochs, torch.zeros(n, dtype=torch.long), nights, ["a"], nights, starts), 2
+    )
     assert ds.first.tolist() == [0, 1, 4, 5]  # no run across the gap or across nights
     x, _ = ds[2]
     assert x.shape == (6, 2 * L) and x[0, 0] == 4 and x[0, -1] == 5
@@ -333,7 +381,9 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
     model = pos_mask_part(img_size=(2 * L,), num_patches=80, num_pairs=512)
     model(torch.stack([ds[i][0] for i in range(4)]).float())
     boxes, pairs, target = seen["sample_boxes"][0], seen["sample_pairs"][0], seen["relative_targets"][0]
-    assert (boxes[..., 0] >= 0).all() and (boxes[..., 1] <= 2 * L).all() and boxes[..., 0].max() > L  # windows over the whole span
+    assert (
+        (boxes[..., 0] >= 0).all() and (boxes[..., 1] <= 2 * L).all() and boxes[..., 0].max() > L
+    )  # windows over the whole span
     t0 = boxes[..., 0].double().numpy()
     expected = np.stack([(t0[b, pairs[b, :, 1]] - t0[b, pairs[b, :, 0]]) / 100 for b in range(4)])[..., None]
     np.testing.assert_allclose(target.numpy(), expected, rtol=1e-5, atol=1e-3)
@@ -345,19 +395,60 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_path):
     pre = tmp_path / "pre"
-    assert invoke("pretrain", "--method", method, "--data-dir", fake_fmnist, *tiny_run(method), "--epochs", 1, "--out-dir", pre).exit_code == 0
+    assert (
+        invoke(
+            "pretrain",
+            "--method",
+            method,
+            "--data-dir",
+            fake_fmnist,
+            *tiny_run(method),
+            "--epochs",
+            1,
+            "--out-dir",
+            pre,
+        ).exit_code
+        == 0
+    )
     ckpt = pre / "checkpoint.pt"
     pretrained = torch.load(ckpt, weights_only=True)["model"]
     positions = "fixed_pos_embed" in pretrained  # MAE's and DropPos' sin-cos; PART and MP3 pretrain without
     assert positions == (method in ("mae", "droppos"))
-    result = invoke("finetune", "--init", ckpt, "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1,
-                    "--out-dir", tmp_path / "ft")
-    expected = "pos_embed kept, class token's slot new" if positions else "new: cls_token, pos_embed, head.weight, head.bias"
+    result = invoke(
+        "finetune",
+        "--init",
+        ckpt,
+        "--data-dir",
+        fake_fmnist,
+        *TINY_RUN[:2],
+        "--batch-size",
+        32,
+        "--epochs",
+        1,
+        "--out-dir",
+        tmp_path / "ft",
+    )
+    expected = (
+        "pos_embed kept, class token's slot new" if positions else "new: cls_token, pos_embed, head.weight, head.bias"
+    )
     assert result.exit_code == 0 and expected in result.output, result.output
     ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
     assert ft["encoder.pos_embed"].shape == (1, 50, 32)
-    result = invoke("finetune", "--init", ckpt, "--linear-probe", "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32,
-                    "--epochs", 1, "--out-dir", tmp_path / "probe")
+    result = invoke(
+        "finetune",
+        "--init",
+        ckpt,
+        "--linear-probe",
+        "--data-dir",
+        fake_fmnist,
+        *TINY_RUN[:2],
+        "--batch-size",
+        32,
+        "--epochs",
+        1,
+        "--out-dir",
+        tmp_path / "probe",
+    )
     assert result.exit_code == 0, result.output
     probe = torch.load(tmp_path / "probe" / "checkpoint.pt", weights_only=True)["model"]
     torch.testing.assert_close(probe["encoder.blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
@@ -373,25 +464,62 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     else:
         assert frozen.pos_embed is None
     coco = write_coco(tmp_path / "coco")
-    cfg, weights, _, _ = detect.prepare(str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(),
-                                        anchor_size=16, proposals=50)
+    cfg, weights, _, _ = detect.prepare(
+        str(ckpt),
+        str(coco),
+        img_size=64,
+        preset="vit_mini",
+        patch_size=16,
+        window=0,
+        global_blocks=(),
+        anchor_size=16,
+        proposals=50,
+    )
     encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
-    torch.testing.assert_close(encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"])
+    torch.testing.assert_close(
+        encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"]
+    )
     if positions:
-        pos = part.resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
+        pos = part.resize_pos_embed(
+            pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0
+        )  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
         torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 
 
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
-    tiny = ["--synthetic-subjects", 6, "--synthetic-epochs", 20, "--finetune-subjects", 2, "--test-subjects", 2, "--preset", "eeg_test",
-            "--batch-size", 16, "--epochs", 1]
+    tiny = [
+        "--synthetic-subjects",
+        6,
+        "--synthetic-epochs",
+        20,
+        "--finetune-subjects",
+        2,
+        "--test-subjects",
+        2,
+        "--preset",
+        "eeg_test",
+        "--batch-size",
+        16,
+        "--epochs",
+        1,
+    ]
     runner = lambda *a: CliRunner().invoke(sleep1d.main, [str(x) for x in a])  # noqa: E731
     result = runner("pretrain", "--method", method, *tiny, "--out-dir", tmp_path / "pre")
     assert result.exit_code == 0, result.output
     assert torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["config"]["kind"] == f"{method}1d"
-    result = runner("finetune", "--init", tmp_path / "pre" / "checkpoint.pt", *tiny[:-6], "--batch-size", 16, "--epochs", 1,
-                    "--out-dir", tmp_path / "ft")
+    result = runner(
+        "finetune",
+        "--init",
+        tmp_path / "pre" / "checkpoint.pt",
+        *tiny[:-6],
+        "--batch-size",
+        16,
+        "--epochs",
+        1,
+        "--out-dir",
+        tmp_path / "ft",
+    )
     expected = "pos_embed kept" if method in ("mae", "droppos") else "new: cls_token, pos_embed, head.weight, head.bias"
     assert result.exit_code == 0 and expected in result.output, result.output
     ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
@@ -402,7 +530,21 @@ def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
 
 
 def finetune_run(init, data, out, *flags):
-    return invoke("finetune", "--init", init, *flags, "--data-dir", data, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1, "--out-dir", out)
+    return invoke(
+        "finetune",
+        "--init",
+        init,
+        *flags,
+        "--data-dir",
+        data,
+        *TINY_RUN[:2],
+        "--batch-size",
+        32,
+        "--epochs",
+        1,
+        "--out-dir",
+        out,
+    )
 
 
 def shuffle_patches(images, order, P=4):
@@ -414,7 +556,21 @@ def shuffle_patches(images, order, P=4):
 
 def test_finetune_without_position_embeddings_is_blind_to_the_order_of_the_patches(fake_fmnist, tmp_path):
     pre = tmp_path / "pre" / "checkpoint.pt"
-    assert invoke("pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *tiny_run("mp3"), "--epochs", 1, "--out-dir", pre.parent).exit_code == 0
+    assert (
+        invoke(
+            "pretrain",
+            "--method",
+            "mp3",
+            "--data-dir",
+            fake_fmnist,
+            *tiny_run("mp3"),
+            "--epochs",
+            1,
+            "--out-dir",
+            pre.parent,
+        ).exit_code
+        == 0
+    )
     result = finetune_run(pre, fake_fmnist, tmp_path / "ft", "--no-pos-embed")
     assert result.exit_code == 0 and "new: cls_token, head.weight, head.bias" in result.output, result.output
     ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
@@ -425,39 +581,77 @@ def test_finetune_without_position_embeddings_is_blind_to_the_order_of_the_patch
     torch.manual_seed(0)
     images, order = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8), torch.randperm(49)
     torch.testing.assert_close(model.logits(shuffle_patches(images, order)), model.logits(images))
-    with_positions = part.Classifier(dataclasses.replace(cfg, pos_embed=True)).eval()  # the paper's row: positions added
+    with_positions = part.Classifier(
+        dataclasses.replace(cfg, pos_embed=True)
+    ).eval()  # the paper's row: positions added
     with_positions.load_state_dict(ckpt["model"], strict=False)
-    assert not torch.allclose(with_positions.logits(shuffle_patches(images, order)), with_positions.logits(images), atol=1e-4)
+    assert not torch.allclose(
+        with_positions.logits(shuffle_patches(images, order)), with_positions.logits(images), atol=1e-4
+    )
     result = finetune_run(pre, fake_fmnist, tmp_path / "frozen", "--freeze-pos-embed")
     assert result.exit_code != 0 and "--freeze-pos-embed keeps pretrained position embeddings" in result.output
 
 
 def test_droppos_protocol_keeps_its_sin_cos_fixed_and_pools_through_fc_norm(fake_fmnist, tmp_path):
     pre = tmp_path / "pre" / "checkpoint.pt"
-    assert invoke("pretrain", "--method", "droppos", "--data-dir", fake_fmnist, *tiny_run("droppos"), "--epochs", 1, "--out-dir", pre.parent).exit_code == 0
+    assert (
+        invoke(
+            "pretrain",
+            "--method",
+            "droppos",
+            "--data-dir",
+            fake_fmnist,
+            *tiny_run("droppos"),
+            "--epochs",
+            1,
+            "--out-dir",
+            pre.parent,
+        ).exit_code
+        == 0
+    )
     result = finetune_run(pre, fake_fmnist, tmp_path / "ft", "--pool", "avg", "--fc-norm", "--freeze-pos-embed")
-    assert result.exit_code == 0 and "fc_norm.weight, fc_norm.bias" in result.output and "ignored: norm.weight, norm.bias" in result.output
+    assert (
+        result.exit_code == 0
+        and "fc_norm.weight, fc_norm.bias" in result.output
+        and "ignored: norm.weight, norm.bias" in result.output
+    )
     ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
     pretrained = torch.load(pre, weights_only=True)["model"]
-    torch.testing.assert_close(ckpt["model"]["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])  # unchanged by training
-    assert ckpt["model"]["encoder.blocks.0.attn.qkv.weight"].ne(pretrained["encoder.blocks.0.attn.qkv.weight"]).any()  # while the rest learnt
+    torch.testing.assert_close(
+        ckpt["model"]["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"]
+    )  # unchanged by training
+    assert (
+        ckpt["model"]["encoder.blocks.0.attn.qkv.weight"].ne(pretrained["encoder.blocks.0.attn.qkv.weight"]).any()
+    )  # while the rest learnt
     model = part.Classifier(part.ClassifierConfig(**ckpt["config"]["model"])).eval()
     model.load_state_dict(ckpt["model"])
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     enc = model.encoder
-    x = torch.cat([enc.cls_token.expand(2, -1, -1), enc.patch_embed(part.patchify(model.normalize(images), 4))], dim=1) + enc.pos_embed
+    x = (
+        torch.cat([enc.cls_token.expand(2, -1, -1), enc.patch_embed(part.patchify(model.normalize(images), 4))], dim=1)
+        + enc.pos_embed
+    )
     for block in enc.blocks:
         x = block(x)
-    expected = F.layer_norm(x[:, 1:].mean(dim=1), (32,), enc.fc_norm.weight, enc.fc_norm.bias, 1e-6)  # MAE: fc_norm(mean), no final norm
+    expected = F.layer_norm(
+        x[:, 1:].mean(dim=1), (32,), enc.fc_norm.weight, enc.fc_norm.bias, 1e-6
+    )  # MAE: fc_norm(mean), no final norm
     torch.testing.assert_close(enc.pool(part.encode_grid(enc, model.normalize, images)), expected)
     result = finetune_run(pre, fake_fmnist, tmp_path / "cls", "--fc-norm")
-    assert result.exit_code != 0 and "--fc-norm normalises the mean of the patch tokens: it needs --pool avg" in result.output
+    assert (
+        result.exit_code != 0
+        and "--fc-norm normalises the mean of the patch tokens: it needs --pool avg" in result.output
+    )
 
 
 def test_bench_times_each_method_beside_part():
     result = invoke("bench", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 1, "--methods")
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0]: line for line in result.output.splitlines() if line.split() and line.split()[0] in baselines.METHODS}
+    lines = {
+        line.split()[0]: line
+        for line in result.output.splitlines()
+        if line.split() and line.split()[0] in baselines.METHODS
+    }
     assert sorted(lines) == sorted(baselines.METHODS) and "1.00 x PART's" in lines["part"]
     flops = {m: float(line.rsplit(" ", 1)[1]) for m, line in lines.items()}
     assert 0 < flops["droppos"] < flops["mae"]  # DropPos decodes the 4 visible tokens, MAE all 16
@@ -467,15 +661,45 @@ def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_co
     seen = []
     loss = baselines.DropPos.loss
     monkeypatch.setattr(baselines.DropPos, "loss", lambda self, *a: seen.append(self.sigma) or loss(self, *a))
-    result = invoke("pretrain", "--method", "droppos", "--sigma", 2.0, "--data-dir", fake_fmnist, *tiny_run("droppos"), "--epochs", 4,
-                    "--out-dir", tmp_path)
+    result = invoke(
+        "pretrain",
+        "--method",
+        "droppos",
+        "--sigma",
+        2.0,
+        "--data-dir",
+        fake_fmnist,
+        *tiny_run("droppos"),
+        "--epochs",
+        4,
+        "--out-dir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     per_epoch = len(seen) // 4  # training steps and evaluation batches of one epoch
-    assert [sorted(set(seen[e * per_epoch:(e + 1) * per_epoch])) for e in range(4)] == [[2.0], [1.5], [1.0], [0.5]]  # (1 - e/E) 2
+    assert [sorted(set(seen[e * per_epoch : (e + 1) * per_epoch])) for e in range(4)] == [
+        [2.0],
+        [1.5],
+        [1.0],
+        [0.5],
+    ]  # (1 - e/E) 2
 
 
 def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
-    result = invoke("bench", "--preflight", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 20, "--pairs", 64)
+    result = invoke(
+        "bench",
+        "--preflight",
+        "--preset",
+        "vit_test",
+        "--img-size",
+        16,
+        "--batch-size",
+        4,
+        "--steps",
+        20,
+        "--pairs",
+        64,
+    )
     assert result.exit_code == 0, result.output
     compiled = [line for line in result.output.splitlines() if " compiled " in line]
     assert len(compiled) == len(bench.preflight_variants()) and any("--pos-mask" in line for line in compiled)
@@ -483,13 +707,30 @@ def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
         assert "graphs 1, breaks 0, recompiles 0" in line, line
 
 
-@pytest.mark.parametrize("method, flags, message", [
-    ("mae", ["--mask-ratio", 0.999], "--mask-ratio 0.999 leaves no patch of the 49 for the encoder to see"),
-    ("mae", ["--mask-ratio", 0.0], "--mask-ratio 0.0 leaves no patch of the 49 to reconstruct"),
-    ("droppos", ["--pos-mask-ratio", 0.0], "--pos-mask-ratio 0.0 leaves no patch of the 12 visible to lose its position"),
-    ("mp3", ["--mask-ratio", 0.99], "--mask-ratio 0.99 leaves no patch of the 49 to give keys and values"),
-])
+@pytest.mark.parametrize(
+    "method, flags, message",
+    [
+        ("mae", ["--mask-ratio", 0.999], "--mask-ratio 0.999 leaves no patch of the 49 for the encoder to see"),
+        ("mae", ["--mask-ratio", 0.0], "--mask-ratio 0.0 leaves no patch of the 49 to reconstruct"),
+        (
+            "droppos",
+            ["--pos-mask-ratio", 0.0],
+            "--pos-mask-ratio 0.0 leaves no patch of the 12 visible to lose its position",
+        ),
+        ("mp3", ["--mask-ratio", 0.99], "--mask-ratio 0.99 leaves no patch of the 49 to give keys and values"),
+    ],
+)
 def test_ratios_that_leave_nothing_to_learn_stop_before_training(fake_fmnist, tmp_path, method, flags, message):
-    result = invoke("pretrain", "--method", method, *flags, "--data-dir", fake_fmnist, *tiny_run(method), "--out-dir", tmp_path / "run")
+    result = invoke(
+        "pretrain",
+        "--method",
+        method,
+        *flags,
+        "--data-dir",
+        fake_fmnist,
+        *tiny_run(method),
+        "--out-dir",
+        tmp_path / "run",
+    )
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "run").exists()

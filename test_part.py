@@ -1,4 +1,5 @@
 """Tests for PART, on CPU with tiny configurations: `pytest -q`."""
+
 import gzip
 import json
 import math
@@ -90,11 +91,15 @@ def test_offgrid_crops_are_one_bilinear_sample_per_pixel(H, W, P):
     torch.manual_seed(0)
     image = torch.rand(1, 1, H, W, dtype=torch.float64)
     boxes = part.sample_boxes(1, (H, W), P, 1000, "offgrid").double()  # (1, 1000, 4)
-    boxes[0, :4, :2] = torch.tensor([[0.0, 0.0], [W - P, H - P], [0.0, H - P], [W - P, 0.0]], dtype=torch.float64)  # the corners
+    boxes[0, :4, :2] = torch.tensor(
+        [[0.0, 0.0], [W - P, H - P], [0.0, H - P], [W - P, 0.0]], dtype=torch.float64
+    )  # the corners
     boxes[0, :4, 2:] = boxes[0, :4, :2] + P
     patches = part.crop_patches(image, boxes, P)[0, :, 0]  # (1000, P, P)
     steps = torch.arange(P, dtype=torch.float64) + 0.5
-    for box, patch in zip(boxes[0], patches):  # crop pixel i: the centre of the box's i-th 1/P, in pixel-index coordinates
+    for box, patch in zip(
+        boxes[0], patches
+    ):  # crop pixel i: the centre of the box's i-th 1/P, in pixel-index coordinates
         xs, ys = box[0] + steps * (box[2] - box[0]) / P - 0.5, box[1] + steps * (box[3] - box[1]) / P - 0.5
         ys, xs = torch.meshgrid(ys, xs, indexing="ij")
         assert (patch - bilinear_at(image[0, 0], xs, ys)).abs().max() <= 1e-6
@@ -110,7 +115,9 @@ def test_encode_grid_gives_the_encoders_tokens_of_the_normalised_grid_crops():
     model = part.PART(tiny_config()).eval()
     images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     crops = part.crop_patches((images.float() / 255 - 0.5) / 0.25, part.grid_boxes((16, 16), 4).expand(2, -1, -1), 4)
-    torch.testing.assert_close(part.encode_grid(model.encoder, model.normalize, images), model.encoder.forward_features(crops))
+    torch.testing.assert_close(
+        part.encode_grid(model.encoder, model.normalize, images), model.encoder.forward_features(crops)
+    )
 
 
 def test_pairs_are_distinct_and_bounded():
@@ -138,8 +145,12 @@ def test_cross_attention_head_is_the_papers_equation():
     torch.manual_seed(0)
     head = part.CrossAttentionHead(8, 2)
     x, pairs = torch.randn(2, 5, 8), part.sample_pairs(2, 5, 7)
-    q = torch.stack([torch.stack([head.query.weight @ torch.cat([x[b, i], x[b, j]]) + head.query.bias for i, j in p]) for b, p in
-                     enumerate(pairs)])  # (2, 7, 8): X_hat = Linear(concat(X'_S0, X'_S1)), pair by pair
+    q = torch.stack(
+        [
+            torch.stack([head.query.weight @ torch.cat([x[b, i], x[b, j]]) + head.query.bias for i, j in p])
+            for b, p in enumerate(pairs)
+        ]
+    )  # (2, 7, 8): X_hat = Linear(concat(X'_S0, X'_S1)), pair by pair
     theta = torch.softmax(q @ x.transpose(1, 2) / math.sqrt(8), dim=-1) @ x  # softmax(X_hat X'^T / sqrt(d)) X'
     expected = theta @ head.regressor.weight.T + head.regressor.bias  # then the regressor
     torch.testing.assert_close(head(x, pairs), expected)
@@ -244,7 +255,9 @@ def test_grad_ckpt_flag_reaches_the_encoder_and_changes_no_result(fake_fmnist, t
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1]
     assert invoke(*common, "--out-dir", tmp_path / "plain").exit_code == 0
     calls = []
-    monkeypatch.setattr(part, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
+    monkeypatch.setattr(
+        part, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k)
+    )
     assert invoke(*common, "--grad-ckpt", "--out-dir", tmp_path / "ckpt").exit_code == 0
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("plain", "ckpt"))
     assert calls and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -262,8 +275,18 @@ def test_encoder_loads_into_timm_with_the_same_features():
     model = part.PART(tiny_config())
     state = part.encoder_state_dict({"model": model.state_dict()})
     ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=2, num_heads=2,
-        class_token=False, pos_embed="none", global_pool="avg", fc_norm=False)
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=0,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        class_token=False,
+        pos_embed="none",
+        global_pool="avg",
+        fc_norm=False,
+    )
     ref.load_state_dict(state)  # strict: every key matches by name and shape
     images = torch.rand(2, 1, 16, 16)
     ours = model.encoder.eval().forward_features(part.patchify(images, 4))
@@ -301,10 +324,13 @@ def test_image_folder_of_unlabelled_files(tmp_path):
     assert len(ds) == 3 and x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == -1
 
 
-@pytest.mark.parametrize("name, folder, files, label_key", [
-    ("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"),
-    ("cifar100", "cifar-100-python", ["train", "test"], b"fine_labels"),
-])
+@pytest.mark.parametrize(
+    "name, folder, files, label_key",
+    [
+        ("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"),
+        ("cifar100", "cifar-100-python", ["train", "test"], b"fine_labels"),
+    ],
+)
 def test_cifar_python_pickles_load_in_channel_row_column_order(tmp_path, name, folder, files, label_key):
     import pickle
 
@@ -334,14 +360,45 @@ def test_finetune_on_an_image_folder_tree_at_another_size(tmp_path):
             for i in range(n):
                 Image.new("RGB", (30 + i, 24), (200 * label, 40, 20 * i)).save(tmp_path / split / colour / f"{i}.jpg")
     out = tmp_path / "ft"
-    result = invoke("finetune", "--data", "imagefolder", "--data-dir", tmp_path, "--img-size", 24, "--init", "scratch",
-                    "--preset", "vit_test", "--patch-size", 8, "--batch-size", 4, "--epochs", 1, "--out-dir", out)
+    result = invoke(
+        "finetune",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        tmp_path,
+        "--img-size",
+        24,
+        "--init",
+        "scratch",
+        "--preset",
+        "vit_test",
+        "--patch-size",
+        8,
+        "--batch-size",
+        4,
+        "--epochs",
+        1,
+        "--out-dir",
+        out,
+    )
     assert result.exit_code == 0, result.output
     model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert model["encoder.pos_embed"].shape == (1, 1 + 3 * 3, 32) and model["encoder.head.weight"].shape == (2, 32)
     accuracies = [json.loads(line)["val_acc"] for line in open(out / "log.jsonl") if "val_acc" in line]
-    assert len(accuracies) == 1 and accuracies[0] in (0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1)  # of 8 val images
-    result = invoke("finetune", "--data", "imagefolder", "--data-dir", tmp_path / "train", "--init", "scratch", "--out-dir", out)
+    assert len(accuracies) == 1 and accuracies[0] in (
+        0,
+        0.125,
+        0.25,
+        0.375,
+        0.5,
+        0.625,
+        0.75,
+        0.875,
+        1,
+    )  # of 8 val images
+    result = invoke(
+        "finetune", "--data", "imagefolder", "--data-dir", tmp_path / "train", "--init", "scratch", "--out-dir", out
+    )
     assert result.exit_code != 0 and "train/train not found" in result.output and "Traceback" not in result.output
 
 
@@ -380,12 +437,15 @@ def test_checkpoint_round_trips_into_a_fresh_model(fake_fmnist, tmp_path):
     assert not any(k.startswith(("relative.", "encoder.")) for k in exported)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not a folder"),
-    (["--patch-size", 5], "--patch-size 5 must divide the input size 28x28"),
-    (["--pairs", 100000], "--pairs 100000 is more than the 2401 ordered pairs"),
-    (["--data", "cifar10", "--data-dir", "."], "cifar-10-batches-py/data_batch_1 not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not a folder"),
+        (["--patch-size", 5], "--patch-size 5 must divide the input size 28x28"),
+        (["--pairs", 100000], "--pairs 100000 is more than the 2401 ordered pairs"),
+        (["--data", "cifar10", "--data-dir", "."], "cifar-10-batches-py/data_batch_1 not found"),
+    ],
+)
 def test_bad_input_stops_with_a_clear_message(fake_fmnist, tmp_path, args, message):
     args = ["--data-dir", fake_fmnist, *args] if "--data-dir" not in args else args
     result = invoke("pretrain", *args, "--out-dir", tmp_path)
@@ -400,7 +460,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_fmnist, tmp_pa
     result = invoke(*common, "--epochs", 2, "--blr", "1e30", "--resume-changed")
     assert result.exit_code != 0 and "loss is nan" in result.output.lower()
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert kept["epoch"] == 1 and torch.equal(kept["model"]["encoder.norm.weight"], good["model"]["encoder.norm.weight"])
+    assert kept["epoch"] == 1 and torch.equal(
+        kept["model"]["encoder.norm.weight"], good["model"]["encoder.norm.weight"]
+    )
 
 
 def _free_port():
@@ -413,13 +475,19 @@ def tiny_model(kind):
     """A pretraining model (PART, MAE, DropPos) or the finetuning classifier, at the same tiny size, seeded."""
     torch.manual_seed(0)
     if kind in baselines.METHODS:
-        cfg = baselines.pretext_config(kind, **{k: v for k, v in tiny_config().to_dict().items() if k != "vit"}, vit=tiny_config().vit)
+        cfg = baselines.pretext_config(
+            kind, **{k: v for k, v in tiny_config().to_dict().items() if k != "vit"}, vit=tiny_config().vit
+        )
         return baselines.pretext_model(kind, cfg)
-    return part.Classifier(part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,)))
+    return part.Classifier(
+        part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,))
+    )
 
 
 def _ddp_worker(rank, world, port, out_dir, kind):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     dd = engine.setup_distributed()
     model = tiny_model(kind)
     g = torch.Generator().manual_seed(rank)  # deliberately different data per process
@@ -456,8 +524,18 @@ def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
     vit, state, config = cli.encoder_from_init(str(path), part.vit_config("vit_mini", patch_size=4))
     info = data.data_info("fashion-mnist")
-    cfg = train.classifier_config(info, 10, vit, True, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
-                                  overrides.get("linear_probe", False), 0.0)
+    cfg = train.classifier_config(
+        info,
+        10,
+        vit,
+        True,
+        overrides.get("preset"),
+        overrides.get("patch_size"),
+        0.0,
+        "cls",
+        overrides.get("linear_probe", False),
+        0.0,
+    )
     model = part.Classifier(cfg)
     cli.load_pretrained(model.encoder, state, config["model"], str(path), main=False)
     return model
@@ -477,12 +555,19 @@ def test_finetune_model_takes_the_encoder_and_adds_new_tokens_and_head(pretraine
     assert sum("encoder." + k in ckpt for k in own) == len(ckpt) - sum(k.startswith("relative.") for k in ckpt)
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--preset", "vit_mini", "its ViT has embed_dim 32, depth 2"),
-    ("--patch-size", 7, "ask for embed_dim 32, depth 2, num_heads 2, patch_size 7"),
-])
-def test_finetune_from_a_checkpoint_of_another_size_fails_clearly(pretrained, fake_fmnist, tmp_path, flag, value, message):
-    result = invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, flag, value, "--out-dir", tmp_path / "ft")
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--preset", "vit_mini", "its ViT has embed_dim 32, depth 2"),
+        ("--patch-size", 7, "ask for embed_dim 32, depth 2, num_heads 2, patch_size 7"),
+    ],
+)
+def test_finetune_from_a_checkpoint_of_another_size_fails_clearly(
+    pretrained, fake_fmnist, tmp_path, flag, value, message
+):
+    result = invoke(
+        "finetune", "--data-dir", fake_fmnist, "--init", pretrained, flag, value, "--out-dir", tmp_path / "ft"
+    )
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
@@ -518,15 +603,31 @@ def test_probe_pools_patch_tokens_unless_the_weights_trained_a_class_token(pretr
 
 def test_linear_probe_leaves_the_encoder_unchanged(pretrained, fake_fmnist, tmp_path):
     out = tmp_path / "probe"
-    result = invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--linear-probe", "--batch-size", 32,
-                    "--epochs", 2, "--blr", 1e-2, "--out-dir", out)
+    result = invoke(
+        "finetune",
+        "--data-dir",
+        fake_fmnist,
+        "--init",
+        pretrained,
+        "--linear-probe",
+        "--batch-size",
+        32,
+        "--epochs",
+        2,
+        "--blr",
+        1e-2,
+        "--out-dir",
+        out,
+    )
     assert result.exit_code == 0, result.output
     before = torch.load(pretrained, weights_only=True)["model"]
     after = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     encoder = [k for k in before if k.startswith("encoder.")]
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert not torch.equal(after["encoder.head.1.weight"], torch.zeros_like(after["encoder.head.1.weight"]))
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["model"]["pool"] == "avg"  # PART trained no class token
+    assert (
+        torch.load(out / "checkpoint.pt", weights_only=True)["config"]["model"]["pool"] == "avg"
+    )  # PART trained no class token
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in rows if "val_acc" in r] == [1, 2] and (out / "checkpoint_best.pt").exists()
 
@@ -557,24 +658,67 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     result = invoke("knn", "--ckpt", pretrained, "--data-dir", fake_fmnist, "--pool", "cls")
     assert result.exit_code == 1 and "--pool cls" in result.output and "no class token" in result.output
     ft = tmp_path / "ft"
-    assert invoke("finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--epochs", 1, "--batch-size", 32, "--out-dir", ft).exit_code == 0
+    assert (
+        invoke(
+            "finetune",
+            "--data-dir",
+            fake_fmnist,
+            "--init",
+            pretrained,
+            "--epochs",
+            1,
+            "--batch-size",
+            32,
+            "--out-dir",
+            ft,
+        ).exit_code
+        == 0
+    )
     result = invoke("knn", "--ckpt", ft / "checkpoint.pt", "--data-dir", fake_fmnist, "--pool", "cls", "--k", 5)
     assert result.exit_code == 0 and "pool cls" in result.output, result.output
     # the class token's features, by hand: the finetuned encoder with its position embeddings, token 0
     encoder, model, _ = train.frozen_encoder(ft / "checkpoint.pt", random_init=False)
     dd = engine.Dist(0, 0, 1, torch.device("cpu"))
-    info, _, val_set = train.load_sets({"data_name": "fashion-mnist", "data_dir": fake_fmnist, "img_size": None, "in_chans": None,
-                                        "mean": (), "std": (), "train_subset": 0, "skip_bad_files": False},
-                                       data.eval_transform, data.eval_transform)
+    info, _, val_set = train.load_sets(
+        {
+            "data_name": "fashion-mnist",
+            "data_dir": fake_fmnist,
+            "img_size": None,
+            "in_chans": None,
+            "mean": (),
+            "std": (),
+            "train_subset": 0,
+            "skip_bad_files": False,
+        },
+        data.eval_transform,
+        data.eval_transform,
+    )
     feats, _ = train.knn_features(encoder, model["mean"], model["std"], "cls", val_set, dd)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
-    patches = part.patchify((images.float() / 255 - torch.tensor(model["mean"]).view(1, -1, 1, 1)) / torch.tensor(model["std"]).view(1, -1, 1, 1), 4)
+    patches = part.patchify(
+        (images.float() / 255 - torch.tensor(model["mean"]).view(1, -1, 1, 1))
+        / torch.tensor(model["std"]).view(1, -1, 1, 1),
+        4,
+    )
     torch.testing.assert_close(feats, torch.nn.functional.normalize(encoder.forward_features(patches)[:, 0], dim=-1))
 
 
 def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, monkeypatch):
-    common = ["finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--batch-size", 32, "--epochs", 2, "--mixup", 0.8,
-              "--cutmix", 1.0]
+    common = [
+        "finetune",
+        "--data-dir",
+        fake_fmnist,
+        "--init",
+        pretrained,
+        "--batch-size",
+        32,
+        "--epochs",
+        2,
+        "--mixup",
+        0.8,
+        "--cutmix",
+        1.0,
+    ]
     assert invoke(*common, "--out-dir", tmp_path / "a").exit_code == 0
     crash_after_epoch(monkeypatch, 1)
     assert invoke(*common, "--out-dir", tmp_path / "b").exit_code != 0
@@ -585,16 +729,24 @@ def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, mo
 
 
 def test_the_model_file_and_the_engine_import_lean():
-    code = ("import sys, part; lean = not {'click', 'PIL', 'matplotlib'} & set(sys.modules); import train; "
-            "print(lean, 'matplotlib' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__))
+    code = (
+        "import sys, part; lean = not {'click', 'PIL', 'matplotlib'} & set(sys.modules); import train; "
+        "print(lean, 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__)
+    )
     assert out.stdout.split() == ["True", "False"]  # part: no click, PIL or matplotlib; train: no matplotlib
 
 
 def test_every_recipe_resizes_bicubic_as_mae_and_deit():
     info = data.data_info("in1k")
     small = data.data_info("fashion-mnist", img_size=32)  # not its native 28: resized too
-    transforms = [data.pretrain_transform(info, "in1k"), data.eval_transform(info, "in1k"), data.eval_transform(small, "fashion-mnist"),
-                  data.finetune_transform(info, "in1k", 2, 9, 0.25)]
+    transforms = [
+        data.pretrain_transform(info, "in1k"),
+        data.eval_transform(info, "in1k"),
+        data.eval_transform(small, "fashion-mnist"),
+        data.finetune_transform(info, "in1k", 2, 9, 0.25),
+    ]
     resizers = [t for c in transforms for t in c.transforms if isinstance(t, (v2.Resize, v2.RandomResizedCrop))]
     assert len(resizers) == 4 and all(t.interpolation == v2.InterpolationMode.BICUBIC for t in resizers)

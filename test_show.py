@@ -1,4 +1,5 @@
 """Tests for `train.py show` and the numbers behind section 5.1's figures: `pytest -q test_show.py`."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -47,7 +48,9 @@ def test_ground_truth_head_reconstructs_exactly_and_is_symmetric(sampler):
     assert figures.patch_uncertainty(placed).max() < 1e-4
     assert set(symmetry) == set(figures.OUTPUT_NAMES[: pred.shape[-1]])
     assert all(abs(v - 1) < 1e-6 for v in symmetry.values()), symmetry
-    assert all(abs(v - 1) < 1e-6 for v in figures.correlations(pred, figures.all_pair_targets(boxes[0], model.scale)).values())
+    assert all(
+        abs(v - 1) < 1e-6 for v in figures.correlations(pred, figures.all_pair_targets(boxes[0], model.scale)).values()
+    )
 
 
 @pytest.mark.parametrize("sampler", ["offgrid", "offgrid-scale"])
@@ -84,7 +87,13 @@ def save_checkpoint(tmp_path, sampler="offgrid"):
     torch.manual_seed(0)
     cfg = tiny_config(sampler=sampler)
     path = tmp_path / f"{sampler}.pt"
-    torch.save({"model": part.PART(cfg).state_dict(), "config": {"kind": "part", "data": "fashion-mnist", "model": cfg.to_dict()}}, path)
+    torch.save(
+        {
+            "model": part.PART(cfg).state_dict(),
+            "config": {"kind": "part", "data": "fashion-mnist", "model": cfg.to_dict()},
+        },
+        path,
+    )
     return path
 
 
@@ -99,7 +108,9 @@ def assert_png(path, cols, rows):
 def test_show_writes_the_four_figures_from_an_image_file(tmp_path, sampler):
     photo = tmp_path / "photo.jpg"
     Image.new("RGB", (40, 30), "orange").save(photo)  # RGB and another size: converted to 1 x 16 x 16
-    result = invoke("show", "--ckpt", save_checkpoint(tmp_path, sampler), "--image", photo, "--out-dir", tmp_path / "show")
+    result = invoke(
+        "show", "--ckpt", save_checkpoint(tmp_path, sampler), "--image", photo, "--out-dir", tmp_path / "show"
+    )
     assert result.exit_code == 0, result.output
     assert "mean placement error" in result.output and "negative symmetry" in result.output
     assert ("dw" in result.output) == (sampler == "offgrid-scale")
@@ -110,19 +121,37 @@ def test_show_writes_the_four_figures_from_an_image_file(tmp_path, sampler):
 
 
 def test_show_takes_held_out_images_of_the_checkpoints_dataset(tmp_path, fake_fmnist):
-    result = invoke("show", "--ckpt", save_checkpoint(tmp_path), "--data-dir", fake_fmnist, "--index", 3, "--target", 5,
-                    "--out-dir", tmp_path)
+    result = invoke(
+        "show",
+        "--ckpt",
+        save_checkpoint(tmp_path),
+        "--data-dir",
+        fake_fmnist,
+        "--index",
+        3,
+        "--target",
+        5,
+        "--out-dir",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     assert "#5 " in result.output
     assert_png(tmp_path / "fashion-mnist_val3_uncertainty.png", 2, 1)
 
 
-@pytest.mark.parametrize("make, args, message", [
-    (lambda p: p.write_text("not an image"), ["--image", "{file}"], "is not a readable image"),
-    (lambda p: None, ["--image", "{file}"], "is not a readable image"),  # missing
-    (lambda p: torch.save({"weights": torch.zeros(1)}, p), ["--ckpt", "{file}"], "expected a PART 2D pretraining checkpoint"),
-    (lambda p: None, ["--ref", "99"], "--ref 99 is not a patch"),
-])
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda p: p.write_text("not an image"), ["--image", "{file}"], "is not a readable image"),
+        (lambda p: None, ["--image", "{file}"], "is not a readable image"),  # missing
+        (
+            lambda p: torch.save({"weights": torch.zeros(1)}, p),
+            ["--ckpt", "{file}"],
+            "expected a PART 2D pretraining checkpoint",
+        ),
+        (lambda p: None, ["--ref", "99"], "--ref 99 is not a patch"),
+    ],
+)
 def test_show_stops_with_a_clear_message(tmp_path, make, args, message):
     file = tmp_path / "file.png"
     make(file)

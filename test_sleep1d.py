@@ -3,6 +3,7 @@
 The recordings here are written by the formats' own libraries (wfdb, h5py / scipy.io, pyedflib),
 independently of the readers under test.
 """
+
 import json
 
 import h5py
@@ -46,7 +47,11 @@ def test_pretraining_regresses_dt_of_the_windows_it_sampled(monkeypatch):
     for name, fn in (("boxes", part.sample_boxes), ("pairs", part.sample_pairs)):
         monkeypatch.setattr(part, fn.__name__, lambda *a, fn=fn, name=name, **k: seen.setdefault(name, fn(*a, **k)))
     loss_fn = part.relative_loss
-    monkeypatch.setattr(part, "relative_loss", lambda pred, target, d: seen.setdefault("target", target) is not None and loss_fn(pred, target, d))
+    monkeypatch.setattr(
+        part,
+        "relative_loss",
+        lambda pred, target, d: seen.setdefault("target", target) is not None and loss_fn(pred, target, d),
+    )
     part.PART(pretext_config("part", num_patches=40, num_pairs=64))(torch.randn(3, 6, 3000))
     t0, pairs = seen["boxes"][..., 0].numpy().astype(np.float64), seen["pairs"].numpy()
     expected = np.stack([(t0[b, pairs[b, :, 1]] - t0[b, pairs[b, :, 0]]) / 100 for b in range(3)])[..., None]
@@ -97,13 +102,17 @@ def test_position_embeddings_are_masked_in_training_only(monkeypatch):
     model = stager()
     seen = []
     forward = model.encoder.forward_features
-    monkeypatch.setattr(model.encoder, "forward_features", lambda windows, pos=None: seen.append(pos) or forward(windows, pos))
+    monkeypatch.setattr(
+        model.encoder, "forward_features", lambda windows, pos=None: seen.append(pos) or forward(windows, pos)
+    )
     x = torch.randn(8, 6, 3000)
     model.train()
     model.logits(x)
     pos = seen[-1]  # (B, 1 + 30, D)
     keep = (pos != 0).any(dim=-1)  # (B, 1 + 30): a masked token's embedding is exactly zero
-    torch.testing.assert_close(pos[keep], model.encoder.pos_embed.expand(8, -1, -1)[keep])  # the others are the encoder's own
+    torch.testing.assert_close(
+        pos[keep], model.encoder.pos_embed.expand(8, -1, -1)[keep]
+    )  # the others are the encoder's own
     assert keep.shape == (8, 31) and keep[:, 0].all()  # the class token keeps its embedding
     assert ((keep[:, 1:] == 0).sum(dim=1) == 6).all()  # 20% of the 30 window tokens
     assert len({tuple(row.tolist()) for row in keep}) > 1  # drawn afresh per epoch
@@ -162,8 +171,17 @@ def write_physionet_record(folder, name, arousal="hdf5"):
     fs, names = 200, list(sleep1d.PHYSIONET_CHANNELS + PHYSIONET_EXTRA)
     folder.mkdir(parents=True)
     signal = tagged_night(fs, len(names))
-    wfdb.wrsamp(name, fs=fs, units=["uV"] * len(names), sig_name=names, p_signal=signal.T, fmt=["16"] * len(names), adc_gain=[100.0] * len(names),
-                baseline=[0] * len(names), write_dir=str(folder))
+    wfdb.wrsamp(
+        name,
+        fs=fs,
+        units=["uV"] * len(names),
+        sig_name=names,
+        p_signal=signal.T,
+        fmt=["16"] * len(names),
+        adc_gain=[100.0] * len(names),
+        baseline=[0] * len(names),
+        write_dir=str(folder),
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)  # wfdb2mat writes <name with _ for ->m.hea and .mat into the working directory
         wfdb_to_mat(name)
@@ -174,7 +192,10 @@ def write_physionet_record(folder, name, arousal="hdf5"):
     (folder / f"{converted}.hea").unlink()
     T = signal.shape[1]
     per_sample = np.repeat(PHYSIONET_STAGE_NAMES, 30 * fs)
-    masks = {k: (per_sample == k).astype(np.float64)[None] for k in ("wake", "nonrem1", "nonrem2", "nonrem3", "rem", "undefined")}
+    masks = {
+        k: (per_sample == k).astype(np.float64)[None]
+        for k in ("wake", "nonrem1", "nonrem2", "nonrem3", "rem", "undefined")
+    }
     path = folder / f"{name}-arousal.mat"
     if arousal == "hdf5":
         with h5py.File(path, "w", userblock_size=512) as f:
@@ -201,8 +222,12 @@ def test_physionet2018_record_is_read_and_staged(tmp_path, arousal):
 
 
 EDF_ANNOTATIONS = [  # (onset s, duration s, text) as in Sleep-EDF's hypnograms; W lasts two epochs
-    (0, 60, "Sleep stage W"), (60, 30, "Sleep stage 1"), (90, 30, "Sleep stage 2"), (120, 30, "Sleep stage 3"),
-    (150, 30, "Sleep stage 4"), (180, 30, "Sleep stage R"),
+    (0, 60, "Sleep stage W"),
+    (60, 30, "Sleep stage 1"),
+    (90, 30, "Sleep stage 2"),
+    (120, 30, "Sleep stage 3"),
+    (150, 30, "Sleep stage 4"),
+    (180, 30, "Sleep stage R"),
 ]
 
 
@@ -211,9 +236,13 @@ def write_sleep_edf(folder, night, annotations=EDF_ANNOTATIONS + [(210, 30, "Sle
     1 Hz) and <night>H-Hypnogram.edf, an EDF+ file holding only annotations; written by pyedflib."""
     folder.mkdir(parents=True, exist_ok=True)
     eeg = tagged_night(100, 2)
-    headers = [pyedflib.highlevel.make_signal_header(c, sample_frequency=100, physical_min=-100, physical_max=100)
-               for c in sleep1d.SLEEP_EDF_CHANNELS]
-    headers.append(pyedflib.highlevel.make_signal_header("EMG submental", sample_frequency=1, physical_min=-100, physical_max=100))
+    headers = [
+        pyedflib.highlevel.make_signal_header(c, sample_frequency=100, physical_min=-100, physical_max=100)
+        for c in sleep1d.SLEEP_EDF_CHANNELS
+    ]
+    headers.append(
+        pyedflib.highlevel.make_signal_header("EMG submental", sample_frequency=1, physical_min=-100, physical_max=100)
+    )
     pyedflib.highlevel.write_edf(str(folder / f"{night}0-PSG.edf"), [*eeg, np.zeros(eeg.shape[1] // 100)], headers)
     hypnogram = pyedflib.EdfWriter(str(folder / f"{night}H-Hypnogram.edf"), 0, file_type=pyedflib.FILETYPE_EDFPLUS)
     for onset, duration, text in annotations:
@@ -285,15 +314,21 @@ def test_sleep_edf_bad_files_name_the_file(tmp_path):
 
 
 def test_subject_splits_are_disjoint_and_cover_every_subject():
-    refs = [sleep1d.RecordRef(f"s{i:02d}", f"s{i:02d}n{n}", i < 30, None) for i in range(40) for n in (1, 2)]  # 2 nights each
+    refs = [
+        sleep1d.RecordRef(f"s{i:02d}", f"s{i:02d}n{n}", i < 30, None) for i in range(40) for n in (1, 2)
+    ]  # 2 nights each
     split = sleep1d.split_subjects(refs, finetune=10, test=10, seed=0)
     sets = {k: set(v) for k, v in split.items()}
     assert len(sets["finetune"]) == len(sets["test"]) == 10 and len(sets["pretrain"]) == 20
-    assert not (sets["pretrain"] & sets["finetune"] or sets["pretrain"] & sets["test"] or sets["finetune"] & sets["test"])
+    assert not (
+        sets["pretrain"] & sets["finetune"] or sets["pretrain"] & sets["test"] or sets["finetune"] & sets["test"]
+    )
     assert set.union(*sets.values()) == {r.subject for r in refs}
     assert all(int(s[1:]) < 30 for s in sets["finetune"] | sets["test"])  # labelled sets need stages
     assert {f"s{i}" for i in range(30, 40)} <= sets["pretrain"]
-    assert sleep1d.split_subjects(refs, 10, 10, seed=0) == split and sleep1d.split_subjects(refs, 10, 10, seed=1) != split
+    assert (
+        sleep1d.split_subjects(refs, 10, 10, seed=0) == split and sleep1d.split_subjects(refs, 10, 10, seed=1) != split
+    )
     with pytest.raises(DataError, match="30 subjects have sleep stages"):
         sleep1d.split_subjects(refs, finetune=25, test=10)
 
@@ -328,10 +363,15 @@ def test_cli_pretrain_resume_then_finetune(tmp_path, monkeypatch):
     result = invoke(*finetune, "--init", straight / "checkpoint.pt", "--out-dir", tmp_path / "ft")
     assert result.exit_code == 0 and "encoder from" in result.output, result.output
     ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
-    assert not torch.equal(ft["model"]["encoder.blocks.1.mlp.fc2.weight"], a["model"]["encoder.blocks.1.mlp.fc2.weight"])  # trained on
+    assert not torch.equal(
+        ft["model"]["encoder.blocks.1.mlp.fc2.weight"], a["model"]["encoder.blocks.1.mlp.fc2.weight"]
+    )  # trained on
     confusion = torch.tensor(ft["metrics"]["confusion"])
     assert confusion.shape == (5, 5) and confusion.sum() == 2 * 8  # every epoch of the 2 held-out subjects, once
-    assert ft["metrics"]["kappa"] == pytest.approx(sleep1d.cohen_kappa(confusion)) and not (tmp_path / "ft" / "checkpoint_best.pt").exists()
+    assert (
+        ft["metrics"]["kappa"] == pytest.approx(sleep1d.cohen_kappa(confusion))
+        and not (tmp_path / "ft" / "checkpoint_best.pt").exists()
+    )
     result = invoke(*finetune, "--init", "scratch", "--out-dir", tmp_path / "scratch")
     assert result.exit_code == 0 and "loaded" not in result.output
     result = invoke(*finetune, "--init", straight / "checkpoint.pt", "--split-seed", 1, "--out-dir", tmp_path / "leak")
@@ -351,12 +391,18 @@ def test_finetune_loads_the_encoder_and_adds_new_position_embeddings_and_head(tm
             assert torch.equal(v, ckpt["model"][f"encoder.{k}"]), k
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "sleep-edf", "--data-dir", "EMPTY"], "no recordings (*-PSG.edf + *-Hypnogram.edf) found below"),
-    (["--data", "physionet2018"], "--data physionet2018 needs --data-dir"),
-    (["--synthetic-subjects", 5], "5 subjects have sleep stages; --finetune-subjects 2 + --test-subjects 10 need more"),
-    (["--pairs", 5000], "--pairs 5000 is more than the 1600 ordered pairs of 40 patches"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "sleep-edf", "--data-dir", "EMPTY"], "no recordings (*-PSG.edf + *-Hypnogram.edf) found below"),
+        (["--data", "physionet2018"], "--data physionet2018 needs --data-dir"),
+        (
+            ["--synthetic-subjects", 5],
+            "5 subjects have sleep stages; --finetune-subjects 2 + --test-subjects 10 need more",
+        ),
+        (["--pairs", 5000], "--pairs 5000 is more than the 1600 ordered pairs of 40 patches"),
+    ],
+)
 def test_bad_input_stops_with_a_clear_message(tmp_path, args, message):
     args = [str(tmp_path) if a == "EMPTY" else a for a in args]
     result = invoke("pretrain", "--finetune-subjects", 2, *args, "--out-dir", tmp_path / "out")

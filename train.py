@@ -2,7 +2,7 @@ r"""The commands of PART: pretrain, finetune (and the linear probe), knn, bench,
 
     python train.py pretrain                          # PART on Fashion-MNIST, CPU-sized
     torchrun --nproc_per_node=8 train.py pretrain --data in1k --data-dir /data/imagenet --preset vit_b --patch-size 16 \
-        --pairs 4802 --epochs 200 --batch-size 128 --blr 1.25e-4 --warmup-epochs 10   # the paper's (8.1): lr 5e-4 at 1024
+        --pairs 4802 --epochs 200 --batch-size 128 --blr 1.25e-4 --warmup-epochs 10   # 8.1: lr 5e-4 at 1024
     python train.py finetune                          # the pretrained encoder on Fashion-MNIST's labels
     python train.py knn                               # kNN top-1 of the frozen encoder
     python train.py bench --preflight --preset vit_b --img-size 224 --patch-size 16 --in-chans 3 --batch-size 128
@@ -12,6 +12,7 @@ r"""The commands of PART: pretrain, finetune (and the linear probe), knn, bench,
 Each command builds its data and model and hands them to engine.fit; the models are part.py's and
 baselines.py's, the shared flags and --init loading cli.py's.
 """
+
 import json
 import os
 from dataclasses import asdict, replace
@@ -28,10 +29,13 @@ import baselines
 import bench as benchmark
 import data
 import part
-from cli import (COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, Finite, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
-                 load_pretrained, method_config, method_options, pretrain_summary, options, pretrained_encoder, read_checkpoint, recipe_from, recipe_options,
-                 source_grid)
+from cli import (
+    COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, Finite, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
+    load_pretrained, method_config, method_options, pretrain_summary, options, pretrained_encoder, read_checkpoint,
+    recipe_from, recipe_options, source_grid,
+)
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
+
 
 @click.group(cls=Cli)
 def main():
@@ -39,16 +43,26 @@ def main():
 
 
 data_options = options(
-    click.option("--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist", show_default=True,
-                 help="dataset; README lists the --data-dir layout of each"),
+    click.option(
+        "--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist", show_default=True,
+        help="dataset; README lists the --data-dir layout of each",
+    ),
     click.option("--data-dir", default=None, help="dataset root; fashion-mnist falls back to Debian's package"),
     click.option("--img-size", type=POSITIVE, default=None, help="square side in pixels; default: the dataset's"),
-    click.option("--in-chans", type=POSITIVE, default=None,
-                 help="default: the dataset's; folders of images read 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)"),
-    click.option("--mean", type=Finite(), multiple=True, help="input mean per channel, the flag repeated; default: the dataset's"),
+    click.option(
+        "--in-chans", type=POSITIVE, default=None,
+        help="default: the dataset's; folders of images read 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)",
+    ),
+    click.option(
+        "--mean", type=Finite(), multiple=True, help="input mean per channel, the flag repeated; default: the dataset's"
+    ),
     click.option("--std", type=Finite(), multiple=True, help="input std per channel, as --mean"),
-    click.option("--train-subset", type=COUNT, default=0, help="train on N random training images (drawn under --seed); 0: all"),
-    click.option("--skip-bad-files", is_flag=True, help="skip and count unreadable image files instead of stopping at the first"),
+    click.option(
+        "--train-subset", type=COUNT, default=0, help="train on N random training images (drawn under --seed); 0: all"
+    ),
+    click.option(
+        "--skip-bad-files", is_flag=True, help="skip and count unreadable image files instead of stopping at the first"
+    ),
     section="data",
 )
 
@@ -67,8 +81,12 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     `seed`; with skip_bad_files, unreadable image files are skipped (and counted by `fit`)."""
     name = flags["data_name"]
     info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
-    train_set = data.build_dataset(name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"])
-    val_set = data.build_dataset(name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"])
+    train_set = data.build_dataset(
+        name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"]
+    )
+    val_set = data.build_dataset(
+        name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"]
+    )
     subset = flags["train_subset"]
     if subset > len(train_set):
         fail(f"--train-subset {subset} is more than the {len(train_set)} training images")
@@ -86,10 +104,16 @@ def data_source(flags):
 
 
 model_options = options(
-    click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
-                 help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px"),
-    click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"),
-    click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"),
+    click.option(
+        "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+        help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px",
+    ),
+    click.option(
+        "--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"
+    ),
+    click.option(
+        "--drop-path", type=Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"
+    ),
     section="model",
 )
 
@@ -98,10 +122,14 @@ model_options = options(
 @data_options
 @model_options
 @method_options()
-@options(click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper"),
-         click.option("--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
-                      help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)"),
-         section="method")
+@options(
+    click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper"),
+    click.option(
+        "--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
+        help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)",
+    ),
+    section="method",
+)
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
 @click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
 def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
@@ -110,15 +138,25 @@ def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
     vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
-    cfg = method_config(method, vit=vit, img_size=(info.img_size, info.img_size), mean=info.mean, std=info.std, **kwargs)
+    cfg = method_config(
+        method, vit=vit, img_size=(info.img_size, info.img_size), mean=info.mean, std=info.std, **kwargs
+    )
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
         model = baselines.pretext_model(method, cfg)
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
-        config = {"kind": method, "data": flags["data_name"], "data_dir": data_source(flags),
-                  "train_subset": flags["train_subset"], "model": cfg.to_dict(), "recipe": asdict(recipe)}
-        metrics = fit(model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None))
+        config = {
+            "kind": method,
+            "data": flags["data_name"],
+            "data_dir": data_source(flags),
+            "train_subset": flags["train_subset"],
+            "model": cfg.to_dict(),
+            "recipe": asdict(recipe),
+        }
+        metrics = fit(
+            model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None)
+        )
         if dd.main:
             print(pretrain_summary(method, metrics, out_dir))
 
@@ -144,46 +182,92 @@ def count_classes(name, info, train_set):
     return classes
 
 
-def classifier_config(info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, pos_pretrained=False,
-                      **protocol):
+def classifier_config(
+    info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, pos_pretrained=False,
+    **protocol,
+):
     """The ViT of --init (`base`, from encoder_from_init) unless --preset / --patch-size say otherwise; with
     `pretrained` weights they must then agree with it. pos_pretrained: the weights bring position embeddings.
     protocol: the baselines' own finetuning options, ClassifierConfig's fc_norm, pos_embed and freeze_pos_embed."""
-    vit = replace(base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size, in_chans=info.in_chans,
-                  drop_path=0.0 if linear_probe else drop_path)
+    vit = replace(
+        base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size,
+        in_chans=info.in_chans, drop_path=0.0 if linear_probe else drop_path,
+    )
     size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
     if pretrained and any(getattr(vit, k) != getattr(base, k) for k in size):
-        fail(f"the checkpoint is of another size than asked: its ViT has {', '.join(f'{k} {getattr(base, k)}' for k in size)}; "
-             f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}")
-    return part.ClassifierConfig(vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool,
-                                 linear_probe=linear_probe, smoothing=smoothing, mean=info.mean, std=info.std, pos_pretrained=pos_pretrained,
-                                 **protocol)
-
+        fail(
+            "the checkpoint is of another size than asked: its ViT has "
+            f"{', '.join(f'{k} {getattr(base, k)}' for k in size)}; "
+            f"--preset / --patch-size / the data ask for {', '.join(f'{k} {getattr(vit, k)}' for k in size)}"
+        )
+    return part.ClassifierConfig(
+        vit=vit, img_size=(info.img_size, info.img_size), num_classes=classes, pool=pool, linear_probe=linear_probe,
+        smoothing=smoothing, mean=info.mean, std=info.std, pos_pretrained=pos_pretrained, **protocol,
+    )
 
 
 @main.command()
 @data_options
-@click.option("--init", default=DEFAULT_INIT, show_default=True,
-              help="a PART checkpoint (training dict, {'model'}, {'state_dict'} or bare; module.-prefixed or not), or 'scratch'")
-@click.option("--linear-probe", is_flag=True, help="freeze the encoder; train BatchNorm without affine + a linear head (MAE)")
-@click.option("--preset", type=click.Choice(list(part.PRESETS)), default=None, help="default: the checkpoint's; vit_mini from scratch")
+@click.option(
+    "--init", default=DEFAULT_INIT, show_default=True,
+    help="a PART checkpoint (training dict, {'model'}, {'state_dict'} or bare; module.-prefixed or not), or 'scratch'",
+)
+@click.option(
+    "--linear-probe", is_flag=True, help="freeze the encoder; train BatchNorm without affine + a linear head (MAE)"
+)
+@click.option(
+    "--preset", type=click.Choice(list(part.PRESETS)), default=None,
+    help="default: the checkpoint's; vit_mini from scratch",
+)
 @click.option("--patch-size", type=POSITIVE, default=None, help="default: the checkpoint's; 4 from scratch")
-@click.option("--pool", type=click.Choice(part.POOLS), default=None,
-              help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)")
-@click.option("--fc-norm", is_flag=True, help="with --pool avg: a new LayerNorm after the mean in place of the final norm (MAE, DropPos)")
-@click.option("--no-pos-embed", is_flag=True, help="no position embeddings (MP3's Table 1 row 'without'); default: learnable ones (the paper)")
-@click.option("--freeze-pos-embed", is_flag=True, help="keep the pretrained sin-cos position embeddings fixed (DropPos' finetuning)")
-@click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="DeiT: 0.1; 0 with --linear-probe")
-@click.option("--smoothing", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1")
-@click.option("--randaug-n", type=COUNT, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2")
-@click.option("--randaug-m", type=click.IntRange(0, 30), default=9, show_default=True, help="RandAugment magnitude; DeiT: 9")
-@click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
-@click.option("--cutmix", type=NON_NEGATIVE, default=0.0, show_default=True, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
-@click.option("--reprob", type=Finite(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25")
+@click.option(
+    "--pool", type=click.Choice(part.POOLS), default=None,
+    help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)",
+)
+@click.option(
+    "--fc-norm",
+    is_flag=True,
+    help="with --pool avg: a new LayerNorm after the mean in place of the final norm (MAE, DropPos)",
+)
+@click.option(
+    "--no-pos-embed",
+    is_flag=True,
+    help="no position embeddings (MP3's Table 1 row 'without'); default: learnable ones (the paper)",
+)
+@click.option(
+    "--freeze-pos-embed",
+    is_flag=True,
+    help="keep the pretrained sin-cos position embeddings fixed (DropPos' finetuning)",
+)
+@click.option(
+    "--drop-path", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
+    help="DeiT: 0.1; 0 with --linear-probe",
+)
+@click.option(
+    "--smoothing", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1"
+)
+@click.option(
+    "--randaug-n", type=COUNT, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2"
+)
+@click.option(
+    "--randaug-m", type=click.IntRange(0, 30), default=9, show_default=True, help="RandAugment magnitude; DeiT: 9"
+)
+@click.option(
+    "--mixup", type=NON_NEGATIVE, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)"
+)
+@click.option(
+    "--cutmix", type=NON_NEGATIVE, default=0.0, show_default=True,
+    help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)",
+)
+@click.option(
+    "--reprob", type=Finite(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25"
+)
 @recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, beta2=0.999, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
-def finetune(init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed, freeze_pos_embed, drop_path, smoothing, randaug_n,
-             randaug_m, mixup, cutmix, reprob, out_dir, **kwargs):
+def finetune(
+    init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed, freeze_pos_embed, drop_path, smoothing,
+    randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs,
+):
     """Finetune a PART encoder as the paper does (section 4 "Training setup": class token, new
     position embeddings, linear head; DeiT's recipe), or linear-probe it. --init scratch trains the
     same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
@@ -194,64 +278,106 @@ def finetune(init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
-    cfg = classifier_config(info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size, drop_path,
-                            pool, linear_probe, smoothing, pos_pretrained=state is not None and part.has_positions(state), fc_norm=fc_norm,
-                            pos_embed=not no_pos_embed, freeze_pos_embed=freeze_pos_embed)
+    cfg = classifier_config(
+        info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size,
+        drop_path, pool, linear_probe, smoothing, pos_pretrained=state is not None and part.has_positions(state),
+        fc_norm=fc_norm, pos_embed=not no_pos_embed, freeze_pos_embed=freeze_pos_embed,
+    )
 
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same new weights on every process
         model = part.Classifier(cfg)
         if state is not None:
             load_pretrained(model.encoder, state, source.get("model", {}), init, dd.main)
-        augmentation = {"randaug_n": randaug_n, "randaug_m": randaug_m, "mixup": mixup, "cutmix": cutmix, "reprob": reprob}
-        config = {"kind": "classifier", "data": flags["data_name"], "data_dir": data_source(flags),
-                  "train_subset": flags["train_subset"], "init": init,
-                  "model": cfg.to_dict(),
-                  "recipe": {**asdict(recipe), **augmentation}}
+        augmentation = {
+            "randaug_n": randaug_n,
+            "randaug_m": randaug_m,
+            "mixup": mixup,
+            "cutmix": cutmix,
+            "reprob": reprob,
+        }
+        config = {
+            "kind": "classifier",
+            "data": flags["data_name"],
+            "data_dir": data_source(flags),
+            "train_subset": flags["train_subset"],
+            "init": init,
+            "model": cfg.to_dict(),
+            "recipe": {**asdict(recipe), **augmentation},
+        }
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
-        metrics = fit(model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
-                      train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes))
+        metrics = fit(
+            model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
+            train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes),
+        )
         if dd.main and metrics:
             what = "linear probe" if linear_probe else "finetune"
-            print(f"{what}: held-out top-1 {metrics['acc']:.4f} on {len(val_set)} images; checkpoints {Path(out_dir) / 'checkpoint.pt'} "
-                  f"(last) and {Path(out_dir) / 'checkpoint_best.pt'} (best)")
+            print(
+                f"{what}: held-out top-1 {metrics['acc']:.4f} on {len(val_set)} images; checkpoints "
+                f"{Path(out_dir) / 'checkpoint.pt'} "
+                f"(last) and {Path(out_dir) / 'checkpoint_best.pt'} (best)"
+            )
 
     run(command)
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True, help="ViT width and depth")
+@click.option(
+    "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True, help="ViT width and depth"
+)
 @click.option("--img-size", type=POSITIVE, default=28, show_default=True, help="square side of the random images")
 @click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P")
 @click.option("--in-chans", type=POSITIVE, default=1, show_default=True, help="image channels")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="images per step")
-@click.option("--num-patches", type=COUNT, multiple=True, default=(0,), show_default=True,
-              help="N (repeatable, for a sweep); 0: (H/P)(W/P) as the paper")
-@click.option("--pairs", type=POSITIVE, multiple=True, default=(128,), show_default=True, help="K (repeatable, for a sweep)")
+@click.option(
+    "--num-patches", type=COUNT, multiple=True, default=(0,), show_default=True,
+    help="N (repeatable, for a sweep); 0: (H/P)(W/P) as the paper",
+)
+@click.option(
+    "--pairs", type=POSITIVE, multiple=True, default=(128,), show_default=True, help="K (repeatable, for a sweep)"
+)
 @click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True, help="as pretrain's")
 @click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP)
 @click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
 @click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
-@click.option("--methods", is_flag=True, help="also time every other method's step (MAE, DropPos, MP3; defaults) beside PART's, interleaved")
-@click.option("--preflight", is_flag=True, help="before a multi-day run on a GPU node: every method eager and compiled, "
-              "recompiles, graph breaks, peak memory, MFU, DDP replicas on 2+ GPUs (README: GPUs and clusters)")
-def bench(preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods,
-          preflight):
+@click.option(
+    "--methods",
+    is_flag=True,
+    help="also time every other method's step (MAE, DropPos, MP3; defaults) beside PART's, interleaved",
+)
+@click.option(
+    "--preflight",
+    is_flag=True,
+    help="before a multi-day run on a GPU node: every method eager and compiled, "
+    "recompiles, graph breaks, peak memory, MFU, DDP replicas on 2+ GPUs (README: GPUs and clusters)",
+)
+def bench(
+    preset, img_size, patch_size, in_chans, batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods,
+    preflight,
+):
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
     vit = part.vit_config(preset, patch_size=patch_size, in_chans=in_chans)
     if preflight:
         benchmark.preflight(vit, (img_size, img_size), batch_size, steps, pairs[0])
         return
-    benchmark.bench(vit, (img_size, img_size), batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods)
+    benchmark.bench(
+        vit, (img_size, img_size), batch_size, num_patches, pairs, sampler, head, steps, use_compile, methods
+    )
 
 
 EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every checkpoint that holds an encoder, but an export
 
 
 @main.command()
-@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune")
-@click.option("--out-dir", default="out/export", show_default=True, help="gets encoder.pt (timm's names) and encoder.json (its config)")
+@click.option(
+    "--ckpt", default=DEFAULT_INIT, show_default=True,
+    help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune",
+)
+@click.option(
+    "--out-dir", default="out/export", show_default=True,
+    help="gets encoder.pt (timm's names) and encoder.json (its config)",
+)
 def export(ckpt, out_dir):
     """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
     them, so that `--init OUT_DIR/encoder.pt` needs no other flag (README)."""
@@ -259,8 +385,13 @@ def export(ckpt, out_dir):
     kind = config["kind"]
     state = part.encoder_state_dict(checkpoint)
     model = config["model"]
-    meta = {"kind": "encoder", "source": str(ckpt), "source_kind": kind, "data": config.get("data"),
-            "model": {k: model[k] for k in ("vit", "img_size", "mean", "std") if k in model}}
+    meta = {
+        "kind": "encoder",
+        "source": str(ckpt),
+        "source_kind": kind,
+        "data": config.get("data"),
+        "model": {k: model[k] for k in ("vit", "img_size", "mean", "std") if k in model},
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "encoder.pt", state)
@@ -325,9 +456,19 @@ def held_out_images(config, cfg, data_dir, indices):
 
 @main.command()
 @click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
-@click.option("--image", "image_paths", multiple=True, help="an image file (repeatable); default: held-out images of the checkpoint's dataset")
-@click.option("--index", "indices", type=COUNT, multiple=True, default=(0,), show_default=True, help="held-out image(s) shown without --image")
-@click.option("--data-dir", default=None, help="the checkpoint's dataset, for held-out images (fashion-mnist falls back to Debian's package)")
+@click.option(
+    "--image", "image_paths", multiple=True,
+    help="an image file (repeatable); default: held-out images of the checkpoint's dataset",
+)
+@click.option(
+    "--index", "indices", type=COUNT, multiple=True, default=(0,), show_default=True,
+    help="held-out image(s) shown without --image",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="the checkpoint's dataset, for held-out images (fashion-mnist falls back to Debian's package)",
+)
 @click.option("--ref", type=int, default=-1, help="reference patch of Figure 4; -1: the one nearest the image centre")
 @click.option("--target", type=int, default=-1, help="target patch of Figure 5; -1: the most and the least certain")
 @click.option("--seed", type=int, default=0, show_default=True, help="seeds the patch sampler and the shuffled order")
@@ -369,7 +510,10 @@ def frozen_encoder(path, random_init):
     state, config = pretrained_encoder(path)
     model = config.get("model", {})
     if "vit" not in model or "img_size" not in model:
-        fail(f"{path} carries no model config: knn takes our checkpoints and exports (train.py export writes the config beside)")
+        fail(
+            f"{path} carries no model config: knn takes our checkpoints and exports (train.py export writes the "
+            "config beside)"
+        )
     vit = replace(part.ViTConfig(**model["vit"]), num_classes=0)
     if random_init:
         return part.VisionTransformer(vit).eval(), model, config.get("data")
@@ -379,12 +523,22 @@ def frozen_encoder(path, random_init):
 
 
 @main.command()
-@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART checkpoint, a finetuned classifier or an export of either")
-@click.option("--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)")
-@click.option("--pool", type=click.Choice(part.POOLS), default="avg", show_default=True,
-              help="avg: the patch tokens' mean (PART trains no class token); cls: a finetuned model's class token")
+@click.option(
+    "--ckpt", default=DEFAULT_INIT, show_default=True,
+    help="a PART checkpoint, a finetuned classifier or an export of either",
+)
+@click.option(
+    "--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)"
+)
+@click.option(
+    "--pool", type=click.Choice(part.POOLS), default="avg", show_default=True,
+    help="avg: the patch tokens' mean (PART trains no class token); cls: a finetuned model's class token",
+)
 @click.option("--k", type=POSITIVE, default=20, show_default=True, help="neighbours (DINO: 20)")
-@click.option("--temperature", type=Finite(min=0, min_open=True), default=0.07, show_default=True, help="a vote weighs exp(cosine / T) (DINO: 0.07)")
+@click.option(
+    "--temperature", type=Finite(min=0, min_open=True), default=0.07, show_default=True,
+    help="a vote weighs exp(cosine / T) (DINO: 0.07)",
+)
 @click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
 def knn(ckpt, data_dir, pool, k, temperature, random_init):
     """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
@@ -394,8 +548,16 @@ def knn(ckpt, data_dir, pool, k, temperature, random_init):
         fail(f"--pool cls: {ckpt} has no class token (PART pretrains without one); use --pool avg")
     if not name:
         fail(f"{ckpt} records no dataset")
-    flags = {"data_name": name, "data_dir": data_dir, "img_size": model["img_size"][0], "in_chans": encoder.cfg.in_chans,
-             "mean": model["mean"], "std": model["std"], "train_subset": 0, "skip_bad_files": False}
+    flags = {
+        "data_name": name,
+        "data_dir": data_dir,
+        "img_size": model["img_size"][0],
+        "in_chans": encoder.cfg.in_chans,
+        "mean": model["mean"],
+        "std": model["std"],
+        "train_subset": 0,
+        "skip_bad_files": False,
+    }
     info, train_set, val_set = load_sets(flags, data.eval_transform, data.eval_transform)
     count_classes(name, info, train_set)  # stops on unlabelled data
     if k > len(train_set):
@@ -407,8 +569,10 @@ def knn(ckpt, data_dir, pool, k, temperature, random_init):
     bank, bank_labels = knn_features(encoder, model["mean"], model["std"], pool, train_set, dd)
     queries, labels = knn_features(encoder, model["mean"], model["std"], pool, val_set, dd)
     acc = (part.knn_predict(bank, bank_labels, queries, k, temperature) == labels).float().mean().item()
-    print(f"kNN top-1 {acc:.4f}: {len(val_set)} held-out {name} images, {len(train_set)} training images vote, "
-          f"k {k}, T {temperature}, pool {pool}, {'random' if random_init else 'pretrained'} encoder of {ckpt}")
+    print(
+        f"kNN top-1 {acc:.4f}: {len(val_set)} held-out {name} images, {len(train_set)} training images vote, "
+        f"k {k}, T {temperature}, pool {pool}, {'random' if random_init else 'pretrained'} encoder of {ckpt}"
+    )
 
 
 if __name__ == "__main__":

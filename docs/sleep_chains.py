@@ -7,6 +7,7 @@ guessed as 0. Monte Carlo over 4000 epochs:
 
     python docs/sleep_chains.py
 """
+
 import numpy as np
 
 
@@ -31,5 +32,7 @@ def chains(N, T=3000, w=100, reps=4000, seed=0):
 if __name__ == "__main__":
     for n in (40, 120):
         d, s, m, c = chains(n)
-        print(f"{n} windows: {d:.1%} of ordered pairs overlap directly, {s:.1%} lie in one chain, "
-              f"{m:.2%} of the zero predictor's MSE is determinable, {c:.1f} chains per epoch")
+        print(
+            f"{n} windows: {d:.1%} of ordered pairs overlap directly, {s:.1%} lie in one chain, "
+            f"{m:.2%} of the zero predictor's MSE is determinable, {c:.1f} chains per epoch"
+        )
