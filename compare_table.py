@@ -15,6 +15,7 @@ would look more exact than it is, while this rule can be checked by eye against 
 A cell of one seed gets no verdict: there is no spread to judge by.
 """
 import json
+import math
 import re
 import statistics
 import sys
@@ -113,7 +114,7 @@ def best(candidates):
     """candidates: [(value, finetuning folder)] -> the value whose finished finetuning has the highest last
     val_acc, or None when none finished; on an exact tie the first wins (compare.sh lists today's default first)."""
     scored = [(last(path, "val_acc"), value) for value, path in candidates]
-    scored = [(acc, value) for acc, value in scored if acc is not None]
+    scored = [(acc, value) for acc, value in scored if acc is not None and math.isfinite(acc)]  # NaN would win or lose by position
     return max(scored, key=lambda s: s[0])[1] if scored else None
 
 

@@ -129,12 +129,13 @@ def test_the_tie_rule_uses_the_larger_sample_std(values, reference, expected):
 def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_path, capsys):
     search = tmp_path / "search"
     points = {"ft_part_blr5e-4_pairs128": 0.70, "ft_part_blr1.5e-3_pairs128": 0.75, "ft_part_blr4.5e-3_pairs128": 0.72,
-              "ft_part_blr1.5e-3_pairs512": 0.78, "ft_part_blr1.5e-3_pairs2048": 0.90, "ft_mae_blr1.5e-3": 0.74, "ft_mae_blr5e-4": 0.74}
+              "ft_part_blr1.5e-3_pairs512": 0.78, "ft_part_blr1.5e-3_pairs2048": 0.90, "ft_mae_blr1.5e-3": 0.74, "ft_mae_blr5e-4": 0.74,
+              "ft_mae_blr4.5e-3": float("nan")}
     for name, value in points.items():
         fake_run(search / name, epochs_done=1 if name.endswith("pairs2048") else 2, val_acc=value)  # 2048 unfinished
     pick = lambda *names: compare_table.best([(n.split("_")[-1], search / n) for n in names])  # noqa: E731
     assert pick("ft_part_blr1.5e-3_pairs128", "ft_part_blr1.5e-3_pairs512", "ft_part_blr1.5e-3_pairs2048") == "pairs512"
-    assert pick("ft_mae_blr1.5e-3", "ft_mae_blr5e-4") == "blr1.5e-3"  # an exact tie: the first (compare.sh's default)
+    assert pick("ft_mae_blr4.5e-3", "ft_mae_blr1.5e-3", "ft_mae_blr5e-4") == "blr1.5e-3"  # NaN out; an exact tie: the first
     assert pick("ft_part_blr1.5e-3_pairs2048") is None
     (search / "chosen.txt").write_text("part blr 1.5e-3\npart pairs 512\nmae blr 1.5e-3\n")
     print("\n".join(compare_table.search_table(search)))
