@@ -1,113 +1,233 @@
 #!/usr/bin/env bash
-# The paper's comparisons at CPU scale, every cell over 3 seeds, mean ± std (README, "Comparisons").
-#   bash compare.sh methods     # scratch, PART, MAE, DropPos: finetune, linear probe and kNN top-1 on Fashion-MNIST, nuclei AP
-#   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MAE, DropPos: Δt error, kappa, sample efficiency
+# The paper's comparisons at CPU scale, each method at its searched learning rate, every cell over 3 seeds,
+# mean ± std (README, "Comparisons"; issue 22).
+#   bash compare.sh search      # per method, pretraining blr of 3 (then PART's pairs of 5) by finetune top-1 on held-out training images
+#   bash compare.sh methods     # scratch, PART, MP3, MAE, DropPos at the search's values: finetune, linear probe, kNN, nuclei AP, step cost
+#   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MP3, MAE, DropPos: Δt error, kappa, sample efficiency
 #   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
-#   bash compare.sh all         # methods, then sleep: every cell of the README's methods table
-#   bash compare.sh table       # the tables of every run finished so far
-#   SEEDS="0" bash compare.sh methods                        # one seed
+#   bash compare.sh all         # search, methods, then sleep: every cell of the README's methods table
+#   bash compare.sh table       # the tables of every run finished so far, the search's among them
+#   SEEDS="0" bash compare.sh methods                        # one seed (the search runs the first of SEEDS)
+#   OUT=/scratch/compare bash compare.sh all                 # another folder (default out/compare)
+#   TINY=1 bash compare.sh search                            # the tooling end to end in seconds a run (out/compare-tiny); numbers mean nothing
+#   METHODS="part mp3" bash compare.sh search                # some of the methods
 #   PY="torchrun --nproc_per_node=8" bash compare.sh methods # the same on a bigger machine
-# Finished runs are skipped on a rerun (each resumes from its own checkpoint). Budgets, chosen so that
-# `methods` and `sleep` together take about 2 hours on 2 CPU cores (README, "Comparisons"):
-#   Fashion-MNIST: pretraining 20k images x 2 epochs for every method, the same vit_mini/4, batch, lr and
-#   schedule; finetuning 5k labelled images x 10 epochs (train.py finetune's defaults), linear probe
-#   5k x 3 epochs, kNN over the 60k training images; top-1 on the 10k test images.
+# Skipping and resuming: a run whose folder holds compare.done naming this same command is skipped at once; any
+# other is started, and the engine resumes it from its own checkpoint (one already finished exits at once), so an
+# interrupted study resumes where it stopped. To redo a run, delete its folder and those of the runs that start from it.
+# The search (issue 22, the paper's 8.1: "the best result for each experiment"): one seed; pretraining and finetuning
+# on the training images less 10k held out (--val-from-train, the same 10k for every run), selected by finetune top-1
+# on those 10k, never on the test images. First blr in {default/3, default, 3 x default} per method, PART at today's
+# pairs; then PART's pairs in {128, 256, 512, 1024, 2048} at its chosen blr. OUT/search/chosen.txt keeps the choice;
+# methods and ablations read it (today's defaults, with a note, where it is missing), so run the search first: a
+# methods run started at other values stops (the engine refuses to resume another recipe); delete it to rerun it.
+# Sleep keeps sleep1d.py's recipe: its 1D runs are not searched.
+# Budgets, chosen so that `methods` and `sleep` together took about 2 hours on 2 CPU cores before MP3 (README):
+#   Fashion-MNIST: pretraining 20k images x 2 epochs for every method, the same vit_mini/4, batch and schedule;
+#   finetuning 5k labelled images x 10 epochs (train.py finetune's defaults), linear probe 5k x 3 epochs, kNN over
+#   the 60k training images; top-1 on the 10k test images.
 #   Nuclei (detect.py's default data): 3 epochs (lr x0.1 at 2 and 2.75), scratch with the encoders' inputs.
 #   Sleep (synthetic): pretraining 15 epochs on the 20 subjects outside the 20 finetuning and 10 test ones,
 #   --pairs 512 for both PART readings; finetuning 20 epochs on 10 subjects (360 steps), and for the curve
 #   on 2, 5 and 20 subjects with the epochs that give about as many steps (100, 40, 10 epochs: 300, 360, 370 steps).
 set -euo pipefail
 cd "$(dirname "$0")"
-OUT=${OUT:-out/compare}
 PY=${PY:-python}
 SEEDS=${SEEDS:-"0 1 2"}
-METHODS="part mae droppos"
+METHODS=${METHODS:-"part mp3 mae droppos"}
+BLR_DEFAULT=1.5e-3                  # train.py pretrain's --blr
+BLRS="$BLR_DEFAULT 5e-4 4.5e-3"     # default first: on an exact tie it stays
+PAIRS_DEFAULT=128                   # train.py pretrain's --pairs
+PAIRS="$PAIRS_DEFAULT 256 512 1024 2048"  # Figure 8's 512-4096 where they fit the 49^2 = 2401 ordered pairs of 28 px / 4
+if [ -n "${TINY:-}" ]; then  # every run a few steps of vit_test: a check of the tooling, not of the methods
+  OUT=${OUT:-out/compare-tiny}
+  PRE="--preset vit_test --train-subset 512 --epochs 1"; DEFAULT_RUN=$PRE; VAL=256
+  FT="--train-subset 512 --epochs 1"; PROBE="--train-subset 512 --epochs 1"; SCRATCH="--preset vit_test"
+  DET="--epochs 1 --lr-drops 0.7,0.9"; BENCH="--preset vit_test --batch-size 32 --steps 2"
+  SLEEP_PRE="--epochs 1"; SLEEP_FT="--epochs 1"; CURVE_STEPS=20
+else
+  OUT=${OUT:-out/compare}
+  PRE="--train-subset 20000 --epochs 2"; DEFAULT_RUN=""; VAL=10000
+  FT="--train-subset 5000 --epochs 10"; PROBE="--train-subset 5000 --epochs 3"; SCRATCH=""
+  DET="--epochs 3 --lr-drops 2,2.75"; BENCH="--steps 20"
+  SLEEP_PRE="--epochs 15"; SLEEP_FT=""; CURVE_STEPS=200
+fi
 
-finetune() {  # out dir, init ("scratch" or a checkpoint), flags
-  $PY train.py finetune --init "$2" --train-subset 5000 "${@:3}" --out-dir "$1"
+once() {  # run folder, command...: the command, unless the folder holds compare.done naming this same command
+  local dir=$1; shift
+  if [ -f "$dir/compare.done" ] && [ "$(< "$dir/compare.done")" = "$*" ]; then echo "finished: $dir"; return; fi
+  "$@" || return
+  mkdir -p "$dir" && echo "$*" > "$dir/compare.done"
 }
 
+into() {  # file, command...: the command's output into the file, whole or not at all
+  mkdir -p "$(dirname "$1")"
+  "${@:2}" > "$1.tmp" && mv "$1.tmp" "$1"
+}
+
+finetune() {  # out dir, init ("scratch" or a checkpoint), flags
+  $PY train.py finetune --init "$2" "${@:3}" --out-dir "$1"
+}
+
+# ---------------------------------------------------------------- search
+
+point() {  # method, blr, pairs: the name of a search point's folders (pairs in PART's alone), parsed by compare_table.POINT
+  if [ "$1" = part ]; then echo "part_blr$2_pairs$3"; else echo "$1_blr$2"; fi
+}
+
+search_point() {  # method, blr, pairs: pretraining and its finetuning, both without the VAL held-out training images
+  local D="$OUT/search" S=${SEEDS%% *} name; name=$(point "$@")
+  local pairs=(); [ "$1" = part ] && pairs=(--pairs "$3")
+  if ! once "$D/pre_$name" $PY train.py pretrain --method "$1" --blr "$2" "${pairs[@]}" $PRE --val-from-train $VAL --seed "$S" \
+      --out-dir "$D/pre_$name"; then
+    echo "note: $D/pre_$name failed (a blr that diverges stops with a message above); left out of the choice" >&2
+    return
+  fi
+  once "$D/ft_$name" finetune "$D/ft_$name" "$D/pre_$name/checkpoint.pt" $FT --val-from-train $VAL --seed "$S" ||
+    echo "note: $D/ft_$name failed; left out of the choice" >&2
+}
+
+search() {
+  local D="$OUT/search" M B K chosen=() candidates m key value
+  for M in $METHODS; do  # 1. blr, PART at today's pairs
+    candidates=()
+    for B in $BLRS; do
+      search_point "$M" "$B" "$PAIRS_DEFAULT"
+      candidates+=("$B=$D/ft_$(point "$M" "$B" "$PAIRS_DEFAULT")")
+    done
+    B=$(python compare_table.py --best "${candidates[@]}")
+    if [ -n "$B" ]; then chosen+=("$M blr $B"); else echo "note: no $M point finished; $M keeps the default blr" >&2; fi
+  done
+  if [[ " $METHODS " == *" part "* ]]; then  # 2. PART's pairs at its chosen blr
+    B=$(printf '%s\n' "${chosen[@]}" | awk '$1 == "part" && $2 == "blr" {print $3}')
+    B=${B:-$BLR_DEFAULT}
+    candidates=()
+    for K in $PAIRS; do
+      search_point part "$B" "$K"
+      candidates+=("$K=$D/ft_$(point part "$B" "$K")")
+    done
+    K=$(python compare_table.py --best "${candidates[@]}")
+    if [ -n "$K" ]; then chosen+=("part pairs $K"); else echo "note: no PART pairs point finished; PART keeps the default pairs" >&2; fi
+  fi
+  if [ -f "$D/chosen.txt" ]; then  # the choices of methods not searched this time stay
+    while read -r m key value; do [[ -z "$m" || " $METHODS " == *" $m "* ]] || chosen+=("$m $key $value"); done < "$D/chosen.txt"
+  fi
+  into "$D/chosen.txt" printf '%s\n' "${chosen[@]}"
+  echo "chosen ($D/chosen.txt):"; cat "$D/chosen.txt"
+}
+
+choice() {  # method, blr or pairs, default: the search's choice, or the default with a note
+  local value=""
+  [ -f "$OUT/search/chosen.txt" ] && value=$(awk -v m="$1" -v k="$2" '$1 == m && $2 == k {print $3}' "$OUT/search/chosen.txt")
+  if [ -z "$value" ]; then
+    echo "note: no $1 $2 in $OUT/search/chosen.txt (bash compare.sh search); $1 runs at the default $2 $3" >&2
+    value=$3
+  fi
+  echo "$value"
+}
+
+pretrain_flags() {  # method: its chosen blr, and PART's chosen pairs
+  local flags="--blr $(choice "$1" blr "$BLR_DEFAULT")"
+  [ "$1" = part ] && flags+=" --pairs $(choice part pairs "$PAIRS_DEFAULT")"
+  echo "$flags"
+}
+
+# ---------------------------------------------------------------- the studies
+
 methods() {
+  local S D M; declare -A flags
+  for M in $METHODS; do flags[$M]=$(pretrain_flags "$M"); done
   for S in $SEEDS; do
     for M in $METHODS; do
-      $PY train.py pretrain --method "$M" --train-subset 20000 --epochs 2 --seed "$S" --out-dir "$OUT/seed$S/pre_$M"
+      once "$OUT/seed$S/pre_$M" $PY train.py pretrain --method "$M" ${flags[$M]} $PRE --seed "$S" --out-dir "$OUT/seed$S/pre_$M"
     done
   done
+  once "$OUT/bench" into "$OUT/bench/methods.txt" python train.py bench --methods \
+      --pairs "$(choice part pairs "$PAIRS_DEFAULT" 2>/dev/null)" $BENCH
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    [ -s "$D/knn_scratch.txt" ] || $PY train.py knn --ckpt "$D/pre_part/checkpoint.pt" --random-init > "$D/knn_scratch.txt"
-    for M in $METHODS; do [ -s "$D/knn_$M.txt" ] || $PY train.py knn --ckpt "$D/pre_$M/checkpoint.pt" > "$D/knn_$M.txt"; done
+    once "$D/knn_scratch" into "$D/knn_scratch/knn.txt" $PY train.py knn --ckpt "$D/pre_part/checkpoint.pt" --random-init
+    for M in $METHODS; do once "$D/knn_$M" into "$D/knn_$M/knn.txt" $PY train.py knn --ckpt "$D/pre_$M/checkpoint.pt"; done
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    finetune "$D/ft_scratch" scratch --epochs 10 --seed "$S"
-    for M in $METHODS; do finetune "$D/ft_$M" "$D/pre_$M/checkpoint.pt" --epochs 10 --seed "$S"; done
+    once "$D/ft_scratch" finetune "$D/ft_scratch" scratch $SCRATCH $FT --seed "$S"
+    for M in $METHODS; do once "$D/ft_$M" finetune "$D/ft_$M" "$D/pre_$M/checkpoint.pt" $FT --seed "$S"; done
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    finetune "$D/probe_scratch" scratch --linear-probe --epochs 3 --seed "$S"
-    for M in $METHODS; do finetune "$D/probe_$M" "$D/pre_$M/checkpoint.pt" --linear-probe --epochs 3 --seed "$S"; done
+    once "$D/probe_scratch" finetune "$D/probe_scratch" scratch $SCRATCH --linear-probe $PROBE --seed "$S"
+    for M in $METHODS; do once "$D/probe_$M" finetune "$D/probe_$M" "$D/pre_$M/checkpoint.pt" --linear-probe $PROBE --seed "$S"; done
   done
-  DET="--epochs 3 --lr-drops 2,2.75"
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    $PY detect.py --init scratch --in-chans 1 --mean 0.286 --std 0.353 $DET --seed "$S" --out-dir "$D/det_scratch"
-    for M in $METHODS; do $PY detect.py --init "$D/pre_$M/checkpoint.pt" $DET --seed "$S" --out-dir "$D/det_$M"; done
+    once "$D/det_scratch" $PY detect.py --init scratch $SCRATCH --in-chans 1 --mean 0.286 --std 0.353 $DET --seed "$S" --out-dir "$D/det_scratch"
+    for M in $METHODS; do once "$D/det_$M" $PY detect.py --init "$D/pre_$M/checkpoint.pt" $DET --seed "$S" --out-dir "$D/det_$M"; done
   done
+}
+
+sleep_stage() {  # name, init (scratch or a pretraining's name), subjects, seed, flags: a finetuning on the synthetic nights
+  local D="$OUT/sleep/seed$4" init=$2
+  [ "$init" = scratch ] || init="$D/pre_$2/checkpoint.pt"
+  once "$D/ft_$1_n$3" $PY sleep1d.py finetune --init "$init" --finetune-subjects "$3" --seed "$4" "${@:5}" --out-dir "$D/ft_$1_n$3"
 }
 
 sleep_study() {
-  SPLIT="--finetune-subjects 20"  # pretraining never sees the 20 subjects the curve finetunes on, nor the 10 test ones
+  local SPLIT="--finetune-subjects 20" S D I N  # pretraining never sees the 20 subjects the curve finetunes on, nor the 10 test ones
+  local INITS="scratch part part-posmask mp3 mae droppos"
   for S in $SEEDS; do
     D="$OUT/sleep/seed$S"
-    $PY sleep1d.py pretrain $SPLIT --pairs 512 --epochs 15 --seed "$S" --out-dir "$D/pre_part"                      # today's reading
-    $PY sleep1d.py pretrain $SPLIT --pairs 512 --pos-mask 0.2 --epochs 15 --seed "$S" --out-dir "$D/pre_part-posmask" # the other
-    $PY sleep1d.py pretrain $SPLIT --method mae --epochs 15 --seed "$S" --out-dir "$D/pre_mae"
-    $PY sleep1d.py pretrain $SPLIT --method droppos --epochs 15 --seed "$S" --out-dir "$D/pre_droppos"
+    once "$D/pre_part" $PY sleep1d.py pretrain $SPLIT --pairs 512 $SLEEP_PRE --seed "$S" --out-dir "$D/pre_part"  # today's reading
+    once "$D/pre_part-posmask" $PY sleep1d.py pretrain $SPLIT --pairs 512 --pos-mask 0.2 $SLEEP_PRE --seed "$S" \
+        --out-dir "$D/pre_part-posmask"                                                                          # the other
+    for M in mp3 mae droppos; do
+      once "$D/pre_$M" $PY sleep1d.py pretrain $SPLIT --method "$M" $SLEEP_PRE --seed "$S" --out-dir "$D/pre_$M"
+    done
   done
-  stage() {  # name, init, subjects, seed, flags
-    local D="$OUT/sleep/seed$4" init="$2"; [ "$init" = scratch ] || init="$OUT/sleep/seed$4/pre_$2/checkpoint.pt"
-    $PY sleep1d.py finetune --init "$init" --finetune-subjects "$3" --seed "$4" "${@:5}" --out-dir "$D/ft_$1_n$3"
-  }
   for S in $SEEDS; do
-    for I in scratch part part-posmask mae droppos; do stage "$I" "$I" 10 "$S"; done
+    for I in $INITS; do sleep_stage "$I" "$I" 10 "$S" $SLEEP_FT; done
   done
   for N in 2 5 20; do  # 8.2's sample efficiency: kappa against the number of finetuning subjects, at about the same number of steps
     for S in $SEEDS; do
-      for I in scratch part part-posmask; do stage "$I" "$I" "$N" "$S" --epochs $((200 / N)); done
+      for I in $INITS; do sleep_stage "$I" "$I" "$N" "$S" --epochs $((CURVE_STEPS / N)); done
     done
   done
   for S in $SEEDS; do  # 5.2's "longer sequences": windows over 2 consecutive epochs, position masking as above
     D="$OUT/sleep/seed$S"
-    $PY sleep1d.py pretrain $SPLIT --pairs 512 --pos-mask 0.2 --context 2 --num-patches 80 --epochs 15 --seed "$S" \
-        --out-dir "$D/pre_part-posmask-context2"
-    stage part-posmask-context2 part-posmask-context2 10 "$S"
+    once "$D/pre_part-posmask-context2" $PY sleep1d.py pretrain $SPLIT --pairs 512 --pos-mask 0.2 --context 2 --num-patches 80 $SLEEP_PRE \
+        --seed "$S" --out-dir "$D/pre_part-posmask-context2"
+    sleep_stage part-posmask-context2 part-posmask-context2 10 "$S" $SLEEP_FT
   done
 }
 
+ablation() {  # seed, name, flags: a PART pretraining at the methods' budget and chosen values, and its finetuning
+  local D="$OUT/seed$1"
+  once "$D/pre_$2" $PY train.py pretrain $(pretrain_flags part 2>/dev/null) $PRE --seed "$1" "${@:3}" --out-dir "$D/pre_$2"
+  once "$D/ft_$2" finetune "$D/ft_$2" "$D/pre_$2/checkpoint.pt" $FT --seed "$1"
+}
+
 ablations() {
+  local S D
+  pretrain_flags part > /dev/null  # its notes, once
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    pretrain() {  # name, flags: a 20k x 2 pretraining and its finetuning
-      $PY train.py pretrain --train-subset 20000 --epochs 2 --seed "$S" "${@:2}" --out-dir "$D/pre_$1"
-      finetune "$D/ft_$1" "$D/pre_$1/checkpoint.pt" --epochs 10 --seed "$S"
-    }
-    $PY train.py pretrain --seed "$S" --out-dir "$D/pre_default"             # the default run: 60k images, 3 epochs
-    finetune "$D/ft_default" "$D/pre_default/checkpoint.pt" --epochs 10 --seed "$S"
-    [ -s "$D/knn_default.txt" ] || $PY train.py knn --ckpt "$D/pre_default/checkpoint.pt" > "$D/knn_default.txt"
-    pretrain residual --head cross-attention-residual                        # not the paper's: a residual around the attention
-    pretrain grid --sampler grid                                             # Table 4: PART-grid
-    pretrain pairwise-mlp --head pairwise-mlp                                # Table 5: relative encoders
-    pretrain mlp --head mlp
+    once "$D/pre_default" $PY train.py pretrain $DEFAULT_RUN --seed "$S" --out-dir "$D/pre_default"  # the default run: 60k images, 3 epochs
+    once "$D/ft_default" finetune "$D/ft_default" "$D/pre_default/checkpoint.pt" $FT --seed "$S"
+    once "$D/knn_default" into "$D/knn_default/knn.txt" $PY train.py knn --ckpt "$D/pre_default/checkpoint.pt"
+    ablation "$S" residual --head cross-attention-residual  # not the paper's: a residual around the attention
+    ablation "$S" grid --sampler grid                       # Table 4: PART-grid
+    ablation "$S" pairwise-mlp --head pairwise-mlp          # Table 5: relative encoders
+    ablation "$S" mlp --head mlp
   done
 }
 
 case "${1:-}" in
+  search) search ;;
   methods) methods ;;
   sleep) sleep_study ;;
   ablations) ablations ;;
-  all) methods; sleep_study ;;
+  all) search; methods; sleep_study ;;
   table) ;;
-  *) echo "usage: bash compare.sh methods|sleep|ablations|all|table" >&2; exit 2 ;;
+  *) echo "usage: bash compare.sh search|methods|sleep|ablations|all|table" >&2; exit 2 ;;
 esac
 python compare_table.py "$OUT" $SEEDS

@@ -1,10 +1,22 @@
-"""The tables of compare.sh, from the runs' log.jsonl files: mean ± sample std over seeds; and,
-once the sleep study has run, its sample-efficiency curve as OUT/sleep_sample_efficiency.png.
+"""The tables of compare.sh, from the runs' log.jsonl files: mean ± sample std over seeds, every row
+against the table's reference row (PART's) as a gap or a tie; the search's table, every point with the
+chosen one marked; and, once the sleep study has run, its sample-efficiency curve as
+OUT/sleep_sample_efficiency.png.
 
-    python compare_table.py out/compare 0 1 2
+    python compare_table.py out/compare 0 1 2                   # the tables of the runs finished so far
+    python compare_table.py --best 5e-4=DIR 1.5e-3=DIR ...   # compare.sh search: the best-finetuning value
+
+Runs that have not trained all the epochs their recipe asks for are left out of every cell (`finished`).
+
+The tie rule: a row's mean ties the reference row's when |difference| <= the larger of the two sample
+stds, that is when either row's own seed-to-seed spread covers the gap (the issue: "a gap inside the
+spread is a tie"). The larger std rather than a t-test: at 3 seeds a test has little power and its p-value
+would look more exact than it is, while this rule can be checked by eye against the printed ± values.
+A cell of one seed gets no verdict: there is no spread to judge by.
 """
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -34,11 +46,12 @@ def last(path, key):
 
 
 def minutes(path):
-    return sum(r["epoch_s"] for r in rows(path) if "epoch_s" in r) / 60 or None
+    return (sum(r["epoch_s"] for r in rows(path) if "epoch_s" in r) / 60 or None) if finished(path) else None
 
 
 def knn(path):
-    text = Path(path).read_text() if Path(path).exists() else ""
+    """kNN top-1 from the output of train.py knn that compare.sh keeps in the folder `path`."""
+    text = (Path(path) / "knn.txt").read_text() if (Path(path) / "knn.txt").exists() else ""
     match = re.search(r"kNN top-1 ([0-9.]+)", text)
     return float(match.group(1)) if match else None
 
@@ -48,77 +61,182 @@ def ratio(path):
     return euclid / zero if euclid is not None and zero else None
 
 
-def cell(values, digits=3):
+def step_ratios(path):
+    """{method: its pretraining step time / PART's} from the output of `train.py bench --methods`."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    return {m: float(r) for m, r in re.findall(r"^(\w+)\s+step .*?([0-9.]+) x PART's", text, re.MULTILINE)}
+
+
+def verdict(values, reference, digits):
+    """'tie' when the means differ by no more than the larger sample std, else the signed gap
+    (values - reference); None with fewer than 2 values on either side."""
+    if len(values) < 2 or len(reference) < 2:
+        return None
+    gap = statistics.mean(values) - statistics.mean(reference)
+    return "tie" if abs(gap) <= max(statistics.stdev(values), statistics.stdev(reference)) else f"{gap:+.{digits}f}"
+
+
+def cell(values, digits=3, reference=None):
+    """mean ± sample std of the values that are not None; given the reference row's values, the gap
+    to them or 'tie' in brackets. A string is a cell already (a measurement that has no seeds)."""
+    if isinstance(values, str):
+        return values
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f} (1 seed)"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    text = f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    against = verdict(values, [v for v in reference if v is not None], digits) if reference is not None else None
+    return f"{text} ({against})" if against else text
 
 
-def table(header, names, columns):
-    """columns: (title, function of a row name -> per-seed values, digits)."""
-    print(f"\n{header}\n| row | " + " | ".join(t for t, _, _ in columns) + " |")
-    print("|---|" + "---|" * len(columns))
+def table(header, names, columns, reference=None):
+    """Markdown lines; columns: (title, function of a row name -> per-seed values or a string, digits).
+    Every row but `reference` is compared with it, cell by cell (the tie rule)."""
+    vs = f"; in brackets the gap to {reference}'s mean, or a tie (the gap within the larger std)" if reference else ""
+    lines = [
+        f"\n{header}{vs}",
+        "| row | " + " | ".join(t for t, _, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for name in names:
-        print(f"| {name} | " + " | ".join(cell(f(name), d) for _, f, d in columns) + " |")
+        cells = []
+        for _, f, digits in columns:
+            ref = f(reference) if reference and name != reference else None
+            cells.append(cell(f(name), digits, None if isinstance(ref, str) else ref))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------- the search (compare.sh search)
+
+
+POINT = re.compile(r"ft_(?P<method>[a-z0-9]+)_blr(?P<blr>[^_]+)(?:_pairs(?P<pairs>\d+))?$")  # compare.sh's point()
+
+
+def best(candidates):
+    """candidates: [(value, finetuning folder)] -> the value whose finished finetuning has the highest last
+    val_acc, or None when none finished; on an exact tie the first wins (compare.sh lists today's default first)."""
+    scored = [(last(path, "val_acc"), value) for value, path in candidates]
+    scored = [
+        (acc, value) for acc, value in scored if acc is not None and math.isfinite(acc)
+    ]  # NaN would win or lose by position
+    return max(scored, key=lambda s: s[0])[1] if scored else None
+
+
+def chosen(search):
+    """The search's choices, {(method, "blr" or "pairs"): value}, from the chosen.txt compare.sh writes."""
+    path = Path(search) / "chosen.txt"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {(m, key): value for m, key, value in (line.split() for line in lines if line.strip())}
+
+
+def is_chosen(picks, method, blr, pairs):
+    """Whether the point (method, blr, pairs) is the one chosen.txt names (pairs: PART's alone, else None)."""
+    return (
+        (method, "blr") in picks
+        and float(picks[method, "blr"]) == blr
+        and (pairs is None or picks.get((method, "pairs")) == str(pairs))
+    )
+
+
+def search_table(search):
+    """Markdown lines: every point of the search (finetuning folders named by compare.sh's point()) with its
+    finetune top-1 on the held-out training images; the point the methods runs use is marked."""
+    points = sorted(
+        (m["method"], int(m["pairs"] or 0), float(m["blr"]), m["blr"], path)
+        for path in Path(search).glob("ft_*")
+        if (m := POINT.match(path.name))
+    )
+    if not points:
+        return []
+    picks = chosen(search)
+    lines = [
+        "\nSearch (compare.sh search): one seed, finetune top-1 on the training images held out by --val-from-train; "
+        "blr per method (PART at today's pairs), then PART's pairs at its chosen blr",
+        "| method | blr | pairs | finetune top-1 (held-out training images) | chosen |",
+        "|---|---|---|---|---|",
+    ]
+    for method, pairs, blr, text, path in points:
+        acc = last(path, "val_acc")
+        mark = "◀ chosen" if is_chosen(picks, method, blr, pairs or None) else ""
+        lines.append(
+            f"| {method} | {text} | {pairs or '-'} | {'unfinished' if acc is None else f'{acc:.4f}'} | {mark} |"
+        )
+    if not picks:
+        lines.append("no choice yet: compare.sh search writes chosen.txt when it ends")
+    return lines
+
+
+# ---------------------------------------------------------------- the tables
+
+
+METHODS = ["scratch", "part", "mp3", "mae", "droppos"]
+SLEEP = ["scratch", "part", "part-posmask", "part-posmask-context2", "mp3", "mae", "droppos"]
 
 
 def main(out, seeds):
     run = lambda *parts: [out / f"seed{s}" / "/".join(parts).format(s=s) for s in seeds]  # noqa: E731
-    print(f"seeds {' '.join(seeds)}; mean ± sample std over seeds")
-    table(
+    sleep = lambda name: run(f"../sleep/seed{{s}}/{name}")  # noqa: E731
+    cost = step_ratios(out / "bench" / "methods.txt")
+    lines = [f"seeds {' '.join(seeds)}; mean ± sample std over seeds", *search_table(out / "search")]
+    lines += table(
         "Methods: Fashion-MNIST and nuclei (compare.sh methods)",
-        ["scratch", "part", "mae", "droppos"],
+        METHODS,
         [
-            ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{m}")], 1),
+            ("pretraining step / PART's (bench --methods)", lambda m: f"{cost[m]:.2f}" if m in cost else "-", 2),
             ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3),
             ("linear probe top-1", lambda m: [last(p, "val_acc") for p in run(f"probe_{m}")], 3),
-            ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{m}.txt")], 3),
-            ("AP box", lambda m: [last(p, "val_AP_box") for p in run(f"det_{m}")], 1),
-            ("AP mask", lambda m: [last(p, "val_AP_mask") for p in run(f"det_{m}")], 1),
-            ("sleep kappa (n=10)", lambda m: [last(p, "val_kappa") for p in run(f"../sleep/seed{{s}}/ft_{m}_n10")], 3),
+            ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{m}")], 3),
+            ("AP^b", lambda m: [last(p, "val_AP_box") for p in run(f"det_{m}")], 1),
+            ("AP^b_50", lambda m: [last(p, "val_AP50_box") for p in run(f"det_{m}")], 1),
+            ("AP^b_75", lambda m: [last(p, "val_AP75_box") for p in run(f"det_{m}")], 1),
+            ("AP^m", lambda m: [last(p, "val_AP_mask") for p in run(f"det_{m}")], 1),
+            ("sleep kappa (n=10)", lambda m: [last(p, "val_kappa") for p in sleep(f"ft_{m}_n10")], 3),
         ],
+        reference="part",
     )
-    sleep = ["scratch", "part", "part-posmask", "part-posmask-context2", "mae", "droppos"]
-    table(
+    lines += table(
         "Sleep staging, synthetic (compare.sh sleep)",
-        sleep,
+        SLEEP,
         [
-            ("pretraining min", lambda m: [minutes(p) for p in run(f"../sleep/seed{{s}}/pre_{m}")], 1),
-            ("held-out Δt error / zero predictor", lambda m: [ratio(p) for p in run(f"../sleep/seed{{s}}/pre_{m}")], 4),
+            ("pretraining min", lambda m: [minutes(p) for p in sleep(f"pre_{m}")], 1),
+            ("held-out Δt error / zero predictor", lambda m: [ratio(p) for p in sleep(f"pre_{m}")], 4),
             (
-                "pretext metric (DropPos: position acc)",
-                lambda m: [last(p, "val_pos_acc") or last(p, "val_loss") for p in run(f"../sleep/seed{{s}}/pre_{m}")],
+                "pretext metric (DropPos, MP3: position acc)",
+                lambda m: [last(p, "val_pos_acc") or last(p, "val_loss") for p in sleep(f"pre_{m}")],
                 3,
             ),
             *[
-                (
-                    f"kappa n={n}",
-                    lambda m, n=n: [last(p, "val_kappa") for p in run(f"../sleep/seed{{s}}/ft_{m}_n{n}")],
-                    3,
-                )
+                (f"kappa n={n}", lambda m, n=n: [last(p, "val_kappa") for p in sleep(f"ft_{m}_n{n}")], 3)
                 for n in (2, 5, 10, 20)
             ],
         ],
+        reference="part",
     )
-    table(
+    name = lambda m: "part" if m == "offgrid" else m  # noqa: E731  the offgrid row is `methods`' part row
+    lines += table(
         "PART ablations (compare.sh ablations; offgrid is `methods`' part row)",
         ["default", "offgrid", "residual", "grid", "pairwise-mlp", "mlp"],
         [
-            ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{'part' if m == 'offgrid' else m}")], 1),
-            ("val euclid / zero", lambda m: [ratio(p) for p in run(f"pre_{'part' if m == 'offgrid' else m}")], 3),
-            ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{'part' if m == 'offgrid' else m}.txt")], 3),
-            ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{'part' if m == 'offgrid' else m}")], 3),
+            ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{name(m)}")], 1),
+            ("val euclid / zero", lambda m: [ratio(p) for p in run(f"pre_{name(m)}")], 3),
+            ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{name(m)}")], 3),
+            ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{name(m)}")], 3),
         ],
+        reference="offgrid",
     )
+    print("\n".join(lines))
 
 
 CURVE = {
     "scratch": "scratch",
     "part": "PART, no positions (today's reading)",
     "part-posmask": "PART, --pos-mask 0.2 (the other)",
+    "mp3": "MP3",
+    "mae": "MAE",
+    "droppos": "DropPos",
 }
 
 
@@ -156,7 +274,10 @@ def plot_sample_efficiency(out, seeds, path):
 
 
 if __name__ == "__main__":
-    out, seeds = Path(sys.argv[1]), sys.argv[2:]
-    main(out, seeds)
-    if (out / "sleep").is_dir():
-        plot_sample_efficiency(out, seeds, out / "sleep_sample_efficiency.png")
+    if sys.argv[1:2] == ["--best"]:
+        print(best([arg.split("=", 1) for arg in sys.argv[2:]]) or "")
+    else:
+        out, seeds = Path(sys.argv[1]), sys.argv[2:]
+        main(out, seeds)
+        if (out / "sleep").is_dir():
+            plot_sample_efficiency(out, seeds, out / "sleep_sample_efficiency.png")

@@ -61,13 +61,26 @@ data_options = options(
         "--train-subset", type=COUNT, default=0, help="train on N random training images (drawn under --seed); 0: all"
     ),
     click.option(
+        "--val-from-train",
+        type=COUNT,
+        default=0,
+        help="hold out N training images (one fixed draw, whatever --seed) as the held-out set in place of the "
+        "dataset's val split, to choose hyperparameters without the test images; --train-subset draws from the rest; "
+        "0: off",
+    ),
+    click.option(
         "--skip-bad-files", is_flag=True, help="skip and count unreadable image files instead of stopping at the first"
     ),
     section="data",
 )
 
 
-DATA_FLAGS = ("data_name", "data_dir", "img_size", "in_chans", "mean", "std", "train_subset", "skip_bad_files")
+DATA_FLAGS = (
+    "data_name", "data_dir", "img_size", "in_chans", "mean", "std", "train_subset", "val_from_train", "skip_bad_files",
+)
+VAL_FROM_TRAIN_SEED = (
+    20240  # the draw of --val-from-train: fixed, so every seed and method is selected on the same images
+)
 
 
 def data_from(kwargs):
@@ -77,19 +90,35 @@ def data_from(kwargs):
 
 def load_sets(flags, train_transform, val_transform, seed=0):
     """Train and val sets of the data_options `flags`, with data.DataError turned into a clean CLI
-    error; a train_subset > 0 keeps that many training images, the first of a permutation drawn under
-    `seed`; with skip_bad_files, unreadable image files are skipped (and counted by `fit`)."""
+    error. A val_from_train > 0 holds out that many training images, drawn under VAL_FROM_TRAIN_SEED,
+    as the val set (read with val_transform) in place of the dataset's val split, and trains on the rest;
+    a train_subset > 0 then keeps that many of the training images, the first of a permutation drawn
+    under `seed`; with skip_bad_files, unreadable image files are skipped (and counted by `fit`)."""
     name = flags["data_name"]
     info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
     train_set = data.build_dataset(
         name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"]
     )
-    val_set = data.build_dataset(
-        name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"]
-    )
+    held_out = flags.get("val_from_train", 0)  # flags built by hand (knn's) hold out nothing
+    if held_out and held_out >= len(train_set):
+        fail(f"--val-from-train {held_out} leaves none of the {len(train_set)} training images to train on")
+    if held_out:
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(VAL_FROM_TRAIN_SEED)).tolist()
+        train_images = data.build_dataset(
+            name, flags["data_dir"], "train", info, val_transform(info, name), flags["skip_bad_files"]
+        )
+        val_set = Subset(train_images, sorted(order[:held_out]))
+        train_set = Subset(train_set, sorted(order[held_out:]))
+    else:
+        val_set = data.build_dataset(
+            name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"]
+        )
     subset = flags["train_subset"]
     if subset > len(train_set):
-        fail(f"--train-subset {subset} is more than the {len(train_set)} training images")
+        fail(
+            f"--train-subset {subset} is more than the {len(train_set)} training images"
+            + (" --val-from-train leaves" if held_out else "")
+        )
     if subset:
         keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:subset]
         train_set = Subset(train_set, keep.tolist())
@@ -101,6 +130,18 @@ def data_source(flags):
     recorded in the run's config, so that a resume on other data is refused (engine.check_same_run)."""
     name, data_dir = flags["data_name"], flags["data_dir"]
     return str(Path(data.fashion_mnist_dir(data_dir) if name == "fashion-mnist" else data_dir or ".").resolve())
+
+
+def data_config(flags):
+    """The data flags a run's config records, so that a resume on other data stops. val_from_train only
+    when set: checkpoints written before the flag existed still resume."""
+    held_out = {"val_from_train": flags["val_from_train"]} if flags["val_from_train"] else {}
+    return {
+        "data": flags["data_name"],
+        "data_dir": data_source(flags),
+        "train_subset": flags["train_subset"],
+        **held_out,
+    }
 
 
 model_options = options(
@@ -146,14 +187,7 @@ def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
         model = baselines.pretext_model(method, cfg)
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
-        config = {
-            "kind": method,
-            "data": flags["data_name"],
-            "data_dir": data_source(flags),
-            "train_subset": flags["train_subset"],
-            "model": cfg.to_dict(),
-            "recipe": asdict(recipe),
-        }
+        config = {"kind": method, **data_config(flags), "model": cfg.to_dict(), "recipe": asdict(recipe)}
         metrics = fit(
             model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None)
         )
@@ -298,9 +332,7 @@ def finetune(
         }
         config = {
             "kind": "classifier",
-            "data": flags["data_name"],
-            "data_dir": data_source(flags),
-            "train_subset": flags["train_subset"],
+            **data_config(flags),
             "init": init,
             "model": cfg.to_dict(),
             "recipe": {**asdict(recipe), **augmentation},

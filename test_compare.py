@@ -1,0 +1,187 @@
+"""The tooling of the tuned comparison (compare.sh, issue 22): the validation split carved from the
+training images (train.py --val-from-train) and compare_table.py's cells, tie rule and search table."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import compare_table
+import data
+import engine
+import train
+from conftest import TINY_RUN, invoke
+
+
+def flags(fake_fmnist, val_from_train, train_subset=0):
+    return {
+        "data_name": "fashion-mnist",
+        "data_dir": fake_fmnist,
+        "img_size": None,
+        "in_chans": None,
+        "mean": (),
+        "std": (),
+        "train_subset": train_subset,
+        "val_from_train": val_from_train,
+        "skip_bad_files": False,
+    }
+
+
+def images_of(dataset):
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def test_val_from_train_holds_out_training_images_the_same_under_every_seed(fake_fmnist):
+    _, train_set, val_set = train.load_sets(flags(fake_fmnist, 24), data.eval_transform, data.eval_transform, seed=0)
+    assert (len(train_set), len(val_set)) == (96 - 24, 24)
+    everything = images_of(
+        data.build_dataset("fashion-mnist", fake_fmnist, "train", data.DATASETS["fashion-mnist"], None)
+    )
+    test_images = images_of(
+        data.build_dataset("fashion-mnist", fake_fmnist, "val", data.DATASETS["fashion-mnist"], None)
+    )
+
+    def indices(dataset):  # which training images, found by content (the fake images are all distinct)
+        return {next(j for j in range(len(everything)) if torch.equal(everything[j], x)) for x in images_of(dataset)}
+
+    held_out, rest = indices(val_set), indices(train_set)
+    assert not held_out & rest and len(held_out | rest) == 96
+    assert not any(torch.equal(x, t) for x in images_of(val_set) for t in test_images)  # never the test images
+    for seed in (1, 7):  # --seed draws the subset, never the split
+        _, subset, other_val = train.load_sets(
+            flags(fake_fmnist, 24, train_subset=40), data.eval_transform, data.eval_transform, seed
+        )
+        assert indices(other_val) == held_out
+        assert len(subset) == 40 and indices(subset) <= rest
+    blank = lambda info, name: torch.zeros_like  # noqa: E731  a training transform the held-out images must not get
+    _, train_set, val_set = train.load_sets(flags(fake_fmnist, 24), blank, data.eval_transform)
+    assert images_of(train_set).eq(0).all() and indices(val_set) == held_out
+
+
+def test_val_from_train_is_recorded_and_a_resume_on_another_split_stops(fake_fmnist, tmp_path):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path]
+    assert invoke(*common, "--val-from-train", 32).exit_code == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["val_from_train"] == 32
+    result = invoke(*common, "--val-from-train", 16)
+    assert result.exit_code == 1 and "another model or data (val_from_train: 32 -> 16)" in result.output, result.output
+    with pytest.raises(engine.RunError, match="leaves none of the 96 training images"):
+        train.load_sets(flags(fake_fmnist, 96), data.eval_transform, data.eval_transform)
+
+
+# ---------------------------------------------------------------- compare_table.py on fake run folders
+
+
+def fake_run(path, epochs_done=2, epochs=2, **last_values):
+    """A run folder as engine.fit leaves it: log.jsonl (a step row, then an epoch row with the values) and a
+    checkpoint holding the epoch reached and the recipe's epochs."""
+    path.mkdir(parents=True)
+    rows = [{"epoch": 1, "step": 10, "loss": 1.0}, {"epoch": epochs_done, "step": 20, "epoch_s": 60.0, **last_values}]
+    (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.save({"epoch": epochs_done, "config": {"recipe": {"epochs": epochs}}}, path / "checkpoint.pt")
+
+
+def mean_std(values):
+    """Mean and sample std (n - 1), written out."""
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def row_cells(text, header, name):
+    """The cells of row `name` in the markdown table under the line that starts with `header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    titles = [t.strip() for t in lines[start + 1].strip("|").split("|")]
+    row = next(line for line in lines[start + 3 :] if line.startswith(f"| {name} |"))
+    return dict(zip(titles, (c.strip() for c in row.strip("|").split("|"))))
+
+
+BENCH_OUTPUT = """ViT 128 wide x 4, patch 4, at 28x28px, batch 256, cross-attention, offgrid, on CPU, 2 threads; PART: ...
+N   49, K   128: PART step    438.1 ms =    73.0 img/s, bare ViT    105.2 ms, ratio 4.162; sampler 2.1%
+part     step    315.8 ms =   101.3 img/s, 1.00 x PART's; GFLOP/img (fwd+bwd) 0.245
+mae      step    240.3 ms =   106.5 img/s, 0.76 x PART's; GFLOP/img (fwd+bwd) 0.174
+mp3      step    125.2 ms =   255.6 img/s, 0.40 x PART's; GFLOP/img (fwd+bwd) 0.204
+"""
+
+
+def test_methods_table_mean_sample_std_ties_and_unfinished_runs(tmp_path, capsys):
+    acc = {
+        "part": [0.600, 0.620, 0.610],  # std 0.010
+        "mae": [0.700, 0.720, 0.990],  # the third seed unfinished: left out
+        "mp3": [0.580, 0.650, 0.620],  # gap +0.007, inside the spread: a tie
+        "droppos": [0.630, 0.632, 0.634],
+    }  # std 0.002, gap +0.022 beyond PART's 0.010: not a tie
+    for method, values in acc.items():
+        for seed, value in enumerate(values):
+            fake_run(
+                tmp_path / f"seed{seed}" / f"ft_{method}",
+                epochs_done=1 if (method, seed) == ("mae", 2) else 2,
+                val_acc=value,
+            )
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "methods.txt").write_text(BENCH_OUTPUT)
+    compare_table.main(tmp_path, ["0", "1", "2"])
+    text = capsys.readouterr().out
+    cell = {m: row_cells(text, "Methods", m)["finetune top-1"] for m in acc}
+    finished = {m: v[:2] if m == "mae" else v for m, v in acc.items()}
+    (part_mean, part_std), gap = mean_std(finished["part"]), {}
+    for method in ("mae", "mp3", "droppos"):
+        mean, std = mean_std(finished[method])
+        assert cell[method].startswith(f"{mean:.3f} ± {std:.3f} (")
+        gap[method] = "tie" if abs(mean - part_mean) <= max(std, part_std) else f"{mean - part_mean:+.3f}"
+    assert cell["part"] == "{:.3f} ± {:.3f}".format(*mean_std(acc["part"]))  # the reference row: no verdict
+    assert gap == {"mae": "+0.100", "mp3": "tie", "droppos": "+0.022"}
+    assert all(cell[m].endswith(f"({gap[m]})") for m in gap)
+    assert row_cells(text, "Methods", "scratch")["finetune top-1"] == "-"
+    cost = {
+        m: row_cells(text, "Methods", m)["pretraining step / PART's (bench --methods)"]
+        for m in ("scratch", "part", "mae", "mp3", "droppos")
+    }
+    assert cost == {"scratch": "-", "part": "1.00", "mae": "0.76", "mp3": "0.40", "droppos": "-"}
+
+
+@pytest.mark.parametrize(
+    "values, reference, expected",
+    [
+        ([1.0, 1.2], [1.0, 1.0002], "tie"),  # the gap 0.1 inside the row's own spread (std 0.14), not the reference's
+        ([1.0, 1.0002], [1.0, 1.2], "tie"),  # and the other way round
+        ([1.3, 1.3002], [1.0, 1.2], "+0.200"),  # beyond both stds (0.14)
+        ([0.5, 0.7], [1.0, 1.2], "-0.500"),
+        ([1.0], [1.0, 1.2], None),  # one seed: no spread to judge by
+    ],
+)
+def test_the_tie_rule_uses_the_larger_sample_std(values, reference, expected):
+    assert compare_table.verdict(values, reference, 3) == expected
+
+
+def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_path, capsys):
+    search = tmp_path / "search"
+    points = {
+        "ft_part_blr5e-4_pairs128": 0.70,
+        "ft_part_blr1.5e-3_pairs128": 0.75,
+        "ft_part_blr4.5e-3_pairs128": 0.72,
+        "ft_part_blr1.5e-3_pairs512": 0.78,
+        "ft_part_blr1.5e-3_pairs2048": 0.90,
+        "ft_mae_blr1.5e-3": 0.74,
+        "ft_mae_blr5e-4": 0.74,
+        "ft_mae_blr4.5e-3": float("nan"),
+    }
+    for name, value in points.items():
+        fake_run(search / name, epochs_done=1 if name.endswith("pairs2048") else 2, val_acc=value)  # 2048 unfinished
+    pick = lambda *names: compare_table.best([(n.split("_")[-1], search / n) for n in names])  # noqa: E731
+    assert pick("ft_part_blr1.5e-3_pairs128", "ft_part_blr1.5e-3_pairs512", "ft_part_blr1.5e-3_pairs2048") == "pairs512"
+    assert (
+        pick("ft_mae_blr4.5e-3", "ft_mae_blr1.5e-3", "ft_mae_blr5e-4") == "blr1.5e-3"
+    )  # NaN out; an exact tie: the first
+    assert pick("ft_part_blr1.5e-3_pairs2048") is None
+    (search / "chosen.txt").write_text("part blr 1.5e-3\npart pairs 512\nmae blr 1.5e-3\n")
+    print("\n".join(compare_table.search_table(search)))
+    rows = [
+        line.strip("|").split("|")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| part") or line.startswith("| mae")
+    ]
+    table = {(m.strip(), b.strip(), p.strip()): (acc.strip(), mark.strip()) for m, b, p, acc, mark in rows}
+    assert len(table) == len(points)
+    assert {k for k, (_, mark) in table.items() if mark} == {("part", "1.5e-3", "512"), ("mae", "1.5e-3", "-")}
+    assert table["part", "1.5e-3", "2048"][0] == "unfinished" and table["part", "5e-4", "128"][0] == "0.7000"
