@@ -133,6 +133,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "batch_size": (POSITIVE, "images per process and step"),
     "accum": (POSITIVE, "gradient accumulation: micro-batches per optimizer step"),
     "blr": (Finite(min=0, min_open=True), "base learning rate: lr = blr x effective batch / 256 (printed at start)"),
+    "lr": (NON_NEGATIVE, "the peak lr itself, overriding --blr (MAE's --lr); 0: from --blr"),
     "min_lr": (NON_NEGATIVE, "the cosine schedule's last lr"),
     "warmup_epochs": (NON_NEGATIVE, "linear lr warmup, in epochs (fractions allowed)"),
     "weight_decay": (NON_NEGATIVE, "AdamW's, not on norms, biases, tokens and position embeddings"),

@@ -729,10 +729,13 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
         model = build_detector(cfg, weights, init, dd.main)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
         part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        if recipe.compile:  # the ViT alone: torchvision's heads break the graph and recompile with every image count
+            model.rcnn.backbone.encoder.compile()
         # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round coordinates by up to
         # 4 px at 1024: the heads run in fp32 and only the backbone under autocast (ViTBackbone), so fit adds none
         metrics = engine.fit(
-            model, train_set, val_set, recipe, out_dir, config, dd, best_key="AP_box", evaluate_fn=evaluate,
+            model, train_set, val_set, replace(recipe, compile=False), out_dir, config, dd, best_key="AP_box",
+            evaluate_fn=evaluate,
             precision=lambda device: contextlib.nullcontext(), collate_fn=collate,
         )
         if dd.main and metrics:

@@ -16,12 +16,15 @@ stays); a second run on the same out-dir (a lock); a rank that stops (every rank
 
 import fcntl
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -159,6 +162,7 @@ class Recipe:
     batch_size: int = 256  # per process
     accum: int = 1  # gradient accumulation steps
     blr: float = 1.25e-4  # base lr; lr = blr * effective batch / 256 (MAE). The paper: 5e-4 at batch 1024 (8.1)
+    lr: float = 0.0  # the peak lr itself, in place of blr's rule (MAE's --lr); 0: from blr
     min_lr: float = 1e-6
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
@@ -463,6 +467,7 @@ def fit(
     optimizer = torch.optim.AdamW(
         param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, recipe.beta2)
     )
+    config = with_record(config, recipe, dd, eff_batch, lr)
     with out_dir_lock(out_dir, dd), stop_on_signals() as signals:
         progress = resume(out_dir / "checkpoint.pt", model, optimizer, config, dd, steps_per_epoch)
         if progress.epoch >= recipe.epochs:
@@ -473,9 +478,12 @@ def fit(
                 )
             return progress.metrics
         if dd.main:
+            write_record(out_dir, config)
             print(
                 f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = "
-                f"{eff_batch} effective; base lr {recipe.blr:.3g} -> lr {lr:.3g}; {steps_per_epoch} steps/epoch, "
+                f"{eff_batch} effective; "
+                + (f"lr {lr:.3g} (--lr)" if recipe.lr else f"base lr {recipe.blr:.3g} -> lr {lr:.3g}")
+                + f"; {steps_per_epoch} steps/epoch, "
                 f"{recipe.epochs * steps_per_epoch} steps in all; device {dd.device}"
             )
         loop = Loop(
@@ -493,6 +501,55 @@ def fit(
                 metrics = (evaluate_fn or partial(evaluate, precision=precision))(model, val_loader, dd, recipe.seed)
                 loop.end_of_epoch(epoch, metrics, best_key)
         return loop.metrics
+
+
+def with_record(config, recipe, dd, eff_batch, lr):
+    """The run's config with what ran it: the world size and effective batch, compared on resume like any recipe
+    field (another GPU count changes the batch and lr), and under "record" (which resume ignores) the command
+    line, the code's commit and whether it was dirty, versions, the device and the lr. Rank 0 writes the same to
+    out_dir/run.json when the run starts (write_record), readable without torch."""
+    record = {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], **git_state(), "versions": versions(),
+              "device": device_name(dd.device), "devices": torch.cuda.device_count() if dd.device.type == "cuda" else 1,
+              "world_size": dd.world, "effective_batch": eff_batch, "lr": lr}
+    return {**config, "recipe": {**config.get("recipe", {}), "world_size": dd.world, "effective_batch": eff_batch},
+            "record": record}
+
+
+def git_state():
+    """The commit of the code that runs and whether its tree differs from it; None outside a git checkout."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def versions():
+    """The installed versions of what a run's numbers depend on (None where a package is absent)."""
+    found = {}
+    for name in ("torch", "torchvision", "timm", "numpy"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def write_record(out_dir, config):
+    """out_dir/run.json: the run's config with its record, as JSON a person can read (timm's args.yaml, DINO's git
+    SHA and args), written atomically at every start; a resume adds the new start to its list of starts."""
+    path = Path(out_dir) / "run.json"
+    starts = json.loads(path.read_text()).get("starts", []) if path.is_file() else []
+    record = {**config, "starts": [*starts, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **config["record"]}]}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str)))
 
 
 def wrap(model, recipe, dd):
@@ -686,13 +743,13 @@ def report_epoch(summary, log, eta_s=None):
 
 
 def lr_schedule(recipe, batches, world):
-    """-> optimizer steps per epoch, effective batch, peak lr (blr x effective batch / 256, MAE's rule),
-    and the schedule: step -> lr."""
+    """-> optimizer steps per epoch, effective batch, peak lr (--lr, else blr x effective batch / 256, MAE's
+    rule), and the schedule: step -> lr."""
     steps_per_epoch = batches // recipe.accum
     if steps_per_epoch == 0:
         fail(f"--accum {recipe.accum} is more than the {batches} batches of an epoch")
     eff_batch = recipe.batch_size * recipe.accum * world
-    lr = recipe.blr * eff_batch / 256
+    lr = recipe.lr or recipe.blr * eff_batch / 256
     schedule = partial(
         lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch),
         total_steps=recipe.epochs * steps_per_epoch, min_lr=recipe.min_lr,
@@ -726,6 +783,7 @@ def check_same_run(path, old_config, config):
         for k in sorted(old.keys() | new.keys())
         if old.get(k) != new.get(k)
         and k.removeprefix("recipe.") not in RESUMABLE
+        and not k.startswith("record.")  # what ran it (command, commit, versions): a rerun may differ
         and not (k == DATA_DIR and k not in old)
     ]
     described = [f"{k.removeprefix('recipe.')}: {old.get(k)} -> {new.get(k)}" for k in changed]

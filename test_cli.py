@@ -171,34 +171,16 @@ def test_export_of_a_non_default_preset_carries_its_config_into_finetune_and_tim
         config["kind"] == "encoder" and config["model"]["vit"]["embed_dim"] == 32
     )  # vit_test, not the default vit_mini
     result = invoke(
-        "finetune",
-        "--data-dir",
-        fake_fmnist,
-        "--init",
-        out / "encoder.pt",
-        "--epochs",
-        1,
-        "--batch-size",
-        32,
-        "--out-dir",
-        tmp_path / "ft",
+        "finetune", "--data-dir", fake_fmnist, "--init", out / "encoder.pt", "--epochs", 1, "--batch-size", 32,
+        "--out-dir", tmp_path / "ft",
     )
     assert result.exit_code == 0, result.output
     vit = config["model"]["vit"]  # timm from the exported config alone
     (H, W), state = config["model"]["img_size"], torch.load(out / "encoder.pt", weights_only=True)
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=(H, W),
-        patch_size=vit["patch_size"],
-        in_chans=vit["in_chans"],
-        embed_dim=vit["embed_dim"],
-        depth=vit["depth"],
-        num_heads=vit["num_heads"],
-        mlp_ratio=vit["mlp_ratio"],
-        num_classes=0,
-        class_token=False,
-        pos_embed="none",
-        global_pool="avg",
-        fc_norm=False,
+        img_size=(H, W), patch_size=vit["patch_size"], in_chans=vit["in_chans"], embed_dim=vit["embed_dim"],
+        depth=vit["depth"], num_heads=vit["num_heads"], mlp_ratio=vit["mlp_ratio"], num_classes=0, class_token=False,
+        pos_embed="none", global_pool="avg", fc_norm=False,
     )
     model.load_state_dict(state)  # strict
 
@@ -238,35 +220,14 @@ def test_folders_of_2_or_4_channels_train_with_their_own_statistics(tmp_path, ch
     photos = photo_folder(tmp_path / "photos", 12)
     stats = [a for c in range(chans) for a in ("--mean", 0.5, "--std", 0.25)]
     result = invoke(
-        "pretrain",
-        "--data-dir",
-        photos,
-        *TINY_IMAGES,
-        "--in-chans",
-        chans,
-        *stats,
-        "--batch-size",
-        4,
-        "--epochs",
-        1,
-        "--out-dir",
-        tmp_path / "run",
+        "pretrain", "--data-dir", photos, *TINY_IMAGES, "--in-chans", chans, *stats, "--batch-size", 4, "--epochs", 1,
+        "--out-dir", tmp_path / "run",
     )
     assert result.exit_code == 0, result.output
     model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["model"]
     assert model["vit"]["in_chans"] == chans and tuple(model["mean"]) == (0.5,) * chans
     result = invoke(
-        "pretrain",
-        "--data-dir",
-        photos,
-        *TINY_IMAGES,
-        "--in-chans",
-        chans,
-        "--mean",
-        0.5,
-        "--std",
-        0.25,
-        "--out-dir",
+        "pretrain", "--data-dir", photos, *TINY_IMAGES, "--in-chans", chans, "--mean", 0.5, "--std", 0.25, "--out-dir",
         tmp_path / "bad",
     )
     assert one_line_error(result, "--mean", f"one value per input channel, {chans}")
@@ -282,7 +243,7 @@ def test_in_chans_that_the_data_do_not_have_is_refused(fake_fmnist, tmp_path):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--batch-size", 16, "another recipe (batch_size: 32 -> 16)"),
+        ("--batch-size", 16, "another recipe (batch_size: 32 -> 16, effective_batch: 32 -> 16)"),
         ("--blr", 1e-2, "another recipe (blr: 0.0015 -> 0.01)"),
         ("--train-subset", 64, "another model or data (train_subset: 0 -> 64)"),
     ],
@@ -347,15 +308,7 @@ def test_a_flag_the_method_does_not_take_is_named_with_the_methods_that_do(
     fake_fmnist, tmp_path, method, flag, value, takers
 ):
     result = invoke(
-        "pretrain",
-        "--method",
-        method,
-        flag,
-        value,
-        "--data-dir",
-        fake_fmnist,
-        *tiny_run(method),
-        "--out-dir",
+        "pretrain", "--method", method, flag, value, "--data-dir", fake_fmnist, *tiny_run(method), "--out-dir",
         tmp_path / "run",
     )
     assert one_line_error(result, f"{flag} is not a flag of --method {method}: it is for {takers}"), result.output
@@ -389,25 +342,13 @@ def test_a_foreign_timm_state_dict_is_read_at_its_own_size_by_finetune_and_detec
     ckpt = tmp_path / "timm.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, ckpt)
     result = invoke(
-        "finetune",
-        "--init",
-        ckpt,
-        "--data-dir",
-        fake_fmnist,
-        "--batch-size",
-        32,
-        "--epochs",
-        1,
-        "--out-dir",
+        "finetune", "--init", ckpt, "--data-dir", fake_fmnist, "--batch-size", 32, "--epochs", 1, "--out-dir",
         tmp_path / "ft",
     )
     assert result.exit_code == 0, result.output
     ours = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["config"]["model"]["vit"]
     assert (ours["embed_dim"], ours["depth"], ours["num_heads"], ours["patch_size"]) == (
-        48,
-        2,
-        1,
-        4,
+        48, 2, 1, 4,
     )  # heads: 48 / 64 -> 1
     result = invoke(
         "finetune", "--init", ckpt, "--preset", "vit_mini", "--data-dir", fake_fmnist, "--out-dir", tmp_path / "ft2"
@@ -447,17 +388,8 @@ def test_runs_end_on_the_metric_they_are_judged_by_and_where_the_checkpoint_is(f
         result.exit_code == 0 and "x the zero predictor's" in last and str(tmp_path / "pre" / "checkpoint.pt") in last
     ), last
     result = invoke(
-        "finetune",
-        "--init",
-        tmp_path / "pre" / "checkpoint.pt",
-        "--data-dir",
-        fake_fmnist,
-        "--batch-size",
-        32,
-        "--epochs",
-        1,
-        "--out-dir",
-        tmp_path / "ft",
+        "finetune", "--init", tmp_path / "pre" / "checkpoint.pt", "--data-dir", fake_fmnist, "--batch-size", 32,
+        "--epochs", 1, "--out-dir", tmp_path / "ft",
     )
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 0 and last.startswith("finetune: held-out top-1 ") and "checkpoint_best.pt" in last, last

@@ -20,14 +20,7 @@ def tiny_config(masks=True, patch_size=4, window=0, global_blocks=()):
         "vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16), window=window, global_blocks=global_blocks
     )
     return detect.DetectConfig(
-        vit=vit,
-        num_classes=2,
-        masks=masks,
-        img_size=64,
-        rois=32,
-        anchor_size=16,
-        proposals=50,
-        mean=(0.5,),
+        vit=vit, num_classes=2, masks=masks, img_size=64, rois=32, anchor_size=16, proposals=50, mean=(0.5,),
         std=(0.25,),
     )
 
@@ -41,10 +34,7 @@ def coco(tmp_path):
 def part_checkpoint(tmp_path):
     """A PART pretraining checkpoint as engine.fit writes it, of a vit_test / 4 on 16 x 16 images."""
     cfg = part.PARTConfig(
-        vit=part.vit_config("vit_test", patch_size=4, in_chans=1),
-        img_size=(16, 16),
-        num_pairs=16,
-        mean=(0.3,),
+        vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16, mean=(0.3,),
         std=(0.2,),
     )
     torch.manual_seed(1)
@@ -231,14 +221,7 @@ def test_train_from_a_part_checkpoint_then_eval(coco, part_checkpoint, tmp_path)
 def test_part_weights_reach_the_backbone(part_checkpoint, coco):
     path, pretrained = part_checkpoint
     cfg, state, _, _ = detect.prepare(
-        str(path),
-        str(coco),
-        img_size=64,
-        preset="vit_mini",
-        patch_size=16,
-        window=0,
-        global_blocks=(),
-        anchor_size=16,
+        str(path), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(), anchor_size=16,
         proposals=50,
     )
     assert cfg.vit.embed_dim == 32 and cfg.vit.patch_size == 4  # the checkpoint's encoder, not --preset / --patch-size
@@ -290,14 +273,7 @@ def test_a_bare_state_dict_is_read_at_its_own_size_and_a_wrong_checkpoint_named(
     bare = tmp_path / "vit_test_encoder.pt"
     torch.save(part.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # the weights alone, no config
     cfg, (state, _), _, _ = detect.prepare(
-        str(bare),
-        str(coco),
-        img_size=64,
-        preset="vit_mini",
-        patch_size=8,
-        window=0,
-        global_blocks=(),
-        anchor_size=16,
+        str(bare), str(coco), img_size=64, preset="vit_mini", patch_size=8, window=0, global_blocks=(), anchor_size=16,
         proposals=50,
     )
     assert (cfg.vit.embed_dim, cfg.vit.depth, cfg.vit.patch_size) == (32, 2, 4)  # the file's vit_test/4, not the flags'
@@ -371,3 +347,14 @@ def common_flags(options):
         for k, v in options.items()
         for a in (f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else v)
     ]
+
+
+def test_compile_compiles_the_vit_alone_and_keeps_the_checkpoint_names(coco, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(part.VisionTransformer, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    args = ["--data-dir", coco, "--init", "scratch", "--preset", "vit_test", "--img-size", 64, "--epochs", 1, "--compile",
+            "--out-dir", tmp_path / "run"]
+    result = run_cli(*args)
+    assert result.exit_code == 0 and compiled == ["VisionTransformer"], result.output
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["config"]["recipe"]["compile"] and not any("_orig_mod" in k for k in state["model"])

@@ -3,6 +3,7 @@ right result or one line naming the file or flag, and leaves what was written be
 
 import errno
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -187,14 +188,7 @@ def unreadable_images(folder, n):
 def test_an_epoch_whose_every_file_is_skipped_stops_in_one_line(tmp_path):
     photos = unreadable_images(tmp_path / "photos", 13)
     result = invoke(
-        "pretrain",
-        "--data-dir",
-        photos,
-        *TINY_IMAGES,
-        "--batch-size",
-        4,
-        "--skip-bad-files",
-        "--out-dir",
+        "pretrain", "--data-dir", photos, *TINY_IMAGES, "--batch-size", 4, "--skip-bad-files", "--out-dir",
         tmp_path / "run",
     )
     assert one_line_error(result, "every batch of epoch 1 was unreadable", "--skip-bad-files")
@@ -207,26 +201,8 @@ def test_finetune_whose_every_held_out_file_is_skipped_stops_in_one_line(tmp_pat
         photo_folder(root / "train" / c, 8)
         unreadable_images(root / "val" / c, 2)
     result = invoke(
-        "finetune",
-        "--data",
-        "imagefolder",
-        "--data-dir",
-        root,
-        "--init",
-        "scratch",
-        "--img-size",
-        32,
-        "--patch-size",
-        8,
-        "--preset",
-        "vit_test",
-        "--batch-size",
-        8,
-        "--epochs",
-        1,
-        "--skip-bad-files",
-        "--out-dir",
-        tmp_path / "run",
+        "finetune", "--data", "imagefolder", "--data-dir", root, "--init", "scratch", "--img-size", 32, "--patch-size",
+        8, "--preset", "vit_test", "--batch-size", 8, "--epochs", 1, "--skip-bad-files", "--out-dir", tmp_path / "run",
     )
     assert one_line_error(result, "no held-out item could be read", "unreadable")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -314,11 +290,8 @@ def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterru
 ):
     common, whole = long_epochs
     proc = subprocess.Popen(
-        [sys.executable, "train.py", *map(str, common + flags), "--out-dir", str(tmp_path)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        [sys.executable, "train.py", *map(str, common + flags), "--out-dir", str(tmp_path)], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wait_for_step(tmp_path, 5, proc)
     proc.send_signal(sig)
@@ -602,3 +575,29 @@ def test_torchrun_restarts_a_killed_rank_with_one_rank_late_and_ends_as_an_unint
         assert proc.returncode == 0 and "resuming from" in output, output[-3000:]
         model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
         assert all(torch.equal(model[k], whole[k]) for k in whole)
+
+
+def test_run_json_records_the_command_commit_and_world_and_lr_overrides_blr(fake_fmnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train.py", "pretrain", "--lr", "3e-4"])  # as the shell would run it
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--lr", 3e-4, "--out-dir", tmp_path / "run")
+    assert result.exit_code == 0 and "lr 0.0003 (--lr)" in result.output, result.output
+    start = json.loads((tmp_path / "run" / "run.json").read_text())["starts"][0]
+    assert start["argv"] == ["train.py", "pretrain", "--lr", "3e-4"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(engine.__file__).parent, capture_output=True, text=True)
+    assert start["commit"] == head.stdout.strip() and isinstance(start["dirty"], bool)
+    assert start["versions"]["torch"] == importlib.metadata.version("torch")
+    assert (start["world_size"], start["effective_batch"], start["lr"]) == (1, 32, pytest.approx(3e-4))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["record"]["lr"] == pytest.approx(3e-4) and ckpt["config"]["recipe"]["world_size"] == 1
+
+
+def test_a_resume_on_another_number_of_processes_stops_unless_told(fake_fmnist, tmp_path):
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1]
+    output = torchrun(common, tmp_path / "run").communicate(timeout=300)[0]
+    assert (tmp_path / "run" / "checkpoint.pt").exists(), output
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    result = invoke(*common, "--epochs", 2, "--out-dir", tmp_path / "run")  # one process now, half the batch
+    assert one_line_error(result, "world_size: 2 -> 1", "effective_batch: 64 -> 32", "--resume-changed"), result.output
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    result = invoke(*common, "--epochs", 2, "--resume-changed", "--out-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output

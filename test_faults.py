@@ -55,25 +55,8 @@ def class_folders(root, splits):
 def test_val_classes_must_be_the_class_folders_of_train(tmp_path):
     root = class_folders(tmp_path / "tree", {"train": "abc", "val": "ax"})
     result = invoke(
-        "pretrain",
-        "--data",
-        "imagefolder",
-        "--data-dir",
-        root,
-        "--img-size",
-        32,
-        "--patch-size",
-        8,
-        "--preset",
-        "vit_test",
-        "--pairs",
-        16,
-        "--batch-size",
-        2,
-        "--epochs",
-        1,
-        "--out-dir",
-        tmp_path / "run",
+        "pretrain", "--data", "imagefolder", "--data-dir", root, "--img-size", 32, "--patch-size", 8, "--preset",
+        "vit_test", "--pairs", 16, "--batch-size", 2, "--epochs", 1, "--out-dir", tmp_path / "run",
     )
     assert one_line_error(result, str(root / "val"), "extra ['x']", "missing ['b', 'c']")
     assert not (tmp_path / "run").exists()
@@ -188,9 +171,7 @@ def test_statistics_that_cannot_normalise_are_refused_before_training(finished_r
     command, out_dir = finished_run
     before = snapshot(out_dir)
     for mean, std, flag in (
-        (0.5, 0.0, "--std 0.0"),
-        (0.5, -0.2, "--std -0.2"),
-        (float("nan"), 0.3, "--mean nan"),
+        (0.5, 0.0, "--std 0.0"), (0.5, -0.2, "--std -0.2"), (float("nan"), 0.3, "--mean nan"),
         (0.5, float("inf"), "--std inf"),
     ):
         result = invoke(*command, "--mean", mean, "--std", std)
@@ -308,21 +289,8 @@ def test_sleep_channels_that_name_nothing_or_what_the_data_lack_are_refused(tmp_
 def test_sleep_edf_channels_the_files_lack_are_named_with_those_they_have(tmp_path):
     nights = [test_sleep1d.write_sleep_edf(tmp_path / "edf", night)[0] for night in ("SC4011E", "SC4021E")]
     result = test_sleep1d.invoke(
-        "finetune",
-        "--init",
-        "scratch",
-        "--data",
-        "sleep-edf",
-        "--data-dir",
-        tmp_path / "edf",
-        "--channels",
-        "EEG Fpz-Cz,EEG Cz",
-        "--finetune-subjects",
-        1,
-        "--test-subjects",
-        1,
-        "--out-dir",
-        tmp_path / "run",
+        "finetune", "--init", "scratch", "--data", "sleep-edf", "--data-dir", tmp_path / "edf", "--channels",
+        "EEG Fpz-Cz,EEG Cz", "--finetune-subjects", 1, "--test-subjects", 1, "--out-dir", tmp_path / "run",
     )
     assert one_line_error(result, "['EEG Cz']", "'EEG Pz-Oz'", "--channels") and any(
         str(psg) in result.output for psg in nights

@@ -156,15 +156,7 @@ def test_plot_command_draws_two_runs_and_names_a_folder_without_a_log(fake_fmnis
     for seed in (0, 1):
         assert (
             invoke(
-                "pretrain",
-                "--data-dir",
-                fake_fmnist,
-                *TINY_RUN,
-                "--seed",
-                seed,
-                "--log-every",
-                1,
-                "--out-dir",
+                "pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--seed", seed, "--log-every", 1, "--out-dir",
                 tmp_path / f"run{seed}",
             ).exit_code
             == 0

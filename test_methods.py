@@ -231,18 +231,8 @@ def test_mp3_classifies_each_patch_by_its_raster_grid_index_with_keys_from_a_qua
 
 def test_mp3_pretrains_from_the_cli_and_its_loss_falls(fake_fmnist, tmp_path):
     result = invoke(
-        "pretrain",
-        "--method",
-        "mp3",
-        "--data-dir",
-        fake_fmnist,
-        *tiny_run("mp3"),
-        "--epochs",
-        4,
-        "--blr",
-        1e-2,
-        "--out-dir",
-        tmp_path,
+        "pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *tiny_run("mp3"), "--epochs", 4, "--blr", 1e-2,
+        "--out-dir", tmp_path,
     )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -315,9 +305,7 @@ def test_each_method_runs_on_1d_signals(method):
 def pos_mask_part(**overrides):
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
     cfg = baselines.pretext_config(
-        "part",
-        vit=vit,
-        **sleep1d.signal_stats(vit),
+        "part", vit=vit, **sleep1d.signal_stats(vit),
         **{"img_size": (3000,), "num_patches": 40, "num_pairs": 256, "pos_mask": 0.2, **overrides},
     )
     return part.PART(cfg)
@@ -397,15 +385,7 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     pre = tmp_path / "pre"
     assert (
         invoke(
-            "pretrain",
-            "--method",
-            method,
-            "--data-dir",
-            fake_fmnist,
-            *tiny_run(method),
-            "--epochs",
-            1,
-            "--out-dir",
+            "pretrain", "--method", method, "--data-dir", fake_fmnist, *tiny_run(method), "--epochs", 1, "--out-dir",
             pre,
         ).exit_code
         == 0
@@ -415,18 +395,8 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     positions = "fixed_pos_embed" in pretrained  # MAE's and DropPos' sin-cos; PART and MP3 pretrain without
     assert positions == (method in ("mae", "droppos"))
     result = invoke(
-        "finetune",
-        "--init",
-        ckpt,
-        "--data-dir",
-        fake_fmnist,
-        *TINY_RUN[:2],
-        "--batch-size",
-        32,
-        "--epochs",
-        1,
-        "--out-dir",
-        tmp_path / "ft",
+        "finetune", "--init", ckpt, "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1,
+        "--out-dir", tmp_path / "ft",
     )
     expected = (
         "pos_embed kept, class token's slot new" if positions else "new: cls_token, pos_embed, head.weight, head.bias"
@@ -435,19 +405,8 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
     ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
     assert ft["encoder.pos_embed"].shape == (1, 50, 32)
     result = invoke(
-        "finetune",
-        "--init",
-        ckpt,
-        "--linear-probe",
-        "--data-dir",
-        fake_fmnist,
-        *TINY_RUN[:2],
-        "--batch-size",
-        32,
-        "--epochs",
-        1,
-        "--out-dir",
-        tmp_path / "probe",
+        "finetune", "--init", ckpt, "--linear-probe", "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32,
+        "--epochs", 1, "--out-dir", tmp_path / "probe",
     )
     assert result.exit_code == 0, result.output
     probe = torch.load(tmp_path / "probe" / "checkpoint.pt", weights_only=True)["model"]
@@ -465,14 +424,7 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
         assert frozen.pos_embed is None
     coco = write_coco(tmp_path / "coco")
     cfg, weights, _, _ = detect.prepare(
-        str(ckpt),
-        str(coco),
-        img_size=64,
-        preset="vit_mini",
-        patch_size=16,
-        window=0,
-        global_blocks=(),
-        anchor_size=16,
+        str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(), anchor_size=16,
         proposals=50,
     )
     encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
@@ -509,16 +461,8 @@ def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
     assert result.exit_code == 0, result.output
     assert torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["config"]["kind"] == f"{method}1d"
     result = runner(
-        "finetune",
-        "--init",
-        tmp_path / "pre" / "checkpoint.pt",
-        *tiny[:-6],
-        "--batch-size",
-        16,
-        "--epochs",
-        1,
-        "--out-dir",
-        tmp_path / "ft",
+        "finetune", "--init", tmp_path / "pre" / "checkpoint.pt", *tiny[:-6], "--batch-size", 16, "--epochs", 1,
+        "--out-dir", tmp_path / "ft",
     )
     expected = "pos_embed kept" if method in ("mae", "droppos") else "new: cls_token, pos_embed, head.weight, head.bias"
     assert result.exit_code == 0 and expected in result.output, result.output
@@ -531,19 +475,8 @@ def test_1d_checkpoints_load_into_sleep_finetune(method, tmp_path):
 
 def finetune_run(init, data, out, *flags):
     return invoke(
-        "finetune",
-        "--init",
-        init,
-        *flags,
-        "--data-dir",
-        data,
-        *TINY_RUN[:2],
-        "--batch-size",
-        32,
-        "--epochs",
-        1,
-        "--out-dir",
-        out,
+        "finetune", "--init", init, *flags, "--data-dir", data, *TINY_RUN[:2], "--batch-size", 32, "--epochs", 1,
+        "--out-dir", out,
     )
 
 
@@ -558,15 +491,7 @@ def test_finetune_without_position_embeddings_is_blind_to_the_order_of_the_patch
     pre = tmp_path / "pre" / "checkpoint.pt"
     assert (
         invoke(
-            "pretrain",
-            "--method",
-            "mp3",
-            "--data-dir",
-            fake_fmnist,
-            *tiny_run("mp3"),
-            "--epochs",
-            1,
-            "--out-dir",
+            "pretrain", "--method", "mp3", "--data-dir", fake_fmnist, *tiny_run("mp3"), "--epochs", 1, "--out-dir",
             pre.parent,
         ).exit_code
         == 0
@@ -596,16 +521,8 @@ def test_droppos_protocol_keeps_its_sin_cos_fixed_and_pools_through_fc_norm(fake
     pre = tmp_path / "pre" / "checkpoint.pt"
     assert (
         invoke(
-            "pretrain",
-            "--method",
-            "droppos",
-            "--data-dir",
-            fake_fmnist,
-            *tiny_run("droppos"),
-            "--epochs",
-            1,
-            "--out-dir",
-            pre.parent,
+            "pretrain", "--method", "droppos", "--data-dir", fake_fmnist, *tiny_run("droppos"), "--epochs", 1,
+            "--out-dir", pre.parent,
         ).exit_code
         == 0
     )
@@ -662,18 +579,8 @@ def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_co
     loss = baselines.DropPos.loss
     monkeypatch.setattr(baselines.DropPos, "loss", lambda self, *a: seen.append(self.sigma) or loss(self, *a))
     result = invoke(
-        "pretrain",
-        "--method",
-        "droppos",
-        "--sigma",
-        2.0,
-        "--data-dir",
-        fake_fmnist,
-        *tiny_run("droppos"),
-        "--epochs",
-        4,
-        "--out-dir",
-        tmp_path,
+        "pretrain", "--method", "droppos", "--sigma", 2.0, "--data-dir", fake_fmnist, *tiny_run("droppos"), "--epochs",
+        4, "--out-dir", tmp_path,
     )
     assert result.exit_code == 0, result.output
     per_epoch = len(seen) // 4  # training steps and evaluation batches of one epoch
@@ -687,17 +594,7 @@ def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_co
 
 def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
     result = invoke(
-        "bench",
-        "--preflight",
-        "--preset",
-        "vit_test",
-        "--img-size",
-        16,
-        "--batch-size",
-        4,
-        "--steps",
-        20,
-        "--pairs",
+        "bench", "--preflight", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 20, "--pairs",
         64,
     )
     assert result.exit_code == 0, result.output
@@ -722,14 +619,7 @@ def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
 )
 def test_ratios_that_leave_nothing_to_learn_stop_before_training(fake_fmnist, tmp_path, method, flags, message):
     result = invoke(
-        "pretrain",
-        "--method",
-        method,
-        *flags,
-        "--data-dir",
-        fake_fmnist,
-        *tiny_run(method),
-        "--out-dir",
+        "pretrain", "--method", method, *flags, "--data-dir", fake_fmnist, *tiny_run(method), "--out-dir",
         tmp_path / "run",
     )
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output

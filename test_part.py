@@ -275,17 +275,8 @@ def test_encoder_loads_into_timm_with_the_same_features():
     model = part.PART(tiny_config())
     state = part.encoder_state_dict({"model": model.state_dict()})
     ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=16,
-        patch_size=4,
-        in_chans=1,
-        num_classes=0,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        class_token=False,
-        pos_embed="none",
-        global_pool="avg",
-        fc_norm=False,
+        img_size=16, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=2, num_heads=2, class_token=False,
+        pos_embed="none", global_pool="avg", fc_norm=False,
     )
     ref.load_state_dict(state)  # strict: every key matches by name and shape
     images = torch.rand(2, 1, 16, 16)
@@ -361,40 +352,15 @@ def test_finetune_on_an_image_folder_tree_at_another_size(tmp_path):
                 Image.new("RGB", (30 + i, 24), (200 * label, 40, 20 * i)).save(tmp_path / split / colour / f"{i}.jpg")
     out = tmp_path / "ft"
     result = invoke(
-        "finetune",
-        "--data",
-        "imagefolder",
-        "--data-dir",
-        tmp_path,
-        "--img-size",
-        24,
-        "--init",
-        "scratch",
-        "--preset",
-        "vit_test",
-        "--patch-size",
-        8,
-        "--batch-size",
-        4,
-        "--epochs",
-        1,
-        "--out-dir",
-        out,
+        "finetune", "--data", "imagefolder", "--data-dir", tmp_path, "--img-size", 24, "--init", "scratch", "--preset",
+        "vit_test", "--patch-size", 8, "--batch-size", 4, "--epochs", 1, "--out-dir", out,
     )
     assert result.exit_code == 0, result.output
     model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert model["encoder.pos_embed"].shape == (1, 1 + 3 * 3, 32) and model["encoder.head.weight"].shape == (2, 32)
     accuracies = [json.loads(line)["val_acc"] for line in open(out / "log.jsonl") if "val_acc" in line]
     assert len(accuracies) == 1 and accuracies[0] in (
-        0,
-        0.125,
-        0.25,
-        0.375,
-        0.5,
-        0.625,
-        0.75,
-        0.875,
-        1,
+        0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1,
     )  # of 8 val images
     result = invoke(
         "finetune", "--data", "imagefolder", "--data-dir", tmp_path / "train", "--init", "scratch", "--out-dir", out
@@ -525,16 +491,8 @@ def classifier_from(path, **overrides):
     vit, state, config = cli.encoder_from_init(str(path), part.vit_config("vit_mini", patch_size=4))
     info = data.data_info("fashion-mnist")
     cfg = train.classifier_config(
-        info,
-        10,
-        vit,
-        True,
-        overrides.get("preset"),
-        overrides.get("patch_size"),
-        0.0,
-        "cls",
-        overrides.get("linear_probe", False),
-        0.0,
+        info, 10, vit, True, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
+        overrides.get("linear_probe", False), 0.0,
     )
     model = part.Classifier(cfg)
     cli.load_pretrained(model.encoder, state, config["model"], str(path), main=False)
@@ -604,20 +562,8 @@ def test_probe_pools_patch_tokens_unless_the_weights_trained_a_class_token(pretr
 def test_linear_probe_leaves_the_encoder_unchanged(pretrained, fake_fmnist, tmp_path):
     out = tmp_path / "probe"
     result = invoke(
-        "finetune",
-        "--data-dir",
-        fake_fmnist,
-        "--init",
-        pretrained,
-        "--linear-probe",
-        "--batch-size",
-        32,
-        "--epochs",
-        2,
-        "--blr",
-        1e-2,
-        "--out-dir",
-        out,
+        "finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--linear-probe", "--batch-size", 32, "--epochs",
+        2, "--blr", 1e-2, "--out-dir", out,
     )
     assert result.exit_code == 0, result.output
     before = torch.load(pretrained, weights_only=True)["model"]
@@ -660,16 +606,7 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     ft = tmp_path / "ft"
     assert (
         invoke(
-            "finetune",
-            "--data-dir",
-            fake_fmnist,
-            "--init",
-            pretrained,
-            "--epochs",
-            1,
-            "--batch-size",
-            32,
-            "--out-dir",
+            "finetune", "--data-dir", fake_fmnist, "--init", pretrained, "--epochs", 1, "--batch-size", 32, "--out-dir",
             ft,
         ).exit_code
         == 0

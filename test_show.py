@@ -122,17 +122,8 @@ def test_show_writes_the_four_figures_from_an_image_file(tmp_path, sampler):
 
 def test_show_takes_held_out_images_of_the_checkpoints_dataset(tmp_path, fake_fmnist):
     result = invoke(
-        "show",
-        "--ckpt",
-        save_checkpoint(tmp_path),
-        "--data-dir",
-        fake_fmnist,
-        "--index",
-        3,
-        "--target",
-        5,
-        "--out-dir",
-        tmp_path,
+        "show", "--ckpt", save_checkpoint(tmp_path), "--data-dir", fake_fmnist, "--index", 3, "--target", 5,
+        "--out-dir", tmp_path,
     )
     assert result.exit_code == 0, result.output
     assert "#5 " in result.output

@@ -172,15 +172,8 @@ def write_physionet_record(folder, name, arousal="hdf5"):
     folder.mkdir(parents=True)
     signal = tagged_night(fs, len(names))
     wfdb.wrsamp(
-        name,
-        fs=fs,
-        units=["uV"] * len(names),
-        sig_name=names,
-        p_signal=signal.T,
-        fmt=["16"] * len(names),
-        adc_gain=[100.0] * len(names),
-        baseline=[0] * len(names),
-        write_dir=str(folder),
+        name, fs=fs, units=["uV"] * len(names), sig_name=names, p_signal=signal.T, fmt=["16"] * len(names),
+        adc_gain=[100.0] * len(names), baseline=[0] * len(names), write_dir=str(folder),
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)  # wfdb2mat writes <name with _ for ->m.hea and .mat into the working directory
