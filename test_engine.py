@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -601,3 +602,32 @@ def test_a_resume_on_another_number_of_processes_stops_unless_told(fake_fmnist, 
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
     result = invoke(*common, "--epochs", 2, "--resume-changed", "--out-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
+
+
+TIMINGS = {"img_per_s", "data_share", "epoch_s", "peak_mem_gib", "skipped_files"}
+
+
+def test_a_run_killed_at_20_random_moments_resumes_to_the_weights_and_log_of_an_uninterrupted_one(long_epochs, tmp_path):
+    """Finetuning (a best checkpoint in play) killed with SIGKILL 20 times at random moments, writes included
+    (--save-every-min saves about every step), each time rerun: it ends as the run that was never killed."""
+    common = ["finetune", "--init", "scratch", "--data-dir", long_epochs[0][2], "--preset", "vit_test", "--batch-size", 8,
+              "--epochs", 6, "--log-every", 1, "--warmup-epochs", 0.5, "--save-every-min", 0.0002]
+    assert invoke(*common, "--out-dir", tmp_path / "whole").exit_code == 0
+    command = [sys.executable, "train.py", *map(str, common), "--out-dir", str(tmp_path / "killed")]
+    rng, kills = random.Random(0), 0
+    while kills < 20:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(1.0, 3.5))  # python and torch start in about 2 s
+            break  # it finished before this kill
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+    assert kills == 20
+    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+    for name in ("checkpoint.pt", "checkpoint_best.pt"):
+        whole, killed = (torch.load(tmp_path / d / name, weights_only=True) for d in ("whole", "killed"))
+        assert whole["best"] == killed["best"] and all(torch.equal(whole["model"][k], killed["model"][k]) for k in whole["model"])
+    rows = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in log_rows(tmp_path / d)] for d in ("whole", "killed")]
+    assert rows[0] == rows[1]
