@@ -498,9 +498,18 @@ def fit(
                 if on_epoch:
                     on_epoch(epoch, recipe.epochs)
                 loop.train_one_epoch(epoch, first_step)
+                agree_on_buffers(model, dd)
                 metrics = (evaluate_fn or partial(evaluate, precision=precision))(model, val_loader, dd, recipe.seed)
                 loop.end_of_epoch(epoch, metrics, best_key)
         return loop.metrics
+
+
+def agree_on_buffers(model, dd):
+    """Every rank takes rank 0's buffers (a linear probe's BatchNorm statistics): DDP broadcasts them before each
+    forward, so after an epoch's last step each rank holds its own update; evaluated and saved, they are one."""
+    if dd.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def with_record(config, recipe, dd, eff_batch, lr):

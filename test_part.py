@@ -438,7 +438,8 @@ def _free_port():
 
 
 def tiny_model(kind):
-    """A pretraining model (PART, MAE, DropPos) or the finetuning classifier, at the same tiny size, seeded."""
+    """A pretraining model (PART, MAE, DropPos, MP3), the finetuning classifier or the linear probe (its BatchNorm's
+    running statistics are buffers every rank must agree on), at the same tiny size, seeded."""
     torch.manual_seed(0)
     if kind in baselines.METHODS:
         cfg = baselines.pretext_config(
@@ -446,7 +447,8 @@ def tiny_model(kind):
         )
         return baselines.pretext_model(kind, cfg)
     return part.Classifier(
-        part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,))
+        part.ClassifierConfig(vit=tiny_config().vit, img_size=(16, 16), num_classes=4, mean=(0.5,), std=(0.25,),
+                              linear_probe=kind == "probe")
     )
 
 
@@ -465,14 +467,15 @@ def _ddp_worker(rank, world, port, out_dir, kind):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", [*baselines.METHODS, "classifier"])
+@pytest.mark.parametrize("kind", [*baselines.METHODS, "classifier", "probe"])
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, kind):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     init = tiny_model(kind).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert not torch.equal(a["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"])
+    trained = "encoder.head.1.weight" if kind == "probe" else "encoder.blocks.0.attn.qkv.weight"  # a probe trains its head alone
+    assert not torch.equal(a[trained], init[trained])
 
 
 # ---------------------------------------------------------------- finetuning
