@@ -402,3 +402,14 @@ def test_a_1d_pretext_stuck_at_the_zero_predictor_says_so():
         "part", stuck, "out"
     ) and "1.000 x the zero" in cli.pretrain_summary("part", stuck, "out")
     assert "position accuracy 0.500" in cli.pretrain_summary("mp3", {"pos_acc": 0.5, "loss": 1.0}, "out")
+
+
+def test_knn_reads_a_foreign_timm_state_dict_on_the_dataset_named(fake_fmnist, tmp_path):
+    theirs = timm.models.VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    ckpt = tmp_path / "timm.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, ckpt)
+    assert one_line_error(invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist), "pass --data")
+    result = invoke("knn", "--ckpt", ckpt, "--data", "fashion-mnist", "--data-dir", fake_fmnist, "--pool", "cls")
+    assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
+    encoder, _, _ = train.frozen_encoder(str(ckpt), False, "fashion-mnist")
+    torch.testing.assert_close(encoder.pos_embed, theirs.pos_embed)  # its own 7 x 7 grid and class slot, kept

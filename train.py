@@ -14,6 +14,7 @@ baselines.py's, the shared flags and --init loading cli.py's.
 """
 
 import json
+import math
 import os
 from dataclasses import asdict, replace
 from functools import partial
@@ -32,7 +33,7 @@ import part
 from cli import (
     COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, Finite, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
     load_pretrained, method_config, method_options, pretrain_summary, options, pretrained_encoder, read_checkpoint,
-    recipe_from, recipe_options, source_grid,
+    recipe_from, recipe_options,
 )
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
 
@@ -535,29 +536,44 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
     return torch.cat(feats), torch.cat(labels)
 
 
-def frozen_encoder(path, random_init):
-    """The 2D encoder of a checkpoint or export, its model config and data name, in eval mode, with the
-    position embeddings it was trained with (a finetuned model's, or the fixed ones of MAE, DropPos and
-    PART --pos-mask); with random_init its architecture with fresh weights and no positions, the baseline."""
+def foreign_model(path, state, data_name):
+    """The model config of a foreign state dict (timm's names, no config of ours): the ViT its shapes tell, a
+    class token if it has one, its position embeddings' square grid, and the inputs of --data."""
+    if not data_name:
+        fail(f"{path} is a state dict without our config: pass --data, the dataset its features vote on")
+    prefix = int("cls_token" in state)
+    vit = replace(part.vit_of_state(state, part.ViTConfig()), class_token=bool(prefix))
+    if part.has_positions(state):
+        vit = replace(vit, pos_grid=(math.isqrt(state["pos_embed"].shape[1] - prefix),) * 2)
+    info = data.data_info(data_name, in_chans=vit.in_chans)
+    return {"vit": asdict(vit), "img_size": [info.img_size] * 2, "mean": info.mean, "std": info.std}
+
+
+def frozen_encoder(path, random_init, data_name=None):
+    """The 2D encoder of a checkpoint, an export or a foreign state dict (then of --data's inputs), its model
+    config and data name, in eval mode, with the position embeddings it was trained with (a finetuned model's,
+    the fixed ones of MAE, DropPos and PART --pos-mask, or a foreign model's, resized to the data's grid); with
+    random_init its architecture with fresh weights and no positions, the baseline."""
     state, config = pretrained_encoder(path)
-    model = config.get("model", {})
-    if "vit" not in model or "img_size" not in model:
-        fail(
-            f"{path} carries no model config: knn takes our checkpoints and exports (train.py export writes the "
-            "config beside)"
-        )
+    model = config.get("model") or foreign_model(path, state, data_name)
     vit = replace(part.ViTConfig(**model["vit"]), num_classes=0)
+    name = data_name or config.get("data")
     if random_init:
-        return part.VisionTransformer(vit).eval(), model, config.get("data")
-    encoder = part.VisionTransformer(replace(vit, pos_grid=source_grid(model)) if part.has_positions(state) else vit)
+        return part.VisionTransformer(replace(vit, pos_grid=())).eval(), model, name
+    grid = tuple(s // vit.patch_size for s in model["img_size"])
+    encoder = part.VisionTransformer(replace(vit, pos_grid=grid if part.has_positions(state) else ()))
     load_pretrained(encoder, state, model, path, main=False)
-    return encoder.eval(), model, config.get("data")
+    return encoder.eval(), model, name
 
 
 @main.command()
 @click.option(
     "--ckpt", default=DEFAULT_INIT, show_default=True,
     help="a PART checkpoint, a finetuned classifier or an export of either",
+)
+@click.option(
+    "--data", "data_name", type=click.Choice(list(data.DATASETS)), default=None,
+    help="the dataset; default: the checkpoint's (a foreign state dict has none)",
 )
 @click.option(
     "--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)"
@@ -572,10 +588,10 @@ def frozen_encoder(path, random_init):
     help="a vote weighs exp(cosine / T) (DINO: 0.07)",
 )
 @click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
-def knn(ckpt, data_dir, pool, k, temperature, random_init):
+def knn(ckpt, data_name, data_dir, pool, k, temperature, random_init):
     """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
     torch.manual_seed(0)  # the random baseline's weights
-    encoder, model, name = frozen_encoder(ckpt, random_init)
+    encoder, model, name = frozen_encoder(ckpt, random_init, data_name)
     if pool == "cls" and encoder.cls_token is None:
         fail(f"--pool cls: {ckpt} has no class token (PART pretrains without one); use --pool avg")
     if not name:
