@@ -832,6 +832,8 @@ def resume(ckpt_path, model, optimizer, config, dd, steps_per_epoch):
         best = best_so_far(ckpt, ckpt_path) if ckpt else -math.inf
     seen = gather(dd, ((ckpt["epoch"], ckpt["step"]) if ckpt else None, str(ckpt_path)))
     if seen[0][0] is None:
+        if dd.main:  # the rows of an attempt killed before its first checkpoint are redone: they go
+            truncate_log(ckpt_path.parent / "log.jsonl", (0, 0))
         return Progress()
     odd = next((r for r, (at, _) in enumerate(seen) if at != seen[0][0]), None)
     if odd is not None:
