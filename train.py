@@ -260,18 +260,15 @@ def classifier_config(
     help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)",
 )
 @click.option(
-    "--fc-norm",
-    is_flag=True,
+    "--fc-norm", is_flag=True,
     help="with --pool avg: a new LayerNorm after the mean in place of the final norm (MAE, DropPos)",
 )
 @click.option(
-    "--no-pos-embed",
-    is_flag=True,
+    "--no-pos-embed", is_flag=True,
     help="no position embeddings (MP3's Table 1 row 'without'); default: learnable ones (the paper)",
 )
 @click.option(
-    "--freeze-pos-embed",
-    is_flag=True,
+    "--freeze-pos-embed", is_flag=True,
     help="keep the pretrained sin-cos position embeddings fixed (DropPos' finetuning)",
 )
 @click.option(
