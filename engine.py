@@ -629,6 +629,8 @@ class Loop:
             if last_micro:
                 self.after_step(epoch, i // r.accum + 1, loss.detach(), metrics, bar)
             t0 = time.perf_counter()
+        if first >= micro_batches:  # resumed from a checkpoint at the epoch's last step: only its end is left
+            return
         if loss is None:
             fail(f"every batch of epoch {epoch + 1} was unreadable: --skip-bad-files skipped all of its files")
         value = loss.item()

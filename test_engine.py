@@ -611,19 +611,21 @@ def test_a_run_killed_at_20_random_moments_resumes_to_the_weights_and_log_of_an_
     """Finetuning (a best checkpoint in play) killed with SIGKILL 20 times at random moments, writes included
     (--save-every-min saves about every step), each time rerun: it ends as the run that was never killed."""
     common = ["finetune", "--init", "scratch", "--data-dir", long_epochs[0][2], "--preset", "vit_test", "--batch-size", 8,
-              "--epochs", 20, "--log-every", 1, "--warmup-epochs", 0.5, "--save-every-min", 0.0002]
+              "--epochs", 40, "--log-every", 1, "--warmup-epochs", 0.5, "--save-every-min", 0.0002]
     assert invoke(*common, "--out-dir", tmp_path / "whole").exit_code == 0
     command = [sys.executable, "train.py", *map(str, common), "--out-dir", str(tmp_path / "killed")]
-    rng, kills = random.Random(0), 0
+    log, rng, kills = tmp_path / "killed" / "log.jsonl", random.Random(0), 0
     while kills < 20:
+        written = log.stat().st_mtime_ns if log.exists() else 0
         proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(0.5, 3.0))  # python and torch start in about 2 s: some die starting
+        while proc.poll() is None and (log.stat().st_mtime_ns if log.exists() else 0) == written:
+            time.sleep(0.01)  # until this attempt trains (its log moves), whatever the machine's speed
+        if proc.poll() is not None:
             break  # it finished before this kill
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            kills += 1
+        time.sleep(rng.uniform(0.0, 0.5))  # a random moment of training: checkpoint writes are about every step
+        proc.kill()
+        proc.wait()
+        kills += 1
     assert kills == 20
     assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     for name in ("checkpoint.pt", "checkpoint_best.pt"):
@@ -638,3 +640,21 @@ def test_the_log_of_an_attempt_killed_before_its_first_checkpoint_is_not_kept(fa
     assert invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path).exit_code == 0
     steps = [r["step"] for r in log_rows(tmp_path) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[0] == 1 and 9.0 not in [r["loss"] for r in log_rows(tmp_path) if "loss" in r]
+
+
+def test_a_checkpoint_at_an_epochs_last_step_resumes_to_that_epochs_end(long_epochs, tmp_path, monkeypatch):
+    common, whole = long_epochs  # 40 steps an epoch, 2 epochs
+    save = engine.save_checkpoint
+
+    def die_after_the_last_steps_save(path, state):  # the mid-epoch save at step 40 of 40 lands, then the run dies
+        save(path, state)
+        if state.get("epoch_step") == state.get("steps_per_epoch"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", die_after_the_last_steps_save)
+    assert invoke(*common, "--save-every-min", 0.0002, "--out-dir", tmp_path).exit_code != 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch_step"] == 40
+    monkeypatch.undo()
+    assert invoke(*common, "--save-every-min", 0.0002, "--out-dir", tmp_path).exit_code == 0
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[k], whole[k]) for k in whole)
