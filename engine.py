@@ -835,7 +835,7 @@ def resume(ckpt_path, model, optimizer, config, dd, steps_per_epoch):
     seen = gather(dd, ((ckpt["epoch"], ckpt["step"]) if ckpt else None, str(ckpt_path)))
     if seen[0][0] is None:
         if dd.main:  # the rows of an attempt killed before its first checkpoint are redone: they go
-            truncate_log(ckpt_path.parent / "log.jsonl", (0, 0))
+            truncate_log(ckpt_path.parent / "log.jsonl", (0, 0, 0))
         return Progress()
     odd = next((r for r, (at, _) in enumerate(seen) if at != seen[0][0]), None)
     if odd is not None:
@@ -867,11 +867,13 @@ def best_so_far(ckpt, ckpt_path):
 
 
 def log_position(row):
-    """A log.jsonl row's or a checkpoint's place in the run, (epoch, step), compared as a pair: step numbers
-    restart lower when a resume changes the steps per epoch. A checkpoint part-way into an epoch counts in it."""
+    """A log.jsonl row's or a checkpoint's place in the run, (epoch, step, end), compared in that order: step
+    numbers restart lower when a resume changes the steps per epoch; end is 1 for an epoch's summary row (it has
+    epoch_s) and for a checkpoint written at an epoch's end, 0 for step rows and checkpoints part-way into an
+    epoch, which count in it, so that one at the epoch's last step keeps its steps but not its summary."""
     if "epoch_step" in row:  # a checkpoint: "epoch" counts epochs done
-        return row["epoch"] + (1 if row["epoch_step"] else 0), row["step"]
-    return row["epoch"], row["step"]
+        return row["epoch"] + (1 if row["epoch_step"] else 0), row["step"], 0 if row["epoch_step"] else 1
+    return row["epoch"], row["step"], int("epoch_s" in row)
 
 
 def truncate_log(path, position):
