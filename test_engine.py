@@ -647,7 +647,7 @@ def test_the_log_of_an_attempt_killed_before_its_first_checkpoint_is_not_kept(fa
 def test_a_checkpoint_at_an_epochs_last_step_resumes_to_that_epochs_end(long_epochs, tmp_path, monkeypatch, dies_at):
     """A mid-epoch checkpoint at the epoch's last step (step 40 of 40), then a kill right after it, or after the
     epoch's summary row is logged but before its end checkpoint is written: the rerun ends the epoch once."""
-    common, whole = long_epochs  # 40 steps an epoch, 2 epochs
+    common, whole = long_epochs  # 40 steps an epoch, 2 epochs; --save-every-min 1e-7 saves after every step
     save = engine.save_checkpoint
 
     def save_then_die(path, state):
@@ -659,10 +659,10 @@ def test_a_checkpoint_at_an_epochs_last_step_resumes_to_that_epochs_end(long_epo
             raise KeyboardInterrupt
 
     monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    assert invoke(*common, "--save-every-min", 0.0002, "--out-dir", tmp_path).exit_code != 0
+    assert invoke(*common, "--save-every-min", 1e-7, "--out-dir", tmp_path).exit_code != 0
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch_step"] == 40
     monkeypatch.undo()
-    assert invoke(*common, "--save-every-min", 0.0002, "--out-dir", tmp_path).exit_code == 0
+    assert invoke(*common, "--save-every-min", 1e-7, "--out-dir", tmp_path).exit_code == 0
     model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(model[k], whole[k]) for k in whole)
     assert [r["epoch"] for r in log_rows(tmp_path) if "epoch_s" in r] == [1, 2]  # each epoch's summary once
