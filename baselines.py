@@ -9,7 +9,7 @@ the engine, checkpoints and exports. Where they differ from their official code,
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,30 @@ class Decoder(nn.Module):
         return self.pred(self.norm(run_blocks(self.blocks, x)))
 
 
+@dataclass
+class MaskedGridConfig(InputConfig):
+    """What MAE and DropPos share: patches hidden from the encoder, a decoder CPU-sized by default (the official
+    code's: 512 wide, MAE 8 and DropPos 2 deep), and the class token their official code carries through the
+    encoder and decoder, left out by default (PART's encoder has none; README, "Baselines as their official
+    code trains them")."""
+
+    mask_ratio: float = 0.75  # patches hidden from the encoder
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    class_token: bool = False  # the official code's: prepended after masking, position slot zero, dropped at the end
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.vit = replace(self.vit, class_token=self.class_token)
+        check_share("--mask-ratio", self.mask_ratio)
+
+
+def class_slot(pos):
+    """Position embeddings (B or 1, T, D) -> (B or 1, 1 + T, D) with the class token's slot first: zero, as in the
+    official sin-cos table (MAE's get_2d_sincos_pos_embed with cls_token=True)."""
+    return F.pad(pos, (0, 0, 1, 0))
+
+
 def hide_patches(patches, ratio):
     """MAE's and DropPos' patch masking: (B, N, C, *patch) -> the visible patches (B, N - M, C, *patch),
     their indices (B, N - M) and the hidden ones' (B, M), M = round(ratio * N), fresh per item."""
@@ -71,17 +95,13 @@ def split_sizes(flag, ratio, n, kept_role=None, dropped_role=None):
 
 
 @dataclass
-class MAEConfig(InputConfig):
-    """MAE (He et al., CVPR 2022) on our ViT: decoder width and depth scaled down for CPU (the paper: 512, 8)."""
+class MAEConfig(MaskedGridConfig):
+    """MAE (He et al., CVPR 2022) on our ViT."""
 
-    mask_ratio: float = 0.75
-    decoder_dim: int = 128
-    decoder_depth: int = 2
     norm_pix: bool = True  # targets: each patch's pixels normalised by their own mean and std (MAE's best)
 
     def __post_init__(self):
         super().__post_init__()
-        check_share("--mask-ratio", self.mask_ratio)
         split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see", "to reconstruct")
 
 
@@ -112,21 +132,21 @@ class MAE(nn.Module):
         self.register_buffer(
             "fixed_pos_embed", sincos_embed(positions, v.embed_dim)[None]
         )  # (1, N, D), saved: finetuning starts from it
-        self.register_buffer("decoder_pos", sincos_embed(positions, cfg.decoder_dim), persistent=False)  # (N, Dd)
+        decoder_pos = sincos_embed(positions, cfg.decoder_dim)[None]  # (1, N, Dd)
+        decoder_pos = class_slot(decoder_pos) if cfg.class_token else decoder_pos  # (1, c + N, Dd)
+        self.register_buffer("decoder_pos", decoder_pos, persistent=False)
 
     def forward(self, images, labels=None):
         """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics): MSE on the masked patches."""
         patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
         B, N = patches.shape[:2]
         visible, kept, masked = hide_patches(patches, self.cfg.mask_ratio)  # (B, N - M, C, *patch), (B, N - M), (B, M)
-        tokens = self.decoder.embed(
-            self.encoder.forward_features(visible, pos=self.fixed_pos_embed[0, kept])
-        )  # (B, N - M, Dd)
-        index = kept[..., None].expand(-1, -1, tokens.shape[-1])
-        full = (
-            self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens)
-        )  # (B, N, Dd), mask tokens elsewhere
-        pred = self.decoder(full + self.decoder_pos)  # (B, N, C * prod(patch))
+        pos, c = self.fixed_pos_embed[0, kept], int(self.cfg.class_token)  # (B, N - M, D); c: class tokens first
+        tokens = self.decoder.embed(self.encoder.forward_features(visible, pos=class_slot(pos) if c else pos))
+        index = kept[..., None].expand(-1, -1, tokens.shape[-1])  # tokens: (B, c + N - M, Dd)
+        full = self.mask_token.to(tokens.dtype).expand(B, N, -1).scatter(1, index, tokens[:, c:])  # mask tokens between
+        full = torch.cat([tokens[:, :c], full], dim=1)  # (B, c + N, Dd)
+        pred = self.decoder(full + self.decoder_pos)[:, c:]  # (B, N, C * prod(patch))
         target = patch_targets(patches, self.cfg.norm_pix)
         loss = F.mse_loss(take_rows(pred, masked).float(), take_rows(target, masked))
         return loss, {"loss": loss.detach()}
@@ -139,20 +159,19 @@ TARGET_NORMS = ("columns", "rows")
 
 
 @dataclass
-class DropPosConfig(InputConfig):
-    """DropPos (Wang et al., NeurIPS 2023) on our ViT, with its defaults except the decoder's size
-    (the paper: 512 wide, 2 deep) and without its attentive reconstruction (which needs a class token)."""
+class DropPosConfig(MaskedGridConfig):
+    """DropPos (Wang et al., NeurIPS 2023) on our ViT, its attentive reconstruction off by default (its scripts'
+    --attn_guide, which needs the class token and a second encoder pass)."""
 
-    mask_ratio: float = 0.75  # patches hidden from the encoder
     pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
-    decoder_dim: int = 128
-    decoder_depth: int = 2
     sigma: float = 1.0  # position smoothing at the start, in patches; (1 - epoch / epochs) sigma in each epoch
     target_norm: str = "columns"  # of the smoothed targets: "columns" as DropPos' code, "rows": each a distribution
+    attentive: bool = False  # weight each dropped token's loss by its similarity to the class token (--attn_guide)
 
     def __post_init__(self):
         super().__post_init__()
-        check_share("--mask-ratio", self.mask_ratio)
+        if self.attentive and not self.class_token:
+            raise ConfigError("--attentive weighs patches by their similarity to the class token: add --class-token")
         check_share("--pos-mask-ratio", self.pos_mask_ratio)
         visible, _ = split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see")
         split_sizes(
@@ -201,30 +220,44 @@ class DropPos(nn.Module):
         `epoch` (0-based), so it never reaches 0; engine.fit calls this before each epoch."""
         self.sigma = self.cfg.sigma * (1 - epoch / epochs)
 
-    def sample(self, images):
-        """-> visible patches (B, V, C, *patch), their grid indices (B, V), dropped (B, V) bool."""
-        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+    def sample(self, patches):
+        """Patches (B, N, C, *patch) -> the visible ones (B, V, C, *patch), their grid indices (B, V), dropped (B, V)
+        bool: those whose position embedding is dropped."""
         visible, kept, _ = hide_patches(patches, self.cfg.mask_ratio)  # (B, V, C, *patch), (B, V)
         B, V = kept.shape
-        dropped = as_mask(random_split(B, V, self.cfg.pos_mask_ratio, images.device)[1], V)
+        dropped = as_mask(random_split(B, V, self.cfg.pos_mask_ratio, patches.device)[1], V)
         return visible, kept, dropped
 
-    def loss(self, logits, kept, dropped):
-        """Cross-entropy of the position logits (B, V, N) against the smoothed true positions,
-        averaged over the dropped tokens only -> (loss, metrics with the position accuracy)."""
+    @torch.no_grad()
+    def patch_attention(self, patches):
+        """DropPos' attentive reconstruction weights (its get_feature_similarity): the encoder on every patch at
+        its position, then the softmax over patches of cos(class token, patch token) / 0.1: (B, N, ...) -> (B, N)."""
+        tokens = self.encoder.forward_features(patches, pos=class_slot(self.fixed_pos_embed))  # (B, 1 + N, D)
+        return (F.cosine_similarity(tokens[:, :1], tokens[:, 1:], dim=-1).float() / 0.1).softmax(dim=-1)
+
+    def loss(self, logits, kept, weight):
+        """Cross-entropy of the position logits (B, V, N) against the smoothed true positions, averaged with
+        `weight` (B, V) (the dropped tokens, attentively weighted or not) -> (loss, metrics with the position
+        accuracy, weighted alike)."""
         target = smoothed_positions(self.positions, self.sigma, self.cfg.target_norm)[kept]  # (B, V, N)
         ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
-        weight = dropped.float()
         loss = (ce * weight).sum() / weight.sum()
         acc = ((logits.argmax(dim=-1) == kept).float() * weight).sum() / weight.sum()
         return loss, {"loss": loss.detach(), "pos_acc": acc}
 
     def forward(self, images, labels=None):
         """images (B, C, H, W) or signals (B, C, T) -> (loss, metrics)."""
-        visible, kept, dropped = self.sample(images)
+        patches = patchify(self.normalize(images), self.cfg.vit.patch_size)  # (B, N, C, *patch)
+        visible, kept, dropped = self.sample(patches)
         pos = torch.where(dropped[..., None], self.mask_pos_token, self.fixed_pos_embed[0, kept])  # (B, V, D)
-        logits = self.decoder(self.decoder.embed(self.encoder.forward_features(visible, pos=pos)))  # (B, V, N)
-        return self.loss(logits, kept, dropped)
+        c = int(self.cfg.class_token)  # class tokens first
+        tokens = self.encoder.forward_features(visible, pos=class_slot(pos) if c else pos)  # (B, c + V, D)
+        logits = self.decoder(self.decoder.embed(tokens))[:, c:]  # (B, V, N)
+        weight = dropped.float()  # (B, V)
+        if self.cfg.attentive:  # the visible patches' weights, renormalised over them (DropPos' forward_encoder)
+            attention = self.patch_attention(patches).gather(1, kept)  # (B, V)
+            weight = weight * attention / attention.sum(dim=-1, keepdim=True)
+        return self.loss(logits, kept, weight)
 
 
 # ---------------------------------------------------------------- MP3

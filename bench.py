@@ -170,8 +170,13 @@ def describe(device):
 
 
 def preflight_variants():
-    """Each method with its defaults, and PART with --pos-mask (the step that once synced the host)."""
-    return [(method, {}) for method in baselines.METHODS] + [("part --pos-mask 0.2", {"pos_mask": 0.2})]
+    """Each method with its defaults, PART with --pos-mask (the step that once synced the host), and MAE and
+    DropPos with their official code's class token (and DropPos' attentive reconstruction, a second forward)."""
+    return [(method, {}) for method in baselines.METHODS] + [
+        ("part --pos-mask 0.2", {"pos_mask": 0.2}),
+        ("mae --class-token", {"class_token": True}),
+        ("droppos --class-token --attentive", {"class_token": True, "attentive": True}),
+    ]
 
 
 def compile_counts():
@@ -240,7 +245,7 @@ def preflight(vit, size, batch_size, steps, num_pairs):
             )
             mfu = f"MFU {row['mfu']:.1%}" if row["mfu"] is not None else "MFU unknown for this device"
             print(
-                f"{method:20s} {'compiled' if compiled else 'eager':8s} {row['ms']:8.1f} ms {row['img_per_s']:8.1f} "
+                f"{method:34s} {'compiled' if compiled else 'eager':8s} {row['ms']:8.1f} ms {row['img_per_s']:8.1f} "
                 "img/s; "
                 f"{mfu}; peak {row['peak_gib']:.2f} GiB"
                 + (

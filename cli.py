@@ -181,6 +181,48 @@ def recipe_from(kwargs):
 SHARE = Finite(0, 1, max_open=True)
 
 
+BASELINE_OPTIONS = (  # the flags of MAE, DropPos and MP3, each naming the methods it is for
+    click.option(
+        "--mask-ratio",
+        type=SHARE,
+        default=0.75,
+        show_default=True,
+        help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values "
+             "(its eta)",
+    ),
+    click.option(
+        "--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
+        help="droppos: share of the visible patches whose position embedding is dropped",
+    ),
+    click.option(
+        "--decoder-dim", type=POSITIVE, default=128, show_default=True,
+        help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)",
+    ),
+    click.option(
+        "--decoder-depth", type=POSITIVE, default=2, show_default=True,
+        help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)",
+    ),
+    click.option(
+        "--class-token", is_flag=True,
+        help="mae, droppos: a class token through encoder and decoder, as their official code (default: none, as "
+             "PART's encoder)",
+    ),
+    click.option(
+        "--attentive", is_flag=True,
+        help="droppos: attentive reconstruction, its --attn_guide (a second encoder pass); needs --class-token",
+    ),
+    click.option(
+        "--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
+        help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)",
+    ),
+    click.option(
+        "--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns",
+        show_default=True,
+        help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)",
+    ),
+)
+
+
 def method_options(pos_mask=0.0):
     """The pretraining method and its flags, one set for train.py and sleep1d.py (which differ in the
     default of --pos-mask); each flag names the methods it is for."""
@@ -205,35 +247,7 @@ def method_options(pos_mask=0.0):
             help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
             "loss on pairs with a masked patch (README, the 1D readings)",
         ),
-        click.option(
-            "--mask-ratio",
-            type=SHARE,
-            default=0.75,
-            show_default=True,
-            help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values "
-                 "(its eta)",
-        ),
-        click.option(
-            "--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
-            help="droppos: share of the visible patches whose position embedding is dropped",
-        ),
-        click.option(
-            "--decoder-dim", type=POSITIVE, default=128, show_default=True,
-            help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)",
-        ),
-        click.option(
-            "--decoder-depth", type=POSITIVE, default=2, show_default=True,
-            help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)",
-        ),
-        click.option(
-            "--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
-            help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)",
-        ),
-        click.option(
-            "--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns",
-            show_default=True,
-            help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)",
-        ),
+        *BASELINE_OPTIONS,
         section="method",
     )
 

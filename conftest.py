@@ -30,6 +30,15 @@ def write_idx(path, array):
         f.write(header + array.astype("uint8").tobytes())
 
 
+@pytest.fixture(autouse=True, scope="session")
+def eeg_cache(tmp_path_factory):
+    """sleep1d.py's default cache of preprocessed nights in a folder of this test session, not the user's."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder / "part" / "eeg"
+
+
 @pytest.fixture
 def fake_fmnist(tmp_path):
     """A Fashion-MNIST folder of 96 train and 32 test images with simple learnable structure."""

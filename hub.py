@@ -57,8 +57,8 @@ def timm_model_args(model_config, kind, positions):
     if kind == "classifier":  # a class token, learnt position embeddings unless a probe has none, a linear head
         class_token, num_classes = True, vit["num_classes"]
         global_pool = {"cls": "token", "avg": "avg"}[vit["pool"]]
-    else:  # the bare encoder; its features are the mean of the patch tokens
-        class_token, num_classes, global_pool = False, 0, "avg"
+    else:  # the bare encoder (a class token only if it pretrained one); its features are the mean of the patch tokens
+        class_token, num_classes, global_pool = vit["class_token"], 0, "avg"
     return dict(
         img_size=list(model_config["img_size"]),
         patch_size=vit["patch_size"],

@@ -870,14 +870,18 @@ def encoder_state_dict(checkpoint):
     `encoder` (PART, MAE, DropPos, a classifier) keeps the encoder's weights alone, without
     their "encoder." prefix, and drops the pretext parts (heads, decoders, mask tokens), except
     the fixed position embeddings the encoder was pretrained with (fixed_pos_embed: MAE's, DropPos',
-    PART's with --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, without a class token's slot.
+    PART's with --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, with a zero slot first
+    for a class token the encoder was pretrained with (MAE and DropPos --class-token, as their code).
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     if not any(k.startswith("encoder.") for k in state):
         return state
     encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    return {**encoder, **({"pos_embed": state["fixed_pos_embed"]} if "fixed_pos_embed" in state else {})}
+    if "fixed_pos_embed" in state:
+        fixed = state["fixed_pos_embed"]  # (1, N, D)
+        encoder["pos_embed"] = F.pad(fixed, (0, 0, 1, 0)) if "cls_token" in encoder else fixed
+    return encoder
 
 
 def vit_of_state(state, fallback):
@@ -907,13 +911,16 @@ def has_positions(state):
 def adapt_pos_embed(pos_embed, old_grid, model):
     """A pretrained position embedding (1, prefix + prod(old_grid), D) for `model`'s (a VisionTransformer
     with position embeddings): resized to its grid, and given the model's own class-token slot when it has
-    a class token and the embedding has none -> (embedding, what was done, in words)."""
+    a class token and the embedding has none, or without the embedding's when the model has no class token
+    (a detector) -> (embedding, what was done, in words)."""
     prefix = pos_embed.shape[1] - math.prod(old_grid)
     new_grid = tuple(model.cfg.pos_grid)
     pos = resize_pos_embed(pos_embed, old_grid, new_grid, prefix)
     own_prefix = int(model.cfg.class_token)
     if prefix == 0 and own_prefix:
         pos = torch.cat([model.pos_embed[:, :1].detach(), pos], dim=1)
+    if prefix and not own_prefix:
+        pos = pos[:, prefix:]
     how = (
         "kept"
         if tuple(old_grid) == new_grid

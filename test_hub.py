@@ -61,20 +61,32 @@ def export_and_load(tmp_path, model, kind):
     return theirs, images, normalised
 
 
-PRETRAINING = [("part", {"num_pairs": 32}), ("part", {"num_pairs": 32, "pos_mask": 0.25}), ("mae", {}), ("droppos", {})]
+PRETRAINING = [
+    ("part", {"num_pairs": 32}),
+    ("part", {"num_pairs": 32, "pos_mask": 0.25}),
+    ("mae", {}),
+    ("droppos", {}),
+    ("mae", {"class_token": True}),
+    ("droppos", {"class_token": True, "attentive": True}),
+]
 
 
-@pytest.mark.parametrize("method, fields", PRETRAINING, ids=["part", "part-pos-mask", "mae", "droppos"])
+@pytest.mark.parametrize(
+    "method, fields", PRETRAINING, ids=["part", "part-pos-mask", "mae", "droppos", "mae-cls", "droppos-cls"]
+)
 def test_pretrained_encoder_in_timm_gives_our_tokens_and_features(tmp_path, method, fields):
     config_class, model_class = baselines.METHODS[method]
     model = perturbed(model_class(config_class(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, **fields)))
     theirs, images, normalised = export_and_load(tmp_path, model, method)
     pos = getattr(model, "fixed_pos_embed", None)  # the fixed sin-cos embeddings it was pretrained with, if any
+    c = int(fields.get("class_token", False))
+    if c:  # the class token's position slot: zero, first
+        pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     with torch.no_grad():
-        ours = model.encoder.forward_features(part.patchify(model.normalize(images), 4), pos=pos)  # (B, N, D)
+        ours = model.encoder.forward_features(part.patchify(model.normalize(images), 4), pos=pos)  # (B, c + N, D)
         torch.testing.assert_close(theirs.forward_features(normalised), ours, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(theirs(normalised), ours.mean(dim=1), atol=1e-5, rtol=1e-5)  # (B, D)
-    assert (theirs.pos_embed is None) == (pos is None)
+        torch.testing.assert_close(theirs(normalised), ours[:, c:].mean(dim=1), atol=1e-5, rtol=1e-5)  # (B, D)
+    assert (theirs.pos_embed is None) == (pos is None) and (theirs.cls_token is not None) == bool(c)
 
 
 CLASSIFIERS = [

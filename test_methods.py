@@ -49,18 +49,21 @@ def spy(monkeypatch, module, name, seen):
 # ---------------------------------------------------------------- MAE
 
 
-def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactly_those(monkeypatch):
+@pytest.mark.parametrize("class_token", [False, True], ids=["ours", "official-class-token"])
+def test_mae_masks_the_asked_share_and_regresses_the_normalised_pixels_of_exactly_those(monkeypatch, class_token):
     torch.manual_seed(0)
-    model = baselines.MAE(method_config("mae", mask_ratio=0.75))
+    model = baselines.MAE(method_config("mae", mask_ratio=0.75, class_token=class_token))
     seen = {}
     spy(monkeypatch, baselines, "random_split", seen)
-    monkeypatch.setattr(
-        model.decoder, "forward", lambda x: torch.zeros(x.shape[0], 16, 16)
-    )  # predicts 0 for every pixel
+    spy(monkeypatch, model.encoder, "forward_features", seen)
+    decoded = []  # predicts 0 for every pixel of every token it is given
+    monkeypatch.setattr(model.decoder, "forward", lambda x: decoded.append(x) or torch.zeros(*x.shape[:2], 16))
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     loss, _ = model(images)
     kept, masked = seen["random_split"][0]
     assert kept.shape == (3, 4) and masked.shape == (3, 12)  # 75% of the 16 patches
+    c = int(class_token)  # the official code's class token goes through the encoder and the decoder, then is dropped
+    assert seen["forward_features"][0].shape == (3, c + 4, 32) and decoded[0].shape == (3, c + 16, 128)
     assert all(sorted(k + m) == list(range(16)) for k, m in zip(kept.tolist(), masked.tolist()))
     x = independent_patches((images.double() / 255 - 0.5) / 0.25, 4)  # (B, 16, 16)
     target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -98,7 +101,7 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     torch.manual_seed(0)
     model = baselines.DropPos(method_config("droppos", sigma=0.0))
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    visible, kept, dropped = model.sample(images)
+    visible, kept, dropped = model.sample(part.patchify(model.normalize(images), 4))
     assert (
         visible.shape == (3, 4, 1, 4, 4) and (dropped.sum(dim=1) == 3).all()
     )  # 25% of 16 visible, 75% of those dropped
@@ -116,6 +119,33 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     one = dropped & (torch.arange(4) == dropped.float().argmax(dim=1, keepdim=True))  # one dropped token per item
     loss_wrong, _ = model.loss(torch.where(one[..., None], logits, right), kept, dropped)
     assert loss_wrong.item() > 1
+
+
+def test_droppos_attentive_weights_are_its_class_token_similarity_over_the_dropped_visible_tokens(monkeypatch):
+    """--attentive, DropPos' attn_guide (models_DropPos_mae.py get_feature_similarity, forward_encoder and
+    forward_drop_pos_loss), written out here from its code."""
+    torch.manual_seed(0)
+    model = baselines.DropPos(method_config("droppos", class_token=True, attentive=True))
+    with torch.no_grad():
+        model.encoder.cls_token.normal_()  # a class token far from its init, so that similarities spread
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    patches = part.patchify(model.normalize(images), 4)  # (3, 16, 1, 4, 4)
+    encoder = model.encoder
+    with torch.no_grad():  # every patch with its sin-cos, the class token first at position slot zero
+        x = torch.cat([encoder.cls_token.expand(3, -1, -1), encoder.patch_embed(patches) + model.fixed_pos_embed], 1)
+        for block in encoder.blocks:
+            x = block(x)
+        x = encoder.norm(x)
+        attention = F.softmax(F.cosine_similarity(x[:, :1], x[:, 1:], dim=-1) / 0.1, dim=-1)  # (3, 16)
+    torch.testing.assert_close(model.patch_attention(patches), attention)
+    seen, loss = {}, model.loss
+    spy(monkeypatch, model, "sample", seen)
+    monkeypatch.setattr(model, "loss", lambda *args: seen.setdefault("loss", args) and loss(*args))
+    model(images)
+    _, kept, dropped = seen["sample"][0]  # (3, 4) visible grid indices, (3, 4) bool: position dropped
+    expected = torch.stack([dropped[b] * attention[b, kept[b]] / attention[b, kept[b]].sum() for b in range(3)])
+    torch.testing.assert_close(seen["loss"][2], expected)
+    assert expected[dropped].std() > 0  # not the plain mean over the dropped tokens
 
 
 def test_droppos_position_smoothing_and_its_one_hot_limit():
@@ -292,11 +322,13 @@ def test_each_method_lowers_its_loss_in_a_few_steps(method):
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_each_method_runs_on_1d_signals(method):
     vit = sleep1d.eeg_vit("eeg_test", 100, 6)
-    cfg = baselines.pretext_config(
-        method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64
-    )
-    loss, metrics = baselines.pretext_model(method, cfg)(torch.randn(2, 6, 3000))
-    assert loss.ndim == 0 and math.isfinite(loss.item()) and "loss" in metrics
+    official = {"class_token": True, "attentive": True} if method == "droppos" else {"class_token": True}
+    for fields in ({}, official) if method in ("mae", "droppos") else ({},):
+        cfg = baselines.pretext_config(
+            method, vit=vit, img_size=(3000,), **sleep1d.signal_stats(vit), num_patches=40, num_pairs=64, **fields
+        )
+        loss, metrics = baselines.pretext_model(method, cfg)(torch.randn(2, 6, 3000))
+        assert loss.ndim == 0 and math.isfinite(loss.item()) and "loss" in metrics
 
 
 # ---------------------------------------------------------------- PART --pos-mask (sleep1d's second reading of 8.1)
@@ -436,6 +468,40 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
             pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0
         )  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
         torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
+
+
+@pytest.mark.parametrize("method, flags", [("mae", ["--class-token"]), ("droppos", ["--class-token", "--attentive"])])
+def test_a_class_token_pretrained_as_the_official_code_carries_into_finetune_knn_and_detect(
+    method, flags, fake_fmnist, tmp_path
+):
+    pre = tmp_path / "pre"
+    result = invoke(
+        "pretrain", "--method", method, *flags, "--data-dir", fake_fmnist, *tiny_run(method), "--epochs", 3, "--blr",
+        1e-2, "--out-dir", pre,
+    )
+    assert result.exit_code == 0, result.output
+    losses = [json.loads(line)["loss"] for line in (pre / "log.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert losses[-1] < losses[0]
+    pretrained = torch.load(pre / "checkpoint.pt", weights_only=True)["model"]
+    assert pretrained["encoder.cls_token"].shape == (1, 1, 32)
+    result = invoke(
+        "finetune", "--init", pre / "checkpoint.pt", "--data-dir", fake_fmnist, *TINY_RUN[:2], "--batch-size", 32,
+        "--epochs", 1, "--freeze-pos-embed", "--out-dir", tmp_path / "ft",
+    )  # the class token and its zero position slot come from pretraining, as in the official finetuning
+    assert result.exit_code == 0 and "pos_embed kept; new: head.weight, head.bias;" in result.output, result.output
+    ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    torch.testing.assert_close(ft["encoder.pos_embed"][:, 0], torch.zeros(1, 32))
+    torch.testing.assert_close(ft["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])
+    frozen, _, _ = train.frozen_encoder(str(pre / "checkpoint.pt"), random_init=False)
+    torch.testing.assert_close(frozen.cls_token, pretrained["encoder.cls_token"])
+    coco = write_coco(tmp_path / "coco")
+    cfg, weights, _, _ = detect.prepare(
+        str(pre / "checkpoint.pt"), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0,
+        global_blocks=(), anchor_size=16, proposals=50,
+    )
+    encoder = detect.build_detector(cfg, weights, str(pre / "checkpoint.pt"), main=False).rcnn.backbone.encoder
+    pos = part.resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the detector has no class token
+    torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 
 
 @pytest.mark.parametrize("method", baselines.METHODS)
@@ -615,6 +681,8 @@ def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
             "--pos-mask-ratio 0.0 leaves no patch of the 12 visible to lose its position",
         ),
         ("mp3", ["--mask-ratio", 0.99], "--mask-ratio 0.99 leaves no patch of the 49 to give keys and values"),
+        ("droppos", ["--attentive"], "--attentive weighs patches by their similarity to the class token: add --class"),
+        ("part", ["--class-token"], "--class-token is not a flag of --method part: it is for mae, droppos"),
     ],
 )
 def test_ratios_that_leave_nothing_to_learn_stop_before_training(fake_fmnist, tmp_path, method, flags, message):

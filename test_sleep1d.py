@@ -5,6 +5,8 @@ independently of the readers under test.
 """
 
 import json
+import os
+import threading
 
 import h5py
 import numpy as np
@@ -18,6 +20,7 @@ from sklearn.metrics import cohen_kappa_score
 from wfdb.io.convert.matlab import wfdb_to_mat
 
 import baselines
+import engine
 import part
 import sleep1d
 from data import DataError
@@ -324,6 +327,61 @@ def test_subject_splits_are_disjoint_and_cover_every_subject():
     )
     with pytest.raises(DataError, match="30 subjects have sleep stages"):
         sleep1d.split_subjects(refs, finetune=25, test=10)
+
+
+# ---------------------------------------------------------------- the cache of preprocessed nights
+
+ONE_PROCESS = engine.Dist(0, 0, 1, torch.device("cpu"))
+
+
+def test_nights_are_preprocessed_once_into_memory_mapped_files_that_give_the_same_epochs(tmp_path, monkeypatch):
+    refs, channels = sleep1d.synthetic_records(3, 6), sleep1d.SYNTHETIC_CHANNELS[:2]
+    subjects = [r.subject for r in refs]
+    epochs = sleep1d.load_epochs(refs, subjects, channels, True, "nights", tmp_path, ONE_PROCESS)
+    direct = [sleep1d.preprocess(*r.read(channels)) for r in refs]  # in memory, as before the cache
+    expected = np.concatenate([x[y >= 0] for x, y, _ in direct])
+    assert np.array_equal(np.stack([epochs[i][0].numpy() for i in range(len(epochs))]), expected)
+    assert epochs.stages.tolist() == np.concatenate([y[y >= 0] for _, y, _ in direct]).tolist()
+    assert all(isinstance(a, np.memmap) for a in epochs.epochs.arrays)
+    monkeypatch.setattr(sleep1d, "preprocess", lambda *a: pytest.fail("a cached night was preprocessed again"))
+    again = sleep1d.load_epochs(refs, subjects, channels, True, "nights", tmp_path, ONE_PROCESS)
+    assert torch.equal(again[len(again) - 1][0], epochs[len(epochs) - 1][0])
+    assert len(list(tmp_path.glob("*.npy"))) == 2 * 3 and not list(tmp_path.glob("*.tmp"))  # epochs and labels
+
+
+def test_a_nights_cache_name_changes_with_its_channels_and_files(tmp_path):
+    header = write_physionet_record(tmp_path / "training" / "tr03-0005", "tr03-0005")
+    (ref,) = sleep1d.list_records("physionet2018", tmp_path)
+    stem = sleep1d.cache_stem(ref, sleep1d.PHYSIONET_CHANNELS)
+    assert stem.startswith("tr03-0005-") and sleep1d.cache_stem(ref, sleep1d.PHYSIONET_CHANNELS) == stem
+    assert sleep1d.cache_stem(ref, sleep1d.PHYSIONET_CHANNELS[:3]) != stem
+    os.utime(header.with_name("tr03-0005-arousal.mat"), ns=(0, 0))  # the stages file replaced
+    assert sleep1d.cache_stem(ref, sleep1d.PHYSIONET_CHANNELS) != stem
+
+
+def test_the_processes_of_a_node_preprocess_a_share_each_and_wait_for_the_rest(tmp_path, monkeypatch):
+    refs, channels = sleep1d.synthetic_records(5, 4), sleep1d.SYNTHETIC_CHANNELS[:1]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    writer, written = sleep1d.write_night, []
+
+    def write_night(ref, *args):
+        written.append((threading.current_thread().name, ref.name))
+        writer(ref, *args)
+
+    monkeypatch.setattr(sleep1d, "write_night", write_night)
+    stems = {}
+
+    def rank(k):
+        stems[k] = sleep1d.cache_nights(refs, channels, tmp_path, engine.Dist(k, k, 2, None), "")
+
+    second = threading.Thread(name="rank 1", target=rank, args=(1,))
+    second.start()
+    rank(0)  # returns once all 5 nights are there, its 3 and rank 1's 2
+    second.join()
+    assert stems[0] == stems[1] and all(os.path.exists(f"{s}.npy") for s in stems[0])
+    assert sorted(written) == [("MainThread", refs[k].name) for k in (0, 2, 4)] + [
+        ("rank 1", refs[k].name) for k in (1, 3)
+    ]
 
 
 # ---------------------------------------------------------------- CLI
