@@ -158,6 +158,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
         bool,
         "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's",
     ),
+    "tensorboard": (bool, "also log.jsonl's rows as TensorBoard events in OUT_DIR/tensorboard (needs tensorboard)"),
 }
 
 

@@ -7,6 +7,7 @@
 #   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
 #   bash compare.sh all         # search, methods, then sleep: every cell of the README's methods table
 #   bash compare.sh table       # the tables of every run finished so far, the search's among them
+#   bash compare.sh readme      # every figure README.md and its docs/ pages quote, rerun with the defaults, beside them
 #   SEEDS="0" bash compare.sh methods                        # one seed (the search runs the first of SEEDS)
 #   OUT=/scratch/compare bash compare.sh all                 # another folder (default out/compare)
 #   TINY=1 bash compare.sh search                            # the tooling end to end in seconds a run (out/compare-tiny); numbers mean nothing
@@ -45,12 +46,14 @@ if [ -n "${TINY:-}" ]; then  # every run a few steps of vit_test: a check of the
   FT="--train-subset 512 --epochs 1"; PROBE="--train-subset 512 --epochs 1"; SCRATCH="--preset vit_test"
   DET="--epochs 1 --lr-drops 0.7,0.9"; BENCH="--preset vit_test --batch-size 32 --steps 2"
   SLEEP_PRE="--epochs 1"; SLEEP_FT="--epochs 1"; CURVE_STEPS=20
+  README_FT="--train-subset 512 --epochs 1"; README_DET=$DET; README_BENCH=$BENCH
 else
   OUT=${OUT:-out/compare}
   PRE="--train-subset 20000 --epochs 2"; DEFAULT_RUN=""; VAL=10000
   FT="--train-subset 5000 --epochs 10"; PROBE="--train-subset 5000 --epochs 3"; SCRATCH=""
   DET="--epochs 3 --lr-drops 2,2.75"; BENCH="--steps 20"
   SLEEP_PRE="--epochs 15"; SLEEP_FT=""; CURVE_STEPS=200
+  README_FT=""; README_DET=""; README_BENCH=""  # the commands' own defaults
 fi
 
 once() {  # run folder, command...: the command, unless the folder holds compare.done naming this same command
@@ -221,13 +224,27 @@ ablations() {
   done
 }
 
+readme() {  # each command with its defaults, seed 0, as README.md runs them; compare_table.py --readme compares
+  local D="$OUT/readme" C
+  C="$D/pretrain/checkpoint.pt"
+  once "$D/pretrain" $PY train.py pretrain $DEFAULT_RUN --out-dir "$D/pretrain"
+  once "$D/show" into "$D/show/show.txt" python train.py show --ckpt "$C" --out-dir "$D/show"
+  once "$D/bench" into "$D/bench/bench.txt" python train.py bench $README_BENCH
+  once "$D/knn" into "$D/knn/knn.txt" $PY train.py knn --ckpt "$C"
+  once "$D/finetune" $PY train.py finetune --init "$C" $README_FT --out-dir "$D/finetune"
+  once "$D/probe" $PY train.py finetune --init "$C" --linear-probe $README_FT --out-dir "$D/probe"
+  once "$D/detect" $PY detect.py --init "$C" $README_DET --out-dir "$D/detect"
+  python compare_table.py --readme "$D"
+}
+
 case "${1:-}" in
   search) search ;;
   methods) methods ;;
   sleep) sleep_study ;;
   ablations) ablations ;;
   all) search; methods; sleep_study ;;
+  readme) readme; exit ;;
   table) ;;
-  *) echo "usage: bash compare.sh search|methods|sleep|ablations|all|table" >&2; exit 2 ;;
+  *) echo "usage: bash compare.sh search|methods|sleep|ablations|all|table|readme" >&2; exit 2 ;;
 esac
 python compare_table.py "$OUT" $SEEDS

@@ -5,6 +5,7 @@ OUT/sleep_sample_efficiency.png.
 
     python compare_table.py out/compare 0 1 2                   # the tables of the runs finished so far
     python compare_table.py --best 5e-4=DIR 1.5e-3=DIR ...   # compare.sh search: the best-finetuning value
+    python compare_table.py --readme out/compare/readme        # compare.sh readme: README's numbers beside a rerun
 
 Runs that have not trained all the epochs their recipe asks for are left out of every cell (`finished`).
 
@@ -273,9 +274,76 @@ def plot_sample_efficiency(out, seeds, path):
     print(f"wrote {path}")
 
 
+# ---------------------------------------------------------------- README's numbers (compare.sh readme)
+
+
+def printed(name, pattern):
+    """The number a command printed, kept by compare.sh in the file `name` of the folder: a function of the
+    folder -> the first group of `pattern`, or None."""
+
+    def read(folder):
+        path = Path(folder) / name
+        match = re.search(pattern, path.read_text()) if path.exists() else None
+        return float(match.group(1)) if match else None
+
+    return read
+
+
+README_FIGURES = {  # each row of README.md's "Reference numbers" -> its value in a `compare.sh readme` folder
+    "default run: held-out error / zero predictor": lambda d: ratio(d / "pretrain"),
+    "default run: minutes": lambda d: minutes(d / "pretrain"),
+    "show: placement error from the reference (px)": printed("show/show.txt", r"mean placement error ([0-9.]+) px"),
+    "show: corr(P, -P^T), dx": printed("show/show.txt", r"corr\(P, -P\^T\): dx ([-0-9.]+)"),
+    "show: corr(P, -P^T), dy": printed("show/show.txt", r"corr\(P, -P\^T\): dx [-0-9.]+ dy ([-0-9.]+)"),
+    "show: least certain patch": printed("show/show.txt", r"#\d+ [0-9.]+ px, #(\d+) [0-9.]+ px"),
+    "show: spread vs pixel std, correlation": printed("show/show.txt", r"pixel std ([-+0-9.]+)"),
+    "bench: PART step (ms)": printed("bench/bench.txt", r"PART step\s+([0-9.]+) ms"),
+    "bench: PART step / bare ViT step": printed("bench/bench.txt", r"ratio ([0-9.]+)"),
+    "kNN top-1": lambda d: knn(d / "knn"),
+    "finetune top-1": lambda d: last(d / "finetune", "val_acc"),
+    "linear probe top-1": lambda d: last(d / "probe", "val_acc"),
+    "detection AP^b": lambda d: last(d / "detect", "val_AP_box"),
+    "detection AP^m": lambda d: last(d / "detect", "val_AP_mask"),
+}
+
+
+def quoted(readme):
+    """{figure: its value as README's "Reference numbers" table writes it} for the figures of README_FIGURES."""
+    cells = [line.split("|")[1:3] for line in Path(readme).read_text().splitlines() if line.startswith("| ")]
+    return {figure.strip(): value.strip() for figure, value in cells if figure.strip() in README_FIGURES}
+
+
+def as_quoted(value, quote):
+    """value written as `quote` is: as many decimals, a sign where it has one ("#12" for a patch)."""
+    if value is None:
+        return "-"
+    if quote.startswith("#"):
+        return f"#{value:.0f}"
+    decimals = len(quote.split(".")[1]) if "." in quote else 0
+    return f"{value:{'+' if quote[:1] in '+-' else ''}.{decimals}f}"
+
+
+def readme_table(folder, readme):
+    """Markdown lines: every figure README quotes, its value there and in the rerun, and whether they agree."""
+    written = quoted(readme)
+    lines = [
+        f"README's numbers ({readme}) beside the rerun in {folder}",
+        "| figure | README | rerun | |",
+        "|---|---|---|---|",
+    ]
+    for figure, read in README_FIGURES.items():
+        quote = written.get(figure, "not quoted")
+        now = as_quoted(read(Path(folder)), quote)
+        verdict = "" if now == "-" else "same" if now == quote else "differs"
+        lines.append(f"| {figure} | {quote} | {now} | {verdict} |")
+    return lines
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--best"]:
         print(best([arg.split("=", 1) for arg in sys.argv[2:]]) or "")
+    elif sys.argv[1:2] == ["--readme"]:
+        print("\n".join(readme_table(sys.argv[2], Path(__file__).with_name("README.md"))))
     else:
         out, seeds = Path(sys.argv[1]), sys.argv[2:]
         main(out, seeds)

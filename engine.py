@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,6 +178,7 @@ class Recipe:
     save_every_min: float = 0.0  # also checkpoint within an epoch every this many minutes; 0: at epoch ends only
     lr_drops: tuple = ()  # a step schedule: epochs where the lr drops x0.1, e.g. (8, 11) (Detectron's 1x); (): cosine
     resume_changed: bool = False  # resume a run whose checkpoint has another recipe, with the new values
+    tensorboard: bool = False  # also log.jsonl's rows as TensorBoard scalars in out_dir/tensorboard (RunLog)
 
 
 def lr_at(step, lr, warmup_steps, total_steps, min_lr, drop_steps=()):
@@ -490,7 +492,7 @@ def fit(
             model, wrap(model, recipe, dd), optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch,
             precision, signals, train_loader, progress,
         )
-        with open(out_dir / "log.jsonl", "a") if dd.main else nullcontext() as loop.log:
+        with RunLog(out_dir, recipe.tensorboard) if dd.main else nullcontext() as loop.log:
             for epoch in range(progress.epoch, recipe.epochs):
                 first_step = progress.epoch_step if epoch == progress.epoch else 0
                 train_loader.sampler.set_epoch(epoch)
@@ -663,8 +665,7 @@ class Loop:
                 "data_share": self.t_data / elapsed,
             }
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{row['img_per_s']:.0f}")
-            self.log.write(json.dumps(row) + "\n")
-            self.log.flush()
+            self.log.write(row)
         if logging:
             self.t_log, self.t_data, self.n_img = time.perf_counter(), 0.0, 0
         if stop or save:
@@ -742,15 +743,58 @@ class Loop:
 
 
 def report_epoch(summary, log, eta_s=None):
-    """An epoch's summary row (plus peak memory on CUDA) printed, with the time left, and appended to log.jsonl."""
+    """An epoch's summary row (plus peak memory on CUDA) printed, with the time left, and written to the RunLog."""
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(
         " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
         + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else "")
     )
-    log.write(json.dumps(summary) + "\n")
-    log.flush()
+    log.write(summary)
+
+
+class RunLog:
+    """Rank 0's record of a run's rows (steps and epoch summaries): log.jsonl, one JSON row a line; with
+    tensorboard, also each number of a row as a TensorBoard scalar at the row's step, in out_dir/tensorboard.
+    The events are rebuilt from log.jsonl at every start, so they follow it where a resume cut it back."""
+
+    def __init__(self, out_dir, tensorboard=False):
+        self.file = open(out_dir / "log.jsonl", "a")
+        self.events = None
+        if tensorboard:
+            self.events = tensorboard_writer(out_dir / "tensorboard")
+            for line in (out_dir / "log.jsonl").read_text().splitlines():
+                self.add_scalars(json.loads(line))
+
+    def add_scalars(self, row):
+        for name, value in row.items():
+            if name not in ("epoch", "step") and isinstance(value, (int, float)):
+                self.events.add_scalar(name, value, row["step"])
+
+    def write(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.events:
+            self.add_scalars(row)
+            self.events.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        if self.events:
+            self.events.close()
+
+
+def tensorboard_writer(folder):
+    """A TensorBoard writer of a fresh `folder` (events of an earlier start go: RunLog rewrites them)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: imported for --tensorboard alone
+    except ImportError:
+        fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+    shutil.rmtree(folder, ignore_errors=True)
+    return SummaryWriter(str(folder))
 
 
 def lr_schedule(recipe, batches, world):
@@ -771,7 +815,9 @@ def lr_schedule(recipe, batches, world):
 
 # ---------------------------------------------------------------- resume
 
-RESUMABLE = {"epochs", "workers", "log_every", "save_every_min", "compile", "grad_ckpt", "resume_changed"}  # may change
+RESUMABLE = {  # may change on resume
+    "epochs", "workers", "log_every", "save_every_min", "compile", "grad_ckpt", "resume_changed", "tensorboard",
+}
 # where the data came from: another location needs --resume-changed (the same data may have moved); checkpoints
 # written before it was recorded lack it
 DATA_DIR = "data_dir"

@@ -185,3 +185,40 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
     assert len(table) == len(points)
     assert {k for k, (_, mark) in table.items() if mark} == {("part", "1.5e-3", "512"), ("mae", "1.5e-3", "-")}
     assert table["part", "1.5e-3", "2048"][0] == "unfinished" and table["part", "5e-4", "128"][0] == "0.7000"
+
+
+SHOW_OUTPUT = """fashion-mnist_val0: 49 offgrid patches of 4 px, all 2401 ordered pairs predicted
+  Figure 4, off-grid reconstruction from reference #12 at (14.1, 13.2): mean placement error 7.47 px = 1.867 reference sizes over 48 targets (all on the reference: 9.52 px = 2.380); over all 2352 pairs 10.83 px = 2.708 (all on the reference: 12.73 px = 3.183)
+  Figure 5, patch uncertainty (RMS spread of a patch's 48 predicted centres): median 8.78 px, #37 8.50 px, #2 8.90 px; correlation with the patch's pixel std +0.31
+  Figure 6, negative symmetry corr(P, -P^T): dx 0.983 dy 0.982; correlation with the truth: dx 0.290 dy 0.590
+"""  # noqa: E501  as train.py show prints it
+
+
+def test_readme_table_puts_each_quoted_number_beside_the_rerun_at_the_quotes_precision(tmp_path):
+    assert set(compare_table.quoted("README.md")) == set(compare_table.README_FIGURES)  # README quotes every one
+    fake_run(tmp_path / "pretrain", val_euclid=2.2230, val_euclid_zero=3.061)  # 0.7262...
+    fake_run(tmp_path / "finetune", val_acc=0.8004)
+    fake_run(tmp_path / "detect", val_AP_box=59.42, val_AP_mask=61.0)
+    printed = {"show/show.txt": SHOW_OUTPUT, "bench/bench.txt": BENCH_OUTPUT, "knn/knn.txt": "kNN top-1 0.7581: ..."}
+    for name, text in printed.items():
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_text(text)
+    readme = tmp_path / "README.md"
+    quotes = {
+        "default run: held-out error / zero predictor": "0.726", "default run: minutes": "5.6",
+        "show: corr(P, -P^T), dx": "0.9995", "show: least certain patch": "#2",
+        "show: spread vs pixel std, correlation": "+0.31", "bench: PART step (ms)": "438",
+        "bench: PART step / bare ViT step": "4.162", "kNN top-1": "0.760", "finetune top-1": "0.800",
+        "detection AP^b": "59.4",
+    }
+    readme.write_text("| figure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in quotes.items()))
+    text = "\n".join(compare_table.readme_table(tmp_path, readme))
+    cells = {f: row_cells(text, "README's numbers", f) for f in compare_table.README_FIGURES}
+    rerun = {f: (c["rerun"], c[""]) for f, c in cells.items()}
+    assert rerun["default run: held-out error / zero predictor"] == ("0.726", "same")
+    assert rerun["default run: minutes"] == ("1.0", "differs")  # fake_run's 60 s
+    assert rerun["show: corr(P, -P^T), dx"] == ("0.9830", "differs")  # as many decimals as the quote
+    assert rerun["show: least certain patch"] == ("#2", "same") and rerun["bench: PART step (ms)"] == ("438", "same")
+    assert rerun["show: spread vs pixel std, correlation"] == ("+0.31", "same")
+    assert rerun["kNN top-1"] == ("0.758", "differs") and rerun["detection AP^b"] == ("59.4", "same")
+    assert rerun["linear probe top-1"] == ("-", "") and cells["linear probe top-1"]["README"] == "not quoted"

@@ -325,6 +325,23 @@ def test_a_crash_and_rerun_with_two_workers_ends_as_an_uninterrupted_run(fake_fm
     assert all(torch.equal(whole[k], rerun[k]) and torch.equal(whole[k], no_workers[k]) for k in whole)
 
 
+def test_tensorboard_events_hold_the_logs_numbers_and_are_cut_back_with_it_on_resume(fake_fmnist, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 2, "--tensorboard", "--out-dir", tmp_path]
+    crash_after_epoch(monkeypatch, 1)  # epoch 2's rows are written, its checkpoint is not: the rerun redoes them
+    assert invoke(*common).exit_code != 0
+    monkeypatch.undo()
+    assert invoke(*common).exit_code == 0
+    rows = log_rows(tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    tags = {k for r in rows for k, v in r.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
+    assert {"loss", "lr", "val_euclid"} <= tags and set(events.Tags()["scalars"]) == tags
+    for tag in tags:  # each logged number once, at its step: none of the first attempt's epoch 2
+        logged = [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows if tag in r]
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == logged, tag
+
+
 # ---------------------------------------------------------------- #24: two processes (gloo) that agree
 
 
