@@ -759,10 +759,9 @@ class RunLog:
     The events are rebuilt from log.jsonl at every start, so they follow it where a resume cut it back."""
 
     def __init__(self, out_dir, tensorboard=False):
+        self.events = tensorboard_writer(out_dir / "tensorboard") if tensorboard else None
         self.file = open(out_dir / "log.jsonl", "a")
-        self.events = None
-        if tensorboard:
-            self.events = tensorboard_writer(out_dir / "tensorboard")
+        if self.events:
             for line in (out_dir / "log.jsonl").read_text().splitlines():
                 self.add_scalars(json.loads(line))
 

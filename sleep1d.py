@@ -552,6 +552,22 @@ def cache_nights(refs, channels, cache_dir, dd, desc):
     return stems
 
 
+def read_night(stem, n_channels):
+    """A cached night: its epochs memory-mapped (n, C, 3000) float16, and its (2, n) stages and start samples;
+    a file that is not such a night stops with one line naming it."""
+    again = "delete it and rerun to preprocess that night again"
+    try:
+        epochs, labels = np.load(f"{stem}.npy", mmap_mode="r"), np.load(f"{stem}.labels.npy")
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{stem}.npy, a cached night, is unreadable ({engine.first_line(e)}): {again}") from None
+    if epochs.shape[1:] != (n_channels, EPOCH_S * FS) or labels.shape != (2, len(epochs)):
+        raise DataError(
+            f"{stem}.npy holds epochs {epochs.shape} and labels {labels.shape}, not a night of {n_channels} channels: "
+            f"{again}"
+        )
+    return epochs, labels
+
+
 class NightEpochs:
     """The epochs of several nights' memory-mapped arrays (n_night, C, 3000) as one sequence: item i is row
     rows[i] of night nights[i], read into a (C, 3000) float16 tensor. Every rank maps the same files, so the
@@ -581,8 +597,8 @@ def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd):
     names = sorted({r.subject for r in picked})
     arrays, columns = [], {"rows": [], "stages": [], "subjects": [], "nights": [], "starts": []}
     for night, (ref, stem) in enumerate(zip(picked, cache_nights(picked, channels, cache_dir, dd, desc))):
-        arrays.append(np.load(f"{stem}.npy", mmap_mode="r"))  # (n, C, 3000) float16
-        y, starts = np.load(f"{stem}.labels.npy")
+        epochs, (y, starts) = read_night(stem, len(channels))
+        arrays.append(epochs)
         keep = y >= 0 if scored_only else np.ones(len(y), dtype=bool)
         for name, values in zip(
             columns, (np.arange(len(y)), y, np.full(len(y), names.index(ref.subject)), np.full(len(y), night), starts)

@@ -342,6 +342,13 @@ def test_tensorboard_events_hold_the_logs_numbers_and_are_cut_back_with_it_on_re
         assert [(e.step, e.value) for e in events.Scalars(tag)] == logged, tag
 
 
+def test_tensorboard_without_its_package_stops_with_one_line_before_training(fake_fmnist, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it fails, as if not installed
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--tensorboard", "--out-dir", tmp_path)
+    assert one_line_error(result, "--tensorboard needs the tensorboard package: pip install tensorboard"), result.output
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 # ---------------------------------------------------------------- #24: two processes (gloo) that agree
 
 

@@ -347,6 +347,10 @@ def test_nights_are_preprocessed_once_into_memory_mapped_files_that_give_the_sam
     again = sleep1d.load_epochs(refs, subjects, channels, True, "nights", tmp_path, ONE_PROCESS)
     assert torch.equal(again[len(again) - 1][0], epochs[len(epochs) - 1][0])
     assert len(list(tmp_path.glob("*.npy"))) == 2 * 3 and not list(tmp_path.glob("*.tmp"))  # epochs and labels
+    night = next(p for p in sorted(tmp_path.glob("*.npy")) if not p.name.endswith(".labels.npy"))
+    night.write_bytes(b"")  # a cache damaged after it was written
+    with pytest.raises(DataError, match=f"{night}, a cached night, is unreadable .*: delete it and rerun"):
+        sleep1d.load_epochs(refs, subjects, channels, True, "nights", tmp_path, ONE_PROCESS)
 
 
 def test_a_nights_cache_name_changes_with_its_channels_and_files(tmp_path):
