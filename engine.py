@@ -236,9 +236,11 @@ def param_groups(model, weight_decay, layer_decay):
 
 def write_atomic(path, write):
     """write(temporary path), then rename it to path: a crash never leaves a half-written file. A write that
-    fails (a full disk) removes the temporary and stops with one line; the file at path stays as it was."""
+    fails (a full disk) removes the temporary and stops with one line; the file at path stays as it was. The
+    temporary is this process's alone: processes that write the same file at once (nodes sharing a cache) never
+    write into one temporary."""
     path = Path(path)
-    tmp = Path(str(path) + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -530,9 +530,12 @@ def write_night(ref, channels, stem):
     stem.npy exists is whole."""
     epochs, stages, starts = preprocess(*ref.read(channels))
     for path, array in ((f"{stem}.labels.npy", np.stack([stages, starts])), (f"{stem}.npy", epochs)):
-        with open(f"{path}.{os.getpid()}.tmp", "wb") as f:
-            np.save(f, array)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
+        engine.write_atomic(path, partial(save_array, array))
+
+
+def save_array(array, path):
+    with open(path, "wb") as f:  # np.save to a path would add ".npy" to a temporary's name
+        np.save(f, array)
 
 
 def cache_nights(refs, channels, cache_dir, dd, desc):
