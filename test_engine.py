@@ -631,7 +631,6 @@ def test_a_resume_on_another_number_of_processes_stops_unless_told(fake_fmnist, 
 TIMINGS = {"img_per_s", "data_share", "epoch_s", "peak_mem_gib", "skipped_files"}
 
 
-@pytest.mark.skipif(not os.environ.get("PART_FAULT_SOAK"), reason="a 1-2 min soak, run by hand: PART_FAULT_SOAK=1 pytest")
 def test_a_run_killed_at_20_random_moments_resumes_to_the_weights_and_log_of_an_uninterrupted_one(long_epochs, tmp_path):
     """Finetuning (a best checkpoint in play) killed with SIGKILL 20 times at random moments, writes included
     (--save-every-min saves about every step), each time rerun: it ends as the run that was never killed."""
