@@ -19,7 +19,8 @@
 # The search (issue 22, the paper's 8.1: "the best result for each experiment"): one seed; pretraining and finetuning
 # on the training images less 10k held out (--val-from-train, the same 10k for every run), selected by finetune top-1
 # on those 10k, never on the test images. First blr in {default/3, default, 3 x default} per method, PART at today's
-# pairs; then PART's pairs in {128, 256, 512, 1024, 2048} at its chosen blr. OUT/search/chosen.txt keeps the choice;
+# pairs; where an end of that grid wins, the next blr past it (x3 or /3), up to twice, so that every method's choice
+# has a worse point on each side (the same rule for every method); then PART's pairs in {128, 256, 512, 1024, 2048} at its chosen blr. OUT/search/chosen.txt keeps the choice;
 # methods and ablations read it (today's defaults, with a note, where it is missing), so run the search first: a
 # methods run started at other values stops (the engine refuses to resume another recipe); delete it to rerun it.
 # Sleep keeps sleep1d.py's recipe: its 1D runs are not searched.
@@ -91,12 +92,16 @@ search_point() {  # method, blr, pairs: pretraining and its finetuning, both wit
 }
 
 search() {
-  local D="$OUT/search" M B K chosen=() candidates m key value
-  for M in $METHODS; do  # 1. blr, PART at today's pairs
-    candidates=()
-    for B in $BLRS; do
-      search_point "$M" "$B" "$PAIRS_DEFAULT"
-      candidates+=("$B=$D/ft_$(point "$M" "$B" "$PAIRS_DEFAULT")")
+  local D="$OUT/search" M B K N grid chosen=() candidates m key value
+  for M in $METHODS; do  # 1. blr, PART at today's pairs; an end of the grid that wins is passed by x3, twice at most
+    candidates=(); grid=$BLRS
+    for N in 0 1 2; do  # the grid, then at most two points past the end that wins
+      for B in $grid; do
+        search_point "$M" "$B" "$PAIRS_DEFAULT"
+        candidates+=("$B=$D/ft_$(point "$M" "$B" "$PAIRS_DEFAULT")")
+      done
+      grid=$(python compare_table.py --beyond "${candidates[@]}")
+      [ -n "$grid" ] || break
     done
     B=$(python compare_table.py --best "${candidates[@]}")
     if [ -n "$B" ]; then chosen+=("$M blr $B"); else echo "note: no $M point finished; $M keeps the default blr" >&2; fi

@@ -5,6 +5,7 @@ OUT/sleep_sample_efficiency.png.
 
     python compare_table.py out/compare 0 1 2                   # the tables of the runs finished so far
     python compare_table.py --best 5e-4=DIR 1.5e-3=DIR ...   # compare.sh search: the best-finetuning value
+    python compare_table.py --beyond 5e-4=DIR 1.5e-3=DIR ... # the next blr to try when an end of the grid wins
     python compare_table.py --readme out/compare/readme        # compare.sh readme: README's numbers beside a rerun
 
 Runs that have not trained all the epochs their recipe asks for are left out of every cell (`finished`).
@@ -124,6 +125,18 @@ def best(candidates):
         (acc, value) for acc, value in scored if acc is not None and math.isfinite(acc)
     ]  # NaN would win or lose by position
     return max(scored, key=lambda s: s[0])[1] if scored else None
+
+
+def beyond(candidates, factor=3):
+    """candidates: [(value, finetuning folder)] -> when the best value is the grid's largest (smallest), the value
+    `factor` times above (below) it, to be tried next so that the choice is bracketed; None when an inner value
+    wins or none finished. Written as compare.sh names its points (1.35e-2)."""
+    winner = best(candidates)
+    values = sorted(float(value) for value, _ in candidates)
+    if winner is None or values[0] < float(winner) < values[-1]:
+        return None
+    mantissa, exponent = f"{float(winner) * (factor if float(winner) == values[-1] else 1 / factor):.3e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def chosen(search):
@@ -342,6 +355,8 @@ def readme_table(folder, readme):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--best"]:
         print(best([arg.split("=", 1) for arg in sys.argv[2:]]) or "")
+    elif sys.argv[1:2] == ["--beyond"]:
+        print(beyond([arg.split("=", 1) for arg in sys.argv[2:]]) or "")
     elif sys.argv[1:2] == ["--readme"]:
         print("\n".join(readme_table(sys.argv[2], Path(__file__).with_name("README.md"))))
     else:

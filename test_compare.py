@@ -174,6 +174,11 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
         pick("ft_mae_blr4.5e-3", "ft_mae_blr1.5e-3", "ft_mae_blr5e-4") == "blr1.5e-3"
     )  # NaN out; an exact tie: the first
     assert pick("ft_part_blr1.5e-3_pairs2048") is None
+    blr = lambda name: compare_table.POINT.match(name)["blr"]  # noqa: E731
+    beyond = lambda *names: compare_table.beyond([(blr(n), search / n) for n in names])  # noqa: E731
+    assert beyond("ft_part_blr5e-4_pairs128", "ft_part_blr1.5e-3_pairs128", "ft_part_blr4.5e-3_pairs128") is None
+    assert beyond("ft_part_blr5e-4_pairs128", "ft_part_blr4.5e-3_pairs128") == "1.35e-2"  # the top wins: x3
+    assert beyond("ft_part_blr1.5e-3_pairs128", "ft_part_blr4.5e-3_pairs128") == "5e-4"  # the bottom: /3
     (search / "chosen.txt").write_text("part blr 1.5e-3\npart pairs 512\nmae blr 1.5e-3\n")
     print("\n".join(compare_table.search_table(search)))
     rows = [
