@@ -834,7 +834,9 @@ def flat(config, prefix=""):
 
 def check_same_run(path, old_config, config):
     """Stops when the checkpoint at path is of another model or data, or of another recipe or data location
-    unless --resume-changed."""
+    unless --resume-changed. A setting the checkpoint does not record was added to the code after it was
+    written: the run trained without it, which is the setting left off (False, None or 0), so only its being on
+    is a change; a run started before an upgrade resumes after it."""
     old, new = flat(old_config), flat(config)
     changed = [
         k
@@ -843,6 +845,7 @@ def check_same_run(path, old_config, config):
         and k.removeprefix("recipe.") not in RESUMABLE
         and not k.startswith("record.")  # what ran it (command, commit, versions): a rerun may differ
         and not (k == DATA_DIR and k not in old)
+        and not (k not in old and new[k] in (None, False))  # False == 0 == 0.0
     ]
     described = [f"{k.removeprefix('recipe.')}: {old.get(k)} -> {new.get(k)}" for k in changed]
     run_changed = [d for k, d in zip(changed, described) if not k.startswith("recipe.") and k != DATA_DIR]

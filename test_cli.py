@@ -15,6 +15,7 @@ from PIL import Image
 import cli
 import data
 import detect
+import engine
 import part
 import sleep1d
 import train
@@ -258,6 +259,15 @@ def test_resume_refuses_a_changed_recipe_unless_asked(fake_fmnist, tmp_path, fla
     ] == 1
     if flag != "--train-subset":  # a recipe change may be forced; other data may not
         assert invoke(*common, "--epochs", 2, flag, value, "--resume-changed").exit_code == 0
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_with_it_off():
+    old = {"model": {"vit": {"dim": 8}, "mask_ratio": 0.75}, "recipe": {"epochs": 2}}  # before class_token existed
+    engine.check_same_run("ckpt", old, {**old, "model": {**old["model"], "class_token": False, "decay": 0.0}})
+    with pytest.raises(engine.RunError, match=r"ckpt holds a run of another model or data \(model.class_token: None"):
+        engine.check_same_run("ckpt", old, {**old, "model": {**old["model"], "class_token": True}})
+    with pytest.raises(engine.RunError, match=r"another model or data \(model.mask_ratio: 0.75 -> None"):
+        engine.check_same_run("ckpt", old, {**old, "model": {"vit": {"dim": 8}}})  # a setting the code dropped
 
 
 def test_resume_after_a_crash_logs_each_step_once_and_a_finished_run_says_so(fake_fmnist, tmp_path, monkeypatch):
