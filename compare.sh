@@ -84,7 +84,7 @@ search_point() {  # method, blr, pairs: pretraining and its finetuning, both wit
   local pairs=(); [ "$1" = part ] && pairs=(--pairs "$3")
   if ! once "$D/pre_$name" $PY train.py pretrain --method "$1" --blr "$2" "${pairs[@]}" $PRE --val-from-train $VAL --seed "$S" \
       --out-dir "$D/pre_$name"; then
-    echo "note: $D/pre_$name failed (a blr that diverges stops with a message above); left out of the choice" >&2
+    echo "note: $D/pre_$name failed (the message above says why: a blr that diverges, a resume refused); left out of the choice" >&2
     return
   fi
   once "$D/ft_$name" finetune "$D/ft_$name" "$D/pre_$name/checkpoint.pt" $FT --val-from-train $VAL --seed "$S" ||
