@@ -8,7 +8,7 @@
 #   bash compare.sh all         # search, methods, then sleep: every cell of the README's methods table
 #   bash compare.sh table       # the tables of every run finished so far, the search's among them
 #   bash compare.sh readme      # every figure README.md and its docs/ pages quote, rerun with the defaults, beside them
-#   SEEDS="0" bash compare.sh methods                        # one seed (the search runs the first of SEEDS)
+#   SEEDS="0" bash compare.sh methods                        # one seed (the search's blr runs the first of SEEDS)
 #   OUT=/scratch/compare bash compare.sh all                 # another folder (default out/compare)
 #   TINY=1 bash compare.sh search                            # the tooling end to end in seconds a run (out/compare-tiny); numbers mean nothing
 #   METHODS="part mp3" bash compare.sh search                # some of the methods
@@ -16,12 +16,13 @@
 # Skipping and resuming: a run whose folder holds compare.done naming this same command is skipped at once; any
 # other is started, and the engine resumes it from its own checkpoint (one already finished exits at once), so an
 # interrupted study resumes where it stopped. To redo a run, delete its folder and those of the runs that start from it.
-# The search (issue 22, the paper's 8.1: "the best result for each experiment"): one seed; pretraining and finetuning
-# on the training images less 10k held out (--val-from-train, the same 10k for every run), selected by finetune top-1
-# on those 10k, never on the test images. First blr in {default/3, default, 3 x default} per method, PART at today's
-# pairs; where an end of that grid wins, the next blr past it (x3 or /3), up to twice, so that every method's choice
-# has a worse point on each side (the same rule for every method); then PART's pairs in {128, 256, 512, 1024, 2048} at its chosen blr. OUT/search/chosen.txt keeps the choice;
-# methods and ablations read it (today's defaults, with a note, where it is missing), so run the search first: a
+# The search (issue 22, the paper's 8.1: "the best result for each experiment"): pretraining and finetuning on the
+# training images less 10k held out (--val-from-train, the same 10k for every run), selected by finetune top-1 on
+# those 10k, never on the test images. First blr in {default/3, default, 3 x default} per method, one seed, PART at
+# today's pairs; where an end of that grid wins, the next blr past it (x3 or /3), up to twice, so that every method's
+# choice has a worse point on each side (the same rule for every method); then PART's pairs in {128, 256, 512, 1024,
+# 2048} at its chosen blr over every seed (Figure 8's sweep), chosen by the mean. OUT/search/chosen.txt keeps the
+# choice; methods and ablations read it (today's defaults, with a note, where it is missing), so run the search first: a
 # methods run started at other values stops (the engine refuses to resume another recipe); delete it to rerun it.
 # Sleep keeps sleep1d.py's recipe: its 1D runs are not searched.
 # Budgets, chosen so that `methods` and `sleep` together took about 2 hours on 2 CPU cores before MP3 (README):
@@ -75,12 +76,15 @@ finetune() {  # out dir, init ("scratch" or a checkpoint), flags
 
 # ---------------------------------------------------------------- search
 
-point() {  # method, blr, pairs: the name of a search point's folders (pairs in PART's alone), parsed by compare_table.POINT
-  if [ "$1" = part ]; then echo "part_blr$2_pairs$3"; else echo "$1_blr$2"; fi
+point() {  # method, blr, pairs[, seed]: the name of a search point's folders (pairs in PART's alone; a seed other
+  # than the first named), parsed by compare_table.POINT
+  local seed=""; [ "${4:-${SEEDS%% *}}" = "${SEEDS%% *}" ] || seed="_seed$4"
+  if [ "$1" = part ]; then echo "part_blr$2_pairs$3$seed"; else echo "$1_blr$2$seed"; fi
 }
 
-search_point() {  # method, blr, pairs: pretraining and its finetuning, both without the VAL held-out training images
-  local D="$OUT/search" S=${SEEDS%% *} name; name=$(point "$@")
+search_point() {  # method, blr, pairs[, seed]: pretraining and its finetuning, both without the VAL held-out training
+  # images; the first of SEEDS unless given
+  local D="$OUT/search" S=${4:-${SEEDS%% *}} name; name=$(point "$@")
   local pairs=(); [ "$1" = part ] && pairs=(--pairs "$3")
   if ! once "$D/pre_$name" $PY train.py pretrain --method "$1" --blr "$2" "${pairs[@]}" $PRE --val-from-train $VAL --seed "$S" \
       --out-dir "$D/pre_$name"; then
@@ -92,7 +96,7 @@ search_point() {  # method, blr, pairs: pretraining and its finetuning, both wit
 }
 
 search() {
-  local D="$OUT/search" M B K N grid chosen=() candidates m key value
+  local D="$OUT/search" M B K N S grid chosen=() candidates m key value
   for M in $METHODS; do  # 1. blr, PART at today's pairs; an end of the grid that wins is passed by x3, twice at most
     candidates=(); grid=$BLRS
     for N in 0 1 2; do  # the grid, then at most two points past the end that wins
@@ -106,13 +110,15 @@ search() {
     B=$(python compare_table.py --best "${candidates[@]}")
     if [ -n "$B" ]; then chosen+=("$M blr $B"); else echo "note: no $M point finished; $M keeps the default blr" >&2; fi
   done
-  if [[ " $METHODS " == *" part "* ]]; then  # 2. PART's pairs at its chosen blr
+  if [[ " $METHODS " == *" part "* ]]; then  # 2. PART's pairs at its chosen blr, every seed (Figure 8's sweep)
     B=$(printf '%s\n' "${chosen[@]}" | awk '$1 == "part" && $2 == "blr" {print $3}')
     B=${B:-$BLR_DEFAULT}
     candidates=()
+    for S in $SEEDS; do
+      for K in $PAIRS; do search_point part "$B" "$K" "$S"; done
+    done
     for K in $PAIRS; do
-      search_point part "$B" "$K"
-      candidates+=("$K=$D/ft_$(point part "$B" "$K")")
+      candidates+=("$K=$(for S in $SEEDS; do printf '%s,' "$D/ft_$(point part "$B" "$K" "$S")"; done)")
     done
     K=$(python compare_table.py --best "${candidates[@]}")
     if [ -n "$K" ]; then chosen+=("part pairs $K"); else echo "note: no PART pairs point finished; PART keeps the default pairs" >&2; fi

@@ -5,6 +5,7 @@ OUT/sleep_sample_efficiency.png.
 
     python compare_table.py out/compare 0 1 2                   # the tables of the runs finished so far
     python compare_table.py --best 5e-4=DIR 1.5e-3=DIR ...   # compare.sh search: the best-finetuning value
+    python compare_table.py --best 128=DIR,DIR,DIR 512=DIR,DIR,DIR ...  # the best mean over seeds
     python compare_table.py --beyond 5e-4=DIR 1.5e-3=DIR ... # the next blr to try when an end of the grid wins
     python compare_table.py --readme out/compare/readme        # compare.sh readme: README's numbers beside a rerun
 
@@ -114,21 +115,27 @@ def table(header, names, columns, reference=None):
 # ---------------------------------------------------------------- the search (compare.sh search)
 
 
-POINT = re.compile(r"ft_(?P<method>[a-z0-9]+)_blr(?P<blr>[^_]+)(?:_pairs(?P<pairs>\d+))?$")  # compare.sh's point()
+POINT = re.compile(  # compare.sh's point()
+    r"ft_(?P<method>[a-z0-9]+)_blr(?P<blr>[^_]+)(?:_pairs(?P<pairs>\d+))?(?:_seed(?P<seed>\d+))?$"
+)
+
+
+def accuracies(folders):
+    """The last val_acc of each finished finetuning among the folders; NaN left out (it would win or lose by
+    position)."""
+    return [acc for acc in (last(path, "val_acc") for path in folders) if acc is not None and math.isfinite(acc)]
 
 
 def best(candidates):
-    """candidates: [(value, finetuning folder)] -> the value whose finished finetuning has the highest last
-    val_acc, or None when none finished; on an exact tie the first wins (compare.sh lists today's default first)."""
-    scored = [(last(path, "val_acc"), value) for value, path in candidates]
-    scored = [
-        (acc, value) for acc, value in scored if acc is not None and math.isfinite(acc)
-    ]  # NaN would win or lose by position
+    """candidates: [(value, [finetuning folders, one per seed])] -> the value whose finished finetunings have the
+    highest mean val_acc, or None when none finished; on an exact tie the first wins (compare.sh lists today's
+    default first)."""
+    scored = [(statistics.mean(accs), value) for value, folders in candidates if (accs := accuracies(folders))]
     return max(scored, key=lambda s: s[0])[1] if scored else None
 
 
 def beyond(candidates, factor=3):
-    """candidates: [(value, finetuning folder)] -> when the best value is the grid's largest (smallest), the value
+    """candidates: [(value, [finetuning folders])] -> when the best value is the grid's largest (smallest), the value
     `factor` times above (below) it, to be tried next so that the choice is bracketed; None when an inner value
     wins or none finished. Written as compare.sh names its points (1.35e-2)."""
     winner = best(candidates)
@@ -137,6 +144,11 @@ def beyond(candidates, factor=3):
         return None
     mantissa, exponent = f"{float(winner) * (factor if float(winner) == values[-1] else 1 / factor):.3e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def candidates(args):
+    """compare.sh's VALUE=FOLDER[,FOLDER...] arguments -> [(value, [folders])]."""
+    return [(value, [f for f in folders.split(",") if f]) for value, folders in (arg.split("=", 1) for arg in args)]
 
 
 def chosen(search):
@@ -157,27 +169,25 @@ def is_chosen(picks, method, blr, pairs):
 
 def search_table(search):
     """Markdown lines: every point of the search (finetuning folders named by compare.sh's point()) with its
-    finetune top-1 on the held-out training images; the point the methods runs use is marked."""
-    points = sorted(
-        (m["method"], int(m["pairs"] or 0), float(m["blr"]), m["blr"], path)
-        for path in Path(search).glob("ft_*")
-        if (m := POINT.match(path.name))
-    )
+    finetune top-1 on the held-out training images, mean ± sample std where more seeds ran (PART's pairs); the
+    point the methods runs use is marked."""
+    points = {}  # (method, pairs, blr, blr as written) -> the point's folders, one per seed
+    for path in Path(search).glob("ft_*"):
+        if m := POINT.match(path.name):
+            points.setdefault((m["method"], int(m["pairs"] or 0), float(m["blr"]), m["blr"]), []).append(path)
     if not points:
         return []
     picks = chosen(search)
     lines = [
-        "\nSearch (compare.sh search): one seed, finetune top-1 on the training images held out by --val-from-train; "
-        "blr per method (PART at today's pairs), then PART's pairs at its chosen blr",
+        "\nSearch (compare.sh search): finetune top-1 on the training images held out by --val-from-train; "
+        "blr per method (PART at today's pairs, one seed), then PART's pairs at its chosen blr (every seed)",
         "| method | blr | pairs | finetune top-1 (held-out training images) | chosen |",
         "|---|---|---|---|---|",
     ]
-    for method, pairs, blr, text, path in points:
-        acc = last(path, "val_acc")
+    for (method, pairs, blr, text), folders in sorted(points.items()):
+        accs = accuracies(folders)
         mark = "◀ chosen" if is_chosen(picks, method, blr, pairs or None) else ""
-        lines.append(
-            f"| {method} | {text} | {pairs or '-'} | {'unfinished' if acc is None else f'{acc:.4f}'} | {mark} |"
-        )
+        lines.append(f"| {method} | {text} | {pairs or '-'} | {cell(accs, 4) if accs else 'unfinished'} | {mark} |")
     if not picks:
         lines.append("no choice yet: compare.sh search writes chosen.txt when it ends")
     return lines
@@ -354,9 +364,9 @@ def readme_table(folder, readme):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--best"]:
-        print(best([arg.split("=", 1) for arg in sys.argv[2:]]) or "")
+        print(best(candidates(sys.argv[2:])) or "")
     elif sys.argv[1:2] == ["--beyond"]:
-        print(beyond([arg.split("=", 1) for arg in sys.argv[2:]]) or "")
+        print(beyond(candidates(sys.argv[2:])) or "")
     elif sys.argv[1:2] == ["--readme"]:
         print("\n".join(readme_table(sys.argv[2], Path(__file__).with_name("README.md"))))
     else:

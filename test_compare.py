@@ -161,6 +161,9 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
         "ft_part_blr1.5e-3_pairs128": 0.75,
         "ft_part_blr4.5e-3_pairs128": 0.72,
         "ft_part_blr1.5e-3_pairs512": 0.78,
+        "ft_part_blr1.5e-3_pairs512_seed1": 0.70,  # the pairs sweep's other seeds: 512's mean 0.74 < 0.77
+        "ft_part_blr1.5e-3_pairs1024": 0.76,
+        "ft_part_blr1.5e-3_pairs1024_seed1": 0.78,
         "ft_part_blr1.5e-3_pairs2048": 0.90,
         "ft_mae_blr1.5e-3": 0.74,
         "ft_mae_blr5e-4": 0.74,
@@ -168,18 +171,20 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
     }
     for name, value in points.items():
         fake_run(search / name, epochs_done=1 if name.endswith("pairs2048") else 2, val_acc=value)  # 2048 unfinished
-    pick = lambda *names: compare_table.best([(n.split("_")[-1], search / n) for n in names])  # noqa: E731
-    assert pick("ft_part_blr1.5e-3_pairs128", "ft_part_blr1.5e-3_pairs512", "ft_part_blr1.5e-3_pairs2048") == "pairs512"
-    assert (
-        pick("ft_mae_blr4.5e-3", "ft_mae_blr1.5e-3", "ft_mae_blr5e-4") == "blr1.5e-3"
-    )  # NaN out; an exact tie: the first
-    assert pick("ft_part_blr1.5e-3_pairs2048") is None
+    pick = lambda *groups: compare_table.best([(g[0], [search / n for n in g]) for g in groups])  # noqa: E731
+    assert pick(("ft_part_blr1.5e-3_pairs128",), ("ft_part_blr1.5e-3_pairs512",)) == "ft_part_blr1.5e-3_pairs512"
+    seeds = lambda k: (f"ft_part_blr1.5e-3_pairs{k}", f"ft_part_blr1.5e-3_pairs{k}_seed1")  # noqa: E731
+    assert pick(seeds(512), seeds(1024), ("ft_part_blr1.5e-3_pairs2048",)) == seeds(1024)[0]  # by the mean; 2048 out
+    mae = ("ft_mae_blr4.5e-3",), ("ft_mae_blr1.5e-3",), ("ft_mae_blr5e-4",)
+    assert pick(*mae) == "ft_mae_blr1.5e-3"  # NaN out; an exact tie: the first
+    assert pick(("ft_part_blr1.5e-3_pairs2048",)) is None
+    assert compare_table.candidates(["512=a,b,", "5e-4=c"]) == [("512", ["a", "b"]), ("5e-4", ["c"])]  # compare.sh's
     blr = lambda name: compare_table.POINT.match(name)["blr"]  # noqa: E731
-    beyond = lambda *names: compare_table.beyond([(blr(n), search / n) for n in names])  # noqa: E731
+    beyond = lambda *names: compare_table.beyond([(blr(n), [search / n]) for n in names])  # noqa: E731
     assert beyond("ft_part_blr5e-4_pairs128", "ft_part_blr1.5e-3_pairs128", "ft_part_blr4.5e-3_pairs128") is None
     assert beyond("ft_part_blr5e-4_pairs128", "ft_part_blr4.5e-3_pairs128") == "1.35e-2"  # the top wins: x3
     assert beyond("ft_part_blr1.5e-3_pairs128", "ft_part_blr4.5e-3_pairs128") == "5e-4"  # the bottom: /3
-    (search / "chosen.txt").write_text("part blr 1.5e-3\npart pairs 512\nmae blr 1.5e-3\n")
+    (search / "chosen.txt").write_text("part blr 1.5e-3\npart pairs 1024\nmae blr 1.5e-3\n")
     print("\n".join(compare_table.search_table(search)))
     rows = [
         line.strip("|").split("|")
@@ -187,9 +192,10 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
         if line.startswith("| part") or line.startswith("| mae")
     ]
     table = {(m.strip(), b.strip(), p.strip()): (acc.strip(), mark.strip()) for m, b, p, acc, mark in rows}
-    assert len(table) == len(points)
-    assert {k for k, (_, mark) in table.items() if mark} == {("part", "1.5e-3", "512"), ("mae", "1.5e-3", "-")}
-    assert table["part", "1.5e-3", "2048"][0] == "unfinished" and table["part", "5e-4", "128"][0] == "0.7000"
+    assert len(table) == len(points) - 2  # a point's seeds share its row
+    assert {k for k, (_, mark) in table.items() if mark} == {("part", "1.5e-3", "1024"), ("mae", "1.5e-3", "-")}
+    assert table["part", "1.5e-3", "2048"][0] == "unfinished" and table["part", "5e-4", "128"][0] == "0.7000 (1 seed)"
+    assert table["part", "1.5e-3", "512"][0] == f"0.7400 ± {math.sqrt(2 * 0.04**2):.4f}"  # sample std of 0.78, 0.70
 
 
 SHOW_OUTPUT = """fashion-mnist_val0: 49 offgrid patches of 4 px, all 2401 ordered pairs predicted
