@@ -21,7 +21,9 @@
 # those 10k, never on the test images. First blr in {default/3, default, 3 x default} per method, one seed, PART at
 # today's pairs; where an end of that grid wins, the next blr past it (x3 or /3), up to twice, so that every method's
 # choice has a worse point on each side (the same rule for every method); then PART's pairs in {128, 256, 512, 1024,
-# 2048} at its chosen blr over every seed (Figure 8's sweep), chosen by the mean. OUT/search/chosen.txt keeps the
+# 2048} at its chosen blr over every seed (Figure 8's sweep), chosen by the mean. Two controls beside them, never
+# chosen: scratch (no pretraining) and each method at blr 1e-9 (its encoder as initialised, with what it hands to
+# finetuning, such as MAE's and DropPos' sin-cos positions), so that the table shows what pretraining adds. OUT/search/chosen.txt keeps the
 # choice; methods and ablations read it (today's defaults, with a note, where it is missing), so run the search first: a
 # methods run started at other values stops (the engine refuses to resume another recipe); delete it to rerun it.
 # Sleep keeps sleep1d.py's recipe: its 1D runs are not searched.
@@ -40,6 +42,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"part mp3 mae droppos"}
 BLR_DEFAULT=1.5e-3                  # train.py pretrain's --blr
 BLRS="$BLR_DEFAULT 5e-4 4.5e-3"     # default first: on an exact tie it stays
+BLR_INIT=1e-9                       # a control, never chosen: the encoder as initialised (the blr barely moves it)
 PAIRS_DEFAULT=128                   # train.py pretrain's --pairs
 PAIRS="$PAIRS_DEFAULT 256 512 1024 2048"  # Figure 8's 512-4096 where they fit the 49^2 = 2401 ordered pairs of 28 px / 4
 if [ -n "${TINY:-}" ]; then  # every run a few steps of vit_test: a check of the tooling, not of the methods
@@ -97,6 +100,8 @@ search_point() {  # method, blr, pairs[, seed]: pretraining and its finetuning, 
 
 search() {
   local D="$OUT/search" M B K N S grid chosen=() candidates m key value
+  once "$D/ft_scratch" finetune "$D/ft_scratch" scratch $SCRATCH $FT --val-from-train $VAL --seed "${SEEDS%% *}" ||
+    echo "note: $D/ft_scratch (a control) failed" >&2
   for M in $METHODS; do  # 1. blr, PART at today's pairs; an end of the grid that wins is passed by x3, twice at most
     candidates=(); grid=$BLRS
     for N in 0 1 2; do  # the grid, then at most two points past the end that wins
@@ -109,6 +114,7 @@ search() {
     done
     B=$(python compare_table.py --best "${candidates[@]}")
     if [ -n "$B" ]; then chosen+=("$M blr $B"); else echo "note: no $M point finished; $M keeps the default blr" >&2; fi
+    search_point "$M" "$BLR_INIT" "$PAIRS_DEFAULT"  # what its init alone gives, beside what its pretraining adds
   done
   if [[ " $METHODS " == *" part "* ]]; then  # 2. PART's pairs at its chosen blr, every seed (Figure 8's sweep)
     B=$(printf '%s\n' "${chosen[@]}" | awk '$1 == "part" && $2 == "blr" {print $3}')

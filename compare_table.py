@@ -167,10 +167,13 @@ def is_chosen(picks, method, blr, pairs):
     )
 
 
+BLR_INIT = 1e-9  # compare.sh's control: the encoder as initialised
+
+
 def search_table(search):
     """Markdown lines: every point of the search (finetuning folders named by compare.sh's point()) with its
     finetune top-1 on the held-out training images, mean ± sample std where more seeds ran (PART's pairs); the
-    point the methods runs use is marked."""
+    point the methods runs use is marked; the controls (scratch, each method's init) first."""
     points = {}  # (method, pairs, blr, blr as written) -> the point's folders, one per seed
     for path in Path(search).glob("ft_*"):
         if m := POINT.match(path.name):
@@ -184,9 +187,12 @@ def search_table(search):
         "| method | blr | pairs | finetune top-1 (held-out training images) | chosen |",
         "|---|---|---|---|---|",
     ]
+    scratch = accuracies([Path(search) / "ft_scratch"])
+    lines += [f"| scratch (no pretraining) | - | - | {cell(scratch, 4)} | |"] if scratch else []
     for (method, pairs, blr, text), folders in sorted(points.items()):
         accs = accuracies(folders)
         mark = "◀ chosen" if is_chosen(picks, method, blr, pairs or None) else ""
+        text += " (init only)" if blr == BLR_INIT else ""
         lines.append(f"| {method} | {text} | {pairs or '-'} | {cell(accs, 4) if accs else 'unfinished'} | {mark} |")
     if not picks:
         lines.append("no choice yet: compare.sh search writes chosen.txt when it ends")

@@ -168,6 +168,8 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
         "ft_mae_blr1.5e-3": 0.74,
         "ft_mae_blr5e-4": 0.74,
         "ft_mae_blr4.5e-3": float("nan"),
+        "ft_mae_blr1e-9": 0.73,  # the control: MAE's init
+        "ft_scratch": 0.60,  # the control: no pretraining
     }
     for name, value in points.items():
         fake_run(search / name, epochs_done=1 if name.endswith("pairs2048") else 2, val_acc=value)  # 2048 unfinished
@@ -189,10 +191,12 @@ def test_search_table_marks_the_chosen_point_and_best_skips_unfinished_runs(tmp_
     rows = [
         line.strip("|").split("|")
         for line in capsys.readouterr().out.splitlines()
-        if line.startswith("| part") or line.startswith("| mae")
+        if line.startswith(("| part", "| mae", "| scratch"))
     ]
     table = {(m.strip(), b.strip(), p.strip()): (acc.strip(), mark.strip()) for m, b, p, acc, mark in rows}
     assert len(table) == len(points) - 2  # a point's seeds share its row
+    assert table["mae", "1e-9 (init only)", "-"] == ("0.7300 (1 seed)", "")  # the controls, never chosen
+    assert table["scratch (no pretraining)", "-", "-"] == ("0.6000 (1 seed)", "")
     assert {k for k, (_, mark) in table.items() if mark} == {("part", "1.5e-3", "1024"), ("mae", "1.5e-3", "-")}
     assert table["part", "1.5e-3", "2048"][0] == "unfinished" and table["part", "5e-4", "128"][0] == "0.7000 (1 seed)"
     assert table["part", "1.5e-3", "512"][0] == f"0.7400 ± {math.sqrt(2 * 0.04**2):.4f}"  # sample std of 0.78, 0.70
