@@ -16,21 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from part import (
-    PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, VisionTransformer, _init_weights, as_mask,
-    check_share, grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows,
+    PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, VisionTransformer, as_mask, check_share,
+    grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows, weight_init, xavier_init,
 )
 
 # ---------------------------------------------------------------- shared by MAE and DropPos
-
-
-def xavier_init(m):
-    """MAE's and DropPos' init (models_mae.py `_init_weights`, DropPos' the same): xavier_uniform for every
-    Linear, the fused qkv as one matrix, bias 0; LayerNorm 1, 0 and the patch embedding as part's."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        nn.init.zeros_(m.bias)
-    else:
-        _init_weights(m)
 
 
 class Decoder(nn.Module):
@@ -286,7 +276,7 @@ class MP3(nn.Module):
         self.cfg = cfg
         self.encoder = VisionTransformer(cfg.vit)  # trunc_normal(0.02), DeiT's: MP3's code is built on DeiT
         self.head = nn.Linear(cfg.vit.embed_dim, math.prod(cfg.grid))
-        self.head.apply(_init_weights)
+        self.head.apply(weight_init(cfg.vit))
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
 
     def forward(self, images, labels=None):

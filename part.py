@@ -196,6 +196,7 @@ class ViTConfig:
     fc_norm: bool = (
         False  # a new LayerNorm after avg pooling in place of the final norm on the tokens (MAE's global pool)
     )
+    xavier_init: bool = False  # --xavier-init: every Linear xavier-uniform (MAE's, DropPos' init); else DeiT's
 
 
 PRESETS = {  # widths and depths of DeiT / timm
@@ -344,7 +345,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False  # timm's name; a memory setting, not part of the model (train.fit sets it)
-        self.apply(_init_weights)
+        self.apply(weight_init(cfg))
         for p in (self.cls_token, self.pos_embed):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)  # timm's init for tokens and position embeddings
@@ -405,6 +406,21 @@ def set_grad_checkpointing(model, on=True):
     for m in model.modules():
         if isinstance(m, VisionTransformer):
             m.grad_checkpointing = on
+
+
+def weight_init(vit):
+    """The init of a model on the ViT `vit` (ViTConfig): DeiT's trunc-normal, or MAE's xavier with --xavier-init."""
+    return xavier_init if vit.xavier_init else _init_weights
+
+
+def xavier_init(m):
+    """MAE's and DropPos' init (models_mae.py `_init_weights`, DropPos' the same): xavier_uniform for every
+    Linear, the fused qkv as one matrix, bias 0; LayerNorm 1, 0 and the patch embedding as _init_weights."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    else:
+        _init_weights(m)
 
 
 def _init_weights(m):
@@ -710,7 +726,7 @@ class PART(nn.Module):
         self.scale = cfg.sampler == "offgrid-scale"  # also regress the relative sizes
         n_out = len(cfg.img_size) * (2 if self.scale else 1)
         self.relative = relative_head(cfg.head, cfg.vit.embed_dim, cfg.vit.num_heads, cfg.num_patches, n_out)
-        self.relative.apply(_init_weights)
+        self.relative.apply(weight_init(cfg.vit))
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         if cfg.pos_mask:  # the embeddings of the on-grid patches, saved for finetuning to start from
             self.register_buffer(

@@ -261,6 +261,15 @@ def test_resume_refuses_a_changed_recipe_unless_asked(fake_fmnist, tmp_path, fla
         assert invoke(*common, "--epochs", 2, flag, value, "--resume-changed").exit_code == 0
 
 
+def test_xavier_init_reaches_the_model_of_pretrain_and_of_a_scratch_finetuning(fake_fmnist, tmp_path):
+    common = ["--data-dir", fake_fmnist, "--preset", "vit_test", "--batch-size", 32, "--epochs", 1, "--xavier-init"]
+    assert invoke("pretrain", *common, "--pairs", 16, "--out-dir", tmp_path / "pre").exit_code == 0
+    assert invoke("finetune", "--init", "scratch", *common, "--out-dir", tmp_path / "ft").exit_code == 0
+    for run in ("pre", "ft"):
+        vit = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["config"]["model"]["vit"]
+        assert vit["xavier_init"] is True, run
+
+
 def test_a_checkpoint_written_before_a_setting_existed_resumes_with_it_off():
     old = {"model": {"vit": {"dim": 8}, "mask_ratio": 0.75}, "recipe": {"epochs": 2}}  # before class_token existed
     engine.check_same_run("ckpt", old, {**old, "model": {**old["model"], "class_token": False, "decay": 0.0}})

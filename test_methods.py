@@ -275,15 +275,19 @@ def test_mp3_pretrains_from_the_cli_and_its_loss_falls(fake_fmnist, tmp_path):
 # ---------------------------------------------------------------- initialisation as each method's own code
 
 
+@pytest.mark.parametrize("xavier", [False, True])
 @pytest.mark.parametrize("method", baselines.METHODS)
-def test_each_method_initialises_its_linear_layers_as_its_own_code(method):
+def test_each_method_initialises_its_linear_layers_as_its_own_code(method, xavier):
     torch.manual_seed(0)
-    model = baselines.pretext_model(method, method_config(method))
+    cfg = method_config(method)
+    cfg = dataclasses.replace(cfg, vit=dataclasses.replace(cfg.vit, xavier_init=xavier))
+    model = baselines.pretext_model(method, cfg)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) >= 9  # the encoder's 2 blocks x 4, and the pretext's own
     for m in linears:
         w = m.weight.detach()
-        if method in ("mae", "droppos"):  # xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3)
+        if xavier or method in ("mae", "droppos"):  # xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)),
+            # std a / sqrt(3); MAE's and DropPos' own, the others' with --xavier-init
             bound = math.sqrt(6 / sum(w.shape))
             assert w.abs().max() <= bound
             expected = bound / math.sqrt(3)

@@ -145,6 +145,10 @@ def data_config(flags):
     }
 
 
+XAVIER_HELP = (
+    "every Linear xavier-uniform, MAE's and DropPos' official init (theirs always), in place of DeiT's trunc-normal "
+    "0.02: the same init for every row of a comparison"
+)
 model_options = options(
     click.option(
         "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
@@ -156,6 +160,7 @@ model_options = options(
     click.option(
         "--drop-path", type=Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"
     ),
+    click.option("--xavier-init", is_flag=True, help=XAVIER_HELP),
     section="model",
 )
 
@@ -174,12 +179,14 @@ model_options = options(
 )
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
 @click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
-def pretrain(preset, patch_size, drop_path, method, out_dir, **kwargs):
+def pretrain(preset, patch_size, drop_path, xavier_init, method, out_dir, **kwargs):
     """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE,
     DropPos or MP3 on the same ViT, data and loop."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
-    vit = part.vit_config(preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path)
+    vit = part.vit_config(
+        preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path, xavier_init=xavier_init
+    )
     cfg = method_config(
         method, vit=vit, img_size=(info.img_size, info.img_size), mean=info.mean, std=info.std, **kwargs
     )
@@ -218,15 +225,15 @@ def count_classes(name, info, train_set):
 
 
 def classifier_config(
-    info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, pos_pretrained=False,
-    **protocol,
+    info, classes, base, pretrained, preset, patch_size, drop_path, pool, linear_probe, smoothing, xavier_init=False,
+    pos_pretrained=False, **protocol,
 ):
     """The ViT of --init (`base`, from encoder_from_init) unless --preset / --patch-size say otherwise; with
     `pretrained` weights they must then agree with it. pos_pretrained: the weights bring position embeddings.
     protocol: the baselines' own finetuning options, ClassifierConfig's fc_norm, pos_embed and freeze_pos_embed."""
     vit = replace(
         base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size,
-        in_chans=info.in_chans, drop_path=0.0 if linear_probe else drop_path,
+        in_chans=info.in_chans, drop_path=0.0 if linear_probe else drop_path, xavier_init=xavier_init,
     )
     size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
     if pretrained and any(getattr(vit, k) != getattr(base, k) for k in size):
@@ -259,6 +266,7 @@ def classifier_config(
     "--pool", type=click.Choice(part.POOLS), default=None,
     help="the paper: cls; default cls, but avg for a probe of weights without a trained class token (PART's)",
 )
+@click.option("--xavier-init", is_flag=True, help=XAVIER_HELP + "; the weights --init brings are kept")
 @click.option(
     "--fc-norm", is_flag=True,
     help="with --pool avg: a new LayerNorm after the mean in place of the final norm (MAE, DropPos)",
@@ -297,8 +305,8 @@ def classifier_config(
 @recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, beta2=0.999, log_every=50)
 @click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
 def finetune(
-    init, linear_probe, preset, patch_size, pool, fc_norm, no_pos_embed, freeze_pos_embed, drop_path, smoothing,
-    randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs,
+    init, linear_probe, preset, patch_size, pool, xavier_init, fc_norm, no_pos_embed, freeze_pos_embed, drop_path,
+    smoothing, randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs,
 ):
     """Finetune a PART encoder as the paper does (section 4 "Training setup": class token, new
     position embeddings, linear head; DeiT's recipe), or linear-probe it. --init scratch trains the
@@ -312,8 +320,9 @@ def finetune(
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
     cfg = classifier_config(
         info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size,
-        drop_path, pool, linear_probe, smoothing, pos_pretrained=state is not None and part.has_positions(state),
-        fc_norm=fc_norm, pos_embed=not no_pos_embed, freeze_pos_embed=freeze_pos_embed,
+        drop_path, pool, linear_probe, smoothing, xavier_init,
+        pos_pretrained=state is not None and part.has_positions(state), fc_norm=fc_norm, pos_embed=not no_pos_embed,
+        freeze_pos_embed=freeze_pos_embed,
     )
 
     def command(dd):
