@@ -23,9 +23,10 @@
 # choice has a worse point on each side (the same rule for every method); then PART's pairs in {128, 256, 512, 1024,
 # 2048} at its chosen blr over every seed (Figure 8's sweep), chosen by the mean. Two controls beside them, never
 # chosen: scratch (no pretraining) and each method at blr 1e-9 (its encoder as initialised, with what it hands to
-# finetuning, such as MAE's and DropPos' sin-cos positions), so that the table shows what pretraining adds. OUT/search/chosen.txt keeps the
-# choice; methods and ablations read it (today's defaults, with a note, where it is missing), so run the search first: a
-# methods run started at other values stops (the engine refuses to resume another recipe); delete it to rerun it.
+# finetuning, such as MAE's and DropPos' sin-cos positions), so that the table shows what pretraining adds.
+# OUT/search/chosen.txt keeps the choice; methods and ablations read it (today's defaults, with a note, where it is
+# missing), so run the search first: a methods run started at other values stops (the engine refuses to resume another
+# recipe); delete it to rerun it.
 # Sleep keeps sleep1d.py's recipe: its 1D runs are not searched.
 # Budgets, chosen so that `methods` and `sleep` together took about 2 hours on 2 CPU cores before MP3 (README):
 #   Fashion-MNIST: pretraining 20k images x 2 epochs for every method, the same vit_mini/4, batch and schedule;
@@ -39,6 +40,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
 SEEDS=${SEEDS:-"0 1 2"}
+FIRST=${SEEDS%% *}                  # the search's one seed (blr grids, controls)
 METHODS=${METHODS:-"part mp3 mae droppos"}
 BLR_DEFAULT=1.5e-3                  # train.py pretrain's --blr
 BLRS="$BLR_DEFAULT 5e-4 4.5e-3"     # default first: on an exact tie it stays
@@ -81,13 +83,13 @@ finetune() {  # out dir, init ("scratch" or a checkpoint), flags
 
 point() {  # method, blr, pairs[, seed]: the name of a search point's folders (pairs in PART's alone; a seed other
   # than the first named), parsed by compare_table.POINT
-  local seed=""; [ "${4:-${SEEDS%% *}}" = "${SEEDS%% *}" ] || seed="_seed$4"
+  local seed=""; [ "${4:-$FIRST}" = "$FIRST" ] || seed="_seed$4"
   if [ "$1" = part ]; then echo "part_blr$2_pairs$3$seed"; else echo "$1_blr$2$seed"; fi
 }
 
 search_point() {  # method, blr, pairs[, seed]: pretraining and its finetuning, both without the VAL held-out training
   # images; the first of SEEDS unless given
-  local D="$OUT/search" S=${4:-${SEEDS%% *}} name; name=$(point "$@")
+  local D="$OUT/search" S=${4:-$FIRST} name; name=$(point "$@")
   local pairs=(); [ "$1" = part ] && pairs=(--pairs "$3")
   if ! once "$D/pre_$name" $PY train.py pretrain --method "$1" --blr "$2" "${pairs[@]}" $PRE --val-from-train $VAL --seed "$S" \
       --out-dir "$D/pre_$name"; then
@@ -100,7 +102,7 @@ search_point() {  # method, blr, pairs[, seed]: pretraining and its finetuning, 
 
 search() {
   local D="$OUT/search" M B K N S grid chosen=() candidates m key value
-  once "$D/ft_scratch" finetune "$D/ft_scratch" scratch $SCRATCH $FT --val-from-train $VAL --seed "${SEEDS%% *}" ||
+  once "$D/ft_scratch" finetune "$D/ft_scratch" scratch $SCRATCH $FT --val-from-train $VAL --seed "$FIRST" ||
     echo "note: $D/ft_scratch (a control) failed" >&2
   for M in $METHODS; do  # 1. blr, PART at today's pairs; an end of the grid that wins is passed by x3, twice at most
     candidates=(); grid=$BLRS
