@@ -142,7 +142,8 @@ def beyond(candidates, factor=3):
     values = sorted(float(value) for value, _ in candidates)
     if winner is None or values[0] < float(winner) < values[-1]:
         return None
-    mantissa, exponent = f"{float(winner) * (factor if float(winner) == values[-1] else 1 / factor):.3e}".split("e")
+    step = factor if float(winner) == values[-1] else 1 / factor
+    mantissa, exponent = f"{float(winner) * step:.3e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
 
 

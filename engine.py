@@ -844,8 +844,7 @@ def check_same_run(path, old_config, config):
         if old.get(k) != new.get(k)
         and k.removeprefix("recipe.") not in RESUMABLE
         and not k.startswith("record.")  # what ran it (command, commit, versions): a rerun may differ
-        and not (k == DATA_DIR and k not in old)
-        and not (k not in old and new[k] in (None, False))  # False == 0 == 0.0
+        and not (k not in old and (k == DATA_DIR or new[k] in (None, False)))  # not recorded then; False == 0 == 0.0
     ]
     described = [f"{k.removeprefix('recipe.')}: {old.get(k)} -> {new.get(k)}" for k in changed]
     run_changed = [d for k, d in zip(changed, described) if not k.startswith("recipe.") and k != DATA_DIR]
