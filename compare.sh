@@ -4,8 +4,9 @@
 #   bash compare.sh search      # per method, pretraining blr of 3 (then PART's pairs of 5) by finetune top-1 on held-out training images
 #   bash compare.sh methods     # scratch, PART, MP3, MAE, DropPos at the search's values: finetune, linear probe, kNN, nuclei AP, step cost
 #   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MP3, MAE, DropPos: Δt error, kappa, sample efficiency
+#   bash compare.sh init        # one init for every row: scratch, PART and MP3 finetuned after --xavier-init (MAE's)
 #   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
-#   bash compare.sh all         # search, methods, then sleep: every cell of the README's methods table
+#   bash compare.sh all         # search, methods, sleep, then init: every cell of the README's methods tables
 #   bash compare.sh table       # the tables of every run finished so far, the search's among them
 #   bash compare.sh readme      # every figure README.md and its docs/ pages quote, rerun with the defaults, beside them
 #   SEEDS="0" bash compare.sh methods                        # one seed (the search's blr runs the first of SEEDS)
@@ -222,6 +223,20 @@ sleep_study() {
   done
 }
 
+one_init() {  # the finetune column with every row on one init, MAE's and DropPos' official one: scratch, PART and MP3
+  # with --xavier-init (their own is DeiT's), at the search's values (chosen with their own init)
+  local S D M
+  for S in $SEEDS; do
+    D="$OUT/seed$S"
+    once "$D/ft_scratch-xavier" finetune "$D/ft_scratch-xavier" scratch $SCRATCH --xavier-init $FT --seed "$S"
+    for M in part mp3; do
+      once "$D/pre_$M-xavier" $PY train.py pretrain --method "$M" $(pretrain_flags "$M" 2>/dev/null) --xavier-init $PRE \
+          --seed "$S" --out-dir "$D/pre_$M-xavier"
+      once "$D/ft_$M-xavier" finetune "$D/ft_$M-xavier" "$D/pre_$M-xavier/checkpoint.pt" $FT --seed "$S"
+    done
+  done
+}
+
 ablation() {  # seed, name, flags: a PART pretraining at the methods' budget and chosen values, and its finetuning
   local D="$OUT/seed$1"
   once "$D/pre_$2" $PY train.py pretrain $(pretrain_flags part 2>/dev/null) $PRE --seed "$1" "${@:3}" --out-dir "$D/pre_$2"
@@ -261,9 +276,10 @@ case "${1:-}" in
   methods) methods ;;
   sleep) sleep_study ;;
   ablations) ablations ;;
-  all) search; methods; sleep_study ;;
+  init) one_init ;;
+  all) search; methods; sleep_study; one_init ;;
   readme) readme; exit ;;
   table) ;;
-  *) echo "usage: bash compare.sh search|methods|sleep|ablations|all|table|readme" >&2; exit 2 ;;
+  *) echo "usage: bash compare.sh search|methods|sleep|init|ablations|all|table|readme" >&2; exit 2 ;;
 esac
 python compare_table.py "$OUT" $SEEDS

@@ -246,6 +246,12 @@ def main(out, seeds):
         ],
         reference="part",
     )
+    lines += table(
+        "One init for every row (compare.sh init): scratch, PART and MP3 after --xavier-init, MAE's and DropPos' own",
+        ["scratch-xavier", "part-xavier", "mp3-xavier", "mae", "droppos"],
+        [("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3)],
+        reference="part-xavier",
+    )
     name = lambda m: "part" if m == "offgrid" else m  # noqa: E731  the offgrid row is `methods`' part row
     lines += table(
         "PART ablations (compare.sh ablations; offgrid is `methods`' part row)",

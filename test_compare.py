@@ -140,6 +140,19 @@ def test_methods_table_mean_sample_std_ties_and_unfinished_runs(tmp_path, capsys
     assert cost == {"scratch": "-", "part": "1.00", "mae": "0.76", "mp3": "0.40", "droppos": "-"}
 
 
+def test_one_init_table_compares_every_row_with_part_on_xavier(tmp_path, capsys):
+    acc = {"part-xavier": [0.66, 0.68], "scratch-xavier": [0.62, 0.63], "mae": [0.70, 0.72], "mp3-xavier": [0.67]}
+    for row, values in acc.items():
+        for seed, value in enumerate(values):
+            fake_run(tmp_path / f"seed{seed}" / f"ft_{row}", val_acc=value)
+    compare_table.main(tmp_path, ["0", "1"])
+    text = capsys.readouterr().out
+    cells = {row: row_cells(text, "One init", row)["finetune top-1"] for row in [*acc, "droppos"]}
+    assert cells["part-xavier"] == "0.670 ± {:.3f}".format(mean_std(acc["part-xavier"])[1])  # the reference
+    assert cells["scratch-xavier"].endswith("(-0.045)")  # 0.625 - 0.670, beyond the larger std 0.014
+    assert cells["mae"].endswith("(+0.040)") and cells["mp3-xavier"] == "0.670 (1 seed)" and cells["droppos"] == "-"
+
+
 @pytest.mark.parametrize(
     "values, reference, expected",
     [
