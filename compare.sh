@@ -4,9 +4,10 @@
 #   bash compare.sh search      # per method, pretraining blr of 3 (then PART's pairs of 5) by finetune top-1 on held-out training images
 #   bash compare.sh methods     # scratch, PART, MP3, MAE, DropPos at the search's values: finetune, linear probe, kNN, nuclei AP, step cost
 #   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MP3, MAE, DropPos: Δt error, kappa, sample efficiency
+#   bash compare.sh scale       # Table 1: PART's scale extension (--sampler offgrid-scale) beside PART: finetune, nuclei AP
 #   bash compare.sh init        # one init for every row: scratch, PART and MP3 finetuned after --xavier-init (MAE's)
 #   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
-#   bash compare.sh all         # search, methods, sleep, then init: every cell of the README's methods tables
+#   bash compare.sh all         # search, methods, sleep, scale, then init: every cell of the README's methods tables
 #   bash compare.sh table       # the tables of every run finished so far, the search's among them
 #   bash compare.sh readme      # every figure README.md and its docs/ pages quote, rerun with the defaults, beside them
 #   SEEDS="0" bash compare.sh methods                        # one seed (the search's blr runs the first of SEEDS)
@@ -223,6 +224,19 @@ sleep_study() {
   done
 }
 
+scale_extension() {  # Table 1: PART pretrained on patches of random sizes and aspect ratios (5.1 ii), also regressing
+  # dw, dh, at PART's chosen values, beside `methods`' part row on the same finetuning and detection
+  local S D
+  for S in $SEEDS; do
+    D="$OUT/seed$S"
+    once "$D/pre_part-scale" $PY train.py pretrain $(pretrain_flags part 2>/dev/null) --sampler offgrid-scale $PRE \
+        --seed "$S" --out-dir "$D/pre_part-scale"
+    once "$D/ft_part-scale" finetune "$D/ft_part-scale" "$D/pre_part-scale/checkpoint.pt" $FT --seed "$S"
+    once "$D/det_part-scale" $PY detect.py --init "$D/pre_part-scale/checkpoint.pt" $DET --seed "$S" \
+        --out-dir "$D/det_part-scale"
+  done
+}
+
 one_init() {  # the finetune column with every row on one init, MAE's and DropPos' official one: scratch, PART and MP3
   # with --xavier-init (their own is DeiT's), at the search's values (chosen with their own init)
   local S D M
@@ -276,10 +290,11 @@ case "${1:-}" in
   methods) methods ;;
   sleep) sleep_study ;;
   ablations) ablations ;;
+  scale) scale_extension ;;
   init) one_init ;;
-  all) search; methods; sleep_study; one_init ;;
+  all) search; methods; sleep_study; scale_extension; one_init ;;
   readme) readme; exit ;;
   table) ;;
-  *) echo "usage: bash compare.sh search|methods|sleep|init|ablations|all|table|readme" >&2; exit 2 ;;
+  *) echo "usage: bash compare.sh search|methods|sleep|scale|init|ablations|all|table|readme" >&2; exit 2 ;;
 esac
 python compare_table.py "$OUT" $SEEDS

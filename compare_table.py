@@ -207,28 +207,54 @@ METHODS = ["scratch", "part", "mp3", "mae", "droppos"]
 SLEEP = ["scratch", "part", "part-posmask", "part-posmask-context2", "mp3", "mae", "droppos"]
 
 
+DETECTION = [("AP^b", "val_AP_box"), ("AP^b_50", "val_AP50_box"), ("AP^b_75", "val_AP75_box"), ("AP^m", "val_AP_mask")]
+
+
 def main(out, seeds):
     run = lambda *parts: [out / f"seed{s}" / "/".join(parts).format(s=s) for s in seeds]  # noqa: E731
     sleep = lambda name: run(f"../sleep/seed{{s}}/{name}")  # noqa: E731
-    cost = step_ratios(out / "bench" / "methods.txt")
     lines = [f"seeds {' '.join(seeds)}; mean ± sample std over seeds", *search_table(out / "search")]
-    lines += table(
+    lines += methods_tables(run, sleep, step_ratios(out / "bench" / "methods.txt"))
+    lines += sleep_table(sleep)
+    lines += ablations_table(run)
+    print("\n".join(lines))
+
+
+def methods_tables(run, sleep, cost):
+    """Markdown lines: the methods table (compare.sh methods), then the rows beside it: PART's scale extension
+    (Table 1; compare.sh scale) and every row on one init (compare.sh init)."""
+    finetune = ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3)
+    detection = [(title, lambda m, key=key: [last(p, key) for p in run(f"det_{m}")], 1) for title, key in DETECTION]
+    lines = table(
         "Methods: Fashion-MNIST and nuclei (compare.sh methods)",
         METHODS,
         [
             ("pretraining step / PART's (bench --methods)", lambda m: f"{cost[m]:.2f}" if m in cost else "-", 2),
-            ("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3),
+            finetune,
             ("linear probe top-1", lambda m: [last(p, "val_acc") for p in run(f"probe_{m}")], 3),
             ("kNN top-1", lambda m: [knn(p) for p in run(f"knn_{m}")], 3),
-            ("AP^b", lambda m: [last(p, "val_AP_box") for p in run(f"det_{m}")], 1),
-            ("AP^b_50", lambda m: [last(p, "val_AP50_box") for p in run(f"det_{m}")], 1),
-            ("AP^b_75", lambda m: [last(p, "val_AP75_box") for p in run(f"det_{m}")], 1),
-            ("AP^m", lambda m: [last(p, "val_AP_mask") for p in run(f"det_{m}")], 1),
+            *detection,
             ("sleep kappa (n=10)", lambda m: [last(p, "val_kappa") for p in sleep(f"ft_{m}_n10")], 3),
         ],
         reference="part",
     )
     lines += table(
+        "Table 1, PART and its scale extension (compare.sh scale: --sampler offgrid-scale, also dw and dh)",
+        ["part", "part-scale"],
+        [finetune, *detection],
+        reference="part",
+    )
+    return lines + table(
+        "One init for every row (compare.sh init): scratch, PART and MP3 after --xavier-init, MAE's and DropPos' own",
+        ["scratch-xavier", "part-xavier", "mp3-xavier", "mae", "droppos"],
+        [finetune],
+        reference="part-xavier",
+    )
+
+
+def sleep_table(sleep):
+    """Markdown lines: the 1D study (compare.sh sleep), its sample-efficiency columns included."""
+    return table(
         "Sleep staging, synthetic (compare.sh sleep)",
         SLEEP,
         [
@@ -246,14 +272,12 @@ def main(out, seeds):
         ],
         reference="part",
     )
-    lines += table(
-        "One init for every row (compare.sh init): scratch, PART and MP3 after --xavier-init, MAE's and DropPos' own",
-        ["scratch-xavier", "part-xavier", "mp3-xavier", "mae", "droppos"],
-        [("finetune top-1", lambda m: [last(p, "val_acc") for p in run(f"ft_{m}")], 3)],
-        reference="part-xavier",
-    )
+
+
+def ablations_table(run):
+    """Markdown lines: PART's own rows (compare.sh ablations)."""
     name = lambda m: "part" if m == "offgrid" else m  # noqa: E731  the offgrid row is `methods`' part row
-    lines += table(
+    return table(
         "PART ablations (compare.sh ablations; offgrid is `methods`' part row)",
         ["default", "offgrid", "residual", "grid", "pairwise-mlp", "mlp"],
         [
@@ -264,8 +288,6 @@ def main(out, seeds):
         ],
         reference="offgrid",
     )
-    print("\n".join(lines))
-
 
 CURVE = {
     "scratch": "scratch",

@@ -153,6 +153,16 @@ def test_one_init_table_compares_every_row_with_part_on_xavier(tmp_path, capsys)
     assert cells["mae"].endswith("(+0.040)") and cells["mp3-xavier"] == "0.670 (1 seed)" and cells["droppos"] == "-"
 
 
+def test_scale_extension_table_sets_part_scale_beside_part_on_finetuning_and_detection(tmp_path, capsys):
+    for seed, (part_ap, scale_ap) in enumerate([(40.0, 44.0), (42.0, 46.0)]):
+        fake_run(tmp_path / f"seed{seed}" / "det_part", val_AP_box=part_ap, val_AP50_box=60.0)
+        fake_run(tmp_path / f"seed{seed}" / "det_part-scale", val_AP_box=scale_ap, val_AP50_box=60.5)
+    compare_table.main(tmp_path, ["0", "1"])
+    scale = row_cells(capsys.readouterr().out, "Table 1", "part-scale")
+    assert scale["AP^b"] == "45.0 ± 1.4 (+4.0)" and scale["AP^b_50"] == "60.5 ± 0.0 (+0.5)"  # beyond both stds
+    assert scale["finetune top-1"] == "-" and scale["AP^m"] == "-"
+
+
 @pytest.mark.parametrize(
     "values, reference, expected",
     [
