@@ -158,7 +158,7 @@ pretrain_flags() {  # method: its chosen blr, and PART's chosen pairs
 
 # ---------------------------------------------------------------- the studies
 
-methods() {
+methods() {  # the paper's two columns first (finetune, detection), then the frozen encoders' (probe; kNN is quick)
   local S D M; declare -A flags
   for M in $METHODS; do flags[$M]=$(pretrain_flags "$M"); done
   for S in $SEEDS; do
@@ -180,13 +180,13 @@ methods() {
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    once "$D/probe_scratch" finetune "$D/probe_scratch" scratch $SCRATCH --linear-probe $PROBE --seed "$S"
-    for M in $METHODS; do once "$D/probe_$M" finetune "$D/probe_$M" "$D/pre_$M/checkpoint.pt" --linear-probe $PROBE --seed "$S"; done
+    once "$D/det_scratch" $PY detect.py --init scratch $SCRATCH --in-chans 1 --mean 0.286 --std 0.353 $DET --seed "$S" --out-dir "$D/det_scratch"
+    for M in $METHODS; do once "$D/det_$M" $PY detect.py --init "$D/pre_$M/checkpoint.pt" $DET --seed "$S" --out-dir "$D/det_$M"; done
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
-    once "$D/det_scratch" $PY detect.py --init scratch $SCRATCH --in-chans 1 --mean 0.286 --std 0.353 $DET --seed "$S" --out-dir "$D/det_scratch"
-    for M in $METHODS; do once "$D/det_$M" $PY detect.py --init "$D/pre_$M/checkpoint.pt" $DET --seed "$S" --out-dir "$D/det_$M"; done
+    once "$D/probe_scratch" finetune "$D/probe_scratch" scratch $SCRATCH --linear-probe $PROBE --seed "$S"
+    for M in $METHODS; do once "$D/probe_$M" finetune "$D/probe_$M" "$D/pre_$M/checkpoint.pt" --linear-probe $PROBE --seed "$S"; done
   done
 }
 
