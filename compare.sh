@@ -226,34 +226,29 @@ sleep_study() {
 
 scale_extension() {  # Table 1: PART pretrained on patches of random sizes and aspect ratios (5.1 ii), also regressing
   # dw, dh, at PART's chosen values, beside `methods`' part row on the same finetuning and detection
-  local S D
+  local S
   for S in $SEEDS; do
-    D="$OUT/seed$S"
-    once "$D/pre_part-scale" $PY train.py pretrain $(pretrain_flags part 2>/dev/null) --sampler offgrid-scale $PRE \
-        --seed "$S" --out-dir "$D/pre_part-scale"
-    once "$D/ft_part-scale" finetune "$D/ft_part-scale" "$D/pre_part-scale/checkpoint.pt" $FT --seed "$S"
-    once "$D/det_part-scale" $PY detect.py --init "$D/pre_part-scale/checkpoint.pt" $DET --seed "$S" \
-        --out-dir "$D/det_part-scale"
+    variant "$S" part-scale part --sampler offgrid-scale
+    once "$OUT/seed$S/det_part-scale" $PY detect.py --init "$OUT/seed$S/pre_part-scale/checkpoint.pt" $DET --seed "$S" \
+        --out-dir "$OUT/seed$S/det_part-scale"
   done
 }
 
 one_init() {  # the finetune column with every row on one init, MAE's and DropPos' official one: scratch, PART and MP3
   # with --xavier-init (their own is DeiT's), at the search's values (chosen with their own init)
-  local S D M
+  local S M
   for S in $SEEDS; do
-    D="$OUT/seed$S"
-    once "$D/ft_scratch-xavier" finetune "$D/ft_scratch-xavier" scratch $SCRATCH --xavier-init $FT --seed "$S"
-    for M in part mp3; do
-      once "$D/pre_$M-xavier" $PY train.py pretrain --method "$M" $(pretrain_flags "$M" 2>/dev/null) --xavier-init $PRE \
-          --seed "$S" --out-dir "$D/pre_$M-xavier"
-      once "$D/ft_$M-xavier" finetune "$D/ft_$M-xavier" "$D/pre_$M-xavier/checkpoint.pt" $FT --seed "$S"
-    done
+    once "$OUT/seed$S/ft_scratch-xavier" finetune "$OUT/seed$S/ft_scratch-xavier" scratch $SCRATCH --xavier-init $FT \
+        --seed "$S"
+    for M in part mp3; do variant "$S" "$M-xavier" "$M" --xavier-init; done
   done
 }
 
-ablation() {  # seed, name, flags: a PART pretraining at the methods' budget and chosen values, and its finetuning
+variant() {  # seed, name, method, flags: a pretraining of the method at the methods' budget and its chosen values, with
+  # the flags that make the variant, and its finetuning (PART's ablations, Table 1's extension, the one-init rows)
   local D="$OUT/seed$1"
-  once "$D/pre_$2" $PY train.py pretrain $(pretrain_flags part 2>/dev/null) $PRE --seed "$1" "${@:3}" --out-dir "$D/pre_$2"
+  once "$D/pre_$2" $PY train.py pretrain --method "$3" $(pretrain_flags "$3" 2>/dev/null) $PRE --seed "$1" "${@:4}" \
+      --out-dir "$D/pre_$2"
   once "$D/ft_$2" finetune "$D/ft_$2" "$D/pre_$2/checkpoint.pt" $FT --seed "$1"
 }
 
@@ -265,10 +260,10 @@ ablations() {
     once "$D/pre_default" $PY train.py pretrain $DEFAULT_RUN --seed "$S" --out-dir "$D/pre_default"  # the default run: 60k images, 3 epochs
     once "$D/ft_default" finetune "$D/ft_default" "$D/pre_default/checkpoint.pt" $FT --seed "$S"
     once "$D/knn_default" into "$D/knn_default/knn.txt" $PY train.py knn --ckpt "$D/pre_default/checkpoint.pt"
-    ablation "$S" residual --head cross-attention-residual  # not the paper's: a residual around the attention
-    ablation "$S" grid --sampler grid                       # Table 4: PART-grid
-    ablation "$S" pairwise-mlp --head pairwise-mlp          # Table 5: relative encoders
-    ablation "$S" mlp --head mlp
+    variant "$S" residual part --head cross-attention-residual  # not the paper's: a residual around the attention
+    variant "$S" grid part --sampler grid                       # Table 4: PART-grid
+    variant "$S" pairwise-mlp part --head pairwise-mlp          # Table 5: relative encoders
+    variant "$S" mlp part --head mlp
   done
 }
 
