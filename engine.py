@@ -487,6 +487,7 @@ def fit(
                 f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = "
                 f"{eff_batch} effective; "
                 + (f"lr {lr:.3g} (--lr)" if recipe.lr else f"base lr {recipe.blr:.3g} -> lr {lr:.3g}")
+                + (f", below --min-lr {recipe.min_lr:.3g}: the cosine rises to it" if lr < recipe.min_lr else "")
                 + f"; {steps_per_epoch} steps/epoch, "
                 f"{recipe.epochs * steps_per_epoch} steps in all; device {dd.device}"
             )

@@ -616,6 +616,13 @@ def test_run_json_records_the_command_commit_and_world_and_lr_overrides_blr(fake
     assert ckpt["config"]["record"]["lr"] == pytest.approx(3e-4) and ckpt["config"]["recipe"]["world_size"] == 1
 
 
+def test_a_peak_lr_below_the_min_lr_is_named_on_the_start_line(fake_fmnist, tmp_path):
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--lr", 1e-7, "--out-dir", tmp_path)
+    assert result.exit_code == 0 and "lr 1e-07 (--lr), below --min-lr 1e-06: the cosine rises to it" in result.output
+    result = invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path / "default")
+    assert result.exit_code == 0 and "below --min-lr" not in result.output, result.output
+
+
 def test_a_resume_on_another_number_of_processes_stops_unless_told(fake_fmnist, tmp_path):
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1]
     output = torchrun(common, tmp_path / "run").communicate(timeout=300)[0]
