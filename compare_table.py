@@ -212,7 +212,7 @@ DETECTION = [("AP^b", "val_AP_box"), ("AP^b_50", "val_AP50_box"), ("AP^b_75", "v
 
 def main(out, seeds):
     run = lambda *parts: [out / f"seed{s}" / "/".join(parts).format(s=s) for s in seeds]  # noqa: E731
-    sleep = lambda name: run(f"../sleep/seed{{s}}/{name}")  # noqa: E731
+    sleep = lambda name: [out / "sleep" / f"seed{s}" / name for s in seeds]  # noqa: E731
     lines = [f"seeds {' '.join(seeds)}; mean ± sample std over seeds", *search_table(out / "search")]
     lines += methods_tables(run, sleep, step_ratios(out / "bench" / "methods.txt"))
     lines += sleep_table(sleep)
@@ -260,9 +260,9 @@ def sleep_table(sleep):
         [
             ("pretraining min", lambda m: [minutes(p) for p in sleep(f"pre_{m}")], 1),
             ("held-out Δt error / zero predictor", lambda m: [ratio(p) for p in sleep(f"pre_{m}")], 4),
-            (
+            (  # one metric per method, so no row is set against PART's: the cell comes as a string
                 "pretext metric (DropPos, MP3: position acc)",
-                lambda m: [last(p, "val_pos_acc") or last(p, "val_loss") for p in sleep(f"pre_{m}")],
+                lambda m: cell([last(p, "val_pos_acc") or last(p, "val_loss") for p in sleep(f"pre_{m}")]),
                 3,
             ),
             *[
@@ -322,8 +322,8 @@ def plot_sample_efficiency(out, seeds, path):
             ax.errorbar(n, mean, yerr=std, marker="o", capsize=3, label=label)
     ax.set(
         xscale="log", xlabel="finetuning subjects (about 360 steps each)", ylabel="Cohen's kappa, 10 held-out subjects",
-        title=f"Sleep staging, SYNTHETIC EEG, {len(seeds)} seeds", fontsize=10,
     )
+    ax.set_title(f"Sleep staging, SYNTHETIC EEG, {len(seeds)} seeds", fontsize=10)
     ax.minorticks_off()
     ax.set_xticks([2, 5, 10, 20], ["2", "5", "10", "20"])
     ax.legend(fontsize=8)

@@ -163,6 +163,26 @@ def test_scale_extension_table_sets_part_scale_beside_part_on_finetuning_and_det
     assert scale["finetune top-1"] == "-" and scale["AP^m"] == "-"
 
 
+def test_sleep_table_sets_kappa_against_part_but_not_each_methods_own_pretext_metric_and_plots_the_curve(
+    tmp_path, capsys
+):
+    for seed, (part, scratch) in enumerate([(0.58, 0.66), (0.59, 0.68)]):
+        runs = tmp_path / "sleep" / f"seed{seed}"
+        fake_run(runs / "pre_part", val_loss=136.0 + seed, val_euclid=2.0, val_euclid_zero=2.0)
+        fake_run(runs / "pre_mp3", val_pos_acc=0.03 + seed / 100)
+        for n, shift in ((2, -0.1), (10, 0.0)):
+            fake_run(runs / f"ft_part_n{n}", val_kappa=part + shift)
+            fake_run(runs / f"ft_scratch_n{n}", val_kappa=scratch + shift)
+    compare_table.main(tmp_path, ["0", "1"])
+    text = capsys.readouterr().out
+    scratch, mp3 = row_cells(text, "Sleep", "scratch"), row_cells(text, "Sleep", "mp3")
+    assert scratch["kappa n=10"] == "0.670 ± 0.014 (+0.085)" and scratch["kappa n=2"] == "0.570 ± 0.014 (+0.085)"
+    assert mp3["pretext metric (DropPos, MP3: position acc)"] == "0.035 ± 0.007"  # no gap to PART's MSE
+    assert row_cells(text, "Sleep", "part")["held-out Δt error / zero predictor"] == "1.0000 ± 0.0000"
+    compare_table.plot_sample_efficiency(tmp_path, ["0", "1"], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize(
     "values, reference, expected",
     [
