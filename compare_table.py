@@ -210,9 +210,13 @@ SLEEP = ["scratch", "part", "part-posmask", "part-posmask-context2", "mp3", "mae
 DETECTION = [("AP^b", "val_AP_box"), ("AP^b_50", "val_AP50_box"), ("AP^b_75", "val_AP75_box"), ("AP^m", "val_AP_mask")]
 
 
+def per_seed(root, seeds):
+    """A function of a run's name -> its folder under root/seedS, one per seed (compare.sh's layout)."""
+    return lambda name: [root / f"seed{s}" / name for s in seeds]
+
+
 def main(out, seeds):
-    run = lambda *parts: [out / f"seed{s}" / "/".join(parts).format(s=s) for s in seeds]  # noqa: E731
-    sleep = lambda name: [out / "sleep" / f"seed{s}" / name for s in seeds]  # noqa: E731
+    run, sleep = per_seed(out, seeds), per_seed(out / "sleep", seeds)
     lines = [f"seeds {' '.join(seeds)}; mean ± sample std over seeds", *search_table(out / "search")]
     lines += methods_tables(run, sleep, step_ratios(out / "bench" / "methods.txt"))
     lines += sleep_table(sleep)
@@ -307,14 +311,11 @@ def plot_sample_efficiency(out, seeds, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    sleep = per_seed(out / "sleep", seeds)
     for name, label in CURVE.items():
         points = []
         for n in (2, 5, 10, 20):
-            values = [
-                v
-                for v in (last(out / "sleep" / f"seed{s}" / f"ft_{name}_n{n}", "val_kappa") for s in seeds)
-                if v is not None
-            ]
+            values = [v for v in (last(p, "val_kappa") for p in sleep(f"ft_{name}_n{n}")) if v is not None]
             if values:
                 points.append((n, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
         if points:
