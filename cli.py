@@ -125,6 +125,10 @@ class CommaList(click.ParamType):
 
 POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), Finite(min=0)
 OUT_DIR_HELP = "gets checkpoint.pt, log.jsonl (and checkpoint_best.pt); a run resumes from its own"
+XAVIER_HELP = (
+    "every Linear xavier-uniform, MAE's and DropPos' official init (theirs always), in place of DeiT's trunc-normal "
+    "0.02: the same init for every row of a comparison"
+)
 HEAD_HELP = (
     "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
 )

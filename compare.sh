@@ -5,7 +5,7 @@
 #   bash compare.sh methods     # scratch, PART, MP3, MAE, DropPos at the search's values: finetune, linear probe, kNN, nuclei AP, step cost
 #   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MP3, MAE, DropPos: Δt error, kappa, sample efficiency
 #   bash compare.sh scale       # Table 1: PART's scale extension (--sampler offgrid-scale) beside PART: finetune, nuclei AP
-#   bash compare.sh init        # one init for every row: scratch, PART and MP3 finetuned after --xavier-init (MAE's)
+#   bash compare.sh init        # one init for every row: scratch, PART and MP3 after --xavier-init (MAE's): finetune, nuclei AP
 #   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
 #   bash compare.sh all         # search, methods, sleep, scale, then init: every cell of the README's methods tables
 #   bash compare.sh table       # the tables of every run finished so far, the search's among them
@@ -64,6 +64,7 @@ else
   SLEEP_PRE="--epochs 15"; SLEEP_FT=""; CURVE_STEPS=200
   README_FT=""; README_DET=""; README_BENCH=""  # the commands' own defaults
 fi
+SCRATCH_DET="$SCRATCH --in-chans 1 --mean 0.286 --std 0.353"  # scratch detection reads the nuclei as the pretrainings do
 
 once() {  # run folder, command...: the command, unless the folder holds compare.done naming this same command
   local dir=$1; shift
@@ -179,9 +180,8 @@ methods() {  # the paper's two columns first (finetune, detection), then the fro
     for M in $METHODS; do once "$D/ft_$M" finetune "$D/ft_$M" "$D/pre_$M/checkpoint.pt" $FT --seed "$S"; done
   done
   for S in $SEEDS; do
-    D="$OUT/seed$S"
-    once "$D/det_scratch" $PY detect.py --init scratch $SCRATCH --in-chans 1 --mean 0.286 --std 0.353 $DET --seed "$S" --out-dir "$D/det_scratch"
-    for M in $METHODS; do once "$D/det_$M" $PY detect.py --init "$D/pre_$M/checkpoint.pt" $DET --seed "$S" --out-dir "$D/det_$M"; done
+    detection "$S" scratch scratch $SCRATCH_DET
+    for M in $METHODS; do detection "$S" "$M" "$M"; done
   done
   for S in $SEEDS; do
     D="$OUT/seed$S"
@@ -229,19 +229,28 @@ scale_extension() {  # Table 1: PART pretrained on patches of random sizes and a
   local S
   for S in $SEEDS; do
     variant "$S" part-scale part --sampler offgrid-scale
-    once "$OUT/seed$S/det_part-scale" $PY detect.py --init "$OUT/seed$S/pre_part-scale/checkpoint.pt" $DET --seed "$S" \
-        --out-dir "$OUT/seed$S/det_part-scale"
+    detection "$S" part-scale part-scale
   done
 }
 
-one_init() {  # the finetune column with every row on one init, MAE's and DropPos' official one: scratch, PART and MP3
-  # with --xavier-init (their own is DeiT's), at the search's values (chosen with their own init)
+one_init() {  # finetuning and detection with every row on one init, MAE's and DropPos' official one: scratch, PART
+  # and MP3 with --xavier-init (their own is DeiT's), at the search's values (chosen with their own init)
   local S M
   for S in $SEEDS; do
     once "$OUT/seed$S/ft_scratch-xavier" finetune "$OUT/seed$S/ft_scratch-xavier" scratch $SCRATCH --xavier-init $FT \
         --seed "$S"
     for M in part mp3; do variant "$S" "$M-xavier" "$M" --xavier-init; done
   done
+  for S in $SEEDS; do
+    detection "$S" scratch-xavier scratch $SCRATCH_DET --xavier-init
+    for M in part mp3; do detection "$S" "$M-xavier" "$M-xavier"; done
+  done
+}
+
+detection() {  # seed, name, init (scratch or a pretraining's name), flags: a Mask R-CNN run on the nuclei at $DET
+  local D="$OUT/seed$1" init=scratch
+  [ "$3" = scratch ] || init="$D/pre_$3/checkpoint.pt"
+  once "$D/det_$2" $PY detect.py --init "$init" "${@:4}" $DET --seed "$1" --out-dir "$D/det_$2"
 }
 
 variant() {  # seed, name, method, flags: a pretraining of the method at the methods' budget and its chosen values, with

@@ -251,7 +251,7 @@ def methods_tables(run, sleep, cost):
     return lines + table(
         "One init for every row (compare.sh init): scratch, PART and MP3 after --xavier-init, MAE's and DropPos' own",
         ["scratch-xavier", "part-xavier", "mp3-xavier", "mae", "droppos"],
-        [finetune],
+        [finetune, *detection],
         reference="part-xavier",
     )
 

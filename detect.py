@@ -575,7 +575,7 @@ def build_detector(cfg, weights, path, main=True):
 
 def prepare(
     init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, in_chans=None, mean=(),
-    std=(), drop_path=0.0, rois=512, scale_range=(0.1, 2.0), main=True,
+    std=(), xavier_init=False, drop_path=0.0, rois=512, scale_range=(0.1, 2.0), main=True,
 ):
     """The splits of `root`, the DetectConfig and the encoder weights (None for scratch) of a run.
 
@@ -601,7 +601,10 @@ def prepare(
     if img_size % vit.patch_size:
         engine.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
     grid = (img_size // vit.patch_size,) * 2
-    vit = replace(vit, pos_grid=grid, drop_path=drop_path, window=window, global_blocks=tuple(global_blocks))
+    vit = replace(
+        vit, pos_grid=grid, drop_path=drop_path, window=window, global_blocks=tuple(global_blocks),
+        xavier_init=xavier_init,
+    )
     cfg = DetectConfig(
         vit=vit, num_classes=len(train_set.cat_ids), masks=train_set.masks, img_size=img_size, rois=rois,
         anchor_size=anchor_size, proposals=proposals, mean=mean, std=std,
@@ -674,6 +677,9 @@ model_options = cli.options(
         "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)",
     ),
     click.option("--std", type=cli.Finite(), multiple=True, help="input std per channel, as --mean"),
+    click.option(
+        "--xavier-init", is_flag=True, help=cli.XAVIER_HELP + "; for the encoder: the weights --init brings are kept"
+    ),
     click.option(
         "--window", type=cli.COUNT, default=0, show_default=True,
         help="window attention in tokens, 0: global (ViTDet: 14)",

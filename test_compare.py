@@ -145,8 +145,12 @@ def test_one_init_table_compares_every_row_with_part_on_xavier(tmp_path, capsys)
     for row, values in acc.items():
         for seed, value in enumerate(values):
             fake_run(tmp_path / f"seed{seed}" / f"ft_{row}", val_acc=value)
+    for seed, (part_ap, mae_ap) in enumerate([(30.0, 10.0), (34.0, 12.0)]):
+        fake_run(tmp_path / f"seed{seed}" / "det_part-xavier", val_AP_box=part_ap)
+        fake_run(tmp_path / f"seed{seed}" / "det_mae", val_AP_box=mae_ap)
     compare_table.main(tmp_path, ["0", "1"])
     text = capsys.readouterr().out
+    assert row_cells(text, "One init", "mae")["AP^b"].endswith("(-21.0)")  # 11.0 - 32.0, beyond the larger std 2.8
     cells = {row: row_cells(text, "One init", row)["finetune top-1"] for row in [*acc, "droppos"]}
     assert cells["part-xavier"] == "0.670 ± {:.3f}".format(mean_std(acc["part-xavier"])[1])  # the reference
     assert cells["scratch-xavier"].endswith("(-0.045)")  # 0.625 - 0.670, beyond the larger std 0.014

@@ -1,6 +1,7 @@
 """Tests for detect.py on CPU with a tiny ViT and small images: `pytest -q test_detect.py`."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -229,6 +230,21 @@ def test_part_weights_reach_the_backbone(part_checkpoint, coco):
     for name, value in pretrained.encoder.state_dict().items():
         if name != "pos_embed":
             torch.testing.assert_close(encoder.state_dict()[name], value, msg=name)
+
+
+def test_xavier_init_starts_a_scratch_encoder_as_mae_and_keeps_the_weights_a_checkpoint_brings(part_checkpoint, coco):
+    common = dict(img_size=64, preset="vit_test", patch_size=4, window=0, global_blocks=(), anchor_size=16, proposals=50)
+    qkv = {}
+    for xavier in (False, True):
+        cfg, weights, _, _ = detect.prepare("scratch", str(coco), **common, xavier_init=xavier)
+        torch.manual_seed(0)
+        qkv[xavier] = detect.build_detector(cfg, weights, "scratch").rcnn.backbone.encoder.blocks[0].attn.qkv.weight
+    bound = math.sqrt(6 / sum(qkv[True].shape))  # xavier-uniform's, fan_in + fan_out of the fused qkv
+    assert 0.9 * bound < qkv[True].abs().max() <= bound and qkv[False].std() < 0.021  # DeiT's trunc-normal 0.02
+    path, pretrained = part_checkpoint
+    cfg, weights, _, _ = detect.prepare(str(path), str(coco), **common, xavier_init=True)
+    encoder = detect.build_detector(cfg, weights, str(path)).rcnn.backbone.encoder
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, pretrained.encoder.blocks[0].attn.qkv.weight)
 
 
 def test_box_only_data_trains_without_masks(tmp_path):

@@ -31,9 +31,9 @@ import bench as benchmark
 import data
 import part
 from cli import (
-    COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, Finite, OUT_DIR_HELP, POSITIVE, Cli, encoder_from_init,
-    load_pretrained, method_config, method_options, pretrain_summary, options, pretrained_encoder, read_checkpoint,
-    recipe_from, recipe_options,
+    COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, XAVIER_HELP, Cli, Finite,
+    encoder_from_init, load_pretrained, method_config, method_options, options, pretrain_summary, pretrained_encoder,
+    read_checkpoint, recipe_from, recipe_options,
 )
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
 
@@ -145,10 +145,6 @@ def data_config(flags):
     }
 
 
-XAVIER_HELP = (
-    "every Linear xavier-uniform, MAE's and DropPos' official init (theirs always), in place of DeiT's trunc-normal "
-    "0.02: the same init for every row of a comparison"
-)
 model_options = options(
     click.option(
         "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
