@@ -391,8 +391,8 @@ def _ranked(rank, world, port, results, fn, args):
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)  # two processes on a CPU runner
-    dd = engine.setup_distributed()
-    torch.save(fn(dd, *args), Path(results) / f"rank{rank}.pt")
+    result = engine.run(lambda dd: fn(dd, *args))  # as the commands do: the gloo group destroyed after a good run
+    torch.save(result, Path(results) / f"rank{rank}.pt")
 
 
 def two_ranks(fn, tmp_path, *args, timeout=120):
