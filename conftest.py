@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import struct
 
 import numpy as np
@@ -14,6 +15,29 @@ from pycocotools import mask as mask_utils
 import engine
 import part
 import train
+
+
+CEILING_S = 900  # the longest a test waits for another process: a hang, never a busy machine, reaches it
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def global_state():
+    """What one test could leave behind for the next: the launcher's variables, torch's CUDA probes, TF32."""
+    cuda = torch.cuda
+    return {
+        **{name: os.environ.get(name) for name in LAUNCH_VARS},
+        "cuda": (cuda.is_available, cuda.device_count, cuda.set_device),
+        "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+    }
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_state():
+    """Every test ends with the process as it found it (torn down after the test's own monkeypatch)."""
+    before = global_state()
+    yield
+    after = global_state()
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 
 def tiny_config(**overrides):
