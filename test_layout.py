@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).parent
 LIBRARY = ["part.py", "baselines.py", "engine.py", "cli.py", "bench.py", "hub.py", "data.py", "figures.py"]
 ENTRY_POINTS = ["train.py", "sleep1d.py", "detect.py"]
-SOURCES = LIBRARY + ENTRY_POINTS + ["compare_table.py"]
+SOURCES = LIBRARY + ENTRY_POINTS + ["studies/compare_table.py"]
 # what the engine may ask of a model: nn.Module's own interface, nothing a method defines
 MODULE_API = {
     "train",

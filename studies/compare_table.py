@@ -3,11 +3,11 @@ against the table's reference row (PART's) as a gap or a tie; the search's table
 chosen one marked; and, once the sleep study has run, its sample-efficiency curve as
 OUT/sleep_sample_efficiency.png.
 
-    python compare_table.py out/compare 0 1 2                   # the tables of the runs finished so far
-    python compare_table.py --best 5e-4=DIR 1.5e-3=DIR ...   # compare.sh search: the best-finetuning value
-    python compare_table.py --best 128=DIR,DIR,DIR 512=DIR,DIR,DIR ...  # the best mean over seeds
-    python compare_table.py --beyond 5e-4=DIR 1.5e-3=DIR ... # the next blr to try when an end of the grid wins
-    python compare_table.py --readme out/compare/readme        # compare.sh readme: README's numbers beside a rerun
+    python studies/compare_table.py out/compare 0 1 2  # the tables of the runs finished so far
+    python studies/compare_table.py --best 5e-4=DIR 1.5e-3=DIR ...  # compare.sh search: the best-finetuning value
+    python studies/compare_table.py --best 128=DIR,DIR,DIR 512=DIR,DIR,DIR ...  # the best mean over seeds
+    python studies/compare_table.py --beyond 5e-4=DIR 1.5e-3=DIR ...  # the next blr to try when an end of the grid wins
+    python studies/compare_table.py --readme out/compare/readme  # compare.sh readme: README's numbers beside a rerun
 
 Runs that have not trained all the epochs their recipe asks for are left out of every cell (`finished`).
 

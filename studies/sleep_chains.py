@@ -5,7 +5,7 @@ overlapping windows chain into groups. Without positions, only the offset of two
 can be determined from content (by matching the overlaps, hop by hop); every other pair is at best
 guessed as 0. Monte Carlo over 4000 epochs:
 
-    python docs/sleep_chains.py
+    python studies/sleep_chains.py
 """
 
 import numpy as np

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The paper's comparisons at CPU scale, each method at its searched learning rate, every cell over 3 seeds,
 # mean ± std (README, "Comparisons"; issue 22).
-#   bash compare.sh search      # per method, pretraining blr of 3 (then PART's pairs of 5) by finetune top-1 on held-out training images
-#   bash compare.sh methods     # scratch, PART, MP3, MAE, DropPos at the search's values: finetune, linear probe, kNN, nuclei AP, step cost
-#   bash compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MP3, MAE, DropPos: Δt error, kappa, sample efficiency
-#   bash compare.sh scale       # Table 1: PART's scale extension (--sampler offgrid-scale) beside PART: finetune, nuclei AP
-#   bash compare.sh init        # one init for every row: scratch, PART and MP3 after --xavier-init (MAE's): finetune, nuclei AP
-#   bash compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
-#   bash compare.sh all         # search, methods, sleep, scale, then init: every cell of the README's methods tables
-#   bash compare.sh table       # the tables of every run finished so far, the search's among them
-#   bash compare.sh readme      # every figure README.md and its docs/ pages quote, rerun with the defaults, beside them
-#   SEEDS="0" bash compare.sh methods                        # one seed (the search's blr runs the first of SEEDS)
-#   OUT=/scratch/compare bash compare.sh all                 # another folder (default out/compare)
-#   TINY=1 bash compare.sh search                            # the tooling end to end in seconds a run (out/compare-tiny); numbers mean nothing
-#   METHODS="part mp3" bash compare.sh search                # some of the methods
-#   PY="torchrun --nproc_per_node=8" bash compare.sh methods # the same on a bigger machine
+#   bash studies/compare.sh search      # per method, pretraining blr of 3 (then PART's pairs of 5) by finetune top-1 on held-out training images
+#   bash studies/compare.sh methods     # scratch, PART, MP3, MAE, DropPos at the search's values: finetune, linear probe, kNN, nuclei AP, step cost
+#   bash studies/compare.sh sleep       # 1D: scratch, PART under both readings of 8.1, MP3, MAE, DropPos: Δt error, kappa, sample efficiency
+#   bash studies/compare.sh scale       # Table 1: PART's scale extension (--sampler offgrid-scale) beside PART: finetune, nuclei AP
+#   bash studies/compare.sh init        # one init for every row: scratch, PART and MP3 after --xavier-init (MAE's): finetune, nuclei AP
+#   bash studies/compare.sh ablations   # PART's own rows: the default run, samplers and heads (Tables 4 and 5)
+#   bash studies/compare.sh all         # search, methods, sleep, scale, then init: every cell of the README's methods tables
+#   bash studies/compare.sh table       # the tables of every run finished so far, the search's among them
+#   bash studies/compare.sh readme      # every figure README.md and its docs/ pages quote, rerun with the defaults, beside them
+#   SEEDS="0" bash studies/compare.sh methods                        # one seed (the search's blr runs the first of SEEDS)
+#   OUT=/scratch/compare bash studies/compare.sh all                 # another folder (default out/compare)
+#   TINY=1 bash studies/compare.sh search                            # the tooling end to end in seconds a run (out/compare-tiny); numbers mean nothing
+#   METHODS="part mp3" bash studies/compare.sh search                # some of the methods
+#   PY="torchrun --nproc_per_node=8" bash studies/compare.sh methods # the same on a bigger machine
 # Skipping and resuming: a run whose folder holds compare.done naming this same command is skipped at once; any
 # other is started, and the engine resumes it from its own checkpoint (one already finished exits at once), so an
 # interrupted study resumes where it stopped. To redo a run, delete its folder and those of the runs that start from it.
@@ -39,7 +39,7 @@
 #   --pairs 512 for both PART readings; finetuning 20 epochs on 10 subjects (360 steps), and for the curve
 #   on 2, 5 and 20 subjects with the epochs that give about as many steps (100, 40, 10 epochs: 300, 360, 370 steps).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the commands run from the repository root
 PY=${PY:-python}
 SEEDS=${SEEDS:-"0 1 2"}
 FIRST=${SEEDS%% *}                  # the search's one seed (blr grids, controls)
@@ -114,10 +114,10 @@ search() {
         search_point "$M" "$B" "$PAIRS_DEFAULT"
         candidates+=("$B=$D/ft_$(point "$M" "$B" "$PAIRS_DEFAULT")")
       done
-      grid=$(python compare_table.py --beyond "${candidates[@]}")
+      grid=$(python studies/compare_table.py --beyond "${candidates[@]}")
       [ -n "$grid" ] || break
     done
-    B=$(python compare_table.py --best "${candidates[@]}")
+    B=$(python studies/compare_table.py --best "${candidates[@]}")
     if [ -n "$B" ]; then chosen+=("$M blr $B"); else echo "note: no $M point finished; $M keeps the default blr" >&2; fi
     search_point "$M" "$BLR_INIT" "$PAIRS_DEFAULT"  # what its init alone gives, beside what its pretraining adds
   done
@@ -131,7 +131,7 @@ search() {
     for K in $PAIRS; do
       candidates+=("$K=$(for S in $SEEDS; do printf '%s,' "$D/ft_$(point part "$B" "$K" "$S")"; done)")
     done
-    K=$(python compare_table.py --best "${candidates[@]}")
+    K=$(python studies/compare_table.py --best "${candidates[@]}")
     if [ -n "$K" ]; then chosen+=("part pairs $K"); else echo "note: no PART pairs point finished; PART keeps the default pairs" >&2; fi
   fi
   if [ -f "$D/chosen.txt" ]; then  # the choices of methods not searched this time stay
@@ -145,7 +145,7 @@ choice() {  # method, blr or pairs, default: the search's choice, or the default
   local value=""
   [ -f "$OUT/search/chosen.txt" ] && value=$(awk -v m="$1" -v k="$2" '$1 == m && $2 == k {print $3}' "$OUT/search/chosen.txt")
   if [ -z "$value" ]; then
-    echo "note: no $1 $2 in $OUT/search/chosen.txt (bash compare.sh search); $1 runs at the default $2 $3" >&2
+    echo "note: no $1 $2 in $OUT/search/chosen.txt (bash studies/compare.sh search); $1 runs at the default $2 $3" >&2
     value=$3
   fi
   echo "$value"
@@ -286,7 +286,7 @@ readme() {  # each command with its defaults, seed 0, as README.md runs them; co
   once "$D/finetune" $PY train.py finetune --init "$C" $README_FT --out-dir "$D/finetune"
   once "$D/probe" $PY train.py finetune --init "$C" --linear-probe $README_FT --out-dir "$D/probe"
   once "$D/detect" $PY detect.py --init "$C" $README_DET --out-dir "$D/detect"
-  python compare_table.py --readme "$D"
+  python studies/compare_table.py --readme "$D"
 }
 
 case "${1:-}" in
@@ -299,6 +299,6 @@ case "${1:-}" in
   all) search; methods; sleep_study; scale_extension; one_init ;;
   readme) readme; exit ;;
   table) ;;
-  *) echo "usage: bash compare.sh search|methods|sleep|scale|init|ablations|all|table|readme" >&2; exit 2 ;;
+  *) echo "usage: bash studies/compare.sh search|methods|sleep|scale|init|ablations|all|table|readme" >&2; exit 2 ;;
 esac
-python compare_table.py "$OUT" $SEEDS
+python studies/compare_table.py "$OUT" $SEEDS
