@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import socket
 import struct
 
 import numpy as np
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import data
 import engine
 import part
 import train
@@ -142,3 +144,56 @@ def write_coco(root, masks=True):
             json.dumps({"images": images, "annotations": anns, "categories": categories})
         )
     return root
+
+
+def one_line_error(result, *needles):
+    """The command stopped with exit code 1 and a single 'Error: ...' line holding every needle, no traceback."""
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    return (
+        result.exit_code == 1
+        and "Traceback" not in result.output
+        and len(lines) == 1
+        and all(str(n) in lines[0] for n in needles)
+    )
+
+
+def photo_folder(root, n, size=32, corrupt=None):
+    """n small noise JPEGs (and one truncated file named `corrupt`) below root."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"img_{i:03d}.jpg")
+    if corrupt:
+        good = (root / "img_000.jpg").read_bytes()
+        (root / corrupt).write_bytes(good[: len(good) // 3])  # a JPEG cut short
+    return root
+
+
+TINY_IMAGES = [
+    "--data",
+    "images",
+    "--img-size",
+    32,
+    "--patch-size",
+    8,
+    "--preset",
+    "vit_test",
+    "--pairs",
+    16,
+    "--log-every",
+    1,
+]
+
+
+def refused(call, *needles):
+    """call() raises data.DataError with a one-line message holding every needle."""
+    with pytest.raises(data.DataError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and all(str(n) in message for n in needles), message
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,12 +5,10 @@ import json
 from dataclasses import asdict
 
 import click
-import numpy as np
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import cli
 import data
@@ -19,46 +17,7 @@ import engine
 import part
 import sleep1d
 import train
-from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_run, write_coco
-
-
-def one_line_error(result, *needles):
-    """The command stopped with exit code 1 and a single 'Error: ...' line holding every needle, no traceback."""
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    return (
-        result.exit_code == 1
-        and "Traceback" not in result.output
-        and len(lines) == 1
-        and all(str(n) in lines[0] for n in needles)
-    )
-
-
-def photo_folder(root, n, size=32, corrupt=None):
-    """n small noise JPEGs (and one truncated file named `corrupt`) below root."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"img_{i:03d}.jpg")
-    if corrupt:
-        good = (root / "img_000.jpg").read_bytes()
-        (root / corrupt).write_bytes(good[: len(good) // 3])  # a JPEG cut short
-    return root
-
-
-TINY_IMAGES = [
-    "--data",
-    "images",
-    "--img-size",
-    32,
-    "--patch-size",
-    8,
-    "--preset",
-    "vit_test",
-    "--pairs",
-    16,
-    "--log-every",
-    1,
-]
+from conftest import TINY_IMAGES, TINY_RUN, crash_after_epoch, invoke, one_line_error, photo_folder, tiny_run, write_coco
 
 
 def test_a_corrupt_jpeg_stops_the_run_naming_it_and_can_be_skipped_and_counted(tmp_path):

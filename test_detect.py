@@ -11,7 +11,7 @@ from PIL import Image
 
 import detect
 import part
-from conftest import square_mask, write_coco
+from conftest import one_line_error, refused, square_mask, write_coco
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
@@ -374,3 +374,85 @@ def test_compile_compiles_the_vit_alone_and_keeps_the_checkpoint_names(coco, tmp
     assert result.exit_code == 0 and compiled == ["VisionTransformer"], result.output
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["config"]["recipe"]["compile"] and not any("_orig_mod" in k for k in state["model"])
+
+
+# ---------------------------------------------------------------- COCO annotations and channels (detect.py)
+
+
+def edit_annotations(root, split, edit):
+    """edit(the parsed json) of annotations/instances_{split}.json, written back -> its path."""
+    path = root / "annotations" / f"instances_{split}.json"
+    coco = json.loads(path.read_text())
+    edit(coco)
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def first_annotation(**fields):
+    """An edit that sets fields of the first annotation: in write_coco's train2017 annotation 1, a
+    16 x 16 square at (4, 4) of a 64 x 48 image outlined by a polygon; in its val2017, the same."""
+    return lambda coco: coco["annotations"][0].update(fields)
+
+
+@pytest.mark.parametrize(
+    "split, edit, needles",
+    [
+        ("train2017", first_annotation(bbox=["4", "4", "16", "16"]), ["annotation 1", "4 numbers"]),
+        ("train2017", first_annotation(bbox=[4, 4, 16]), ["annotation 1", "4 numbers"]),
+        ("val2017", first_annotation(bbox=[4, 4, -16, 16]), ["annotation 1", "negative"]),
+        ("train2017", first_annotation(bbox=[50, 4, 16, 16]), ["annotation 1", "outside", "64 x 48"]),
+        ("train2017", first_annotation(bbox=[4, -2, 16, 16]), ["annotation 1", "outside"]),
+        ("train2017", first_annotation(segmentation=[[4, 4, 20, 4]]), ["annotation 1", "at least 3 points"]),
+        ("val2017", first_annotation(segmentation=[[4, 4, 20, 4, 20, 20, 4]]), ["annotation 1", "at least 3 points"]),
+        ("train2017", first_annotation(segmentation=[[4, 4, 20, 4, "20", 20]]), ["annotation 1", "at least 3 points"]),
+        ("val2017", lambda coco: coco.update(annotations=[]), ["no annotations", "COCOeval"]),
+        ("train2017", lambda coco: coco.update(annotations=[]), ["no annotations"]),
+    ],
+    ids=[
+        "bbox of strings",
+        "bbox of 3",
+        "negative width",
+        "right of the image",
+        "above the image",
+        "polygon of 2 points",
+        "polygon of odd length",
+        "polygon with a string",
+        "val without annotations",
+        "train without annotations",
+    ],
+)
+def test_coco_annotations_outside_coco_s_format_are_refused_at_load(tmp_path, split, edit, needles):
+    root = write_coco(tmp_path / "coco")
+    path = edit_annotations(root, split, edit)
+    refused(lambda: detect.CocoDetection(root, split), path, *needles)
+
+
+def test_coco_boxes_may_reach_a_pixel_past_the_border_and_empty_ones_are_dropped(tmp_path):
+    root = write_coco(tmp_path / "coco")
+    edit_annotations(root, "train2017", first_annotation(bbox=[-0.5, 4, 65, 16]))  # 0.5 px past either side
+    edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16, 0]))  # COCO 2017 has two of height 0
+    assert detect.CocoDetection(root, "train2017")[1][1]["boxes"][0].tolist() == [-0.5, 4, 64.5, 20]
+    assert len(detect.CocoDetection(root, "val2017")[1][1]["boxes"]) == 1  # of 2 objects
+
+
+def bad_val_box(root):
+    edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16]))
+
+
+@pytest.mark.parametrize(
+    "corrupt, flags, needles",
+    [
+        (None, ["--in-chans", 2], ["--in-chans 2", "1 (grayscale) or 3 (RGB)"]),
+        (None, ["--mean", 0.5, "--std", 0], ["--std 0.0"]),
+        (bad_val_box, [], ["instances_val2017.json", "annotation 1", "4 numbers"]),
+    ],
+)
+def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_path, corrupt, flags, needles):
+    root = write_coco(tmp_path / "coco")
+    if corrupt:
+        corrupt(root)
+    result = run_cli(
+        "train", "--data-dir", root, "--init", "scratch", *flags, "--out-dir", tmp_path / "run", *TINY_RUN
+    )
+    assert one_line_error(result, *needles)
+    assert not (tmp_path / "run").exists()

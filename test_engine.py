@@ -25,9 +25,10 @@ from torch.utils.data import TensorDataset
 
 import data
 import engine
-from conftest import CEILING_S, TINY_RUN, crash_after_epoch, global_state, invoke, write_idx
-from test_cli import TINY_IMAGES, one_line_error, photo_folder
-from test_part import _free_port
+from conftest import (
+    CEILING_S, TINY_IMAGES, TINY_RUN, crash_after_epoch, free_port, global_state, invoke, one_line_error, photo_folder,
+    write_idx,
+)
 
 REPO = Path(__file__).parent
 
@@ -400,7 +401,7 @@ def two_ranks(fn, tmp_path, *args, timeout=CEILING_S):
     results = tmp_path / f"results{time.monotonic_ns()}"
     results.mkdir()
     ctx = mp.start_processes(
-        _ranked, args=(2, _free_port(), str(results), fn, args), nprocs=2, join=False, start_method="spawn"
+        _ranked, args=(2, free_port(), str(results), fn, args), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
@@ -565,7 +566,7 @@ def torchrun(args, out_dir, script=REPO / "train.py", restarts=0):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master-port={_free_port()}",
+            f"--master-port={free_port()}",
             f"--max-restarts={restarts}",
             str(script),
             *map(str, args),

@@ -2,7 +2,6 @@
 the file or flag, before anything is written, or is read in full. `python3 -m pytest -q test_faults.py`"""
 
 import gzip
-import json
 import math
 import pickle
 from pathlib import Path
@@ -12,20 +11,7 @@ import pytest
 from PIL import Image
 
 import data
-import detect
-import sleep1d
-import test_detect
-import test_sleep1d
-from conftest import TINY_RUN, invoke, write_coco
-from test_cli import one_line_error, photo_folder
-
-
-def refused(call, *needles):
-    """call() raises data.DataError with a one-line message holding every needle."""
-    with pytest.raises(data.DataError) as error:
-        call()
-    message = str(error.value)
-    assert "\n" not in message and all(str(n) in message for n in needles), message
+from conftest import TINY_RUN, invoke, one_line_error, photo_folder, refused
 
 
 def snapshot(folder):
@@ -182,133 +168,3 @@ def test_statistics_that_cannot_normalise_are_refused_before_training(finished_r
             assert result.exit_code == 2 and f"'{name}': {value} is not a finite number" in result.output, result.output
         refused(lambda: data.data_info("fashion-mnist", mean=(mean,), std=(std,)), flag)
     assert snapshot(out_dir) == before
-
-
-# ---------------------------------------------------------------- COCO annotations and channels (detect.py)
-
-
-def edit_annotations(root, split, edit):
-    """edit(the parsed json) of annotations/instances_{split}.json, written back -> its path."""
-    path = root / "annotations" / f"instances_{split}.json"
-    coco = json.loads(path.read_text())
-    edit(coco)
-    path.write_text(json.dumps(coco))
-    return path
-
-
-def first_annotation(**fields):
-    """An edit that sets fields of the first annotation: in write_coco's train2017 annotation 1, a
-    16 x 16 square at (4, 4) of a 64 x 48 image outlined by a polygon; in its val2017, the same."""
-    return lambda coco: coco["annotations"][0].update(fields)
-
-
-@pytest.mark.parametrize(
-    "split, edit, needles",
-    [
-        ("train2017", first_annotation(bbox=["4", "4", "16", "16"]), ["annotation 1", "4 numbers"]),
-        ("train2017", first_annotation(bbox=[4, 4, 16]), ["annotation 1", "4 numbers"]),
-        ("val2017", first_annotation(bbox=[4, 4, -16, 16]), ["annotation 1", "negative"]),
-        ("train2017", first_annotation(bbox=[50, 4, 16, 16]), ["annotation 1", "outside", "64 x 48"]),
-        ("train2017", first_annotation(bbox=[4, -2, 16, 16]), ["annotation 1", "outside"]),
-        ("train2017", first_annotation(segmentation=[[4, 4, 20, 4]]), ["annotation 1", "at least 3 points"]),
-        ("val2017", first_annotation(segmentation=[[4, 4, 20, 4, 20, 20, 4]]), ["annotation 1", "at least 3 points"]),
-        ("train2017", first_annotation(segmentation=[[4, 4, 20, 4, "20", 20]]), ["annotation 1", "at least 3 points"]),
-        ("val2017", lambda coco: coco.update(annotations=[]), ["no annotations", "COCOeval"]),
-        ("train2017", lambda coco: coco.update(annotations=[]), ["no annotations"]),
-    ],
-    ids=[
-        "bbox of strings",
-        "bbox of 3",
-        "negative width",
-        "right of the image",
-        "above the image",
-        "polygon of 2 points",
-        "polygon of odd length",
-        "polygon with a string",
-        "val without annotations",
-        "train without annotations",
-    ],
-)
-def test_coco_annotations_outside_coco_s_format_are_refused_at_load(tmp_path, split, edit, needles):
-    root = write_coco(tmp_path / "coco")
-    path = edit_annotations(root, split, edit)
-    refused(lambda: detect.CocoDetection(root, split), path, *needles)
-
-
-def test_coco_boxes_may_reach_a_pixel_past_the_border_and_empty_ones_are_dropped(tmp_path):
-    root = write_coco(tmp_path / "coco")
-    edit_annotations(root, "train2017", first_annotation(bbox=[-0.5, 4, 65, 16]))  # 0.5 px past either side
-    edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16, 0]))  # COCO 2017 has two of height 0
-    assert detect.CocoDetection(root, "train2017")[1][1]["boxes"][0].tolist() == [-0.5, 4, 64.5, 20]
-    assert len(detect.CocoDetection(root, "val2017")[1][1]["boxes"]) == 1  # of 2 objects
-
-
-def bad_val_box(root):
-    edit_annotations(root, "val2017", first_annotation(bbox=[4, 4, 16]))
-
-
-@pytest.mark.parametrize(
-    "corrupt, flags, needles",
-    [
-        (None, ["--in-chans", 2], ["--in-chans 2", "1 (grayscale) or 3 (RGB)"]),
-        (None, ["--mean", 0.5, "--std", 0], ["--std 0.0"]),
-        (bad_val_box, [], ["instances_val2017.json", "annotation 1", "4 numbers"]),
-    ],
-)
-def test_detect_stops_on_data_it_cannot_read_with_one_line_before_writing(tmp_path, corrupt, flags, needles):
-    root = write_coco(tmp_path / "coco")
-    if corrupt:
-        corrupt(root)
-    result = test_detect.run_cli(
-        "train", "--data-dir", root, "--init", "scratch", *flags, "--out-dir", tmp_path / "run", *test_detect.TINY_RUN
-    )
-    assert one_line_error(result, *needles)
-    assert not (tmp_path / "run").exists()
-
-
-# ---------------------------------------------------------------- channels and subject splits (sleep1d.py)
-
-
-@pytest.mark.parametrize(
-    "channels, needles",
-    [
-        ("", ["--channels ''", "F3-M2,F4-M1"]),
-        (" , ,", ["--channels ' , ,'", "F3-M2,F4-M1"]),
-        ("F3-M2,Cz", ["--channels", "['Cz']", "'O2-M1'"]),
-    ],
-    ids=["empty", "only commas", "a channel the data lack"],
-)
-def test_sleep_channels_that_name_nothing_or_what_the_data_lack_are_refused(tmp_path, channels, needles):
-    result = test_sleep1d.invoke(
-        "pretrain", *test_sleep1d.TINY_RUN, "--channels", channels, "--out-dir", tmp_path / "run"
-    )
-    assert one_line_error(result, *needles)
-    assert not (tmp_path / "run").exists()
-
-
-def test_sleep_edf_channels_the_files_lack_are_named_with_those_they_have(tmp_path):
-    nights = [test_sleep1d.write_sleep_edf(tmp_path / "edf", night)[0] for night in ("SC4011E", "SC4021E")]
-    result = test_sleep1d.invoke(
-        "finetune", "--init", "scratch", "--data", "sleep-edf", "--data-dir", tmp_path / "edf", "--channels",
-        "EEG Fpz-Cz,EEG Cz", "--finetune-subjects", 1, "--test-subjects", 1, "--out-dir", tmp_path / "run",
-    )
-    assert one_line_error(result, "['EEG Cz']", "'EEG Pz-Oz'", "--channels") and any(
-        str(psg) in result.output for psg in nights
-    )
-    assert not (tmp_path / "run").exists()
-
-
-def test_synthetic_nights_are_read_with_the_channels_asked_for():
-    signal, _, _ = sleep1d.synthetic_night(0, n_epochs=2)
-    picked, _, _ = sleep1d.synthetic_records(1, 2)[0].read(("C4-M1", "F3-M2"))
-    assert np.array_equal(picked, signal[[3, 0]])
-
-
-def test_subject_counts_that_leave_no_pretraining_subjects_say_so(tmp_path):
-    result = test_sleep1d.invoke(
-        "pretrain", *test_sleep1d.TINY_RUN, "--synthetic-subjects", 4, "--out-dir", tmp_path / "run"
-    )
-    assert one_line_error(
-        result, "leaves no pretraining subjects", "--finetune-subjects", "--test-subjects", "--synthetic-subjects"
-    )
-    assert not (tmp_path / "run").exists()

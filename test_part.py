@@ -4,7 +4,6 @@ import gzip
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import data
 import engine
 import part
 import train
-from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_config, write_idx
+from conftest import TINY_RUN, crash_after_epoch, free_port, invoke, tiny_config, write_idx
 
 # ---------------------------------------------------------------- sampler and targets
 
@@ -431,12 +430,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(fake_fmnist, tmp_pa
     )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_model(kind):
     """A pretraining model (PART, MAE, DropPos, MP3), the finetuning classifier or the linear probe (its BatchNorm's
     running statistics are buffers every rank must agree on), at the same tiny size, seeded."""
@@ -469,7 +462,7 @@ def _ddp_worker(rank, world, port, out_dir, kind):
 
 @pytest.mark.parametrize("kind", [*baselines.METHODS, "classifier", "probe"])
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, kind):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), kind), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     init = tiny_model(kind).state_dict()
     for k in a:

@@ -24,7 +24,7 @@ import engine
 import part
 import sleep1d
 from data import DataError
-from conftest import crash_after_epoch
+from conftest import crash_after_epoch, one_line_error
 
 # ---------------------------------------------------------------- windows and targets
 
@@ -468,3 +468,51 @@ def test_finetune_without_a_checkpoint_says_which_it_needs(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     result = invoke("finetune", *TINY_DATA)
     assert result.exit_code != 0 and "run `python sleep1d.py pretrain` first" in result.output
+
+
+# ---------------------------------------------------------------- channels and subject splits (sleep1d.py)
+
+
+@pytest.mark.parametrize(
+    "channels, needles",
+    [
+        ("", ["--channels ''", "F3-M2,F4-M1"]),
+        (" , ,", ["--channels ' , ,'", "F3-M2,F4-M1"]),
+        ("F3-M2,Cz", ["--channels", "['Cz']", "'O2-M1'"]),
+    ],
+    ids=["empty", "only commas", "a channel the data lack"],
+)
+def test_sleep_channels_that_name_nothing_or_what_the_data_lack_are_refused(tmp_path, channels, needles):
+    result = invoke(
+        "pretrain", *TINY_RUN, "--channels", channels, "--out-dir", tmp_path / "run"
+    )
+    assert one_line_error(result, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sleep_edf_channels_the_files_lack_are_named_with_those_they_have(tmp_path):
+    nights = [write_sleep_edf(tmp_path / "edf", night)[0] for night in ("SC4011E", "SC4021E")]
+    result = invoke(
+        "finetune", "--init", "scratch", "--data", "sleep-edf", "--data-dir", tmp_path / "edf", "--channels",
+        "EEG Fpz-Cz,EEG Cz", "--finetune-subjects", 1, "--test-subjects", 1, "--out-dir", tmp_path / "run",
+    )
+    assert one_line_error(result, "['EEG Cz']", "'EEG Pz-Oz'", "--channels") and any(
+        str(psg) in result.output for psg in nights
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_synthetic_nights_are_read_with_the_channels_asked_for():
+    signal, _, _ = sleep1d.synthetic_night(0, n_epochs=2)
+    picked, _, _ = sleep1d.synthetic_records(1, 2)[0].read(("C4-M1", "F3-M2"))
+    assert np.array_equal(picked, signal[[3, 0]])
+
+
+def test_subject_counts_that_leave_no_pretraining_subjects_say_so(tmp_path):
+    result = invoke(
+        "pretrain", *TINY_RUN, "--synthetic-subjects", 4, "--out-dir", tmp_path / "run"
+    )
+    assert one_line_error(
+        result, "leaves no pretraining subjects", "--finetune-subjects", "--test-subjects", "--synthetic-subjects"
+    )
+    assert not (tmp_path / "run").exists()
