@@ -586,9 +586,22 @@ class NightEpochs:
         return torch.from_numpy(np.array(self.arrays[self.nights[i]][self.rows[i]]))
 
 
-def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd):
+def wake_trimmed(stages, starts, minutes):
+    """The epochs from `minutes` before a night's first sleep epoch to `minutes` after its last: (n,), (n,) -> bool
+    (n,). Sleep-EDF's nights are mostly wake (SC4001: 1,997 of 2,650 epochs); the field keeps 30 minutes either
+    side (Supratak et al., DeepSleepNet, 2017). A night without stages keeps every epoch."""
+    if minutes is None or not (stages >= 0).any():
+        return np.ones(len(stages), dtype=bool)
+    sleep = starts[stages > 0]
+    if len(sleep) == 0:  # scored, and awake all night
+        return np.zeros(len(stages), dtype=bool)
+    margin = minutes * 60 * FS
+    return (starts >= sleep.min() - margin) & (starts <= sleep.max() + margin)
+
+
+def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim_wake=None):
     """The nights of `subjects`, preprocessed once into cache_dir (cache_nights) and memory-mapped ->
-    SleepEpochs; scored_only drops unscored epochs."""
+    SleepEpochs; scored_only drops unscored epochs, trim_wake (minutes) the wake far from sleep."""
     if not subjects:  # all subjects with stages were split off for finetuning and testing
         raise DataError(
             f"the subject split leaves no {desc}: --finetune-subjects and --test-subjects take every subject with "
@@ -602,7 +615,7 @@ def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd):
     for night, (ref, stem) in enumerate(zip(picked, cache_nights(picked, channels, cache_dir, dd, desc))):
         epochs, (y, starts) = read_night(stem, len(channels))
         arrays.append(epochs)
-        keep = y >= 0 if scored_only else np.ones(len(y), dtype=bool)
+        keep = (y >= 0 if scored_only else np.ones(len(y), dtype=bool)) & wake_trimmed(y, starts, trim_wake)
         for name, values in zip(
             columns, (np.arange(len(y)), y, np.full(len(y), names.index(ref.subject)), np.full(len(y), night), starts)
         ):
@@ -740,6 +753,11 @@ data_options = cli.options(
         "--synthetic-epochs", type=cli.POSITIVE, default=120, show_default=True, help="30-s epochs per synthetic night"
     ),
     click.option(
+        "--trim-wake", type=cli.Finite(), default=None, show_default="30 for sleep-edf, else off",
+        help="minutes of wake kept before a night's first and after its last sleep epoch (the field's Sleep-EDF "
+        "protocol); below 0 keeps every epoch",
+    ),
+    click.option(
         "--cache-dir", type=click.Path(file_okay=False), default=default_cache_dir, show_default="~/.cache/part/eeg",
         help="the preprocessed nights, written once (float16, ~30 MB a PhysioNet night), memory-mapped by every rank",
     ),
@@ -762,21 +780,26 @@ def parse_channels(flag, source):
 
 
 def load_split(
-    source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs
+    source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
+    trim_wake,
 ):
-    """Records, channels and the subject split."""
+    """Records, channels, the subject split and the data's config (the minutes of wake kept among it)."""
     channels = parse_channels(channels, source)
     refs = list_records(source, data_dir, synthetic_subjects, synthetic_epochs)
     split = split_subjects(refs, finetune_subjects, test_subjects, split_seed)
-    data_config = {"source": source, "channels": list(channels), "split_seed": split_seed, "split": split}
+    trim_wake = (30.0 if source == "sleep-edf" else None) if trim_wake is None else trim_wake
+    data_config = {
+        "source": source, "channels": list(channels), "split_seed": split_seed, "split": split,
+        "trim_wake": None if trim_wake is None or trim_wake < 0 else trim_wake,
+    }
     if source == "synthetic":
         data_config.update(synthetic_subjects=synthetic_subjects, synthetic_epochs=synthetic_epochs)
     return refs, channels, split, data_config
 
 
-def load_set(refs, subjects, channels, scored_only, desc, cache_dir, dd, context=1):
+def load_set(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim_wake, context=1):
     """The epochs of `subjects`, or runs of `context` of them with context > 1."""
-    epochs = load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd)
+    epochs = load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim_wake)
     return ContextEpochs(epochs, context) if context > 1 else epochs
 
 
@@ -814,20 +837,24 @@ def held_out(source, split, val_set):
 @click.option("--out-dir", default="out/sleep-pretrain", show_default=True, help=cli.OUT_DIR_HELP)
 def pretrain(
     source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
-    cache_dir, preset, method, context, drop_path, out_dir, **kwargs,
+    trim_wake, cache_dir, preset, method, context, drop_path, out_dir, **kwargs,
 ):
     """Pretraining (PART, or MAE, DropPos or MP3 in 1D) on the pretraining subjects' epochs; the pretext's
     error on the held-out test subjects."""
     recipe = cli.recipe_from(kwargs)
     refs, channels, split, data_config = load_split(
-        source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs
+        source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
+        trim_wake,
     )
     vit = eeg_vit(preset, FS, len(channels), drop_path)
     cfg = cli.method_config(method, vit=vit, img_size=(context * EPOCH_S * FS,), **signal_stats(vit), **kwargs)
 
     def command(dd):
-        train_set = load_set(refs, split["pretrain"], channels, False, "pretraining subjects", cache_dir, dd, context)
-        val_set = load_set(refs, split["test"], channels, True, "held-out subjects", cache_dir, dd, context)
+        trim = data_config["trim_wake"]
+        train_set = load_set(
+            refs, split["pretrain"], channels, False, "pretraining subjects", cache_dir, dd, trim, context
+        )
+        val_set = load_set(refs, split["test"], channels, True, "held-out subjects", cache_dir, dd, trim, context)
         if dd.main:
             print(
                 f"{held_out(source, split, val_set)}; pretraining on {len(split['pretrain'])} subjects, "
@@ -892,14 +919,15 @@ def encoder_from(init, preset, channels, drop_path):
 @click.option("--out-dir", default="out/sleep-finetune", show_default=True, help=cli.OUT_DIR_HELP)
 def finetune(
     source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
-    cache_dir, init, preset, pos_mask, drop_path, out_dir, **kwargs,
+    trim_wake, cache_dir, init, preset, pos_mask, drop_path, out_dir, **kwargs,
 ):
     """Sleep staging on the finetuning subjects; kappa, accuracy and confusion matrix on the held-out ones.
     --init scratch trains the same ViT from random weights with the same recipe (no layer decay, as DeiT,
     unless --layer-decay is given, then for either init)."""
     recipe = cli.recipe_from(kwargs)
     refs, channels, split, data_config = load_split(
-        source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs
+        source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
+        trim_wake,
     )
     vit, state, pretrained_model, pretrained_data = encoder_from(init, preset, channels, drop_path)
     if state is not None and part.has_positions(state) and pretrained_data.get("context", 1) > 1:
@@ -917,8 +945,9 @@ def finetune(
     cfg = stager_config(vit, pos_mask)
 
     def command(dd):
-        train_set = load_set(refs, split["finetune"], channels, True, "finetuning subjects", cache_dir, dd)
-        val_set = load_set(refs, split["test"], channels, True, "held-out subjects", cache_dir, dd)
+        trim = data_config["trim_wake"]
+        train_set = load_set(refs, split["finetune"], channels, True, "finetuning subjects", cache_dir, dd, trim)
+        val_set = load_set(refs, split["test"], channels, True, "held-out subjects", cache_dir, dd, trim)
         torch.manual_seed(recipe.seed)
         model = part.Classifier(cfg)
         if state is not None:

@@ -227,11 +227,11 @@ EDF_ANNOTATIONS = [  # (onset s, duration s, text) as in Sleep-EDF's hypnograms;
 ]
 
 
-def write_sleep_edf(folder, night, annotations=EDF_ANNOTATIONS + [(210, 30, "Sleep stage ?")]):
+def write_sleep_edf(folder, night, annotations=EDF_ANNOTATIONS + [(210, 30, "Sleep stage ?")], eeg=None):
     """A Sleep-EDF night as published: <night>0-PSG.edf (EEG Fpz-Cz, EEG Pz-Oz at 100 Hz, an EMG at
     1 Hz) and <night>H-Hypnogram.edf, an EDF+ file holding only annotations; written by pyedflib."""
     folder.mkdir(parents=True, exist_ok=True)
-    eeg = tagged_night(100, 2)
+    eeg = tagged_night(100, 2) if eeg is None else eeg
     headers = [
         pyedflib.highlevel.make_signal_header(c, sample_frequency=100, physical_min=-100, physical_max=100)
         for c in sleep1d.SLEEP_EDF_CHANNELS
@@ -351,6 +351,27 @@ def test_nights_are_preprocessed_once_into_memory_mapped_files_that_give_the_sam
     night.write_bytes(b"")  # a cache damaged after it was written
     with pytest.raises(DataError, match=f"{night}, a cached night, is unreadable .*: delete it and rerun"):
         sleep1d.load_epochs(refs, subjects, channels, True, "nights", tmp_path, ONE_PROCESS)
+
+
+def test_sleep_edf_wake_is_trimmed_to_30_minutes_either_side_of_sleep_by_default(tmp_path):
+    hours = [(0, 7200, "Sleep stage W"), (7200, 1200, "Sleep stage 2"), (8400, 6000, "Sleep stage W")]  # 4 h, as SC
+    eeg = np.random.default_rng(0).normal(0, 20, (2, 14400 * 100)).clip(-90, 90)  # within the header's range
+    write_sleep_edf(tmp_path / "sc", "SC4011E", hours, eeg)
+    for n in (2, 3):
+        write_sleep_edf(tmp_path / "sc", f"SC40{n}1E")
+    refs = sleep1d.list_records("sleep-edf", tmp_path / "sc")
+    args = ("sleep-edf", tmp_path / "sc", None, 1, 1, 0, 0, 0)
+    assert sleep1d.load_split(*args, None)[3]["trim_wake"] == 30  # the field's default for Sleep-EDF
+    assert sleep1d.load_split(*args, -1)[3]["trim_wake"] is None
+    assert sleep1d.load_split("synthetic", None, None, 1, 1, 0, 4, 4, None)[3]["trim_wake"] is None
+    load = lambda trim: sleep1d.load_epochs(  # noqa: E731
+        refs[:1], ["SC401"], sleep1d.SLEEP_EDF_CHANNELS, True, "nights", tmp_path / "cache", ONE_PROCESS, trim
+    )
+    whole, trimmed = load(None), load(30)
+    assert whole.stages.tolist() == [0] * 240 + [2] * 40 + [0] * 200
+    assert trimmed.stages.tolist() == [0] * 60 + [2] * 40 + [0] * 60  # 30 minutes = 60 epochs either side
+    assert trimmed.starts[0] == (7200 - 1800) * 100 and trimmed.starts[-1] == (8400 + 1800 - 30) * 100
+    assert torch.equal(trimmed[0][0], whole[180][0])
 
 
 def test_a_nights_cache_name_changes_with_its_channels_and_files(tmp_path):
