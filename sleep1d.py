@@ -588,7 +588,7 @@ class NightEpochs:
 
 def wake_trimmed(stages, starts, minutes):
     """The epochs from `minutes` before a night's first sleep epoch to `minutes` after its last: (n,), (n,) -> bool
-    (n,). Sleep-EDF's nights are mostly wake (SC4001: 1,997 of 2,650 epochs); the field keeps 30 minutes either
+    (n,). Sleep-EDF's nights are mostly wake; the field keeps 30 minutes either
     side (Supratak et al., DeepSleepNet, 2017). A night without stages keeps every epoch."""
     if minutes is None or not (stages >= 0).any():
         return np.ones(len(stages), dtype=bool)
