@@ -321,16 +321,22 @@ def check_annotation(path, ann, image):
 IMAGE_MODES = {1: "L", 3: "RGB"}  # the channels images are read with -> their PIL mode
 
 
+def is_colour(path):
+    """From the file's header alone: one colour image makes a split colour (the first image would not do)."""
+    with Image.open(path) as img:
+        return img.mode not in ("L", "I", "I;16", "F", "1")
+
+
 class CocoDetection(Dataset):
     """One split of a COCO-format folder: annotations/instances_{split}.json and {split}/ images.
 
     Items: a uint8 image (C, H, W) and {boxes (n, 4) x0 y0 x1 y1, labels (n,) in 1..K, masks
     (n, H, W) when the split has any segmentation, image_id}. Polygons and RLE are decoded by
     pycocotools; crowd regions are left to COCOeval; images without objects are kept.
-    in_chans 0 takes the channels of the first image (1 for grayscale, else 3).
+    in_chans None takes the split's: 3 if any of its images is colour, else 1.
     """
 
-    def __init__(self, root, split, in_chans=0, transform=None):
+    def __init__(self, root, split, in_chans=None, transform=None):
         self.coco = read_coco(Path(root) / "annotations" / f"instances_{split}.json")
         self.image_dir, self.transform = Path(root) / split, transform
         self.ids = sorted(self.coco.imgs)
@@ -341,10 +347,7 @@ class CocoDetection(Dataset):
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise data.DataError(f"{len(missing)} images of instances_{split}.json are missing, e.g. {missing[0]}")
-        if not in_chans and files:
-            with Image.open(files[0]) as img:
-                in_chans = 1 if img.mode in ("L", "I", "I;16", "F") else 3
-        self.in_chans = in_chans
+        self.in_chans = in_chans or (3 if any(map(is_colour, files)) else 1)
 
     def __len__(self):
         return len(self.ids)
@@ -587,9 +590,8 @@ def prepare(
     """
     train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
     val_set = CocoDetection(root, "val2017")
-    vit, weights, stats = encoder_init(
-        init, preset, patch_size, in_chans or (train_set.in_chans if init == "scratch" else None)
-    )
+    data_chans = max(train_set.in_chans, val_set.in_chans)
+    vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (data_chans if init == "scratch" else None))
     if vit.in_chans not in IMAGE_MODES:
         given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
         raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
@@ -666,8 +668,8 @@ model_options = cli.options(
         "--in-chans",
         type=cli.POSITIVE,
         default=None,
-        help="channels the images are read with: default the encoder's, or the data's for scratch (1 reads colour "
-             "as grey)",
+        help="channels the images are read with: default the encoder's; for scratch 3 if any image is colour, else 1 "
+             "(1 reads colour as grey)",
     ),
     click.option(
         "--mean",

@@ -349,6 +349,9 @@ def test_part_row_uses_its_pretraining_statistics_and_scratch_can_match_its_inpu
             Image.open(f).convert("RGB").save(f)
     cfg, _, train_set, _ = detect.prepare("scratch", str(rgb), **common)
     assert cfg.vit.in_chans == 3 and len(cfg.mean) == 3
+    Image.open(rgb / "train2017" / "img0.png").convert("L").save(rgb / "train2017" / "img0.png")
+    cfg, _, train_set, _ = detect.prepare("scratch", str(rgb), **common)  # a gray first image: still colour
+    assert cfg.vit.in_chans == train_set.in_chans == 3 and train_set[0][0].shape[0] == 3
     cfg, _, train_set, _ = detect.prepare("scratch", str(rgb), **common, in_chans=1, mean=(0.3,), std=(0.2,))
     assert (cfg.mean, cfg.std, cfg.vit.in_chans, train_set.in_chans) == ((0.3,), (0.2,), 1, 1)
     assert train_set[0][0].shape[0] == 1
