@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import subprocess
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -223,7 +224,8 @@ def read_image_file(path, mode, skippable=False):
     it is missing, truncated or not an image (saying that --skip-bad-files would skip it, if skippable).
     Every reader of image files here (datasets, detect.py's COCO images, train.py show's --image) calls it."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "(?i).*exif")  # a camera's odd EXIF would print inside the progress bar
             return full_range(img).convert(mode)  # both decode every pixel, so a truncated file fails here
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         hint = "; --skip-bad-files skips such files" if skippable else ""
@@ -282,9 +284,31 @@ def skips_bad_files(dataset):
     return isinstance(dataset, SkipBadFiles)
 
 
+def hidden(path, root):
+    """A file or folder below root whose name starts with "." (macOS's ._ twins, .ipynb_checkpoints): not data."""
+    return any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
+
+def is_image(path, root):
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not hidden(path, root)
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's, blind to hidden files and folders."""
+
+    def __init__(self, root, transform, loader):
+        super().__init__(root, transform, loader=loader, is_valid_file=partial(is_image, root=root))
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
 def image_files(root, split, mode, transform):
     """Every image below root, searched recursively; every 50th file (by name) is held out as val."""
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in Path(root).rglob("*") if is_image(p, root))
     if len(files) < 2:
         raise DataError(f"found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}) below {root}, need at least 2")
     held_out = set(range(0, len(files), 50))
@@ -296,9 +320,7 @@ def image_folder(root, mode, transform):
     if not Path(root).is_dir():
         raise DataError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
     try:
-        return datasets.ImageFolder(
-            root, transform=transform, loader=partial(read_image_file, mode=mode, skippable=True)
-        )
+        return ImageFolder(root, transform, loader=partial(read_image_file, mode=mode, skippable=True))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
 
@@ -306,7 +328,9 @@ def image_folder(root, mode, transform):
 def check_val_classes(val_set, train_root):
     """train/ names and numbers the classes (its sorted folder names, as ImageFolder's); val/ must have
     the same folders, or its labels would number other classes."""
-    train_classes = {p.name for p in Path(train_root).iterdir() if p.is_dir()} if Path(train_root).is_dir() else set()
+    train_root = Path(train_root)
+    folders = train_root.iterdir() if train_root.is_dir() else ()
+    train_classes = {p.name for p in folders if p.is_dir() and not hidden(p, train_root)}
     extra, missing = sorted(set(val_set.classes) - train_classes), sorted(train_classes - set(val_set.classes))
     if extra or missing:
         raise DataError(

@@ -4,6 +4,7 @@ the file or flag, before anything is written, or is read in full. `python3 -m py
 import gzip
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,36 @@ def test_val_classes_must_be_the_class_folders_of_train(tmp_path):
     Image.new("RGB", (8, 8)).save(root / "val" / "b" / "0.png")
     val_set = data.build_dataset("imagefolder", str(root), "val", info, None)
     assert val_set.class_to_idx == {"a": 0, "b": 1, "c": 2} and val_set[-1][1] == 2
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    root = class_folders(tmp_path / "tree", {"train": "ab", "val": "ab"})
+    for split in ("train", "val"):
+        (root / split / "a" / "._img_000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's twin
+        photo_folder(root / split / ".ipynb_checkpoints", 1)
+    info = data.data_info("imagefolder")
+    train = data.build_dataset("imagefolder", str(root), "train", info, None)
+    assert train.classes == ["a", "b"] and len(train) == 4 and all(train[i][0].size == (32, 32) for i in range(4))
+    flat = photo_folder(tmp_path / "flat", 50)
+    (flat / "._img_000.jpg").write_bytes(b"\x00\x05\x16\x07")
+    photo_folder(flat / ".trash", 3)
+    val = data.build_dataset("images", str(flat), "val", data.data_info("images"), lambda img: img)
+    assert [f.name for f in val.files] == ["img_000.jpg"]  # the 1st of 50 visible files, not the ._ twin
+
+
+def test_exif_warnings_do_not_reach_the_progress_bar(tmp_path, monkeypatch):
+    path = photo_folder(tmp_path / "photos", 1) / "img_000.jpg"
+    full_range = data.full_range
+
+    def warns(img):
+        warnings.warn("Possibly corrupt EXIF data.  Expecting to read 12 bytes but only got 2.", UserWarning)
+        return full_range(img)
+
+    monkeypatch.setattr(data, "full_range", warns)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        data.read_image_file(path, "RGB")
+    assert seen == []
 
 
 def gradient_image(mode):
