@@ -49,9 +49,7 @@ def predict_all_pairs(model, patches, chunk=4096):
     B, N = patches.shape[:2]
     x = model.encoder.forward_features(patches)  # (B, N, D)
     pairs = all_pairs(N, patches.device).expand(B, -1, -1)  # (B, N*N, 2)
-    pred = torch.cat(
-        [model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1
-    )  # (B, N*N, 2|4)
+    pred = torch.cat([model.relative.fast(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1)
     return pred.float().reshape(B, N, N, -1)
 
 
