@@ -134,8 +134,11 @@ def gather_pairs(x, pairs):
 
 
 class CrossAttentionHead(nn.Module):
-    """The paper's relative encoder: the query is a linear map of the concatenated pair, X' gives keys and
-    values, and a linear regressor maps the attended embedding to the n_out relative coordinates."""
+    """The paper's relative encoder (section 4), for K (reference, target) pairs of the ViT's tokens X' (N, D):
+
+        q     = W [x_ref ; x_tgt] + b                   (K, D)      the pair's query
+        theta = R softmax(q X'^T / sqrt(D)) X' + r      (K, n_out)  X' as keys and values, then a regressor
+    """
 
     def __init__(self, dim, n_out):
         super().__init__()
@@ -143,10 +146,10 @@ class CrossAttentionHead(nn.Module):
         self.regressor = nn.Linear(dim, n_out)  # R, r
 
     def forward(self, x, pairs):
-        """The paper's equation, pair by pair: x (B, N, D) = X', pairs (B, K, 2) -> (B, K, n_out)."""
-        q = self.query(gather_pairs(x, pairs))  # (B, K, D): q = W [x_ref; x_tgt] + b
+        """The equation as written, pair by pair: x (B, N, D), pairs (B, K, 2) -> (B, K, n_out)."""
+        q = self.query(gather_pairs(x, pairs))  # (B, K, D)
         attn = (q @ x.transpose(1, 2) / math.sqrt(x.shape[-1])).softmax(dim=-1)  # (B, K, N)
-        return self.regressor(attn @ x)  # (B, K, n_out): R softmax(q X'^T / sqrt(D)) X' + r
+        return self.regressor(attn @ x)  # (B, K, n_out)
 
     def fast(self, x, pairs):
         """forward rearranged so that no map runs per pair (what PART trains with; tested equal). W = [W_ref W_tgt]
