@@ -333,9 +333,9 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def grid_positions(cfg: InputConfig, device=None):
+def grid_positions(cfg: InputConfig):
     """The centres of the on-grid patches in raster order, in patch units, (N, d) as x, y."""
-    centres, _ = centres_sizes(grid_boxes(cfg.img_size, cfg.vit.patch_size, device))
+    centres, _ = centres_sizes(grid_boxes(cfg.img_size, cfg.vit.patch_size))
     return centres / cfg.vit.patch_size
 
 

@@ -113,10 +113,10 @@ def window_unpartition(x, window, B, h, w):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden, out=None):
+    def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
