@@ -1,10 +1,10 @@
-"""The baselines of the paper's Tables 1-3, each a pretraining method over part.py's ViT, one per section:
-MAE and DropPos (grid patches with position embeddings), MP3 (grid patches without them); and the registry
-of every method, PART included, that `--method` chooses from.
+"""The baselines of the paper's Tables 1-3 on vit.py's ViT: MAE and DropPos (grid patches with position
+embeddings), MP3 (without them); and METHODS, which `--method` chooses from.
 
-Each model takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), as PART does, so they share
-the engine, checkpoints and exports. Where they differ from their official code, README.md says how
-("Baselines as their official code trains them").
+    python train.py pretrain --method mae|droppos|mp3
+
+Each takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), as PART does, so they share the
+engine, checkpoints and exports. docs/comparison.md says where they differ from their official code.
 """
 
 import dataclasses
@@ -16,16 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from part import (
-    PART, Block, ConfigError, InputConfig, Normalize, PARTConfig, VisionTransformer, as_mask, check_share,
-    grid_positions, patchify, random_split, run_blocks, sincos_embed, take_rows, weight_init, xavier_init,
+    PART, ConfigError, InputConfig, Normalize, PARTConfig, as_mask, check_share, grid_positions, random_split,
 )
+from vit import Block, VisionTransformer, patchify, run_blocks, sincos_embed, take_rows, weight_init, xavier_init
 
 # ---------------------------------------------------------------- shared by MAE and DropPos
 
 
 class Decoder(nn.Module):
-    """MAE's light decoder, also DropPos': a linear map to its width (`embed`, applied first by the
-    caller), transformer blocks, a norm and a linear prediction per token."""
+    """MAE's light decoder, also DropPos': `embed` to its width (the caller applies it first), blocks, a norm
+    and a linear prediction per token."""
 
     def __init__(self, dim, width, depth, n_out):
         super().__init__()
@@ -41,10 +41,8 @@ class Decoder(nn.Module):
 
 @dataclass
 class MaskedGridConfig(InputConfig):
-    """What MAE and DropPos share: patches hidden from the encoder, a decoder CPU-sized by default (the official
-    code's: 512 wide, MAE 8 and DropPos 2 deep), and the class token their official code carries through the
-    encoder and decoder, left out by default (PART's encoder has none; README, "Baselines as their official
-    code trains them")."""
+    """What MAE and DropPos share: patches hidden from the encoder, a decoder (CPU-sized; theirs 512 wide,
+    MAE 8 and DropPos 2 deep), and their class token, left out by default as PART's encoder has none."""
 
     mask_ratio: float = 0.75  # patches hidden from the encoder
     decoder_dim: int = 128
@@ -58,22 +56,21 @@ class MaskedGridConfig(InputConfig):
 
 
 def class_slot(pos):
-    """Position embeddings (B or 1, T, D) -> (B or 1, 1 + T, D) with the class token's slot first: zero, as in the
-    official sin-cos table (MAE's get_2d_sincos_pos_embed with cls_token=True)."""
+    """(B or 1, T, D) -> (B or 1, 1 + T, D), the class token's slot first and zero (MAE's sin-cos table)."""
     return F.pad(pos, (0, 0, 1, 0))
 
 
 def hide_patches(patches, ratio):
-    """MAE's and DropPos' patch masking: (B, N, C, *patch) -> the visible patches (B, N - M, C, *patch),
-    their indices (B, N - M) and the hidden ones' (B, M), M = round(ratio * N), fresh per item."""
+    """MAE's and DropPos' masking: (B, N, C, *patch) -> visible patches (B, N - M, C, *patch), their indices
+    (B, N - M), the hidden ones' (B, M), M = round(ratio * N), fresh per item."""
     B, N = patches.shape[:2]
     kept, hidden = random_split(B, N, ratio, patches.device)
     return take_rows(patches.flatten(2), kept).view(B, -1, *patches.shape[2:]), kept, hidden
 
 
 def split_sizes(flag, ratio, n, kept_role=None, dropped_role=None):
-    """random_split's (kept, dropped) counts of n tokens at `ratio`; stops with one line when a side the method
-    needs (it names the side's role) would be empty, so that no run trains on nothing."""
+    """random_split's (kept, dropped) counts of n tokens; an error when a side the method needs (its role
+    named) would be empty, so that no run trains on nothing."""
     dropped = round(ratio * n)
     for count, role in ((n - dropped, kept_role), (dropped, dropped_role)):
         if role and count == 0:
@@ -96,8 +93,8 @@ class MAEConfig(MaskedGridConfig):
 
 
 def patch_targets(patches, norm_pix):
-    """MAE's targets: (B, N, C, *patch) -> (B, N, C * prod(patch)), each patch's pixels normalised by
-    their own mean and (unbiased) variance when norm_pix."""
+    """MAE's targets: (B, N, C, *patch) -> (B, N, C * prod(patch)), with norm_pix by each patch's own mean and
+    (unbiased) variance."""
     x = patches.flatten(2).float()
     if not norm_pix:
         return x
@@ -105,8 +102,8 @@ def patch_targets(patches, norm_pix):
 
 
 class MAE(nn.Module):
-    """Masked autoencoding: the encoder sees the visible on-grid patches with fixed sin-cos position
-    embeddings; the decoder fills in mask tokens and predicts the pixels of the masked patches."""
+    """Masked autoencoding: the encoder sees the visible grid patches with fixed sin-cos position embeddings;
+    the decoder fills in mask tokens and predicts the masked patches' pixels."""
 
     def __init__(self, cfg: MAEConfig):
         super().__init__()
@@ -119,9 +116,7 @@ class MAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         positions = grid_positions(cfg)  # (N, d)
-        self.register_buffer(
-            "fixed_pos_embed", sincos_embed(positions, v.embed_dim)[None]
-        )  # (1, N, D), saved: finetuning starts from it
+        self.register_buffer("fixed_pos_embed", sincos_embed(positions, v.embed_dim)[None])  # (1, N, D), for finetuning
         decoder_pos = sincos_embed(positions, cfg.decoder_dim)[None]  # (1, N, Dd)
         decoder_pos = class_slot(decoder_pos) if cfg.class_token else decoder_pos  # (1, c + N, Dd)
         self.register_buffer("decoder_pos", decoder_pos, persistent=False)
@@ -145,17 +140,13 @@ class MAE(nn.Module):
 # ---------------------------------------------------------------- DropPos
 
 
-TARGET_NORMS = ("columns", "rows")
-
-
 @dataclass
 class DropPosConfig(MaskedGridConfig):
-    """DropPos (Wang et al., NeurIPS 2023) on our ViT, its attentive reconstruction off by default (its scripts'
-    --attn_guide, which needs the class token and a second encoder pass)."""
+    """DropPos (Wang et al., NeurIPS 2023) on our ViT; its attentive reconstruction (--attn_guide: the class
+    token and a second encoder pass) off by default."""
 
     pos_mask_ratio: float = 0.75  # visible patches whose position embedding is dropped
     sigma: float = 1.0  # position smoothing at the start, in patches; (1 - epoch / epochs) sigma in each epoch
-    target_norm: str = "columns"  # of the smoothed targets: "columns" as DropPos' code, "rows": each a distribution
     attentive: bool = False  # weight each dropped token's loss by its similarity to the class token (--attn_guide)
 
     def __post_init__(self):
@@ -167,27 +158,21 @@ class DropPosConfig(MaskedGridConfig):
         split_sizes(
             "--pos-mask-ratio", self.pos_mask_ratio, visible, dropped_role="visible to lose its position (the loss)"
         )
-        if self.target_norm not in TARGET_NORMS:
-            raise ConfigError(f"unknown --droppos-target {self.target_norm!r}, expected one of {TARGET_NORMS}")
 
 
-def smoothed_positions(positions, sigma, norm="columns"):
-    """DropPos' position smoothing: row i is the target of a token at position i, from
-    w_ij = exp(-|p_i - p_j|^2 / sigma^2); one-hot at sigma 0. (N, d) -> (N, N).
-
-    norm "columns": DropPos' `weight / weight.sum(-1)` (engine_pretrain.py) broadcasts the (N,) sums over
-    the last dim, dividing column j by its sum (w is symmetric), so a row sums to about, not exactly, 1.
-    norm "rows": each row divided by its own sum, a distribution."""
+def smoothed_positions(positions, sigma):
+    """DropPos' position smoothing, (N, d) -> (N, N): row i, the target of a token at position i, from
+    w_ij = exp(-|p_i - p_j|^2 / sigma^2), one-hot at sigma 0. Its `weight / weight.sum(-1)` broadcasts the sums
+    over the last dim: column j is divided by its sum (w is symmetric), so a row sums to about 1."""
     if sigma == 0:
         return torch.eye(len(positions), device=positions.device)
     weight = torch.exp(-torch.cdist(positions, positions).square() / sigma**2)
-    return weight / weight.sum(dim=0 if norm == "columns" else 1, keepdim=True)
+    return weight / weight.sum(dim=0, keepdim=True)
 
 
 class DropPos(nn.Module):
-    """Reconstructing dropped positions: of the visible on-grid patches, a share loses its sin-cos
-    position embedding (a learnt mask token instead); a decoder classifies each token's grid position,
-    and the loss (cross-entropy against smoothed positions) is on the tokens whose embedding was dropped."""
+    """Reconstructing dropped positions: a share of the visible grid patches gets a learnt mask token for its
+    sin-cos position embedding; a decoder classifies each token's grid position, with the loss on those."""
 
     def __init__(self, cfg: DropPosConfig):
         super().__init__()
@@ -200,19 +185,16 @@ class DropPos(nn.Module):
         nn.init.normal_(self.mask_pos_token, std=0.02)
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
         self.register_buffer("positions", positions, persistent=False)
-        self.register_buffer(
-            "fixed_pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None]
-        )  # (1, N, D), saved: finetuning starts from it
+        self.register_buffer("fixed_pos_embed", sincos_embed(positions, cfg.vit.embed_dim)[None])  # for finetuning
         self.sigma = cfg.sigma  # the smoothing of this epoch (set_epoch)
 
     def set_epoch(self, epoch, epochs):
-        """DropPos' schedule (engine_pretrain.py): sigma = (1 - epoch / epochs) sigma_0, constant within epoch
-        `epoch` (0-based), so it never reaches 0; engine.fit calls this before each epoch."""
+        """DropPos' schedule: sigma = (1 - epoch / epochs) sigma_0 through 0-based `epoch`, never 0 (engine.fit)."""
         self.sigma = self.cfg.sigma * (1 - epoch / epochs)
 
     def sample(self, patches):
-        """Patches (B, N, C, *patch) -> the visible ones (B, V, C, *patch), their grid indices (B, V), dropped (B, V)
-        bool: those whose position embedding is dropped."""
+        """Patches (B, N, C, *patch) -> the visible ones (B, V, C, *patch), their grid indices (B, V), and (B, V)
+        True where the position embedding is dropped."""
         visible, kept, _ = hide_patches(patches, self.cfg.mask_ratio)  # (B, V, C, *patch), (B, V)
         B, V = kept.shape
         dropped = as_mask(random_split(B, V, self.cfg.pos_mask_ratio, patches.device)[1], V)
@@ -220,16 +202,15 @@ class DropPos(nn.Module):
 
     @torch.no_grad()
     def patch_attention(self, patches):
-        """DropPos' attentive reconstruction weights (its get_feature_similarity): the encoder on every patch at
-        its position, then the softmax over patches of cos(class token, patch token) / 0.1: (B, N, ...) -> (B, N)."""
+        """DropPos' attentive weights (get_feature_similarity), (B, N, ...) -> (B, N): the encoder on every patch at
+        its position, then the softmax over patches of cos(class token, patch token) / 0.1."""
         tokens = self.encoder.forward_features(patches, pos=class_slot(self.fixed_pos_embed))  # (B, 1 + N, D)
         return (F.cosine_similarity(tokens[:, :1], tokens[:, 1:], dim=-1).float() / 0.1).softmax(dim=-1)
 
     def loss(self, logits, kept, weight):
-        """Cross-entropy of the position logits (B, V, N) against the smoothed true positions, averaged with
-        `weight` (B, V) (the dropped tokens, attentively weighted or not) -> (loss, metrics with the position
-        accuracy, weighted alike)."""
-        target = smoothed_positions(self.positions, self.sigma, self.cfg.target_norm)[kept]  # (B, V, N)
+        """Cross-entropy of the position logits (B, V, N) against the smoothed positions, and the position
+        accuracy, both averaged with `weight` (B, V) -> (loss, metrics)."""
+        target = smoothed_positions(self.positions, self.sigma)[kept]  # (B, V, N)
         ce = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B, V)
         loss = (ce * weight).sum() / weight.sum()
         acc = ((logits.argmax(dim=-1) == kept).float() * weight).sum() / weight.sum()
@@ -255,8 +236,7 @@ class DropPos(nn.Module):
 
 @dataclass
 class MP3Config(InputConfig):
-    """MP3 (Zhai et al., ICML 2022) on our ViT. Its paper's body could not be read here: README ("MP3")
-    gives each choice made and the sentence it rests on."""
+    """MP3 (Zhai et al., ICML 2022) on our ViT, built from its abstract: docs/comparison.md gives each choice."""
 
     mask_ratio: float = 0.75  # eta: share of the patches that give no keys and values (MAE's ratio; the paper's unread)
 
@@ -267,9 +247,8 @@ class MP3Config(InputConfig):
 
 
 class MP3(nn.Module):
-    """Masked position prediction: the on-grid patches without position embeddings, each a query, while
-    keys and values come from a random context of them, the same in every block; a linear head on the
-    encoder's normalised tokens classifies each patch's grid position, cross-entropy over all patches."""
+    """Masked position prediction: the grid patches without position embeddings, each a query, keys and values
+    from a random context of them in every block; a linear head classifies each patch's grid position."""
 
     def __init__(self, cfg: MP3Config):
         super().__init__()
@@ -285,7 +264,7 @@ class MP3(nn.Module):
         B, N = patches.shape[:2]
         context, _ = random_split(B, N, self.cfg.mask_ratio, images.device)  # (B, N - M)
         logits = self.head(self.encoder.forward_features(patches, context=context)).float()  # (B, N, N)
-        # raster order: without position embeddings the encoder is permutation-equivariant, the order tells it nothing
+        # raster order tells a permutation-equivariant encoder nothing
         target = torch.arange(N, device=images.device).expand(B, N)  # (B, N) each patch's grid index
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         acc = (logits.argmax(dim=-1) == target).float().mean()

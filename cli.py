@@ -19,6 +19,7 @@ import baselines
 import data
 import part
 from engine import Recipe, RunError, fail, load_checkpoint
+from vit import ViTConfig
 
 
 # ---------------------------------------------------------------- the error layer and option groups
@@ -129,9 +130,7 @@ XAVIER_HELP = (
     "every Linear xavier-uniform, MAE's and DropPos' official init (theirs always), in place of DeiT's trunc-normal "
     "0.02: the same init for every row of a comparison"
 )
-HEAD_HELP = (
-    "relative encoder (Table 5), each as the paper writes it; cross-attention-residual is not the paper's (README)"
-)
+HEAD_HELP = "relative encoder (Table 5), each as the paper writes it"
 RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "epochs": (POSITIVE, "training epochs"),
     "batch_size": (POSITIVE, "images per process and step"),
@@ -219,11 +218,6 @@ BASELINE_OPTIONS = (  # the flags of MAE, DropPos and MP3, each naming the metho
     click.option(
         "--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
         help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)",
-    ),
-    click.option(
-        "--droppos-target", "target_norm", type=click.Choice(baselines.TARGET_NORMS), default="columns",
-        show_default=True,
-        help="droppos: smoothed targets with each column normalised, as its code, or each row (a distribution)",
     ),
 )
 
@@ -393,7 +387,7 @@ def encoder_from_init(init, fallback, patch_ndim=2):
     state, config = pretrained_encoder(init, patch_ndim)
     vit = config.get("model", {}).get("vit")
     if vit:
-        return part.ViTConfig(**vit), state, config
+        return ViTConfig(**vit), state, config
     if "patch_embed.proj.weight" not in state:
         fail(f"{init} is neither a checkpoint of ours nor an encoder state dict (it has no patch_embed.proj.weight)")
     return part.vit_of_state(state, fallback), state, config

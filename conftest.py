@@ -17,6 +17,7 @@ import data
 import engine
 import part
 import train
+from vit import vit_config
 
 
 CEILING_S = 900  # the longest a test waits for another process: a hang, never a busy machine, reaches it
@@ -43,7 +44,7 @@ def leaves_no_state():
 
 
 def tiny_config(**overrides):
-    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
+    vit = vit_config("vit_test", patch_size=4, in_chans=1)
     return part.PARTConfig(
         **{"vit": vit, "img_size": (16, 16), "num_pairs": 32, "mean": (0.5,), "std": (0.25,), **overrides}
     )

@@ -48,6 +48,7 @@ import cli
 import data
 import engine
 import part
+from vit import PRESETS, ViTConfig, VisionTransformer, feature_map, patchify, set_grad_checkpointing, vit_config
 
 # ---------------------------------------------------------------- the backbone
 
@@ -130,7 +131,7 @@ class ViTBackbone(nn.Module):
 
     def __init__(self, vit_cfg):
         super().__init__()
-        self.encoder = part.VisionTransformer(vit_cfg)
+        self.encoder = VisionTransformer(vit_cfg)
         self.pyramid = SimpleFeaturePyramid(vit_cfg.embed_dim, vit_cfg.patch_size)
 
     def forward(self, images):
@@ -141,8 +142,8 @@ class ViTBackbone(nn.Module):
         P = self.encoder.cfg.patch_size
         images = F.pad(images, (0, -images.shape[-1] % P, 0, -images.shape[-2] % P))
         grid = (images.shape[-2] // P, images.shape[-1] // P)
-        x = self.encoder.forward_features(part.patchify(images, P), grid=grid)  # (B, N, D)
-        return self.pyramid(part.feature_map(x, grid))  # from (B, D, h, w)
+        x = self.encoder.forward_features(patchify(images, P), grid=grid)  # (B, N, D)
+        return self.pyramid(feature_map(x, grid))  # from (B, D, h, w)
 
 
 # ---------------------------------------------------------------- the detector
@@ -150,7 +151,7 @@ class ViTBackbone(nn.Module):
 
 @dataclass
 class DetectConfig:
-    vit: part.ViTConfig = field(default_factory=part.ViTConfig)  # the encoder; pos_grid: the token grid of img_size;
+    vit: ViTConfig = field(default_factory=ViTConfig)  # the encoder; pos_grid: the token grid of img_size;
     # window, global_blocks: ViTDet's window attention (14 tokens, blocks 2, 5, 8, 11 global), 0: global in every block
     num_classes: int = 80  # object categories, background not counted
     masks: bool = True  # Mask R-CNN; False: Faster R-CNN, for box-only data
@@ -163,7 +164,7 @@ class DetectConfig:
 
     def __post_init__(self):
         if isinstance(self.vit, dict):
-            self.vit = part.ViTConfig(**self.vit)
+            self.vit = ViTConfig(**self.vit)
         self.vit = replace(
             self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0,
             global_blocks=tuple(self.vit.global_blocks),
@@ -549,7 +550,7 @@ def encoder_init(init, preset, patch_size, in_chans):
     for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
     state dict takes --preset and --patch-size, scratch those and --in-chans."""
     vit, state, config = cli.encoder_from_init(
-        init, part.vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3)
+        init, vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3)
     )
     if state is None:
         return vit, None, None
@@ -660,7 +661,7 @@ model_options = cli.options(
         help="longest side, and the square canvas every image is padded to; ViTDet: 1024",
     ),
     click.option(
-        "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+        "--preset", type=click.Choice(list(PRESETS)), default="vit_mini", show_default=True,
         help="for scratch or a bare state dict; a PART checkpoint brings its own",
     ),
     click.option("--patch-size", type=cli.POSITIVE, default=4, show_default=True, help="as --preset"),
@@ -736,7 +737,7 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
         torch.manual_seed(recipe.seed)  # the same initial heads on every process
         model = build_detector(cfg, weights, init, dd.main)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
-        part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        set_grad_checkpointing(model, recipe.grad_ckpt)
         if recipe.compile:  # the ViT alone: torchvision's heads break the graph and recompile with every image count
             model.rcnn.backbone.encoder.compile()
         # torchvision decodes boxes in the dtype of the regression outputs, and bf16 would round coordinates by up to

@@ -7,13 +7,10 @@
 
     python train.py show --ckpt out/pretrain/checkpoint.pt [--image photo.jpg]
 
-First the analysis (all-pair predictions and the numbers behind each figure), then the drawings,
-then `show_image`, which does both for one image. Only `train.py show` imports this file, so
-matplotlib loads for it alone. Images are (C, H, W) floats in [0, 1], boxes pixels as x0, y0, x1,
-y1. Every panel is PANEL x PANEL inches at DPI, so a figure of c x r panels is exactly
-(c * PANEL * DPI, r * PANEL * DPI) pixels; small images are upscaled by nearest neighbour.
-
-At the end, `plot_runs`: the training curves of runs side by side, from their log.jsonl.
+First the analysis (all-pair predictions and the numbers behind each figure), then the drawings, then
+`show_image`, both for one image; at the end `plot_runs`, training curves from log.jsonl. Only train.py's
+show and plot import this file, so matplotlib loads for them alone. Images are (C, H, W) floats in [0, 1],
+boxes pixels as x0, y0, x1, y1; a figure of c x r panels is (c * PANEL * DPI, r * PANEL * DPI) pixels.
 """
 
 import json
@@ -49,9 +46,7 @@ def predict_all_pairs(model, patches, chunk=4096):
     B, N = patches.shape[:2]
     x = model.encoder.forward_features(patches)  # (B, N, D)
     pairs = all_pairs(N, patches.device).expand(B, -1, -1)  # (B, N*N, 2)
-    pred = torch.cat(
-        [model.relative(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1
-    )  # (B, N*N, 2|4)
+    pred = torch.cat([model.relative.fast(x, pairs[:, k : k + chunk]) for k in range(0, N * N, chunk)], dim=1)
     return pred.float().reshape(B, N, N, -1)
 
 
@@ -90,9 +85,7 @@ def patch_uncertainty(placed):
     """Each patch's uncertainty (Figure 5): the RMS distance, in pixels, of the N-1 centres that the
     other patches predict for it from their mean. placed (N, N, 4) -> (N,)."""
     N = placed.shape[0]
-    centres = off_diagonal(part.centres_sizes(placed)[0].transpose(0, 1)).reshape(
-        N, N - 1, 2
-    )  # [j] = j's centre from every i != j
+    centres = off_diagonal(part.centres_sizes(placed)[0].transpose(0, 1)).reshape(N, N - 1, 2)  # [j]: from every i
     return (centres - centres.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=1).sqrt()
 
 
@@ -390,9 +383,7 @@ def plot_runs(out_dirs, path):
     fig, axes = figure(cols, math.ceil(len(keys) / cols))
     for ax, key in zip(axes.flat, keys):
         for i, (name, rows) in enumerate(runs):
-            points = [
-                (row["step"], row[key]) for row in rows if key in row
-            ]  # (step, value); none where the run lacks the key
+            points = [(row["step"], row[key]) for row in rows if key in row]  # none where the run lacks the key
             if points:  # a run keeps its colour in every panel; epochs are few, so their points are marked
                 ax.plot(*zip(*points), color=f"C{i}", label=name, marker="." if key in held_out else None)
         ax.set(title=key, xlabel="step")

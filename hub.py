@@ -18,6 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import part
+from vit import PRESETS
 
 # the timm model function named for each preset of the same size; model_args override all its sizes
 TIMM_ARCHITECTURES = {
@@ -44,7 +45,7 @@ def timm_architecture(vit):
     defaults that model_args override, so any would rebuild the model; the name tells its size."""
     size = {k: vit[k] for k in ("embed_dim", "depth", "num_heads")}
     return next(
-        (name for preset, name in TIMM_ARCHITECTURES.items() if part.PRESETS[preset] == size),
+        (name for preset, name in TIMM_ARCHITECTURES.items() if PRESETS[preset] == size),
         TIMM_ARCHITECTURES["vit_b"],
     )
 

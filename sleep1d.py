@@ -43,6 +43,7 @@ import cli
 import engine
 import part
 from data import DataError
+from vit import ViTConfig, set_grad_checkpointing
 
 FS = 100  # Hz, the paper's rate after resampling (8.1)
 EPOCH_S = 30  # s, one scored sleep epoch
@@ -702,7 +703,7 @@ def eeg_vit(preset, window, channels, drop_path=0.0):
     """A 1D ViT: each window of `window` samples x `channels` channels is one token (a linear layer, 8.1)."""
     if preset not in PRESETS:
         raise part.ConfigError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
-    return part.ViTConfig(**PRESETS[preset], patch_size=window, in_chans=channels, patch_ndim=1, drop_path=drop_path)
+    return ViTConfig(**PRESETS[preset], patch_size=window, in_chans=channels, patch_ndim=1, drop_path=drop_path)
 
 
 def signal_stats(vit):
@@ -863,7 +864,7 @@ def pretrain(
             )
         torch.manual_seed(recipe.seed)
         model = baselines.pretext_model(method, cfg)
-        part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        set_grad_checkpointing(model, recipe.grad_ckpt)
         config = {
             "kind": f"{method}1d",
             "data": {**data_config, "context": context},
@@ -966,7 +967,7 @@ def finetune(
             "recipe": asdict(recipe),
         }
         # no checkpoint_best.pt: the evaluation set is the held-out test subjects, not one to select on
-        part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        set_grad_checkpointing(model, recipe.grad_ckpt)
         metrics = engine.fit(model, train_set, val_set, recipe, out_dir, config, dd, evaluate_fn=evaluate_staging)
         if dd.main and metrics:
             print(

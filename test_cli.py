@@ -14,10 +14,10 @@ import cli
 import data
 import detect
 import engine
-import part
 import sleep1d
 import train
 from conftest import TINY_IMAGES, TINY_RUN, crash_after_epoch, invoke, one_line_error, photo_folder, tiny_run, write_coco
+from vit import VisionTransformer, vit_config
 
 
 def test_a_corrupt_jpeg_stops_the_run_naming_it_and_can_be_skipped_and_counted(tmp_path):
@@ -67,8 +67,8 @@ def test_too_many_patches_are_refused_before_training(fake_fmnist, tmp_path):
 
 def fake_checkpoint(path, kind, patch_ndim):
     """A checkpoint of `kind` as our commands write them, with a ViT of `patch_ndim` dimensions."""
-    vit = part.vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=patch_ndim)
-    model = part.VisionTransformer(vit)
+    vit = vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=patch_ndim)
+    model = VisionTransformer(vit)
     torch.save(
         {
             "model": {f"encoder.{k}": v for k, v in model.state_dict().items()},

@@ -12,12 +12,13 @@ from PIL import Image
 import detect
 import part
 from conftest import one_line_error, refused, square_mask, write_coco
+from vit import Attention, VisionTransformer, resize_pos_embed, vit_config, window_partition, window_unpartition
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
 def tiny_config(masks=True, patch_size=4, window=0, global_blocks=()):
-    vit = part.vit_config(
+    vit = vit_config(
         "vit_test", patch_size=patch_size, in_chans=1, pos_grid=(16, 16), window=window, global_blocks=global_blocks
     )
     return detect.DetectConfig(
@@ -35,7 +36,7 @@ def coco(tmp_path):
 def part_checkpoint(tmp_path):
     """A PART pretraining checkpoint as engine.fit writes it, of a vit_test / 4 on 16 x 16 images."""
     cfg = part.PARTConfig(
-        vit=part.vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16, mean=(0.3,),
+        vit=vit_config("vit_test", patch_size=4, in_chans=1), img_size=(16, 16), num_pairs=16, mean=(0.3,),
         std=(0.2,),
     )
     torch.manual_seed(1)
@@ -97,15 +98,15 @@ def test_layernorm2d_normalises_over_channels_only():
 def test_window_attention_covering_the_grid_is_global_attention():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 32)  # (B, h, w, D), neither side a multiple of the window
-    assert torch.equal(part.window_unpartition(part.window_partition(x, 3), 3, 2, 5, 7), x)
+    assert torch.equal(window_unpartition(window_partition(x, 3), 3, 2, 5, 7), x)
     x = x[:, :, :5].reshape(
         2, 25, 32
     )  # one window of 5 x 5 tokens, without padding (padded tokens take part as zeros, as in ViTDet)
-    attn = part.Attention(32, 2, window=0)
-    windowed = part.Attention(32, 2, window=5)
+    attn = Attention(32, 2, window=0)
+    windowed = Attention(32, 2, window=5)
     windowed.load_state_dict(attn.state_dict())
     torch.testing.assert_close(windowed(x, grid=(5, 5)), attn(x, grid=(5, 5)))
-    small = part.Attention(32, 2, window=2)
+    small = Attention(32, 2, window=2)
     small.load_state_dict(attn.state_dict())
     assert not torch.allclose(
         small(x, grid=(5, 5)), attn(x), atol=1e-4
@@ -309,14 +310,14 @@ def test_pyramid_needs_a_power_of_two_patch_size():
 def test_landscape_and_portrait_reach_the_backbone_on_the_training_grid(monkeypatch):
     torch.manual_seed(0)
     model = detect.Detector(tiny_config()).eval()  # img_size 64, patch 4: the 16 x 16 grid of the position embeddings
-    seen, resized, resize = [], [], part.resize_pos_embed
+    seen, resized, resize = [], [], resize_pos_embed
     model.rcnn.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
 
     def recording_resize(pos_embed, old_grid, new_grid, num_prefix):
         resized.append((tuple(old_grid), tuple(new_grid)))
         return resize(pos_embed, old_grid, new_grid, num_prefix)
 
-    monkeypatch.setattr(part, "resize_pos_embed", recording_resize)
+    monkeypatch.setattr("vit.resize_pos_embed", recording_resize)
     images = [
         torch.randint(0, 256, (1, 30, 50), dtype=torch.uint8),
         torch.randint(0, 256, (1, 50, 20), dtype=torch.uint8),
@@ -370,7 +371,7 @@ def common_flags(options):
 
 def test_compile_compiles_the_vit_alone_and_keeps_the_checkpoint_names(coco, tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(part.VisionTransformer, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    monkeypatch.setattr(VisionTransformer, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
     args = ["--data-dir", coco, "--init", "scratch", "--preset", "vit_test", "--img-size", 64, "--epochs", 1, "--compile",
             "--out-dir", tmp_path / "run"]
     result = run_cli(*args)

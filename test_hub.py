@@ -12,6 +12,7 @@ import baselines
 import hub
 import part
 from conftest import TINY_RUN, invoke
+from vit import patchify, vit_config
 
 SIZE, MEAN, STD = (
     (12, 16),
@@ -21,7 +22,7 @@ SIZE, MEAN, STD = (
 
 
 def tiny_vit():
-    return part.vit_config("vit_test", patch_size=4, in_chans=3)
+    return vit_config("vit_test", patch_size=4, in_chans=3)
 
 
 def perturbed(model):
@@ -83,7 +84,7 @@ def test_pretrained_encoder_in_timm_gives_our_tokens_and_features(tmp_path, meth
     if c:  # the class token's position slot: zero, first
         pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     with torch.no_grad():
-        ours = model.encoder.forward_features(part.patchify(model.normalize(images), 4), pos=pos)  # (B, c + N, D)
+        ours = model.encoder.forward_features(patchify(model.normalize(images), 4), pos=pos)  # (B, c + N, D)
         torch.testing.assert_close(theirs.forward_features(normalised), ours, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(theirs(normalised), ours[:, c:].mean(dim=1), atol=1e-5, rtol=1e-5)  # (B, D)
     assert (theirs.pos_embed is None) == (pos is None) and (theirs.cls_token is not None) == bool(c)
@@ -144,15 +145,15 @@ def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
 
 
 def test_architecture_names_the_timm_vit_of_the_same_size():
-    assert hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_s"))) == "vit_small_patch16_224"
+    assert hub.timm_architecture(dataclasses.asdict(vit_config("vit_s"))) == "vit_small_patch16_224"
     assert (
-        hub.timm_architecture(dataclasses.asdict(part.vit_config("vit_mini"))) == "vit_base_patch16_224"
+        hub.timm_architecture(dataclasses.asdict(vit_config("vit_mini"))) == "vit_base_patch16_224"
     )  # none in timm
     assert all(timm.is_model(name) for name in hub.TIMM_ARCHITECTURES.values())
 
 
 def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
-    vit = part.vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=1)
+    vit = vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=1)
     model = part.PART(part.PARTConfig(vit=vit, img_size=(64,), mean=(0.0,), std=(1.0,), num_pairs=32))
     state = part.encoder_state_dict(model.state_dict())
     assert (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent
-LIBRARY = ["part.py", "baselines.py", "engine.py", "cli.py", "bench.py", "hub.py", "data.py", "figures.py"]
+LIBRARY = ["part.py", "vit.py", "baselines.py", "engine.py", "cli.py", "bench.py", "hub.py", "data.py", "figures.py"]
 ENTRY_POINTS = ["train.py", "sleep1d.py", "detect.py"]
 SOURCES = LIBRARY + ENTRY_POINTS + ["studies/compare_table.py"]
 # what the engine may ask of a model: nn.Module's own interface, nothing a method defines
@@ -40,10 +40,10 @@ def imports(name):
 
 
 def model_classes():
-    """Every class that part.py, baselines.py and detect.py define."""
+    """Every class that part.py, vit.py, baselines.py and detect.py define."""
     return {
         node.name
-        for name in ("part.py", "baselines.py", "detect.py")
+        for name in ("part.py", "vit.py", "baselines.py", "detect.py")
         for node in ast.walk(tree(name))
         if isinstance(node, ast.ClassDef)
     }

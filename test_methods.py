@@ -19,6 +19,7 @@ import part
 import sleep1d
 import train
 from conftest import TINY_RUN, invoke, tiny_config, tiny_run, write_coco
+from vit import Block, VisionTransformer, patchify, resize_pos_embed, sincos_embed, vit_config
 
 
 def method_config(method, **overrides):
@@ -101,11 +102,11 @@ def test_droppos_targets_are_the_true_grid_indices_of_the_dropped_tokens_only():
     torch.manual_seed(0)
     model = baselines.DropPos(method_config("droppos", sigma=0.0))
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    visible, kept, dropped = model.sample(part.patchify(model.normalize(images), 4))
+    visible, kept, dropped = model.sample(patchify(model.normalize(images), 4))
     assert (
         visible.shape == (3, 4, 1, 4, 4) and (dropped.sum(dim=1) == 3).all()
     )  # 25% of 16 visible, 75% of those dropped
-    grid = part.patchify(model.normalize(images), 4)
+    grid = patchify(model.normalize(images), 4)
     for b in range(3):  # each visible patch is the on-grid patch whose index is its target
         torch.testing.assert_close(visible[b], grid[b, kept[b]])
     logits = torch.randn(3, 4, 16)
@@ -129,7 +130,7 @@ def test_droppos_attentive_weights_are_its_class_token_similarity_over_the_dropp
     with torch.no_grad():
         model.encoder.cls_token.normal_()  # a class token far from its init, so that similarities spread
     images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    patches = part.patchify(model.normalize(images), 4)  # (3, 16, 1, 4, 4)
+    patches = patchify(model.normalize(images), 4)  # (3, 16, 1, 4, 4)
     encoder = model.encoder
     with torch.no_grad():  # every patch with its sin-cos, the class token first at position slot zero
         x = torch.cat([encoder.cls_token.expand(3, -1, -1), encoder.patch_embed(patches) + model.fixed_pos_embed], 1)
@@ -150,10 +151,10 @@ def test_droppos_attentive_weights_are_its_class_token_similarity_over_the_dropp
 
 def test_droppos_position_smoothing_and_its_one_hot_limit():
     positions = part.grid_positions(method_config("droppos"))  # (16, 2) patch centres
-    smooth = baselines.smoothed_positions(positions, 1.0, "rows")
-    torch.testing.assert_close(smooth.sum(dim=1), torch.ones(16))
+    smooth = baselines.smoothed_positions(positions, 1.0)
+    torch.testing.assert_close(smooth.sum(dim=0), torch.ones(16))  # each column normalised, as DropPos' code
     d2 = ((positions[0] - positions[1]) ** 2).sum()
-    assert (smooth[0, 1] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
+    assert (smooth[1, 0] / smooth[0, 0]).item() == pytest.approx(math.exp(-d2.item()))  # exp(-|p_i - p_j|^2 / sigma^2)
     torch.testing.assert_close(baselines.smoothed_positions(positions, 0.0), torch.eye(16))
     model = baselines.DropPos(method_config("droppos", sigma=0.0))  # no smoothing: one-hot targets
     logits = torch.randn(1, 4, 16)
@@ -163,16 +164,14 @@ def test_droppos_position_smoothing_and_its_one_hot_limit():
 
 
 def test_droppos_default_target_on_a_3x3_grid_is_its_codes_column_normalised_map():
-    vit = part.vit_config("vit_test", patch_size=4, in_chans=1)
+    vit = vit_config("vit_test", patch_size=4, in_chans=1)
     model = baselines.DropPos(
         baselines.pretext_config("droppos", vit=vit, img_size=(12, 12), mean=(0.5,), std=(0.25,))
     )  # 3 x 3 patches
     sigma = 1.5
     w = [[math.exp(-((i // 3 - j // 3) ** 2 + (i % 3 - j % 3) ** 2) / sigma**2) for j in range(9)] for i in range(9)]
     column = [sum(w[i][j] for i in range(9)) for j in range(9)]
-    row = [sum(w[i]) for i in range(9)]
     by_columns = torch.tensor([[w[i][j] / column[j] for j in range(9)] for i in range(9)])
-    by_rows = torch.tensor([[w[i][j] / row[i] for j in range(9)] for i in range(9)])
     assert (by_columns.sum(dim=1) - 1).abs().max() > 0.05  # the two differ: a corner's row does not sum to 1
     model.sigma = sigma
     logits = torch.randn(1, 9, 9)
@@ -182,7 +181,7 @@ def test_droppos_default_target_on_a_3x3_grid_is_its_codes_column_normalised_map
     assert loss.item() == pytest.approx(
         -(by_columns * logits[0].log_softmax(dim=-1)).sum(dim=1).mean().item(), rel=1e-5
     )
-    torch.testing.assert_close(baselines.smoothed_positions(model.positions, sigma, "rows"), by_rows)
+    torch.testing.assert_close(baselines.smoothed_positions(model.positions, sigma), by_columns)
 
 
 # ---------------------------------------------------------------- MP3
@@ -202,7 +201,7 @@ def hand_masked_attention(block, x, allowed):
 
 def test_mp3_attention_over_the_context_equals_a_hand_written_masked_attention():
     torch.manual_seed(0)
-    block = part.Block(32, 4, 4.0, 0.0)
+    block = Block(32, 4, 4.0, 0.0)
     x = torch.randn(3, 16, 32)
     context = part.random_split(3, 16, 0.75)[0]  # (3, 4): the tokens that give keys and values
     allowed = torch.zeros(3, 16, dtype=torch.bool)
@@ -217,7 +216,7 @@ def test_mp3_attention_over_the_context_equals_a_hand_written_masked_attention()
 
 def test_mp3_tokens_outside_the_context_reach_no_other_token_in_any_block():
     torch.manual_seed(0)
-    encoder = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1))
+    encoder = VisionTransformer(vit_config("vit_test", patch_size=4, in_chans=1))
     patches = torch.randn(2, 16, 1, 4, 4)
     context = part.random_split(2, 16, 0.75)[0]  # (2, 4)
     out = encoder.forward_features(patches, context=context)
@@ -359,7 +358,7 @@ def test_pos_mask_gives_masked_windows_no_position_and_the_others_their_start_ti
     t0 = boxes[..., 0][
         ~masked
     ]  # the unmasked: the sin-cos embedding of the window's centre, a function of its start alone
-    torch.testing.assert_close(pos[~masked], part.sincos_embed((t0[:, None] + 50) / 100, 32))
+    torch.testing.assert_close(pos[~masked], sincos_embed((t0[:, None] + 50) / 100, 32))
     other = boxes.clone()
     other[~masked] += 1.0
     assert not torch.allclose(model.positions(other, masked)[~masked], pos[~masked])
@@ -468,7 +467,7 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
         encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"]
     )
     if positions:
-        pos = part.resize_pos_embed(
+        pos = resize_pos_embed(
             pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0
         )  # the 7 x 7 sin-cos, interpolated to the 16 x 16 canvas
         torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
@@ -504,7 +503,7 @@ def test_a_class_token_pretrained_as_the_official_code_carries_into_finetune_knn
         global_blocks=(), anchor_size=16, proposals=50,
     )
     encoder = detect.build_detector(cfg, weights, str(pre / "checkpoint.pt"), main=False).rcnn.backbone.encoder
-    pos = part.resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the detector has no class token
+    pos = resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the detector has no class token
     torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 
 
@@ -615,7 +614,7 @@ def test_droppos_protocol_keeps_its_sin_cos_fixed_and_pools_through_fc_norm(fake
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     enc = model.encoder
     x = (
-        torch.cat([enc.cls_token.expand(2, -1, -1), enc.patch_embed(part.patchify(model.normalize(images), 4))], dim=1)
+        torch.cat([enc.cls_token.expand(2, -1, -1), enc.patch_embed(patchify(model.normalize(images), 4))], dim=1)
         + enc.pos_embed
     )
     for block in enc.blocks:

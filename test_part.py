@@ -20,6 +20,7 @@ import engine
 import part
 import train
 from conftest import TINY_RUN, crash_after_epoch, free_port, invoke, tiny_config, write_idx
+from vit import VisionTransformer, _init_weights, patchify, resize_pos_embed, vit_config
 
 # ---------------------------------------------------------------- sampler and targets
 
@@ -107,7 +108,7 @@ def test_offgrid_crops_are_one_bilinear_sample_per_pixel(H, W, P):
 def test_patchify_matches_grid_crops():
     images = torch.rand(2, 3, 8, 12)
     boxes = part.grid_boxes((8, 12), 4).expand(2, -1, -1)
-    torch.testing.assert_close(part.patchify(images, 4), part.crop_patches(images, boxes, 4))
+    torch.testing.assert_close(patchify(images, 4), part.crop_patches(images, boxes, 4))
 
 
 def test_encode_grid_gives_the_encoders_tokens_of_the_normalised_grid_crops():
@@ -132,15 +133,15 @@ def test_pairs_are_distinct_and_bounded():
 
 
 def test_vit_without_pos_embed_is_permutation_equivariant():
-    vit = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1)).eval()
+    vit = VisionTransformer(vit_config("vit_test", patch_size=4, in_chans=1)).eval()
     patches = torch.randn(2, 10, 1, 4, 4)
     perm = torch.randperm(10)
     torch.testing.assert_close(vit.forward_features(patches)[:, perm], vit.forward_features(patches[:, perm]))
-    with_pos = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1, pos_grid=(2, 5))).eval()
+    with_pos = VisionTransformer(vit_config("vit_test", patch_size=4, in_chans=1, pos_grid=(2, 5))).eval()
     assert not torch.allclose(with_pos.forward_features(patches)[:, perm], with_pos.forward_features(patches[:, perm]))
 
 
-def test_cross_attention_head_is_the_papers_equation():
+def test_cross_attention_head_is_the_papers_equation_written_out():
     torch.manual_seed(0)
     head = part.CrossAttentionHead(8, 2)
     x, pairs = torch.randn(2, 5, 8), part.sample_pairs(2, 5, 7)
@@ -152,7 +153,8 @@ def test_cross_attention_head_is_the_papers_equation():
     )  # (2, 7, 8): X_hat = Linear(concat(X'_S0, X'_S1)), pair by pair
     theta = torch.softmax(q @ x.transpose(1, 2) / math.sqrt(8), dim=-1) @ x  # softmax(X_hat X'^T / sqrt(d)) X'
     expected = theta @ head.regressor.weight.T + head.regressor.bias  # then the regressor
-    torch.testing.assert_close(head(x, pairs), expected)
+    for form in (head, head.fast):  # the paper's form, and the rearranged one PART trains with
+        torch.testing.assert_close(form(x, pairs), expected)
 
 
 def test_pairwise_head_has_the_papers_parameter_count():
@@ -164,13 +166,13 @@ def test_pairwise_head_has_the_papers_parameter_count():
 
 @pytest.mark.parametrize("head_cls", [part.CrossAttentionHead, part.PairwiseMlpHead])
 @pytest.mark.parametrize("K", [5, 40])  # fewer and more pairs than the N = 9 tokens
-def test_restructured_heads_equal_the_per_pair_computation(head_cls, K):
+def test_fast_heads_equal_the_papers_per_pair_form_in_value_and_gradient(head_cls, K):
     torch.manual_seed(0)
     head = head_cls(16, 4)
-    head.apply(part._init_weights)
+    head.apply(_init_weights)
     x, pairs = torch.randn(3, 9, 16, requires_grad=True), part.sample_pairs(3, 9, K)
     grads = []
-    for forward in (head.forward, head.reference_forward):
+    for forward in (head.fast, head.forward):
         out = forward(x, pairs)
         weights = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
         grads.append((out, *torch.autograd.grad((out * weights).sum(), [x, *head.parameters()])))
@@ -235,7 +237,7 @@ def test_every_parameter_gets_a_gradient():
 
 def test_grad_checkpointing_recomputes_and_gives_the_same_gradients():
     torch.manual_seed(0)
-    vit = part.VisionTransformer(part.vit_config("vit_test", patch_size=4, in_chans=1, drop_path=0.5)).train()
+    vit = VisionTransformer(vit_config("vit_test", patch_size=4, in_chans=1, drop_path=0.5)).train()
     patches = torch.randn(3, 9, 1, 4, 4)
     calls, forward = [], vit.blocks[0].forward
     vit.blocks[0].forward = lambda *args: calls.append(1) or forward(*args)  # counts runs, recomputation included
@@ -254,9 +256,7 @@ def test_grad_ckpt_flag_reaches_the_encoder_and_changes_no_result(fake_fmnist, t
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1]
     assert invoke(*common, "--out-dir", tmp_path / "plain").exit_code == 0
     calls = []
-    monkeypatch.setattr(
-        part, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k)
-    )
+    monkeypatch.setattr("vit.checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
     assert invoke(*common, "--grad-ckpt", "--out-dir", tmp_path / "ckpt").exit_code == 0
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("plain", "ckpt"))
     assert calls and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -264,7 +264,7 @@ def test_grad_ckpt_flag_reaches_the_encoder_and_changes_no_result(fake_fmnist, t
 
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="--patch-size 5 must divide"):
-        tiny_config(vit=part.vit_config("vit_test", patch_size=5, in_chans=1))
+        tiny_config(vit=vit_config("vit_test", patch_size=5, in_chans=1))
     with pytest.raises(ValueError, match="--pairs 300 is more than the 256"):
         tiny_config(num_pairs=300)
 
@@ -279,14 +279,14 @@ def test_encoder_loads_into_timm_with_the_same_features():
     )
     ref.load_state_dict(state)  # strict: every key matches by name and shape
     images = torch.rand(2, 1, 16, 16)
-    ours = model.encoder.eval().forward_features(part.patchify(images, 4))
+    ours = model.encoder.eval().forward_features(patchify(images, 4))
     torch.testing.assert_close(ours, ref.eval().forward_features(images), atol=1e-5, rtol=1e-4)
 
 
 def test_resize_pos_embed_keeps_prefix_and_is_identity_on_same_grid():
     pos = torch.randn(1, 1 + 12, 8)
-    assert part.resize_pos_embed(pos, (3, 4), (3, 4), 1) is pos
-    big = part.resize_pos_embed(pos, (3, 4), (6, 2), 1)
+    assert resize_pos_embed(pos, (3, 4), (3, 4), 1) is pos
+    big = resize_pos_embed(pos, (3, 4), (6, 2), 1)
     assert big.shape == (1, 13, 8) and torch.equal(big[:, :1], pos[:, :1])
 
 
@@ -484,7 +484,7 @@ def pretrained(fake_fmnist, tmp_path):
 
 def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
-    vit, state, config = cli.encoder_from_init(str(path), part.vit_config("vit_mini", patch_size=4))
+    vit, state, config = cli.encoder_from_init(str(path), vit_config("vit_mini", patch_size=4))
     info = data.data_info("fashion-mnist")
     cfg = train.classifier_config(
         info, 10, vit, True, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
@@ -628,7 +628,7 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     )
     feats, _ = train.knn_features(encoder, model["mean"], model["std"], "cls", val_set, dd)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
-    patches = part.patchify(
+    patches = patchify(
         (images.float() / 255 - torch.tensor(model["mean"]).view(1, -1, 1, 1))
         / torch.tensor(model["std"]).view(1, -1, 1, 1),
         4,

@@ -25,6 +25,7 @@ import part
 import sleep1d
 from data import DataError
 from conftest import crash_after_epoch, one_line_error
+from vit import patchify
 
 # ---------------------------------------------------------------- windows and targets
 
@@ -88,7 +89,7 @@ def test_crop_is_exact_on_integer_starts_and_interpolates_between():
 
 def test_grid_windows_are_the_epoch_in_time_order():
     x = torch.randn(2, 6, 3000)
-    windows = part.patchify(x, 100)
+    windows = patchify(x, 100)
     assert windows.shape == (2, 30, 6, 100)
     torch.testing.assert_close(windows[1, 7], x[1, :, 700:800])
 

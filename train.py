@@ -36,6 +36,7 @@ from cli import (
     read_checkpoint, recipe_from, recipe_options,
 )
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
+from vit import PRESETS, ViTConfig, VisionTransformer, set_grad_checkpointing, vit_config
 
 
 @click.group(cls=Cli)
@@ -147,7 +148,7 @@ def data_config(flags):
 
 model_options = options(
     click.option(
-        "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True,
+        "--preset", type=click.Choice(list(PRESETS)), default="vit_mini", show_default=True,
         help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px",
     ),
     click.option(
@@ -180,7 +181,7 @@ def pretrain(preset, patch_size, drop_path, xavier_init, method, out_dir, **kwar
     DropPos or MP3 on the same ViT, data and loop."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
-    vit = part.vit_config(
+    vit = vit_config(
         preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path, xavier_init=xavier_init
     )
     cfg = method_config(
@@ -190,7 +191,7 @@ def pretrain(preset, patch_size, drop_path, xavier_init, method, out_dir, **kwar
     def command(dd):
         torch.manual_seed(recipe.seed)  # the same initial weights on every process
         model = baselines.pretext_model(method, cfg)
-        part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        set_grad_checkpointing(model, recipe.grad_ckpt)
         config = {"kind": method, **data_config(flags), "model": cfg.to_dict(), "recipe": asdict(recipe)}
         metrics = fit(
             model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None)
@@ -228,7 +229,7 @@ def classifier_config(
     `pretrained` weights they must then agree with it. pos_pretrained: the weights bring position embeddings.
     protocol: the baselines' own finetuning options, ClassifierConfig's fc_norm, pos_embed and freeze_pos_embed."""
     vit = replace(
-        base, **(part.PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size,
+        base, **(PRESETS[preset] if preset else {}), patch_size=patch_size or base.patch_size,
         in_chans=info.in_chans, drop_path=0.0 if linear_probe else drop_path, xavier_init=xavier_init,
     )
     size = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans")
@@ -254,7 +255,7 @@ def classifier_config(
     "--linear-probe", is_flag=True, help="freeze the encoder; train BatchNorm without affine + a linear head (MAE)"
 )
 @click.option(
-    "--preset", type=click.Choice(list(part.PRESETS)), default=None,
+    "--preset", type=click.Choice(list(PRESETS)), default=None,
     help="default: the checkpoint's; vit_mini from scratch",
 )
 @click.option("--patch-size", type=POSITIVE, default=None, help="default: the checkpoint's; 4 from scratch")
@@ -310,7 +311,7 @@ def finetune(
     --layer-decay is given, and then for either init alike. --fc-norm, --no-pos-embed and
     --freeze-pos-embed are the baselines' own protocols (README)."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
-    base, state, source = encoder_from_init(init, part.vit_config("vit_mini", patch_size=4))
+    base, state, source = encoder_from_init(init, vit_config("vit_mini", patch_size=4))
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
@@ -340,7 +341,7 @@ def finetune(
             "model": cfg.to_dict(),
             "recipe": {**asdict(recipe), **augmentation},
         }
-        part.set_grad_checkpointing(model, recipe.grad_ckpt)
+        set_grad_checkpointing(model, recipe.grad_ckpt)
         metrics = fit(
             model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
             train_collate_fn=data.mix_collate(mixup, cutmix, cfg.num_classes),
@@ -358,7 +359,7 @@ def finetune(
 
 @main.command()
 @click.option(
-    "--preset", type=click.Choice(list(part.PRESETS)), default="vit_mini", show_default=True, help="ViT width and depth"
+    "--preset", type=click.Choice(list(PRESETS)), default="vit_mini", show_default=True, help="ViT width and depth"
 )
 @click.option("--img-size", type=POSITIVE, default=28, show_default=True, help="square side of the random images")
 @click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P")
@@ -392,7 +393,7 @@ def bench(
 ):
     """Time a PART pretraining step beside a bare ViT step on this device: images/s, their ratio,
     the sampler's share, GFLOP, peak memory and MFU on CUDA; a sweep over N and K with repeated flags."""
-    vit = part.vit_config(preset, patch_size=patch_size, in_chans=in_chans)
+    vit = vit_config(preset, patch_size=patch_size, in_chans=in_chans)
     if preflight:
         benchmark.preflight(vit, (img_size, img_size), batch_size, steps, pairs[0])
         return
@@ -544,7 +545,7 @@ def foreign_model(path, state, data_name):
     if not data_name:
         fail(f"{path} is a state dict without our config: pass --data, the dataset its features vote on")
     prefix = int("cls_token" in state)
-    vit = replace(part.vit_of_state(state, part.ViTConfig()), class_token=bool(prefix))
+    vit = replace(part.vit_of_state(state, ViTConfig()), class_token=bool(prefix))
     if part.has_positions(state):
         vit = replace(vit, pos_grid=(math.isqrt(state["pos_embed"].shape[1] - prefix),) * 2)
     info = data.data_info(data_name, in_chans=vit.in_chans)
@@ -558,12 +559,12 @@ def frozen_encoder(path, random_init, data_name=None):
     random_init its architecture with fresh weights and no positions, the baseline."""
     state, config = pretrained_encoder(path)
     model = config.get("model") or foreign_model(path, state, data_name)
-    vit = replace(part.ViTConfig(**model["vit"]), num_classes=0)
+    vit = replace(ViTConfig(**model["vit"]), num_classes=0)
     name = data_name or config.get("data")
     if random_init:
-        return part.VisionTransformer(replace(vit, pos_grid=())).eval(), model, name
+        return VisionTransformer(replace(vit, pos_grid=())).eval(), model, name
     grid = tuple(s // vit.patch_size for s in model["img_size"])
-    encoder = part.VisionTransformer(replace(vit, pos_grid=grid if part.has_positions(state) else ()))
+    encoder = VisionTransformer(replace(vit, pos_grid=grid if part.has_positions(state) else ()))
     load_pretrained(encoder, state, model, path, main=False)
     return encoder.eval(), model, name
 

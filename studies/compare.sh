@@ -269,7 +269,6 @@ ablations() {
     once "$D/pre_default" $PY train.py pretrain $DEFAULT_RUN --seed "$S" --out-dir "$D/pre_default"  # the default run: 60k images, 3 epochs
     once "$D/ft_default" finetune "$D/ft_default" "$D/pre_default/checkpoint.pt" $FT --seed "$S"
     once "$D/knn_default" into "$D/knn_default/knn.txt" $PY train.py knn --ckpt "$D/pre_default/checkpoint.pt"
-    variant "$S" residual part --head cross-attention-residual  # not the paper's: a residual around the attention
     variant "$S" grid part --sampler grid                       # Table 4: PART-grid
     variant "$S" pairwise-mlp part --head pairwise-mlp          # Table 5: relative encoders
     variant "$S" mlp part --head mlp

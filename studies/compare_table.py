@@ -283,7 +283,7 @@ def ablations_table(run):
     name = lambda m: "part" if m == "offgrid" else m  # noqa: E731  the offgrid row is `methods`' part row
     return table(
         "PART ablations (compare.sh ablations; offgrid is `methods`' part row)",
-        ["default", "offgrid", "residual", "grid", "pairwise-mlp", "mlp"],
+        ["default", "offgrid", "grid", "pairwise-mlp", "mlp"],
         [
             ("pretraining min", lambda m: [minutes(p) for p in run(f"pre_{name(m)}")], 1),
             ("val euclid / zero", lambda m: [ratio(p) for p in run(f"pre_{name(m)}")], 3),
