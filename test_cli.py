@@ -19,6 +19,7 @@ import engine
 import part
 import sleep1d
 import train
+import weights
 from conftest import TINY_RUN, crash_after_epoch, invoke, tiny_run, write_coco
 
 
@@ -430,5 +431,5 @@ def test_knn_reads_a_foreign_timm_state_dict_on_the_dataset_named(fake_fmnist, t
     assert one_line_error(invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist), "pass --data")
     result = invoke("knn", "--ckpt", ckpt, "--data", "fashion-mnist", "--data-dir", fake_fmnist, "--pool", "cls")
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
-    encoder, _, _ = train.frozen_encoder(str(ckpt), False, "fashion-mnist")
+    encoder, _, _ = weights.frozen_encoder(str(ckpt), False, "fashion-mnist")
     torch.testing.assert_close(encoder.pos_embed, theirs.pos_embed)  # its own 7 x 7 grid and class slot, kept
