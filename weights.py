@@ -47,37 +47,27 @@ EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every kind that
 # ---------------------------------------------------------------- reading checkpoints
 
 
-def read_config(path, ckpt):
-    """A checkpoint's config: its own, an export's encoder.json beside it, or {} for a foreign state dict."""
+def read_checkpoint(path, kinds, foreign=False):
+    """A checkpoint of one of `kinds` (config kinds) with its weights under "model" -> (checkpoint, its config,
+    or an export's encoder.json beside it); foreign: any state dict of no kind of ours too (timm's), config {}.
+    Why: a wrong file stops with one line that says what it is, never half-loaded."""
+    ckpt = load_checkpoint(path)
     beside = Path(path).with_suffix(".json")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
     if beside.is_file():
         try:
-            return json.loads(beside.read_text())
+            config = json.loads(beside.read_text())
         except json.JSONDecodeError as e:
             fail(f"{beside} is not the JSON that train.py export writes ({e})")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    return config if isinstance(config, dict) else {}
-
-
-def check_kind(path, config, kinds, foreign=False):
-    """Stop with one line unless the checkpoint's config is of one of `kinds` (or, with foreign, of no kind of
-    ours: timm's, say) -> its kind. A wrong file is named for what it is, not half-loaded."""
+    config = config if isinstance(config, dict) else {}
     kind = config.get("kind")
-    if kind in kinds or (foreign and kind is None):
-        return kind
-    got = KINDS.get(
-        kind,
-        f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)",
-    )
-    fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
-
-
-def read_checkpoint(path, kinds):
-    """A checkpoint of one of `kinds` with its weights under "model" -> (checkpoint, config)."""
-    ckpt = load_checkpoint(path)
-    config = read_config(path, ckpt)
-    check_kind(path, config, kinds)
-    if "model" not in ckpt:
+    if kind not in kinds and not (foreign and kind is None):
+        got = KINDS.get(
+            kind,
+            f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)",
+        )
+        fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
+    if not foreign and "model" not in ckpt:
         fail(f"{path} holds no weights under 'model': expected the checkpoint.pt of a training run")
     return ckpt, config
 
@@ -130,9 +120,7 @@ def pretrained_encoder(path, patch_ndim=2):
             f"{'train.py' if patch_ndim == 2 else 'sleep1d.py'} "
             "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline"
         )
-    ckpt = load_checkpoint(path)
-    config = read_config(path, ckpt)
-    check_kind(path, config, ENCODER_KINDS[patch_ndim], foreign=True)
+    ckpt, config = read_checkpoint(path, ENCODER_KINDS[patch_ndim], foreign=True)
     ndim = config.get("model", {}).get("vit", {}).get("patch_ndim", patch_ndim)
     if ndim != patch_ndim:  # an export of the other kind of ViT
         fail(f"{path} is an encoder of a {ndim}D ViT; this command starts from one of a {patch_ndim}D ViT")
