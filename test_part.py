@@ -617,7 +617,7 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     result = invoke("knn", "--ckpt", ft / "checkpoint.pt", "--data-dir", fake_fmnist, "--pool", "cls", "--k", 5)
     assert result.exit_code == 0 and "pool cls" in result.output, result.output
     # the class token's features, by hand: the finetuned encoder with its position embeddings, token 0
-    encoder, model, _ = train.frozen_encoder(ft / "checkpoint.pt", random_init=False)
+    encoder, model, _ = weights.frozen_encoder(ft / "checkpoint.pt", random_init=False)
     dd = engine.Dist(0, 0, 1, torch.device("cpu"))
     info, _, val_set = train.load_sets(
         {
