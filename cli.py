@@ -1,5 +1,5 @@
-"""What the three command-line programs (train.py, sleep1d.py, detect.py) share: the one-line error layer,
-the option groups (recipe, method) and starting weights from --init (checkpoint kinds, encoder loading).
+"""What the three command-line programs (train.py, sleep1d.py, detect.py) share: the one-line error layer
+and the option groups (recipe, method); their weights in and out are weights.py's.
 No entry point imports another; they all import this.
 """
 
@@ -18,8 +18,7 @@ from click.core import ParameterSource
 import baselines
 import data
 import part
-from engine import Recipe, RunError, fail, load_checkpoint
-from vit import ViTConfig
+from engine import Recipe, RunError, fail
 
 
 # ---------------------------------------------------------------- the error layer and option groups
@@ -296,121 +295,3 @@ def pretrain_summary(method, metrics, out_dir, signals=False):
     if "pos_acc" in metrics:
         return f"{method}: held-out position accuracy {metrics['pos_acc']:.3f}, loss {metrics['loss']:.4f}; {where}"
     return f"{method}: held-out loss {metrics['loss']:.4f}; {where}"
-
-
-# ---------------------------------------------------------------- starting weights (--init)
-
-DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `pretrain` writes by default
-
-
-KINDS = {  # what a checkpoint's config "kind" says it is
-    **{
-        m: f"a {model.__name__} 2D pretraining checkpoint (train.py pretrain --method {m})"
-        for m, (_, model) in baselines.METHODS.items()
-    },
-    **{
-        f"{m}1d": f"a {model.__name__} 1D pretraining checkpoint (sleep1d.py pretrain --method {m})"
-        for m, (_, model) in baselines.METHODS.items()
-    },
-    "classifier": "an image classifier (train.py finetune)",
-    "sleep-stager": "a sleep stager (sleep1d.py finetune)",
-    "detect": "a detector (detect.py)",
-    "encoder": "an exported encoder (train.py export)",
-}
-ENCODER_KINDS = {  # starting weights, by patch_ndim
-    2: (*baselines.METHODS, "classifier", "encoder"),
-    1: (*(f"{m}1d" for m in baselines.METHODS), "sleep-stager", "encoder"),
-}
-
-
-def read_config(path, ckpt):
-    """A checkpoint's config: its own, or for an exported encoder the JSON that train.py export writes
-    beside it; {} for a foreign state dict."""
-    beside = Path(path).with_suffix(".json")
-    if beside.is_file():
-        try:
-            return json.loads(beside.read_text())
-        except json.JSONDecodeError as e:
-            fail(f"{beside} is not the JSON that train.py export writes ({e})")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    return config if isinstance(config, dict) else {}
-
-
-def check_kind(path, config, kinds, foreign=False):
-    """Stop with one line unless the checkpoint at `path`, with its `config`, is of one of `kinds` (config
-    kinds); foreign: a state dict of no kind of ours passes too (timm's, say). The one check of kinds."""
-    kind = config.get("kind")
-    if kind in kinds or (foreign and kind is None):
-        return kind
-    got = KINDS.get(
-        kind,
-        f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)",
-    )
-    fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
-
-
-def read_checkpoint(path, kinds):
-    """A checkpoint of one of `kinds` with its weights under "model" -> (checkpoint, config)."""
-    ckpt = load_checkpoint(path)
-    config = read_config(path, ckpt)
-    check_kind(path, config, kinds)
-    if "model" not in ckpt:
-        fail(f"{path} holds no weights under 'model': expected the checkpoint.pt of a training run")
-    return ckpt, config
-
-
-def pretrained_encoder(path, patch_ndim=2):
-    """(encoder weights in timm names, the checkpoint's config, {} for a foreign state dict) from any
-    checkpoint layout; stops with one line when the file is missing or of a kind that does not hold
-    a `patch_ndim`-D encoder to start from."""
-    if not Path(path).is_file():
-        fail(
-            f"{path} not found: finetuning starts from a PART checkpoint; run `python "
-            f"{'train.py' if patch_ndim == 2 else 'sleep1d.py'} "
-            "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline"
-        )
-    ckpt = load_checkpoint(path)
-    config = read_config(path, ckpt)
-    check_kind(path, config, ENCODER_KINDS[patch_ndim], foreign=True)
-    ndim = config.get("model", {}).get("vit", {}).get("patch_ndim", patch_ndim)
-    if ndim != patch_ndim:  # an export of the other kind of ViT
-        fail(f"{path} is an encoder of a {ndim}D ViT; this command starts from one of a {patch_ndim}D ViT")
-    return part.encoder_state_dict(ckpt), config
-
-
-def encoder_from_init(init, fallback, patch_ndim=2):
-    """--init -> (the encoder's ViTConfig, its weights or None, the checkpoint's config), for finetune,
-    detect.py and sleep1d.py alike: `scratch` is `fallback` without weights; a checkpoint or export of
-    ours brings its own ViT; a foreign state dict (timm's names) the ViT its shapes tell (part.vit_of_state)."""
-    if init == "scratch":
-        return fallback, None, {}
-    state, config = pretrained_encoder(init, patch_ndim)
-    vit = config.get("model", {}).get("vit")
-    if vit:
-        return ViTConfig(**vit), state, config
-    if "patch_embed.proj.weight" not in state:
-        fail(f"{init} is neither a checkpoint of ours nor an encoder state dict (it has no patch_embed.proj.weight)")
-    return part.vit_of_state(state, fallback), state, config
-
-
-def source_grid(source):
-    """The token grid a checkpoint's position embedding covers, from its model config: a finetuned
-    model's pos_grid, else the on-grid patches of its inputs (MAE's, DropPos' fixed embeddings)."""
-    vit = source["vit"]
-    return tuple(vit.get("pos_grid") or (s // vit["patch_size"] for s in source["img_size"]))
-
-
-def load_pretrained(encoder, state, source, path, main):
-    """A checkpoint's encoder weights into `encoder`, the ViT of a classifier, sleep stager or detector;
-    prints which it kept, interpolated or started fresh. A position embedding in the checkpoint (a
-    finetuned model's, or the fixed sin-cos one of MAE, DropPos or PART with --pos-mask) is resized to
-    the new grid and kept; PART pretrains without one, so its new one starts fresh, as the paper's."""
-    state, note = dict(state), ""
-    if part.has_positions(state) and encoder.pos_embed is not None and source.get("vit"):
-        state["pos_embed"], note = part.adapt_pos_embed(state["pos_embed"], source_grid(source), encoder)
-    fresh, unexpected = part.load_encoder(encoder, state, path)
-    if main:
-        print(
-            f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: "
-            f"{', '.join(unexpected) or 'none'}"
-        )

@@ -48,6 +48,7 @@ import cli
 import data
 import engine
 import part
+import weights
 from vit import PRESETS, ViTConfig, VisionTransformer, feature_map, patchify, set_grad_checkpointing, vit_config
 
 # ---------------------------------------------------------------- the backbone
@@ -546,10 +547,10 @@ def table(metrics):
 
 
 def encoder_init(init, preset, patch_size, in_chans):
-    """(ViTConfig, weights: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
+    """(ViTConfig, pretrained: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
     for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
     state dict takes --preset and --patch-size, scratch those and --in-chans."""
-    vit, state, config = cli.encoder_from_init(
+    vit, state, config = weights.encoder_from_init(
         init, vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3)
     )
     if state is None:
@@ -564,16 +565,16 @@ def encoder_init(init, preset, patch_size, in_chans):
     return vit, (state, source), stats
 
 
-def build_detector(cfg, weights, path, main=True):
-    """The Detector with the encoder weights loaded (weights: (state, the checkpoint's model config), or
+def build_detector(cfg, pretrained, path, main=True):
+    """The Detector with the encoder weights loaded (pretrained: (state, the checkpoint's model config), or
     None from scratch), saying which it kept, interpolated or started fresh; a checkpoint of another size
     stops with a clear message. PART pretrains without position embeddings, so they start fresh."""
     model = Detector(cfg)
-    if weights is None:
+    if pretrained is None:
         if main:
             print("encoder: random weights (--init scratch)")
     else:
-        cli.load_pretrained(model.rcnn.backbone.encoder, *weights, path, main)
+        weights.load_encoder(model.rcnn.backbone.encoder, *pretrained, path, main)
     return model
 
 
@@ -592,7 +593,9 @@ def prepare(
     train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
     val_set = CocoDetection(root, "val2017")
     data_chans = max(train_set.in_chans, val_set.in_chans)
-    vit, weights, stats = encoder_init(init, preset, patch_size, in_chans or (data_chans if init == "scratch" else None))
+    vit, pretrained, stats = encoder_init(
+        init, preset, patch_size, in_chans or (data_chans if init == "scratch" else None)
+    )
     if vit.in_chans not in IMAGE_MODES:
         given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
         raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
@@ -619,7 +622,7 @@ def prepare(
             f"{', '.join(f'{s:.3f}' for s in std)} "
             f"({origin}), padded to a {img_size}x{img_size} canvas"
         )
-    return cfg, weights, train_set, val_set
+    return cfg, pretrained, train_set, val_set
 
 
 # ---------------------------------------------------------------- CLI
@@ -705,7 +708,7 @@ model_options = cli.options(
 
 @main.command("train")
 @click.option(
-    "--init", default=cli.DEFAULT_INIT, show_default=True,
+    "--init", default=weights.DEFAULT_INIT, show_default=True,
     help="a PART checkpoint (train.py pretrain), an encoder state dict (train.py export), or scratch",
 )
 @data_options
@@ -733,9 +736,9 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
 
     def command(dd):
         root = data_root(data_dir, out_dir, dd)
-        cfg, weights, train_set, val_set = prepare(init, root, **kwargs, main=dd.main)
+        cfg, pretrained, train_set, val_set = prepare(init, root, **kwargs, main=dd.main)
         torch.manual_seed(recipe.seed)  # the same initial heads on every process
-        model = build_detector(cfg, weights, init, dd.main)
+        model = build_detector(cfg, pretrained, init, dd.main)
         config = {"kind": "detect", "data": root, "init": init, "model": asdict(cfg), "recipe": asdict(recipe)}
         set_grad_checkpointing(model, recipe.grad_ckpt)
         if recipe.compile:  # the ViT alone: torchvision's heads break the graph and recompile with every image count
@@ -755,7 +758,7 @@ def train_cmd(init, data_dir, out_dir, **kwargs):
 
 def trained_detector(ckpt, data_dir):
     """A detect.py checkpoint's Detector and held-out split (its own data unless --data-dir)."""
-    state, config = cli.read_checkpoint(ckpt, ("detect",))
+    state, config = weights.read_checkpoint(ckpt, ("detect",))
     cfg = DetectConfig(**config["model"])
     val_set = CocoDetection(data_dir or config["data"], "val2017", cfg.vit.in_chans)
     model = Detector(cfg)
@@ -781,9 +784,9 @@ def eval_cmd(ckpt, init, data_dir, out_dir, batch_size, seed, **model):
         if ckpt:
             detector, val_set = trained_detector(ckpt, data_dir)
         else:
-            cfg, weights, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
+            cfg, pretrained, _, val_set = prepare(init, data_root(data_dir, out_dir, dd), **model, main=dd.main)
             torch.manual_seed(seed)
-            detector = build_detector(cfg, weights, init, dd.main)
+            detector = build_detector(cfg, pretrained, init, dd.main)
         loader = engine.make_loader(val_set, batch_size, dd, 0, 0, False, collate)
         metrics = evaluate(detector.to(dd.device), loader, dd, 0)
         if dd.main:

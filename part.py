@@ -4,7 +4,7 @@ NLDL 2026, section 4 (method) and 8.1 (details), read top-down:
     sample N boxes -> crop-and-resize to P x P -> ViT without position embeddings (vit.py)
     -> cross-attention head on K (reference, target) pairs -> MSE on the relative translation
 
-Then Table 5's other heads, the classifier that finetunes any encoder, kNN and the checkpoint helpers.
+Then Table 5's other heads, the classifier that finetunes any encoder, and kNN (weights in and out: weights.py).
 Images (B, C, H, W) take boxes (x0, y0, x1, y1); signals (B, C, T) windows (t0, t1) (sleep1d.py).
 
     python train.py pretrain          # PART on Fashion-MNIST
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit import PRESETS, ViTConfig, VisionTransformer, patchify, resize_pos_embed, sincos_embed, take_rows, weight_init
+from vit import ViTConfig, VisionTransformer, patchify, sincos_embed, take_rows, weight_init
 
 
 class ConfigError(ValueError):
@@ -490,105 +490,3 @@ def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
         )
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def encoder_state_dict(checkpoint):
-    """The encoder's weights from any checkpoint layout, in timm's names.
-
-    Takes a training dict ({"model": ...}), {"state_dict": ...} or a bare state dict;
-    strips DDP's "module." and torch.compile's "_orig_mod." prefixes; of a model with an
-    `encoder` (PART, MAE, DropPos, a classifier) keeps the encoder's weights alone, without
-    their "encoder." prefix, and drops the pretext parts (heads, decoders, mask tokens), except
-    the fixed position embeddings the encoder was pretrained with (fixed_pos_embed: MAE's, DropPos',
-    PART's with --pos-mask), as pos_embed: (1, N, D) over the on-grid patches, with a zero slot first
-    for a class token the encoder was pretrained with (MAE and DropPos --class-token, as their code).
-    """
-    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    if not any(k.startswith("encoder.") for k in state):
-        return state
-    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    if "fixed_pos_embed" in state:
-        fixed = state["fixed_pos_embed"]  # (1, N, D)
-        encoder["pos_embed"] = F.pad(fixed, (0, 0, 1, 0)) if "cls_token" in encoder else fixed
-    return encoder
-
-
-def vit_of_state(state, fallback):
-    """The ViTConfig that a foreign encoder state dict in timm's names (a timm ViT's, say) was built with, as far
-    as its shapes tell: width, channels and patch size from the patch embedding, depth from the blocks, the MLP
-    ratio from fc1; the heads, which no shape tells, from a preset of that width and depth, else width / 64
-    (timm's ViTs); the rest from `fallback`."""
-    weight = state["patch_embed.proj.weight"]  # (D, C, P, P), or (D, C, P) for windows
-    D, C, P = weight.shape[0], weight.shape[1], weight.shape[-1]
-    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * D
-    heads = next(
-        (p["num_heads"] for p in PRESETS.values() if (p["embed_dim"], p["depth"]) == (D, depth)), max(1, D // 64)
-    )
-    return replace(
-        fallback, embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=hidden / D, in_chans=C, patch_size=P,
-        patch_ndim=weight.ndim - 2,
-    )
-
-
-def has_positions(state):
-    """Whether encoder weights (encoder_state_dict's) bring position embeddings: a finetuned model's, or the
-    fixed ones MAE, DropPos and PART --pos-mask pretrain with."""
-    return "pos_embed" in state
-
-
-def adapt_pos_embed(pos_embed, old_grid, model):
-    """A pretrained position embedding (1, prefix + prod(old_grid), D) for `model`'s (a VisionTransformer
-    with position embeddings): resized to its grid, and given the model's own class-token slot when it has
-    a class token and the embedding has none, or without the embedding's when the model has no class token
-    (a detector) -> (embedding, what was done, in words)."""
-    prefix = pos_embed.shape[1] - math.prod(old_grid)
-    new_grid = tuple(model.cfg.pos_grid)
-    pos = resize_pos_embed(pos_embed, old_grid, new_grid, prefix)
-    own_prefix = int(model.cfg.class_token)
-    if prefix == 0 and own_prefix:
-        pos = torch.cat([model.pos_embed[:, :1].detach(), pos], dim=1)
-    if prefix and not own_prefix:
-        pos = pos[:, prefix:]
-    how = (
-        "kept"
-        if tuple(old_grid) == new_grid
-        else f"interpolated {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
-    )
-    return pos, f"pos_embed {how}" + (", class token's slot new" if prefix == 0 and own_prefix else "")
-
-
-def load_encoder(model, state, source="checkpoint"):
-    """Load encoder weights into a VisionTransformer that may add a class token, position
-    embeddings and a head; every other parameter must come from `state` with the same shape.
-
-    Class token, position embeddings or head of another shape are left at their init
-    (resize_pos_embed first to keep position embeddings). Returns (keys left at init,
-    unexpected keys ignored).
-    """
-    state = dict(state)
-    own = model.state_dict()
-    fresh = [k for k in own if k in ("cls_token", "pos_embed") or k.startswith(("head.", "fc_norm."))]
-    for key in fresh:  # finetuning's additions start fresh unless the checkpoint already has them in shape
-        if key in state and state[key].shape != own[key].shape:
-            state.pop(key)
-    missing = [k for k in own if k not in state and k not in fresh]
-    if missing:
-        raise ConfigError(
-            f"{source} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT "
-            "checkpoint?"
-        )
-    wrong = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if wrong:
-        raise ConfigError(f"{source} is of another size (preset, patch size or channels): {wrong[:3]}")
-    unexpected = [k for k in state if k not in own]
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return [k for k in fresh if k not in state], unexpected

@@ -42,6 +42,7 @@ import baselines
 import cli
 import engine
 import part
+import weights
 from data import DataError
 from vit import ViTConfig, set_grad_checkpointing
 
@@ -888,7 +889,7 @@ def encoder_from(init, preset, channels, drop_path):
     were pretrained on: from a 1D checkpoint (sleep1d.py pretrain of any method, or finetune, or an exported
     1D encoder), or fresh (scratch)."""
     fallback = eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path)
-    vit, state, config = cli.encoder_from_init(init, fallback, patch_ndim=1)
+    vit, state, config = weights.encoder_from_init(init, fallback, patch_ndim=1)
     vit = (
         fallback if preset else replace(vit, drop_path=drop_path)
     )  # an explicit --preset: loading checks it against the weights
@@ -931,7 +932,7 @@ def finetune(
         trim_wake,
     )
     vit, state, pretrained_model, pretrained_data = encoder_from(init, preset, channels, drop_path)
-    if state is not None and part.has_positions(state) and pretrained_data.get("context", 1) > 1:
+    if state is not None and "pos_embed" in state and pretrained_data.get("context", 1) > 1:
         # positions pretrained over several epochs: an epoch's windows take those of the span's first epoch,
         # not the span squeezed
         state["pos_embed"] = state["pos_embed"][:, : EPOCH_S * FS // vit.patch_size]
@@ -952,7 +953,7 @@ def finetune(
         torch.manual_seed(recipe.seed)
         model = part.Classifier(cfg)
         if state is not None:
-            cli.load_pretrained(model.encoder, state, pretrained_model, init, dd.main)
+            weights.load_encoder(model.encoder, state, pretrained_model, init, dd.main)
         if dd.main:
             print(
                 f"{source} data{' (SYNTHETIC, not recordings)' if source == 'synthetic' else ''}: finetune on "

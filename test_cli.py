@@ -16,7 +16,10 @@ import detect
 import engine
 import sleep1d
 import train
-from conftest import TINY_IMAGES, TINY_RUN, crash_after_epoch, invoke, one_line_error, photo_folder, tiny_run, write_coco
+import weights
+from conftest import (
+    TINY_IMAGES, TINY_RUN, crash_after_epoch, invoke, one_line_error, photo_folder, tiny_run, write_coco,
+)
 from vit import VisionTransformer, vit_config
 
 
@@ -389,5 +392,5 @@ def test_knn_reads_a_foreign_timm_state_dict_on_the_dataset_named(fake_fmnist, t
     assert one_line_error(invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist), "pass --data")
     result = invoke("knn", "--ckpt", ckpt, "--data", "fashion-mnist", "--data-dir", fake_fmnist, "--pool", "cls")
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
-    encoder, _, _ = train.frozen_encoder(str(ckpt), False, "fashion-mnist")
+    encoder, _, _ = weights.frozen_encoder(str(ckpt), False, "fashion-mnist")
     torch.testing.assert_close(encoder.pos_embed, theirs.pos_embed)  # its own 7 x 7 grid and class slot, kept

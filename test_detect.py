@@ -11,6 +11,7 @@ from PIL import Image
 
 import detect
 import part
+import weights
 from conftest import one_line_error, refused, square_mask, write_coco
 from vit import Attention, VisionTransformer, resize_pos_embed, vit_config, window_partition, window_unpartition
 
@@ -288,7 +289,7 @@ def test_bad_data_stops_with_a_message_naming_it(coco, tmp_path, corrupt):
 def test_a_bare_state_dict_is_read_at_its_own_size_and_a_wrong_checkpoint_named(coco, part_checkpoint, tmp_path):
     path, pretrained = part_checkpoint
     bare = tmp_path / "vit_test_encoder.pt"
-    torch.save(part.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # the weights alone, no config
+    torch.save(weights.encoder_state_dict({"model": pretrained.state_dict()}), bare)  # the weights alone, no config
     cfg, (state, _), _, _ = detect.prepare(
         str(bare), str(coco), img_size=64, preset="vit_mini", patch_size=8, window=0, global_blocks=(), anchor_size=16,
         proposals=50,

@@ -17,7 +17,7 @@ import bench
 import detect
 import part
 import sleep1d
-import train
+import weights
 from conftest import TINY_RUN, invoke, tiny_config, tiny_run, write_coco
 from vit import Block, VisionTransformer, patchify, resize_pos_embed, sincos_embed, vit_config
 
@@ -452,17 +452,17 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
         assert "encoder.pos_embed" not in probe
     result = invoke("knn", "--ckpt", ckpt, "--data-dir", fake_fmnist)
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
-    frozen, _, _ = train.frozen_encoder(str(ckpt), random_init=False)
+    frozen, _, _ = weights.frozen_encoder(str(ckpt), random_init=False)
     if positions:  # kNN reads the tokens as pretrained, with positions
         torch.testing.assert_close(frozen.pos_embed, pretrained["fixed_pos_embed"])
     else:
         assert frozen.pos_embed is None
     coco = write_coco(tmp_path / "coco")
-    cfg, weights, _, _ = detect.prepare(
+    cfg, start, _, _ = detect.prepare(
         str(ckpt), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0, global_blocks=(), anchor_size=16,
         proposals=50,
     )
-    encoder = detect.build_detector(cfg, weights, str(ckpt), main=False).rcnn.backbone.encoder
+    encoder = detect.build_detector(cfg, start, str(ckpt), main=False).rcnn.backbone.encoder
     torch.testing.assert_close(
         encoder.state_dict()["blocks.1.mlp.fc2.weight"], pretrained["encoder.blocks.1.mlp.fc2.weight"]
     )
@@ -495,14 +495,14 @@ def test_a_class_token_pretrained_as_the_official_code_carries_into_finetune_knn
     ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
     torch.testing.assert_close(ft["encoder.pos_embed"][:, 0], torch.zeros(1, 32))
     torch.testing.assert_close(ft["encoder.pos_embed"][:, 1:], pretrained["fixed_pos_embed"])
-    frozen, _, _ = train.frozen_encoder(str(pre / "checkpoint.pt"), random_init=False)
+    frozen, _, _ = weights.frozen_encoder(str(pre / "checkpoint.pt"), random_init=False)
     torch.testing.assert_close(frozen.cls_token, pretrained["encoder.cls_token"])
     coco = write_coco(tmp_path / "coco")
-    cfg, weights, _, _ = detect.prepare(
+    cfg, start, _, _ = detect.prepare(
         str(pre / "checkpoint.pt"), str(coco), img_size=64, preset="vit_mini", patch_size=16, window=0,
         global_blocks=(), anchor_size=16, proposals=50,
     )
-    encoder = detect.build_detector(cfg, weights, str(pre / "checkpoint.pt"), main=False).rcnn.backbone.encoder
+    encoder = detect.build_detector(cfg, start, str(pre / "checkpoint.pt"), main=False).rcnn.backbone.encoder
     pos = resize_pos_embed(pretrained["fixed_pos_embed"], (7, 7), (16, 16), 0)  # the detector has no class token
     torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 

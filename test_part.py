@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import baselines
-import cli
 import data
 import engine
 import part
 import train
+import weights
 from conftest import TINY_RUN, crash_after_epoch, free_port, invoke, tiny_config, write_idx
 from vit import VisionTransformer, _init_weights, patchify, resize_pos_embed, vit_config
 
@@ -272,7 +272,7 @@ def test_config_errors_are_clear():
 def test_encoder_loads_into_timm_with_the_same_features():
     timm = pytest.importorskip("timm")
     model = part.PART(tiny_config())
-    state = part.encoder_state_dict({"model": model.state_dict()})
+    state = weights.encoder_state_dict({"model": model.state_dict()})
     ref = timm.models.vision_transformer.VisionTransformer(
         img_size=16, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=2, num_heads=2, class_token=False,
         pos_embed="none", global_pool="avg", fc_norm=False,
@@ -484,14 +484,14 @@ def pretrained(fake_fmnist, tmp_path):
 
 def classifier_from(path, **overrides):
     """The classifier `train.py finetune` builds from checkpoint `path`, before any training step."""
-    vit, state, config = cli.encoder_from_init(str(path), vit_config("vit_mini", patch_size=4))
+    vit, state, config = weights.encoder_from_init(str(path), vit_config("vit_mini", patch_size=4))
     info = data.data_info("fashion-mnist")
     cfg = train.classifier_config(
         info, 10, vit, True, overrides.get("preset"), overrides.get("patch_size"), 0.0, "cls",
         overrides.get("linear_probe", False), 0.0,
     )
     model = part.Classifier(cfg)
-    cli.load_pretrained(model.encoder, state, config["model"], str(path), main=False)
+    weights.load_encoder(model.encoder, state, config["model"], str(path), main=False)
     return model
 
 
@@ -548,7 +548,7 @@ def test_a_few_finetune_steps_raise_accuracy_on_a_fixed_batch(pretrained):
 
 
 def test_probe_pools_patch_tokens_unless_the_weights_trained_a_class_token(pretrained):
-    state, _ = cli.pretrained_encoder(str(pretrained))
+    state, _ = weights.pretrained_encoder(str(pretrained))
     assert "cls_token" not in state
     assert train.default_pool(state, linear_probe=True) == "avg"
     assert train.default_pool(state, linear_probe=False) == "cls"  # finetuning trains the new token, as the paper
@@ -610,7 +610,7 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     result = invoke("knn", "--ckpt", ft / "checkpoint.pt", "--data-dir", fake_fmnist, "--pool", "cls", "--k", 5)
     assert result.exit_code == 0 and "pool cls" in result.output, result.output
     # the class token's features, by hand: the finetuned encoder with its position embeddings, token 0
-    encoder, model, _ = train.frozen_encoder(ft / "checkpoint.pt", random_init=False)
+    encoder, model, _ = weights.frozen_encoder(ft / "checkpoint.pt", random_init=False)
     dd = engine.Dist(0, 0, 1, torch.device("cpu"))
     info, _, val_set = train.load_sets(
         {

@@ -1,4 +1,4 @@
-"""Tests for `train.py show` and the numbers behind section 5.1's figures: `pytest -q test_show.py`."""
+"""Tests for `train.py show`, the numbers behind section 5.1's figures, and `train.py plot`."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from PIL import Image
 
 import figures
 import part
-from conftest import invoke, tiny_config
+from conftest import TINY_RUN, invoke, tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -153,3 +153,21 @@ def test_show_stops_with_a_clear_message(tmp_path, make, args, message):
     Image.new("L", (16, 16)).save(tmp_path / "img.png")
     result = invoke("show", *ckpt, *image, *args, "--out-dir", tmp_path)
     assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_plot_command_draws_two_runs_and_names_a_folder_without_a_log(fake_fmnist, tmp_path):
+    for seed in (0, 1):
+        assert (
+            invoke(
+                "pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--seed", seed, "--log-every", 1, "--out-dir",
+                tmp_path / f"run{seed}",
+            ).exit_code
+            == 0
+        )
+    result = invoke("plot", tmp_path / "run0", tmp_path / "run1", "--out", tmp_path / "curves.png")
+    assert result.exit_code == 0 and "2 run(s)" in result.output, result.output
+    with Image.open(tmp_path / "curves.png") as png:
+        assert png.width > 600
+    (tmp_path / "empty").mkdir()
+    result = invoke("plot", tmp_path / "empty", "--out", tmp_path / "none.png")
+    assert result.exit_code == 1 and "log.jsonl" in result.output and "empty" in result.output, result.output

@@ -23,6 +23,7 @@ import baselines
 import engine
 import part
 import sleep1d
+import weights
 from data import DataError
 from conftest import crash_after_epoch, one_line_error
 from vit import patchify
@@ -460,7 +461,7 @@ def test_finetune_loads_the_encoder_and_adds_new_position_embeddings_and_head(tm
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     vit, state, _, _ = sleep1d.encoder_from(str(tmp_path / "checkpoint.pt"), None, sleep1d.PHYSIONET_CHANNELS, 0.1)
     model = part.Classifier(sleep1d.stager_config(vit, 0.2))
-    fresh, unexpected = part.load_encoder(model.encoder, state)
+    fresh, unexpected = weights.load_encoder(model.encoder, state)
     assert sorted(fresh) == ["cls_token", "head.bias", "head.weight", "pos_embed"] and unexpected == []
     assert model.encoder.pos_embed.shape == (1, 31, 32)
     for k, v in model.encoder.state_dict().items():

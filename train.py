@@ -10,11 +10,9 @@ r"""The commands of PART: pretrain, finetune (and the linear probe), knn, bench,
     python train.py show --ckpt out/pretrain/checkpoint.pt --image photo.jpg   # section 5.1's figures
 
 Each command builds its data and model and hands them to engine.fit; the models are part.py's and
-baselines.py's, the shared flags and --init loading cli.py's.
+baselines.py's, the shared flags cli.py's, --init loading and export weights.py's.
 """
 
-import json
-import math
 import os
 from dataclasses import asdict, replace
 from functools import partial
@@ -30,13 +28,13 @@ import baselines
 import bench as benchmark
 import data
 import part
+import weights
 from cli import (
-    COUNT, DEFAULT_INIT, ENCODER_KINDS, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, XAVIER_HELP, Cli, Finite,
-    encoder_from_init, load_pretrained, method_config, method_options, options, pretrain_summary, pretrained_encoder,
-    read_checkpoint, recipe_from, recipe_options,
+    COUNT, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, XAVIER_HELP, Cli, Finite, method_config, method_options,
+    options, pretrain_summary, recipe_from, recipe_options,
 )
-from engine import Dist, autocast, fail, fit, local_device, make_loader, run, save_checkpoint, write_atomic
-from vit import PRESETS, ViTConfig, VisionTransformer, set_grad_checkpointing, vit_config
+from engine import Dist, autocast, fail, fit, local_device, make_loader, run
+from vit import PRESETS, set_grad_checkpointing, vit_config
 
 
 @click.group(cls=Cli)
@@ -248,7 +246,7 @@ def classifier_config(
 @main.command()
 @data_options
 @click.option(
-    "--init", default=DEFAULT_INIT, show_default=True,
+    "--init", default=weights.DEFAULT_INIT, show_default=True,
     help="a PART checkpoint (training dict, {'model'}, {'state_dict'} or bare; module.-prefixed or not), or 'scratch'",
 )
 @click.option(
@@ -311,14 +309,14 @@ def finetune(
     --layer-decay is given, and then for either init alike. --fc-norm, --no-pos-embed and
     --freeze-pos-embed are the baselines' own protocols (README)."""
     recipe, flags = recipe_from(kwargs), data_from(kwargs)
-    base, state, source = encoder_from_init(init, vit_config("vit_mini", patch_size=4))
+    base, state, source = weights.encoder_from_init(init, vit_config("vit_mini", patch_size=4))
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
     info, train_set, val_set = load_sets(flags, augment, data.eval_transform, recipe.seed)
     cfg = classifier_config(
         info, count_classes(flags["data_name"], info, train_set), base, state is not None, preset, patch_size,
         drop_path, pool, linear_probe, smoothing, xavier_init,
-        pos_pretrained=state is not None and part.has_positions(state), fc_norm=fc_norm, pos_embed=not no_pos_embed,
+        pos_pretrained=state is not None and "pos_embed" in state, fc_norm=fc_norm, pos_embed=not no_pos_embed,
         freeze_pos_embed=freeze_pos_embed,
     )
 
@@ -326,7 +324,7 @@ def finetune(
         torch.manual_seed(recipe.seed)  # the same new weights on every process
         model = part.Classifier(cfg)
         if state is not None:
-            load_pretrained(model.encoder, state, source.get("model", {}), init, dd.main)
+            weights.load_encoder(model.encoder, state, source.get("model", {}), init, dd.main)
         augmentation = {
             "randaug_n": randaug_n,
             "randaug_m": randaug_m,
@@ -402,12 +400,9 @@ def bench(
     )
 
 
-EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every checkpoint that holds an encoder, but an export
-
-
 @main.command()
 @click.option(
-    "--ckpt", default=DEFAULT_INIT, show_default=True,
+    "--ckpt", default=weights.DEFAULT_INIT, show_default=True,
     help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune",
 )
 @click.option(
@@ -417,25 +412,7 @@ EXPORTABLE = (*ENCODER_KINDS[2][:-1], *ENCODER_KINDS[1][:-1])  # every checkpoin
 def export(ckpt, out_dir):
     """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
     them, so that `--init OUT_DIR/encoder.pt` needs no other flag (README)."""
-    checkpoint, config = read_checkpoint(ckpt, EXPORTABLE)
-    kind = config["kind"]
-    state = part.encoder_state_dict(checkpoint)
-    model = config["model"]
-    meta = {
-        "kind": "encoder",
-        "source": str(ckpt),
-        "source_kind": kind,
-        "data": config.get("data"),
-        "model": {k: model[k] for k in ("vit", "img_size", "mean", "std") if k in model},
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "encoder.pt", state)
-    write_atomic(out / "encoder.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    print(f"wrote {len(state)} tensors to {out / 'encoder.pt'} and their config to {out / 'encoder.json'}")
-    import hub  # safetensors: loaded by this command alone
-
-    print(hub.write_timm_export(out, state, model, kind, config.get("data")))
+    weights.export(ckpt, out_dir)
 
 
 @main.command()
@@ -457,7 +434,7 @@ def plot(out_dirs, out):
 
 def load_part(path):
     """The PART model of a pretraining checkpoint, in eval mode, and the run's config."""
-    ckpt, config = read_checkpoint(path, ("part",))
+    ckpt, config = weights.read_checkpoint(path, ("part",))
     try:
         model = part.PART(part.PARTConfig(**config["model"]))
         model.load_state_dict(ckpt["model"])
@@ -491,7 +468,7 @@ def held_out_images(config, cfg, data_dir, indices):
 
 
 @main.command()
-@click.option("--ckpt", default=DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
+@click.option("--ckpt", default=weights.DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
 @click.option(
     "--image", "image_paths", multiple=True,
     help="an image file (repeatable); default: held-out images of the checkpoint's dataset",
@@ -539,39 +516,9 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
     return torch.cat(feats), torch.cat(labels)
 
 
-def foreign_model(path, state, data_name):
-    """The model config of a foreign state dict (timm's names, no config of ours): the ViT its shapes tell, a
-    class token if it has one, its position embeddings' square grid, and the inputs of --data."""
-    if not data_name:
-        fail(f"{path} is a state dict without our config: pass --data, the dataset its features vote on")
-    prefix = int("cls_token" in state)
-    vit = replace(part.vit_of_state(state, ViTConfig()), class_token=bool(prefix))
-    if part.has_positions(state):
-        vit = replace(vit, pos_grid=(math.isqrt(state["pos_embed"].shape[1] - prefix),) * 2)
-    info = data.data_info(data_name, in_chans=vit.in_chans)
-    return {"vit": asdict(vit), "img_size": [info.img_size] * 2, "mean": info.mean, "std": info.std}
-
-
-def frozen_encoder(path, random_init, data_name=None):
-    """The 2D encoder of a checkpoint, an export or a foreign state dict (then of --data's inputs), its model
-    config and data name, in eval mode, with the position embeddings it was trained with (a finetuned model's,
-    the fixed ones of MAE, DropPos and PART --pos-mask, or a foreign model's, resized to the data's grid); with
-    random_init its architecture with fresh weights and no positions, the baseline."""
-    state, config = pretrained_encoder(path)
-    model = config.get("model") or foreign_model(path, state, data_name)
-    vit = replace(ViTConfig(**model["vit"]), num_classes=0)
-    name = data_name or config.get("data")
-    if random_init:
-        return VisionTransformer(replace(vit, pos_grid=())).eval(), model, name
-    grid = tuple(s // vit.patch_size for s in model["img_size"])
-    encoder = VisionTransformer(replace(vit, pos_grid=grid if part.has_positions(state) else ()))
-    load_pretrained(encoder, state, model, path, main=False)
-    return encoder.eval(), model, name
-
-
 @main.command()
 @click.option(
-    "--ckpt", default=DEFAULT_INIT, show_default=True,
+    "--ckpt", default=weights.DEFAULT_INIT, show_default=True,
     help="a PART checkpoint, a finetuned classifier or an export of either",
 )
 @click.option(
@@ -594,7 +541,7 @@ def frozen_encoder(path, random_init, data_name=None):
 def knn(ckpt, data_name, data_dir, pool, k, temperature, random_init):
     """Weighted kNN top-1 (DINO) of the frozen encoder's features: training images vote for held-out ones."""
     torch.manual_seed(0)  # the random baseline's weights
-    encoder, model, name = frozen_encoder(ckpt, random_init, data_name)
+    encoder, model, name = weights.frozen_encoder(ckpt, random_init, data_name)
     if pool == "cls" and encoder.cls_token is None:
         fail(f"--pool cls: {ckpt} has no class token (PART pretrains without one); use --pool avg")
     if not name:

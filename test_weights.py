@@ -1,4 +1,4 @@
-"""hub.py: exports that timm rebuilds with our outputs; figures.plot_runs: training curves from log.jsonl."""
+"""weights.py: reading any checkpoint, --init, and exports that timm rebuilds with our outputs."""
 
 import dataclasses
 import json
@@ -6,12 +6,10 @@ import json
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import baselines
-import hub
 import part
-from conftest import TINY_RUN, invoke
+import weights
 from vit import patchify, vit_config
 
 SIZE, MEAN, STD = (
@@ -39,9 +37,9 @@ def export_and_load(tmp_path, model, kind):
     """Export as `train.py export` has it (the config through JSON, as a checkpoint's config would be
     after encoder.json) and rebuild it in timm -> (timm's model in eval mode, timm's normalised images)."""
     model_config = json.loads(json.dumps(model.cfg.to_dict()))
-    state = part.encoder_state_dict({"model": model.state_dict()})
+    state = weights.encoder_state_dict({"model": model.state_dict()})
     out = tmp_path / kind
-    message = hub.write_timm_export(out, state, model_config, kind, "cifar10")
+    message = weights.write_timm_export(out, state, model_config, kind, "cifar10")
     assert message.startswith("wrote") and sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "model.safetensors",
@@ -60,6 +58,26 @@ def export_and_load(tmp_path, model, kind):
         1, 3, 1, 1
     )
     return theirs, images, normalised
+
+
+def test_every_layout_reads_as_the_encoder_and_a_missing_or_misshapen_weight_stops_loading():
+    model = part.PART(part.PARTConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_pairs=32))
+    own, encoder = model.state_dict(), model.encoder.state_dict()
+    for layout in ({"model": own}, {"state_dict": own}, {f"module.{k}": v for k, v in own.items()}, encoder):
+        state = weights.encoder_state_dict(layout)  # the relative head's weights dropped
+        assert state.keys() == encoder.keys() and all(torch.equal(state[k], encoder[k]) for k in state)
+
+    def classifier(vit):
+        config = part.ClassifierConfig(vit=vit, img_size=SIZE, mean=MEAN, std=STD, num_classes=5)
+        return part.Classifier(config).encoder
+
+    fresh, unexpected = weights.load_encoder(classifier(tiny_vit()), state)
+    assert sorted(fresh) == ["cls_token", "head.bias", "head.weight", "pos_embed"] and unexpected == []
+    lacking = {k: v for k, v in state.items() if k != "blocks.0.attn.qkv.weight"}
+    with pytest.raises(part.ConfigError, match=r"lacks encoder weights \['blocks.0.attn.qkv.weight'\]"):
+        weights.load_encoder(classifier(tiny_vit()), lacking)
+    with pytest.raises(part.ConfigError, match="of another size"):
+        weights.load_encoder(classifier(vit_config("vit_test", patch_size=2, in_chans=3)), state)
 
 
 PRETRAINING = [
@@ -107,7 +125,7 @@ def test_classifier_in_timm_gives_our_logits(tmp_path, fields):
     )
     if model.cfg.linear_probe:  # running statistics away from (0, 1), so that folding them into the head matters
         norm = model.encoder.head[0]
-        assert norm.eps == hub.PROBE_EPS
+        assert norm.eps == weights.PROBE_EPS
         norm.running_mean.copy_(torch.randn(norm.num_features))
         norm.running_var.copy_(torch.rand(norm.num_features) + 0.5)
     theirs, images, normalised = export_and_load(tmp_path, model, "classifier")
@@ -119,13 +137,13 @@ def test_classifier_in_timm_gives_our_logits(tmp_path, fields):
 def test_folded_probe_head_is_the_norm_then_the_linear_head():
     torch.manual_seed(0)
     head = (
-        torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False, eps=hub.PROBE_EPS), torch.nn.Linear(8, 3))
+        torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False, eps=weights.PROBE_EPS), torch.nn.Linear(8, 3))
         .double()
         .eval()
     )
     head[0].running_mean.copy_(torch.randn(8))
     head[0].running_var.copy_(torch.rand(8) * 1e-5)  # variances near eps, where leaving eps out would show
-    state = hub.fold_probe_head({f"head.{k}": v for k, v in head.state_dict().items()})
+    state = weights.fold_probe_head({f"head.{k}": v for k, v in head.state_dict().items()})
     assert sorted(state) == ["head.bias", "head.weight"]
     x = torch.randn(4, 8, dtype=torch.double)
     torch.testing.assert_close(torch.nn.functional.linear(x, state["head.weight"], state["head.bias"]), head(x))
@@ -133,11 +151,12 @@ def test_folded_probe_head_is_the_norm_then_the_linear_head():
 
 def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
     model = part.PART(part.PARTConfig(vit=tiny_vit(), img_size=SIZE, mean=MEAN, std=STD, num_pairs=32))
-    config = hub.timm_config(model.cfg.to_dict(), "part", "cifar10", positions=False)
+    config = weights.timm_config(model.cfg.to_dict(), "part", "cifar10", positions=False)
     accepted = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
     assert set(config["pretrained_cfg"]) <= accepted
     # that matters: timm's resolve_pretrained_cfg builds PretrainedCfg(**pretrained_cfg), which refuses other keys
-    hub.write_timm_export(tmp_path, part.encoder_state_dict(model.state_dict()), model.cfg.to_dict(), "part", "cifar10")
+    state = weights.encoder_state_dict(model.state_dict())
+    weights.write_timm_export(tmp_path, state, model.cfg.to_dict(), "part", "cifar10")
     config["pretrained_cfg"]["epochs"] = 100
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(TypeError, match="epochs"):
@@ -145,39 +164,21 @@ def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
 
 
 def test_architecture_names_the_timm_vit_of_the_same_size():
-    assert hub.timm_architecture(dataclasses.asdict(vit_config("vit_s"))) == "vit_small_patch16_224"
+    assert weights.timm_architecture(dataclasses.asdict(vit_config("vit_s"))) == "vit_small_patch16_224"
     assert (
-        hub.timm_architecture(dataclasses.asdict(vit_config("vit_mini"))) == "vit_base_patch16_224"
+        weights.timm_architecture(dataclasses.asdict(vit_config("vit_mini"))) == "vit_base_patch16_224"
     )  # none in timm
-    assert all(timm.is_model(name) for name in hub.TIMM_ARCHITECTURES.values())
+    assert all(timm.is_model(name) for name in weights.TIMM_ARCHITECTURES.values())
 
 
 def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
     vit = vit_config("vit_test", patch_size=4, in_chans=1, patch_ndim=1)
     model = part.PART(part.PARTConfig(vit=vit, img_size=(64,), mean=(0.0,), std=(1.0,), num_pairs=32))
-    state = part.encoder_state_dict(model.state_dict())
+    state = weights.encoder_state_dict(model.state_dict())
     assert (
-        hub.write_timm_export(tmp_path / "out", state, model.cfg.to_dict(), "part1d", None)
+        weights.write_timm_export(tmp_path / "out", state, model.cfg.to_dict(), "part1d", None)
         == "no timm export: timm has no 1D ViT (its vision_transformer takes images)"
     )
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="timm has no 1D ViT"):
-        hub.timm_config(model.cfg.to_dict(), "part1d", None, positions=False)
-
-
-def test_plot_command_draws_two_runs_and_names_a_folder_without_a_log(fake_fmnist, tmp_path):
-    for seed in (0, 1):
-        assert (
-            invoke(
-                "pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--seed", seed, "--log-every", 1, "--out-dir",
-                tmp_path / f"run{seed}",
-            ).exit_code
-            == 0
-        )
-    result = invoke("plot", tmp_path / "run0", tmp_path / "run1", "--out", tmp_path / "curves.png")
-    assert result.exit_code == 0 and "2 run(s)" in result.output, result.output
-    with Image.open(tmp_path / "curves.png") as png:
-        assert png.width > 600
-    (tmp_path / "empty").mkdir()
-    result = invoke("plot", tmp_path / "empty", "--out", tmp_path / "none.png")
-    assert result.exit_code == 1 and "log.jsonl" in result.output and "empty" in result.output, result.output
+        weights.timm_config(model.cfg.to_dict(), "part1d", None, positions=False)
