@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 FILE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # --in-chans: PIL mode image files are converted to
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -281,7 +282,7 @@ class SkipBadFiles(Dataset):
         if not self.bad[index]:
             self.bad[index] = True
             message = str(error).removesuffix(SKIP_HINT)
-            print(f"--skip-bad-files: {message}; skipped ({int(self.bad.sum())} unreadable so far)", file=sys.stderr)
+            tqdm.write(f"--skip-bad-files: {message}; skipped ({int(self.bad.sum())} unreadable so far)", sys.stderr)
 
 
 def image_files(root, split, mode, transform):
