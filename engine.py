@@ -99,10 +99,9 @@ def train_one_epoch(
     model, loader, optimizer, schedule, precision, recipe, dd, epoch, first_step, steps_per_epoch, out_dir, signals,
     log, save,
 ):
-    """One epoch from optimizer step first_step on: forward, backward, and every `accum` micro-batches an optimizer
-    step, a log row, and what all ranks agree on: a signal saves and stops, --save-every-min saves, a non-finite loss
-    stops. Micro-batch i's randomness (PART's pairs, drop-path) is seeded from (seed, rank, epoch, i), so a resumed
-    epoch repeats it."""
+    """One epoch from optimizer step first_step on: forward, backward, and every `accum` micro-batches a step, a log
+    row and what all ranks agree on (a signal: save and stop; --save-every-min: save; a non-finite loss: stop).
+    Micro-batch i's randomness (pairs, drop-path) is seeded from (seed, rank, epoch, i): a resumed epoch repeats it."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     micro_batches, first = steps_per_epoch * recipe.accum, first_step * recipe.accum
@@ -536,7 +535,8 @@ def gather(dd, value):
 
 def write_atomic(path, write):
     """write(temporary), then rename it to path: a crash never leaves a half-written file, and a failed write (a
-    full disk) leaves path as it was and stops with one line. The temporary is this process's alone."""
+    full disk) leaves path as it was and stops with one line. The temporary is this process's: nodes that share a
+    cache may write one file at once."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -673,9 +673,8 @@ def write_record(out_dir, config):
 
 
 class RunLog:
-    """Rank 0's rows (steps, epoch summaries) in log.jsonl, one JSON row a line; with tensorboard, each number also
-    a scalar at the row's step in out_dir/tensorboard, where events from purge_step on of earlier starts are hidden,
-    as resume cut log.jsonl back."""
+    """Rank 0's rows in log.jsonl, one JSON row a line; with tensorboard, each number also a scalar at its row's step,
+    and earlier starts' events from purge_step on hidden, as resume cut log.jsonl back."""
 
     def __init__(self, out_dir, tensorboard, purge_step):
         self.events = tensorboard_writer(out_dir / "tensorboard", purge_step) if tensorboard else None
@@ -795,10 +794,9 @@ def best_so_far(ckpt, ckpt_path):
 
 
 def log_position(row):
-    """A log.jsonl row's or a checkpoint's place in the run, (epoch, step, end), compared in that order (step numbers
-    restart lower when a resume changes the steps per epoch). end is 1 for an epoch's summary row and a checkpoint at
-    an epoch's end, 0 for step rows and checkpoints part-way into an epoch: one at the epoch's last step keeps the
-    epoch's steps but not its summary."""
+    """A log.jsonl row's or a checkpoint's place, (epoch, step, end): epoch first, as steps restart lower when a resume
+    changes the steps per epoch; end is 1 for a summary row and an epoch-end checkpoint, 0 for step rows and mid-epoch
+    checkpoints, so one at an epoch's last step keeps the epoch's steps but not its summary."""
     if "epoch_step" in row:  # a checkpoint: "epoch" counts epochs done
         return row["epoch"] + (1 if row["epoch_step"] else 0), row["step"], 0 if row["epoch_step"] else 1
     return row["epoch"], row["step"], int("epoch_s" in row)
