@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import subprocess
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 FILE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # --in-chans: PIL mode image files are converted to
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -205,6 +207,9 @@ class BadImageFile(DataError):
     """An image file that cannot be read; the message names it."""
 
 
+SKIP_HINT = "; --skip-bad-files skips such files"
+
+
 def full_range(img):
     """A high-bit-depth grayscale image as 8-bit "L" over its full range: 16-bit integers (PIL modes
     "I;16*", and "I", the mode older Pillow reads 16-bit PNGs in) by their high byte, floats ("F") taken
@@ -228,7 +233,7 @@ def read_image_file(path, mode, skippable=False):
             warnings.filterwarnings("ignore", "(?i).*exif")  # a camera's odd EXIF would print inside the progress bar
             return full_range(img).convert(mode)  # both decode every pixel, so a truncated file fails here
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
-        hint = "; --skip-bad-files skips such files" if skippable else ""
+        hint = SKIP_HINT if skippable else ""
         raise BadImageFile(f"{path} is not a readable image ({type(e).__name__}: {e}){hint}") from None
 
 
@@ -255,33 +260,31 @@ class ImageFiles(Dataset):
 
 
 class SkipBadFiles(Dataset):
-    """A dataset whose unreadable image files become None; `skip_none_collate` drops them from the
-    batch, and train.fit counts the shortfall as skipped files."""
+    """--skip-bad-files: an unreadable image file's item is the next readable one, so batches stay full and every
+    rank steps as one. Each file is reported on stderr the first time it is met, with the count so far; `bad` is in
+    shared memory, so the count is the process's, its loader workers' included."""
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        try:
-            return self.dataset[i]
-        except BadImageFile:
-            return None
+        n = len(self)
+        for j in range(i, i + n):
+            try:
+                return self.dataset[j % n]
+            except BadImageFile as e:
+                self.report(j % n, e)
+        raise DataError(f"all {n} image files are unreadable: --skip-bad-files has nothing left to read")
 
-
-def skip_none_collate(batch, collate=default_collate):
-    """collate over the items that are not None (skipped files); None when all are."""
-    batch = [item for item in batch if item is not None]
-    return collate(batch) if batch else None
-
-
-def skips_bad_files(dataset):
-    """Whether a dataset, or one it wraps (Subset), is SkipBadFiles."""
-    while not isinstance(dataset, SkipBadFiles) and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    return isinstance(dataset, SkipBadFiles)
+    def report(self, index, error):
+        if not self.bad[index]:
+            self.bad[index] = True
+            message = str(error).removesuffix(SKIP_HINT)
+            tqdm.write(f"--skip-bad-files: {message}; skipped ({int(self.bad.sum())} unreadable so far)", sys.stderr)
 
 
 def hidden(path, root):
@@ -417,9 +420,8 @@ def mix_batch(batch, mix):
     return mix(images.float() / 255, labels)
 
 
-def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
-    """The `split` ("train" or "val") of dataset `name`, items (uint8 (C, H, W), label); with
-    skip_bad_files, unreadable image files give None items (see SkipBadFiles)."""
+def build_dataset(name, data_dir, split, info, transform):
+    """The `split` ("train" or "val") of dataset `name`, items (uint8 (C, H, W), label)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if data_dir and not os.path.isdir(data_dir):
@@ -450,4 +452,4 @@ def build_dataset(name, data_dir, split, info, transform, skip_bad_files=False):
             check_val_classes(dataset, Path(data_dir) / "train")
     else:
         raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
-    return SkipBadFiles(dataset) if skip_bad_files else dataset
+    return dataset

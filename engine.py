@@ -1,17 +1,10 @@
-"""The engine: one training loop for every model here, and only the loop.
+"""The training loop of every command here (train.py, sleep1d.py and detect.py build a model and data, then call
+`fit`), and below it the run's hygiene: distributed setup, the out-dir lock, atomic checkpoints, signals, resume.
 
-    distributed setup -> loaders -> optimizer and schedule -> lock the out-dir -> resume -> wrap (DDP, then
-    compile) -> epochs of train_one_epoch + evaluate -> atomic checkpoints and log.jsonl
+    fit: loaders -> AdamW -> lock -> resume -> wrap (DDP, compile) -> epochs of train_one_epoch + evaluate + save
 
-A model is anything whose forward(x, y) returns (loss, metrics); the engine reads nothing else of it
-but its parameters and state. What varies by model comes in as arguments of `fit`: the precision
-context, the held-out evaluation, a callback at the start of each epoch. The commands (train.py, sleep1d.py,
-detect.py) build the model and data and call `fit`.
-
-What a run survives (README, "What is safe"): a kill at any moment (checkpoints are written to a
-temporary and renamed, the best one before the last); SIGINT / SIGTERM (a checkpoint at the current
-step, and a rerun continues from that step, bit-exact on CPU); a full disk (the last good checkpoint
-stays); a second run on the same out-dir (a lock); a rank that stops (every rank stops with the same line).
+A model is anything whose forward(x, y) returns (loss, metrics); the engine reads nothing else of it but its
+parameters and state. What a run survives: README, "What is safe".
 """
 
 import fcntl
@@ -21,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +21,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -37,15 +29,401 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-import data
+# ---------------------------------------------------------------- the loop
 
-# ---------------------------------------------------------------- setup
 
-# every collective's limit, set here alone: rank 0 evaluates alone (detect.py's COCOeval) and writes checkpoints
-# while the other ranks wait in the next collective, which torch's default of 10 minutes cut short
+def fit(
+    model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=None, collate_fn=None,
+    train_collate_fn=None, precision=None, on_epoch=None,
+):
+    """Train model, resuming from out_dir's checkpoint.pt, -> the last held-out metrics.
+
+    out_dir gets checkpoint.pt (each epoch, and at a stop or every --save-every-min within one), checkpoint_best.pt
+    (when metrics[best_key] rises) and log.jsonl. evaluate_fn(model, loader, dd, seed) -> metrics (default
+    `evaluate`); train_collate_fn batches the training set alone (MixUp); precision(device) is forward's context
+    (default `autocast`); on_epoch(epoch, epochs) runs before each epoch.
+    """
+    out_dir, precision = Path(out_dir), precision or autocast
+    evaluate_fn = evaluate_fn or partial(evaluate, precision=precision)
+    train_collate_fn = train_collate_fn or collate_fn
+    train_loader = make_loader(train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True, train_collate_fn)
+    val_loader = make_loader(val_set, recipe.batch_size, dd, recipe.seed, recipe.workers, False, collate_fn)
+    steps_per_epoch, eff_batch, lr, schedule = lr_schedule(recipe, len(train_loader), dd.world)
+    model.to(dd.device)
+    groups = param_groups(model, recipe.weight_decay, recipe.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, recipe.beta2))
+    config = with_record(config, recipe, dd, eff_batch, lr)
+    save = partial(save_run, dd, out_dir, model, optimizer, config, steps_per_epoch)
+    with out_dir_lock(out_dir, dd), stop_on_signals() as signals:
+        first_epoch, first_step, best, metrics = resume(out_dir, model, optimizer, config, dd, steps_per_epoch)
+        if first_epoch >= recipe.epochs:
+            if dd.main:
+                print(f"{out_dir / 'checkpoint.pt'} is a finished run of {first_epoch} epochs: nothing to train "
+                      "(raise --epochs to continue it)")
+            return metrics
+        if dd.main:
+            write_record(out_dir, config)
+            print(describe_start(recipe, dd, eff_batch, lr, steps_per_epoch))
+        wrapped, t_run = wrap(model, recipe, dd), time.perf_counter()
+        purge_step = first_epoch * steps_per_epoch + first_step + 1  # the first step this start logs
+        with RunLog(out_dir, recipe.tensorboard, purge_step) if dd.main else nullcontext() as log:
+            for epoch in range(first_epoch, recipe.epochs):
+                step = first_step if epoch == first_epoch else 0
+                train_loader.sampler.set_epoch(epoch)
+                train_loader.sampler.skip = step * recipe.accum * recipe.batch_size
+                if on_epoch:
+                    on_epoch(epoch, recipe.epochs)
+                t_epoch = time.perf_counter()
+                train_one_epoch(
+                    wrapped, train_loader, optimizer, schedule, precision, recipe, dd, epoch, step, steps_per_epoch,
+                    out_dir, signals, log, partial(save, best=best, metrics=metrics),
+                )
+                agree_on_buffers(model, dd)
+                metrics = evaluate_fn(model, val_loader, dd, recipe.seed)
+                summary = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                           "epoch_s": time.perf_counter() - t_epoch, **{f"val_{k}": v for k, v in metrics.items()}}
+                left = recipe.epochs - epoch - 1
+                eta = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch) * left if left else None
+                improved = report_epoch(dd, summary, log, eta, metrics, best_key, best)
+                best = metrics[best_key] if improved else best
+                save(epoch + 1, 0, best, metrics, improved)
+                if agree(dd, signals)[0] and left:
+                    stop(dd, signals, out_dir, f"after epoch {epoch + 1}")
+    return metrics
+
+
+def train_one_epoch(
+    model, loader, optimizer, schedule, precision, recipe, dd, epoch, first_step, steps_per_epoch, out_dir, signals,
+    log, save,
+):
+    """One epoch from optimizer step first_step on: forward, backward, and every `accum` micro-batches a step, a log
+    row and what all ranks agree on (a signal: save and stop; --save-every-min: save; a non-finite loss: stop).
+    Micro-batch i's randomness (pairs, drop-path) is seeded from (seed, rank, epoch, i): a resumed epoch repeats it."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    micro_batches, first = steps_per_epoch * recipe.accum, first_step * recipe.accum
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not dd.main, leave=False, initial=first,
+               total=micro_batches)
+    saved_at, t_log, t_data, n_img = time.monotonic(), time.perf_counter(), 0.0, 0
+    t0 = t_log
+    for i, batch in enumerate(bar, start=first):
+        if i >= micro_batches:  # the last batches that fill no optimizer step
+            break
+        x, y = to_device(batch, dd.device)
+        t_data += time.perf_counter() - t0
+        torch.manual_seed(derive_seed(recipe.seed, dd.rank, epoch, i))
+        last_micro = (i + 1) % recipe.accum == 0
+        with nullcontext() if last_micro or dd.world == 1 else model.no_sync():  # DDP syncs the last one
+            with precision(dd.device):
+                loss, metrics = model(x, y)
+            (loss / recipe.accum).backward()
+        n_img += len(x) * dd.world
+        if last_micro:
+            epoch_step = i // recipe.accum + 1
+            step = epoch * steps_per_epoch + epoch_step  # optimizer steps done, this one included
+            step_lr = schedule(step - 1)
+            optimizer_step(model, optimizer, step_lr, recipe.clip_grad)
+            logging = step % recipe.log_every == 0
+            value = loss.item() if logging else 0.0  # .item() waits for the GPU: at log steps only
+            due = dd.main and recipe.save_every_min > 0 and time.monotonic() - saved_at > 60 * recipe.save_every_min
+            stopping, due, bad = agree(dd, signals, due, not math.isfinite(value))
+            check_finite(dd, value, step, bad, out_dir)
+            if logging and dd.main:
+                elapsed = time.perf_counter() - t_log
+                row = {"epoch": epoch + 1, "step": step, "lr": step_lr, **{k: v.item() for k, v in metrics.items()},
+                       "img_per_s": n_img / elapsed, "data_share": t_data / elapsed}
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                log.write(row)
+            if logging:
+                t_log, t_data, n_img = time.perf_counter(), 0.0, 0
+            if stopping or due:
+                save(epoch, epoch_step)
+                saved_at = time.monotonic()
+            if stopping:
+                where = f"at step {step} (step {epoch_step} of {steps_per_epoch} in epoch {epoch + 1})"
+                stop(dd, signals, out_dir, where)
+        t0 = time.perf_counter()
+    if first < micro_batches:  # else the run resumed at the epoch's last step, and only the epoch's end is left
+        value = loss.item()
+        check_finite(dd, value, (epoch + 1) * steps_per_epoch, agree(dd, not math.isfinite(value))[0], out_dir)
+
+
+def optimizer_step(model, optimizer, lr, clip_grad):
+    """Each group at lr times its lr_scale (layer decay), gradients clipped to clip_grad when > 0."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def check_finite(dd, loss, step, bad, out_dir):
+    """bad (agreed by all ranks): some rank's loss is non-finite; every rank then stops with the same line."""
+    if not bad:
+        return
+    values = gather(dd, loss)
+    rank = next(i for i, v in enumerate(values) if not math.isfinite(v))
+    ckpt = out_dir / "checkpoint.pt"
+    last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint yet"
+    where = f" on rank {rank}" if dd.world > 1 else ""
+    fail(f"loss is {values[rank]} at step {step}{where}; stopping ({last}). Try a lower --blr or --clip-grad 1.0")
+
+
+def stop(dd, signals, out_dir, where):
+    """Every rank stops with one line naming the signal, once the checkpoint of `where` is written."""
+    name = next(n for n in gather(dd, signals[0][0] if signals else None) if n)
+    ckpt = out_dir / "checkpoint.pt"
+    fail(f"stopped by {name} {where}; {ckpt} holds the run: rerun the same command to resume from there")
+
+
+def report_epoch(dd, summary, log, eta_s, metrics, best_key, best):
+    """Rank 0 prints and logs the epoch's summary row -> whether metrics[best_key] beat best (False elsewhere)."""
+    improved = False
+    with together(dd):
+        if dd.main:
+            if torch.cuda.is_available():
+                summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(
+                " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+                + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else "")
+            )
+            log.write(summary)
+            if best_key is not None and best_key not in metrics:
+                fail(f"the held-out evaluation gave no {best_key!r} to keep the best checkpoint by "
+                     f"(it gave {', '.join(metrics) or 'nothing'})")
+            improved = best_key is not None and metrics[best_key] > best
+    return improved
+
+
+def save_run(dd, out_dir, model, optimizer, config, steps_per_epoch, epochs_done, epoch_step, best, metrics,
+             improved=False):
+    """The run after epochs_done epochs and epoch_step steps of the next, written by rank 0 while the others wait to
+    learn whether it worked. The best goes first: a crash between the writes never leaves a best behind the last."""
+    with together(dd):
+        if dd.main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
+                     "epoch_step": epoch_step, "step": epochs_done * steps_per_epoch + epoch_step,
+                     "steps_per_epoch": steps_per_epoch, "config": config, "best": best, "metrics": metrics}
+            if improved:
+                save_checkpoint(out_dir / "checkpoint_best.pt", state)
+            save_checkpoint(out_dir / "checkpoint.pt", state)
+
+
+# ---------------------------------------------------------------- what the loop is made of
+
+
+@dataclass
+class Recipe:
+    """Optimisation settings shared by every command; each is a CLI flag."""
+
+    epochs: int = 100
+    batch_size: int = 256  # per process
+    accum: int = 1  # gradient accumulation steps
+    blr: float = 1.25e-4  # base lr; lr = blr * effective batch / 256 (MAE). The paper: 5e-4 at batch 1024 (8.1)
+    lr: float = 0.0  # the peak lr itself, in place of blr's rule (MAE's --lr); 0: from blr
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0  # layer-wise lr decay; 1.0 is off
+    beta2: float = 0.95  # AdamW's second-moment decay: 0.95 in pretraining (MAE), 0.999 in finetuning (DeiT, MAE)
+    clip_grad: float = 0.0  # max grad norm; 0 is off
+    workers: int = -1  # data-loader workers per process; -1: 8 on CUDA, 0 on CPU
+    seed: int = 0
+    compile: bool = False
+    grad_ckpt: bool = False  # activation checkpointing in the ViT blocks: less memory, ~1/3 more compute
+    log_every: int = 50  # optimizer steps
+    save_every_min: float = 0.0  # also checkpoint within an epoch every this many minutes; 0: at epoch ends only
+    lr_drops: tuple = ()  # a step schedule: epochs where the lr drops x0.1, e.g. (8, 11) (Detectron's 1x); (): cosine
+    resume_changed: bool = False  # resume a run whose checkpoint has another recipe, with the new values
+    tensorboard: bool = False  # also log.jsonl's rows as TensorBoard scalars in out_dir/tensorboard
+
+
+def lr_at(step, lr, warmup_steps, total_steps, min_lr, drop_steps=()):
+    """Linear warmup, then cosine decay to min_lr, or x0.1 at each of drop_steps (a step schedule)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if drop_steps:
+        return lr * 0.1 ** sum(step >= s for s in drop_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_schedule(recipe, batches, world):
+    """-> optimizer steps per epoch, effective batch, peak lr (--lr, else blr x effective batch / 256, MAE's
+    rule), and the schedule: step -> lr."""
+    steps_per_epoch = batches // recipe.accum
+    if steps_per_epoch == 0:
+        fail(f"--accum {recipe.accum} is more than the {batches} batches of an epoch")
+    eff_batch = recipe.batch_size * recipe.accum * world
+    lr = recipe.lr or recipe.blr * eff_batch / 256
+    schedule = partial(lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch),
+                       total_steps=recipe.epochs * steps_per_epoch, min_lr=recipe.min_lr,
+                       drop_steps=[int(e * steps_per_epoch) for e in recipe.lr_drops])
+    return steps_per_epoch, eff_batch, lr, schedule
+
+
+def describe_start(recipe, dd, eff_batch, lr, steps_per_epoch):
+    """The line that opens a run: the batch arithmetic and the lr it gives."""
+    return (
+        f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = {eff_batch} "
+        "effective; "
+        + (f"lr {lr:.3g} (--lr)" if recipe.lr else f"base lr {recipe.blr:.3g} -> lr {lr:.3g}")
+        + (f", below --min-lr {recipe.min_lr:.3g}: the cosine rises to it" if lr < recipe.min_lr else "")
+        + f"; {steps_per_epoch} steps/epoch, {recipe.epochs * steps_per_epoch} steps in all; device {dd.device}"
+    )
+
+
+def encoder_name(name):
+    """A parameter's name inside the ViT: after the last "encoder." (PART, classifiers, detect.py's backbone)."""
+    return name.rpartition("encoder.")[2]
+
+
+def layer_id(name, depth):
+    """0 for embeddings and tokens, i+1 for blocks.i, depth+1 for everything after the blocks (BEiT)."""
+    name = encoder_name(name)
+    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay):
+    """AdamW groups: no decay on norms, biases, tokens and position embeddings (ndim < 2),
+    and, with layer_decay < 1, lr scaled by layer_decay ** (depth + 1 - layer)."""
+    blocks = [encoder_name(n) for n, _ in model.named_parameters() if encoder_name(n).startswith("blocks.")]
+    depth = 1 + max((int(n.split(".")[1]) for n in blocks), default=-1)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+        layer = layer_id(name, depth)
+        if (layer, decay) not in groups:
+            scale = layer_decay ** (depth + 1 - layer)
+            groups[layer, decay] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        groups[layer, decay]["params"].append(p)
+    return list(groups.values())
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU; detection passes its own precision."""
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def wrap(model, recipe, dd):
+    """DDP, then torch.compile of the DDP module: compiled so, DDP's graph splits at its buckets and gradient
+    all-reduces overlap the backward (compiling first and wrapping after leaves them to the end)."""
+    if dd.world > 1:
+        model = DDP(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
+    return torch.compile(model) if recipe.compile else model
+
+
+def agree_on_buffers(model, dd):
+    """Every rank takes rank 0's buffers (a probe's BatchNorm statistics): DDP broadcasts them before each forward,
+    so after an epoch's last step each rank holds its own update."""
+    if dd.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+@torch.no_grad()
+def evaluate(model, loader, dd, seed, precision=autocast):
+    """Metrics averaged over a held-out set, weighted by batch size and summed over processes. Under a fixed seed
+    (PART's sampler and pairs are random), so that epochs compare like with like; the training RNG is restored."""
+    model.eval()
+    sums, count = {}, 0
+    devices = [dd.device] if dd.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for batch in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
+            x, y = to_device(batch, dd.device)
+            with precision(dd.device):
+                _, metrics = model(x, y)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.double() * len(x)
+            count += len(x)
+    model.train()
+    shards = gather(dd, ({k: v.item() for k, v in sums.items()}, count))  # a rank may hold no batch at all
+    count = sum(n for _, n in shards)
+    names = dict.fromkeys(k for s, _ in shards for k in s)
+    return {k: sum(s.get(k, 0.0) for s, _ in shards) / count for k in names}
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from integers, e.g. (seed, epoch, index): unrelated seeds for different parts."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Seeded(Dataset):
+    """A training set read as dataset[(index, seed)], the RNG seeded before each item's augmentation: an image's
+    crop and flip depend on (seed, epoch, index) alone, not on the workers or where a run resumed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler's order (seed, epoch; each rank its shard) as (index, augmentation seed) pairs for
+    `Seeded`, from item `skip` on: an epoch resumed part-way leaves out the items its steps have seen."""
+
+    skip = 0
+
+    def __iter__(self):
+        for index in itertools.islice(super().__iter__(), self.skip, None):
+            yield index, derive_seed(self.seed, self.epoch, index)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def to_device(batch, device):
+    """Tensors, and lists / tuples / dicts of them (detection targets), onto the device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
+    """Each process its shard, in an order that depends on (seed, epoch) alone; a training item's augmentation on
+    (seed, epoch, index) (`Seeded`). A held-out set's rank r takes items r, r + world, ...: DistributedSampler would
+    pad the shards with repeated items, which an evaluation counts twice."""
+    if train and len(dataset) // dd.world < batch_size:
+        fail(f"--batch-size {batch_size} is larger than the {len(dataset) // dd.world} training images per process")
+    if train:
+        sampler = TrainSampler(dataset, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=seed, drop_last=True)
+        dataset = Seeded(dataset)
+    else:
+        sampler = range(dd.rank, len(dataset), dd.world)
+    workers = (8 if dd.device.type == "cuda" else 0) if workers < 0 else workers
+    return DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=dd.device.type == "cuda", drop_last=train,
+        persistent_workers=workers > 0, collate_fn=collate_fn,
+    )
+
+
+# ---------------------------------------------------------------- distributed setup and errors
+
+# every collective's limit: rank 0 evaluates alone (detect.py's COCOeval) and writes checkpoints while the others
+# wait in the next collective, which torch's default of 10 minutes cut short
 DIST_TIMEOUT = timedelta(minutes=60)
 
 
@@ -68,9 +446,8 @@ def local_device():
 
 
 def setup_distributed():
-    """Distributed when launched by torchrun (RANK in the environment), else one process. On CUDA, fp32
-    matmuls (detection's heads) run in TF32, and rank r takes GPU LOCAL_RANK modulo the visible GPUs:
-    launchers that show each task one GPU (SLURM) give every rank cuda:0."""
+    """Distributed when torchrun launched us (RANK is set), else one process. Rank r takes GPU LOCAL_RANK modulo the
+    visible GPUs (SLURM shows each task one); fp32 matmuls (detection's heads) run in TF32."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -89,19 +466,20 @@ def setup_distributed():
 
 
 def attempt_store():
-    """torchrun's rendezvous store, its keys under a prefix of this attempt: workers that `torchrun --max-restarts`
-    starts again must not read the keys the last attempt's workers left (gloo and NCCL exchange their addresses
-    there), or a rank that arrives early connects to a dead one."""
+    """torchrun's store, its keys under this attempt's prefix: workers that --max-restarts starts again must not
+    read the addresses the last attempt left, or a rank that arrives early connects to a dead one."""
     store, _, _ = next(dist.rendezvous("env://", timeout=DIST_TIMEOUT))
     return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU: the precision `fit` runs models in,
-    unless their command passes another (detection: nullcontext, the detector switches precision itself)."""
-    if device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+def run(command):
+    """command(dd) inside the distributed setup. The group is destroyed after a good run only: after an error, other
+    ranks may be gone and NCCL's teardown would wait for them."""
+    dd = setup_distributed()
+    result = command(dd)
+    if dd.world > 1:
+        dist.destroy_process_group()
+    return result
 
 
 class RunError(Exception):
@@ -152,93 +530,13 @@ def gather(dd, value):
     return values
 
 
-# ---------------------------------------------------------------- recipe, schedule, checkpoints
-
-
-@dataclass
-class Recipe:
-    """Optimisation settings shared by every command; each is a CLI flag."""
-
-    epochs: int = 100
-    batch_size: int = 256  # per process
-    accum: int = 1  # gradient accumulation steps
-    blr: float = 1.25e-4  # base lr; lr = blr * effective batch / 256 (MAE). The paper: 5e-4 at batch 1024 (8.1)
-    lr: float = 0.0  # the peak lr itself, in place of blr's rule (MAE's --lr); 0: from blr
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0  # layer-wise lr decay; 1.0 is off
-    beta2: float = 0.95  # AdamW's second-moment decay: 0.95 in pretraining (MAE), 0.999 in finetuning (DeiT, MAE)
-    clip_grad: float = 0.0  # max grad norm; 0 is off
-    workers: int = -1  # data-loader workers per process; -1: 8 on CUDA, 0 on CPU
-    seed: int = 0
-    compile: bool = False
-    grad_ckpt: bool = False  # activation checkpointing in the ViT blocks: less memory, ~1/3 more compute
-    log_every: int = 50  # optimizer steps
-    save_every_min: float = 0.0  # also checkpoint within an epoch every this many minutes; 0: at epoch ends only
-    lr_drops: tuple = ()  # a step schedule: epochs where the lr drops x0.1, e.g. (8, 11) (Detectron's 1x); (): cosine
-    resume_changed: bool = False  # resume a run whose checkpoint has another recipe, with the new values
-    tensorboard: bool = False  # also log.jsonl's rows as TensorBoard scalars in out_dir/tensorboard (RunLog)
-
-
-def lr_at(step, lr, warmup_steps, total_steps, min_lr, drop_steps=()):
-    """Linear warmup, then cosine decay to min_lr, or x0.1 at each of drop_steps (a step schedule)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if drop_steps:
-        return lr * 0.1 ** sum(step >= s for s in drop_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def encoder_name(name):
-    """A parameter's name inside the ViT: after the last "encoder." (PART, classifiers, detect.py's backbone)."""
-    return name.rpartition("encoder.")[2]
-
-
-def layer_id(name, depth):
-    """0 for embeddings and tokens, i+1 for blocks.i, depth+1 for everything after the blocks (BEiT)."""
-    name = encoder_name(name)
-    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups(model, weight_decay, layer_decay):
-    """AdamW groups: no decay on norms, biases, tokens and position embeddings (ndim < 2),
-    and, with layer_decay < 1, lr scaled by layer_decay ** (depth + 1 - layer)."""
-    depth = 1 + max(
-        (
-            int(encoder_name(n).split(".")[1])
-            for n, _ in model.named_parameters()
-            if encoder_name(n).startswith("blocks.")
-        ),
-        default=-1,
-    )
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
-        layer = layer_id(name, depth)
-        key = (layer, decay)
-        if key not in groups:
-            groups[key] = {
-                "params": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": layer_decay ** (depth + 1 - layer),
-            }
-        groups[key]["params"].append(p)
-    return list(groups.values())
+# ---------------------------------------------------------------- files: checkpoints, lock, signals, record, log
 
 
 def write_atomic(path, write):
-    """write(temporary path), then rename it to path: a crash never leaves a half-written file. A write that
-    fails (a full disk) removes the temporary and stops with one line; the file at path stays as it was. The
-    temporary is this process's alone: processes that write the same file at once (nodes sharing a cache) never
-    write into one temporary."""
+    """write(temporary), then rename it to path: a crash never leaves a half-written file, and a failed write (a
+    full disk) leaves path as it was and stops with one line. The temporary is this process's: nodes that share a
+    cache may write one file at once."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -268,9 +566,8 @@ def load_checkpoint(path, mmap=False):
 
 @contextmanager
 def out_dir_lock(out_dir, dd):
-    """The out-dir, created by rank 0 and locked by it for the run's life: one run at a time writes there.
-    flock ends with the process that holds it, so a killed run leaves no stale lock; it holds across the
-    nodes of NFS (Linux maps it to NFS locks)."""
+    """The out-dir, created and locked by rank 0 for the run's life: one run at a time writes there. flock ends
+    with its process, so a killed run leaves no stale lock, and holds across NFS nodes."""
     lock = None
     with together(dd):
         if dd.main:
@@ -296,10 +593,8 @@ def take_lock(out_dir):
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
-        fail(
-            f"--out-dir {out_dir} is in use by another run ({holder}, {out_dir / '.lock'}); "
-            "wait for it to end, or pass another --out-dir"
-        )
+        fail(f"--out-dir {out_dir} is in use by another run ({holder}, {out_dir / '.lock'}); "
+             "wait for it to end, or pass another --out-dir")
     except OSError as e:  # a file system without flock (Lustre mounted without -o flock): run unlocked, and say so
         print(f"note: {out_dir} cannot be locked ({first_line(e)}); make sure no other run writes there")
     lock.truncate(0)
@@ -310,9 +605,8 @@ def take_lock(out_dir):
 
 @contextmanager
 def stop_on_signals():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice before preemption) set a flag that the loop reads at
-    each step: every rank then checkpoints at that step and stops. A second signal at least 2 s later stops at
-    once (the first one may reach a process twice: from the terminal and from torchrun, which forwards it)."""
+    """SIGINT and SIGTERM (a scheduler's notice) append to the list yielded, which the loop reads at each step: every
+    rank then checkpoints and stops. A second signal 2 s later stops at once (torchrun forwards the terminal's)."""
     received = []
 
     def note(signum, frame):
@@ -331,197 +625,9 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
-# ---------------------------------------------------------------- data
-
-
-def derive_seed(*parts):
-    """A 63-bit seed from integers, e.g. (seed, epoch, index): unrelated seeds for different parts."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class Seeded(Dataset):
-    """A training set read as dataset[(index, seed)]: the RNG is seeded per item before its augmentation, so an
-    image's crop and flip depend on (seed, epoch, index) alone, not on the worker count, on which worker fetches
-    it, or on where a run resumed: a crash-and-rerun (or a stop mid-epoch) repeats the same augmentations."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        torch.default_generator.manual_seed(seed)
-        return self.dataset[index]
-
-
-class TrainSampler(DistributedSampler):
-    """DistributedSampler's order (seed, epoch; each rank its shard) as (index, augmentation seed) pairs for
-    `Seeded`, from item `skip` on: an epoch resumed part-way leaves out the items its steps have seen."""
-
-    skip = 0
-
-    def __iter__(self):
-        for index in itertools.islice(super().__iter__(), self.skip, None):
-            yield index, derive_seed(self.seed, self.epoch, index)
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-class Shard(Sampler):
-    """A held-out set's rank r share: items r, r + world, ... Each item once: DistributedSampler pads the
-    shards to one length with repeated items, which an evaluation would count twice."""
-
-    def __init__(self, n, dd):
-        self.indices = range(dd.rank, n, dd.world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def to_device(batch, device):
-    """Tensors, and lists / tuples / dicts of them (detection targets), onto the device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
-    """Every process sees its own shard; order depends only on (seed, epoch), also in one process, and a
-    training item's augmentation on (seed, epoch, index) (`Seeded`). Held-out sets are sharded unpadded."""
-    if train and len(dataset) // dd.world < batch_size:
-        fail(f"--batch-size {batch_size} is larger than the {len(dataset) // dd.world} training images per process")
-    if train:
-        sampler = TrainSampler(dataset, num_replicas=dd.world, rank=dd.rank, shuffle=True, seed=seed, drop_last=True)
-        dataset = Seeded(dataset)
-    else:
-        sampler = Shard(len(dataset), dd)
-    workers = (8 if dd.device.type == "cuda" else 0) if workers < 0 else workers
-    if data.skips_bad_files(dataset):
-        collate_fn = partial(data.skip_none_collate, collate=collate_fn or default_collate)
-    return DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=dd.device.type == "cuda", drop_last=train,
-        persistent_workers=workers > 0, collate_fn=collate_fn,
-    )
-
-
-@torch.no_grad()
-def evaluate(model, loader, dd, seed, precision=autocast):
-    """Metrics averaged over a held-out set, weighted by batch size and summed over processes.
-
-    Runs under a fixed seed (the sampler and pairs of PART are random), so epochs compare
-    like with like, and restores the training RNG after.
-    """
-    model.eval()
-    sums, count = {}, 0
-    devices = [dd.device] if dd.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for batch in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
-            if batch is None:  # every file of the batch unreadable (--skip-bad-files)
-                continue
-            x, y = to_device(batch, dd.device)
-            with precision(dd.device):
-                _, metrics = model(x, y)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.double() * len(x)
-            count += len(x)
-    model.train()
-    shards = gather(dd, ({k: v.item() for k, v in sums.items()}, count))  # a rank may hold no batch at all
-    count = sum(n for _, n in shards)
-    if count == 0:
-        fail("no held-out item could be read: every file of the held-out split was skipped as unreadable")
-    names = dict.fromkeys(k for s, _ in shards for k in s)
-    return {k: sum(s.get(k, 0.0) for s, _ in shards) / count for k in names}
-
-
-# ---------------------------------------------------------------- the loop
-
-
-def fit(
-    model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=None, collate_fn=None,
-    train_collate_fn=None, precision=autocast, on_epoch=None,
-):
-    """Train `model` (forward(x, y) -> (loss, metrics)) and return the last held-out metrics.
-
-    evaluate_fn(model, val_loader, dd, seed) -> {name: float} runs after every epoch (default:
-    `evaluate`, the batch-weighted mean of the model's metrics). out_dir gets checkpoint.pt
-    (every epoch, and at a stop or every --save-every-min within one), checkpoint_best.pt (when metric
-    best_key improves, higher is better) and log.jsonl. A run finds its own checkpoint there and
-    resumes. collate_fn batches both sets; train_collate_fn, when given, the training set alone (MixUp /
-    CutMix). precision(device) is the context forward runs in; on_epoch(epoch, epochs), when given, is
-    called before each epoch (0-based).
-    """
-    out_dir = Path(out_dir)
-    train_loader = make_loader(
-        train_set, recipe.batch_size, dd, recipe.seed, recipe.workers, True, train_collate_fn or collate_fn
-    )
-    val_loader = make_loader(val_set, recipe.batch_size, dd, recipe.seed, recipe.workers, False, collate_fn)
-    steps_per_epoch, eff_batch, lr, schedule = lr_schedule(recipe, len(train_loader), dd.world)
-    model.to(dd.device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, recipe.weight_decay, recipe.layer_decay), lr=lr, betas=(0.9, recipe.beta2)
-    )
-    config = with_record(config, recipe, dd, eff_batch, lr)
-    with out_dir_lock(out_dir, dd), stop_on_signals() as signals:
-        progress = resume(out_dir / "checkpoint.pt", model, optimizer, config, dd, steps_per_epoch)
-        if progress.epoch >= recipe.epochs:
-            if dd.main:
-                print(
-                    f"{out_dir / 'checkpoint.pt'} is a finished run of {progress.epoch} epochs: nothing to train "
-                    "(raise --epochs to continue it)"
-                )
-            return progress.metrics
-        if dd.main:
-            write_record(out_dir, config)
-            print(
-                f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = "
-                f"{eff_batch} effective; "
-                + (f"lr {lr:.3g} (--lr)" if recipe.lr else f"base lr {recipe.blr:.3g} -> lr {lr:.3g}")
-                + (f", below --min-lr {recipe.min_lr:.3g}: the cosine rises to it" if lr < recipe.min_lr else "")
-                + f"; {steps_per_epoch} steps/epoch, "
-                f"{recipe.epochs * steps_per_epoch} steps in all; device {dd.device}"
-            )
-        loop = Loop(
-            model, wrap(model, recipe, dd), optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch,
-            precision, signals, train_loader, progress,
-        )
-        with RunLog(out_dir, recipe.tensorboard) if dd.main else nullcontext() as loop.log:
-            for epoch in range(progress.epoch, recipe.epochs):
-                first_step = progress.epoch_step if epoch == progress.epoch else 0
-                train_loader.sampler.set_epoch(epoch)
-                train_loader.sampler.skip = first_step * recipe.accum * recipe.batch_size
-                if on_epoch:
-                    on_epoch(epoch, recipe.epochs)
-                loop.train_one_epoch(epoch, first_step)
-                agree_on_buffers(model, dd)
-                metrics = (evaluate_fn or partial(evaluate, precision=precision))(model, val_loader, dd, recipe.seed)
-                loop.end_of_epoch(epoch, metrics, best_key)
-        return loop.metrics
-
-
-def agree_on_buffers(model, dd):
-    """Every rank takes rank 0's buffers (a linear probe's BatchNorm statistics): DDP broadcasts them before each
-    forward, so after an epoch's last step each rank holds its own update; evaluated and saved, they are one."""
-    if dd.world > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
-
 def with_record(config, recipe, dd, eff_batch, lr):
-    """The run's config with what ran it: the world size and effective batch, compared on resume like any recipe
-    field (another GPU count changes the batch and lr), and under "record" (which resume ignores) the command
-    line, the code's commit and whether it was dirty, versions, the device and the lr. Rank 0 writes the same to
-    out_dir/run.json when the run starts (write_record), readable without torch."""
+    """The run's config plus the world size and effective batch, checked on resume like the recipe (another GPU count
+    changes batch and lr), and under "record", which resume ignores, what ran it: command, commit, versions, device."""
     record = {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], **git_state(), "versions": versions(),
               "device": device_name(dd.device), "devices": torch.cuda.device_count() if dd.device.type == "cuda" else 1,
               "world_size": dd.world, "effective_batch": eff_batch, "lr": lr}
@@ -558,226 +664,29 @@ def device_name(device):
 
 
 def write_record(out_dir, config):
-    """out_dir/run.json: the run's config with its record, as JSON a person can read (timm's args.yaml, DINO's git
-    SHA and args), written atomically at every start; a resume adds the new start to its list of starts."""
+    """out_dir/run.json: the config and its record as JSON a person reads without torch (timm's args.yaml); each
+    start adds itself to the list of starts."""
     path = Path(out_dir) / "run.json"
     starts = json.loads(path.read_text()).get("starts", []) if path.is_file() else []
     record = {**config, "starts": [*starts, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **config["record"]}]}
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str)))
 
 
-def wrap(model, recipe, dd):
-    """DDP, then torch.compile of the DDP module: compiled so, DDP's graph splits at its buckets and gradient
-    all-reduces overlap the backward (compiling first and wrapping after leaves them to the end)."""
-    if dd.world > 1:
-        model = DDP(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
-    return torch.compile(model) if recipe.compile else model
-
-
-@dataclass
-class Progress:
-    """Where a run stands: epochs done, optimizer steps done in the next one (a checkpoint written at a stop
-    or by --save-every-min), unreadable files skipped in those steps, the best metric and the last metrics."""
-
-    epoch: int = 0
-    epoch_step: int = 0
-    skipped: int = 0
-    best: float = -math.inf
-    metrics: dict = field(default_factory=dict)
-
-
-class Loop:
-    """What the loop carries from step to step, and the steps: train_one_epoch, after_step, end_of_epoch, save."""
-
-    def __init__(
-        self, raw, model, optimizer, schedule, recipe, dd, config, out_dir, steps_per_epoch, precision, signals,
-        train_loader, progress,
-    ):
-        self.raw, self.model = raw, model  # raw: unwrapped and uncompiled, what checkpoints hold and evaluate runs
-        self.optimizer, self.schedule, self.recipe, self.dd, self.config = optimizer, schedule, recipe, dd, config
-        self.out_dir, self.ckpt_path, self.steps_per_epoch = out_dir, out_dir / "checkpoint.pt", steps_per_epoch
-        self.precision, self.signals, self.loader = precision, signals, train_loader
-        self.skips_files = data.skips_bad_files(train_loader.dataset)
-        self.best, self.metrics, self.first_epoch = progress.best, progress.metrics, progress.epoch
-        self.skipped = progress.skipped if dd.main else 0  # unreadable files, a checkpoint's sum on rank 0
-        self.log, self.saved_at, self.t_run = None, time.monotonic(), time.perf_counter()
-
-    def train_one_epoch(self, epoch, first_step):
-        """One pass over the loader from optimizer step `first_step` on: forward, backward, and every
-        `recipe.accum` micro-batches an optimizer step at lr schedule(step). Each micro-batch's randomness (PART's
-        pairs, drop-path) is seeded from (seed, rank, epoch, micro-batch), so a resumed epoch repeats it."""
-        r, dd = self.recipe, self.dd
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        micro_batches, first = self.steps_per_epoch * r.accum, first_step * r.accum
-        bar = tqdm(
-            self.loader, desc=f"epoch {epoch + 1}/{r.epochs}", disable=not dd.main, leave=False, initial=first,
-            total=micro_batches,
-        )
-        self.t_epoch = self.t_log = t0 = time.perf_counter()
-        self.t_data, self.n_img, loss = 0.0, 0, None
-        for i, batch in enumerate(bar, start=first):
-            if i >= micro_batches:
-                break
-            self.skipped += r.batch_size - (0 if batch is None else len(batch[0]))  # unreadable files
-            if self.skips_files and agree(dd, batch is None)[0]:  # a rank without a batch: all skip it together
-                continue
-            x, y = to_device(batch, dd.device)
-            self.t_data += time.perf_counter() - t0
-            torch.manual_seed(derive_seed(r.seed, dd.rank, epoch, i))
-            last_micro = (i + 1) % r.accum == 0
-            with nullcontext() if last_micro or dd.world == 1 else self.model.no_sync():  # DDP syncs the last one
-                with self.precision(dd.device):
-                    loss, metrics = self.model(x, y)
-                (loss / r.accum).backward()
-            self.n_img += len(x) * dd.world
-            if last_micro:
-                self.after_step(epoch, i // r.accum + 1, loss.detach(), metrics, bar)
-            t0 = time.perf_counter()
-        if first >= micro_batches:  # resumed from a checkpoint at the epoch's last step: only its end is left
-            return
-        if loss is None:
-            fail(f"every batch of epoch {epoch + 1} was unreadable: --skip-bad-files skipped all of its files")
-        value = loss.item()
-        self.check_finite(value, (epoch + 1) * self.steps_per_epoch, agree(dd, not math.isfinite(value))[0])
-
-    def after_step(self, epoch, epoch_step, loss, metrics, bar):
-        """The optimizer step that ends micro-batches; then, agreed by all ranks: a stop (a signal), a non-finite
-        loss (at log steps, where the loss is read anyway), a checkpoint (--save-every-min, rank 0's clock)."""
-        r, step = self.recipe, epoch * self.steps_per_epoch + epoch_step  # optimizer steps done, this one included
-        step_lr = self.schedule(step - 1)
-        for g in self.optimizer.param_groups:
-            g["lr"] = step_lr * g["lr_scale"]  # the lr_scale of layer decay
-        if r.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        logging = step % r.log_every == 0
-        value = loss.item() if logging else 0.0  # .item() waits for the GPU: at log steps only
-        due = self.dd.main and r.save_every_min > 0 and time.monotonic() - self.saved_at > 60 * r.save_every_min
-        stop, save, bad = agree(self.dd, self.signals, due, not math.isfinite(value))
-        self.check_finite(value, step, bad)
-        if logging and self.dd.main:
-            elapsed = time.perf_counter() - self.t_log
-            row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": step_lr,
-                **{k: v.item() for k, v in metrics.items()},
-                "img_per_s": self.n_img / elapsed,
-                "data_share": self.t_data / elapsed,
-            }
-            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{row['img_per_s']:.0f}")
-            self.log.write(row)
-        if logging:
-            self.t_log, self.t_data, self.n_img = time.perf_counter(), 0.0, 0
-        if stop or save:
-            self.save(epoch, epoch_step)
-        if stop:
-            self.stop(f"at step {step} (step {epoch_step} of {self.steps_per_epoch} in epoch {epoch + 1})")
-
-    def check_finite(self, loss, step, bad):
-        """bad (agreed by all ranks): some rank's loss is non-finite; every rank then stops with the same line."""
-        if not bad:
-            return
-        values = gather(self.dd, loss)
-        rank = next(i for i, v in enumerate(values) if not math.isfinite(v))
-        last = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.exists() else "no checkpoint yet"
-        where = f" on rank {rank}" if self.dd.world > 1 else ""
-        fail(f"loss is {values[rank]} at step {step}{where}; stopping ({last}). Try a lower --blr or --clip-grad 1.0")
-
-    def end_of_epoch(self, epoch, metrics, best_key):
-        """The epoch's summary (printed, logged), then its checkpoint; a stop asked for during the epoch's
-        evaluation ends the run here."""
-        dd, improved = self.dd, False
-        skipped = sum(gather(dd, self.skipped))
-        with together(dd):
-            if dd.main:
-                done = epoch + 1 - self.first_epoch
-                eta = (time.perf_counter() - self.t_run) / done * (self.recipe.epochs - epoch - 1)
-                summary = {
-                    "epoch": epoch + 1,
-                    "step": (epoch + 1) * self.steps_per_epoch,
-                    "epoch_s": time.perf_counter() - self.t_epoch,
-                    **({"skipped_files": skipped} if skipped else {}),
-                    **{f"val_{k}": v for k, v in metrics.items()},
-                }
-                report_epoch(summary, self.log, eta if epoch + 1 < self.recipe.epochs else None)
-                if best_key is not None and best_key not in metrics:
-                    fail(
-                        f"the held-out evaluation gave no {best_key!r} to keep the best checkpoint by "
-                        f"(it gave {', '.join(metrics) or 'nothing'})"
-                    )
-                improved = best_key is not None and metrics[best_key] > self.best
-                self.best = metrics[best_key] if improved else self.best
-        self.metrics, self.skipped = metrics, 0
-        self.save(epoch + 1, 0, improved)
-        if agree(dd, self.signals)[0] and epoch + 1 < self.recipe.epochs:
-            self.stop(f"after epoch {epoch + 1}")
-
-    def save(self, epochs_done, epoch_step, improved=False):
-        """The run after `epochs_done` epochs and `epoch_step` steps of the next, written by rank 0 while the others
-        wait to learn whether it worked. The best weights go first: a crash between the two writes leaves a best
-        checkpoint no older than the last, never a last one that records a best that was not written."""
-        skipped = sum(gather(self.dd, self.skipped))
-        with together(self.dd):
-            if self.dd.main:
-                state = {
-                    "model": self.raw.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "epoch": epochs_done,
-                    "epoch_step": epoch_step,
-                    "skipped": skipped,
-                    "step": epochs_done * self.steps_per_epoch + epoch_step,
-                    "steps_per_epoch": self.steps_per_epoch,
-                    "config": self.config,
-                    "best": self.best,
-                    "metrics": self.metrics,
-                }
-                if improved:
-                    save_checkpoint(self.out_dir / "checkpoint_best.pt", state)
-                save_checkpoint(self.ckpt_path, state)
-        self.saved_at = time.monotonic()
-
-    def stop(self, where):
-        """Every rank stops with one line, after the checkpoint of where the run is was written."""
-        name = next(n for n in gather(self.dd, self.signals[0][0] if self.signals else None) if n)
-        fail(f"stopped by {name} {where}; {self.ckpt_path} holds the run: rerun the same command to resume from there")
-
-
-def report_epoch(summary, log, eta_s=None):
-    """An epoch's summary row (plus peak memory on CUDA) printed, with the time left, and written to the RunLog."""
-    if torch.cuda.is_available():
-        summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(
-        " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-        + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else "")
-    )
-    log.write(summary)
-
-
 class RunLog:
-    """Rank 0's record of a run's rows (steps and epoch summaries): log.jsonl, one JSON row a line; with
-    tensorboard, also each number of a row as a TensorBoard scalar at the row's step, in out_dir/tensorboard.
-    The events are rebuilt from log.jsonl at every start, so they follow it where a resume cut it back."""
+    """Rank 0's rows in log.jsonl, one JSON row a line; with tensorboard, each number also a scalar at its row's step,
+    and earlier starts' events from purge_step on hidden, as resume cut log.jsonl back."""
 
-    def __init__(self, out_dir, tensorboard=False):
-        self.events = tensorboard_writer(out_dir / "tensorboard") if tensorboard else None
+    def __init__(self, out_dir, tensorboard, purge_step):
+        self.events = tensorboard_writer(out_dir / "tensorboard", purge_step) if tensorboard else None
         self.file = open(out_dir / "log.jsonl", "a")
-        if self.events:
-            for line in (out_dir / "log.jsonl").read_text().splitlines():
-                self.add_scalars(json.loads(line))
-
-    def add_scalars(self, row):
-        for name, value in row.items():
-            if name not in ("epoch", "step") and isinstance(value, (int, float)):
-                self.events.add_scalar(name, value, row["step"])
 
     def write(self, row):
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.events:
-            self.add_scalars(row)
+            for name, value in row.items():
+                if name not in ("epoch", "step") and isinstance(value, (int, float)):
+                    self.events.add_scalar(name, value, row["step"])
             self.events.flush()
 
     def __enter__(self):
@@ -789,40 +698,20 @@ class RunLog:
             self.events.close()
 
 
-def tensorboard_writer(folder):
-    """A TensorBoard writer of a fresh `folder` (events of an earlier start go: RunLog rewrites them)."""
+def tensorboard_writer(folder, purge_step):
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: imported for --tensorboard alone
     except ImportError:
         fail("--tensorboard needs the tensorboard package: pip install tensorboard")
-    shutil.rmtree(folder, ignore_errors=True)
-    return SummaryWriter(str(folder))
-
-
-def lr_schedule(recipe, batches, world):
-    """-> optimizer steps per epoch, effective batch, peak lr (--lr, else blr x effective batch / 256, MAE's
-    rule), and the schedule: step -> lr."""
-    steps_per_epoch = batches // recipe.accum
-    if steps_per_epoch == 0:
-        fail(f"--accum {recipe.accum} is more than the {batches} batches of an epoch")
-    eff_batch = recipe.batch_size * recipe.accum * world
-    lr = recipe.lr or recipe.blr * eff_batch / 256
-    schedule = partial(
-        lr_at, lr=lr, warmup_steps=int(recipe.warmup_epochs * steps_per_epoch),
-        total_steps=recipe.epochs * steps_per_epoch, min_lr=recipe.min_lr,
-        drop_steps=[int(e * steps_per_epoch) for e in recipe.lr_drops],
-    )
-    return steps_per_epoch, eff_batch, lr, schedule
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
 
 # ---------------------------------------------------------------- resume
 
-RESUMABLE = {  # may change on resume
-    "epochs", "workers", "log_every", "save_every_min", "compile", "grad_ckpt", "resume_changed", "tensorboard",
+RESUMABLE = {  # the recipe settings a resume may change
+    "epochs", "workers", "log_every", "save_every_min", "compile", "grad_ckpt", "resume_changed", "tensorboard"
 }
-# where the data came from: another location needs --resume-changed (the same data may have moved); checkpoints
-# written before it was recorded lack it
-DATA_DIR = "data_dir"
+DATA_DIR = "data_dir"  # where the data are: another location needs --resume-changed (the same data may have moved)
 
 
 def flat(config, prefix=""):
@@ -835,92 +724,79 @@ def flat(config, prefix=""):
 
 def check_same_run(path, old_config, config):
     """Stops when the checkpoint at path is of another model or data, or of another recipe or data location
-    unless --resume-changed. A setting the checkpoint does not record was added to the code after it was
-    written: the run trained without it, which is the setting left off (False, None or 0), so only its being on
-    is a change; a run started before an upgrade resumes after it."""
+    unless --resume-changed."""
     old, new = flat(old_config), flat(config)
-    changed = [
-        k
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-        and k.removeprefix("recipe.") not in RESUMABLE
-        and not k.startswith("record.")  # what ran it (command, commit, versions): a rerun may differ
-        and not (k not in old and (k == DATA_DIR or new[k] in (None, False)))  # not recorded then; False == 0 == 0.0
+    changed = [  # record.*, what ran it (command, commit, versions), may differ in a rerun
+        k for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and k.removeprefix("recipe.") not in RESUMABLE and not k.startswith("record.")
     ]
     described = [f"{k.removeprefix('recipe.')}: {old.get(k)} -> {new.get(k)}" for k in changed]
     run_changed = [d for k, d in zip(changed, described) if not k.startswith("recipe.") and k != DATA_DIR]
     if run_changed:
-        fail(
-            f"{path} holds a run of another model or data ({', '.join(run_changed[:4])}); "
-            "pass a new --out-dir, or delete it to start over"
-        )
+        fail(f"{path} holds a run of another model or data ({', '.join(run_changed[:4])}); "
+             "pass a new --out-dir, or delete it to start over")
     if changed and not config.get("recipe", {}).get("resume_changed"):
         what = "data location" if changed == [DATA_DIR] else "recipe" + (" and data location" * (DATA_DIR in changed))
-        fail(
-            f"{path} was trained with another {what} ({', '.join(described)}); "
-            "rerun with its flags, or add --resume-changed to continue with the new values"
-        )
+        fail(f"{path} was trained with another {what} ({', '.join(described)}); "
+             "rerun with its flags, or add --resume-changed to continue with the new values")
 
 
 def read_run_checkpoint(path, config):
     """The run's own checkpoint, checked: a file of ours, of this run."""
     ckpt = load_checkpoint(path)
-    missing = [k for k in ("model", "optimizer", "epoch", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    keys = ("model", "optimizer", "epoch", "epoch_step", "step", "steps_per_epoch", "config", "best", "metrics")
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        fail(
-            f"{path} has no {', '.join(missing)}: not a checkpoint that a run of ours wrote; move it away to start over"
-        )
-    check_same_run(path, ckpt.get("config", {}), config)
+        fail(f"{path} has no {', '.join(missing)}: not a checkpoint that a run of ours wrote; "
+             "move it away to start over")
+    check_same_run(path, ckpt["config"], config)
     return ckpt
 
 
-def resume(ckpt_path, model, optimizer, config, dd, steps_per_epoch):
-    """The run's own checkpoint into model and optimizer -> Progress; Progress() without one. Stops when
-    the checkpoint is not of this run (check_same_run); cuts log.jsonl back to the checkpoint. Rank 0
-    decides: every rank must see the checkpoint rank 0 sees (a --out-dir that all nodes share), or all stop
-    with one line, where they would otherwise train replicas that diverge."""
+def resume(out_dir, model, optimizer, config, dd, steps_per_epoch):
+    """out_dir's checkpoint.pt into model and optimizer -> (epochs done, steps done of the next, best, metrics); a
+    fresh start without one. log.jsonl is cut back to it. Rank 0 decides, and every rank must see what it sees (an
+    out-dir that all nodes share), or all stop with one line where their replicas would diverge."""
+    ckpt_path = out_dir / "checkpoint.pt"
     with together(dd):
         ckpt = read_run_checkpoint(ckpt_path, config) if ckpt_path.exists() else None
         best = best_so_far(ckpt, ckpt_path) if ckpt else -math.inf
     seen = gather(dd, ((ckpt["epoch"], ckpt["step"]) if ckpt else None, str(ckpt_path)))
     if seen[0][0] is None:
         if dd.main:  # the rows of an attempt killed before its first checkpoint are redone: they go
-            truncate_log(ckpt_path.parent / "log.jsonl", (0, 0, 0))
-        return Progress()
+            truncate_log(out_dir / "log.jsonl", (0, 0, 0))
+        return 0, 0, -math.inf, {}
     odd = next((r for r, (at, _) in enumerate(seen) if at != seen[0][0]), None)
     if odd is not None:
         (at, path), step = seen[odd], seen[0][0][1]
         sees = f"a checkpoint at step {at[1]}" if at else "no checkpoint"
-        fail(
-            f"rank {odd} sees {sees} at {path} where rank 0 resumes from step {step}: every process must see "
-            "the same --out-dir; put it on a file system that all nodes share"
-        )
+        fail(f"rank {odd} sees {sees} at {path} where rank 0 resumes from step {step}: every process must see "
+             "the same --out-dir; put it on a file system that all nodes share")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    epoch_step = ckpt.get("epoch_step", 0) * steps_per_epoch // ckpt.get("steps_per_epoch", steps_per_epoch)
+    # another batch or world size (--resume-changed) changes the steps per epoch: resume at the same share of it
+    epoch_step = ckpt["epoch_step"] * steps_per_epoch // ckpt["steps_per_epoch"]
     with together(dd):
         if dd.main:
-            truncate_log(ckpt_path.parent / "log.jsonl", log_position(ckpt))
-            part_way = f" and {ckpt['epoch_step']} steps of epoch {ckpt['epoch'] + 1}" if ckpt.get("epoch_step") else ""
+            truncate_log(out_dir / "log.jsonl", log_position(ckpt))
+            part_way = f" and {ckpt['epoch_step']} steps of epoch {ckpt['epoch'] + 1}" if ckpt["epoch_step"] else ""
             print(f"resuming from {ckpt_path} after epoch {ckpt['epoch']}{part_way}")
-    return Progress(ckpt["epoch"], epoch_step, ckpt.get("skipped", 0), best, ckpt.get("metrics", {}))
+    return ckpt["epoch"], epoch_step, best, ckpt["metrics"]
 
 
 def best_so_far(ckpt, ckpt_path):
-    """The metric a new best must beat: checkpoint_best.pt's, which is written first and so is never behind
-    the last checkpoint's record (a crash may fall between the two writes)."""
+    """The metric a new best must beat: checkpoint_best.pt's, written first and so never behind the last
+    checkpoint's record (a crash may fall between the two writes)."""
     best_path = ckpt_path.parent / "checkpoint_best.pt"
-    best = ckpt.get("best", -math.inf)
     if best_path.is_file():
-        best = max(best, load_checkpoint(best_path, mmap=True).get("best", best))
-    return best
+        return max(ckpt["best"], load_checkpoint(best_path, mmap=True)["best"])
+    return ckpt["best"]
 
 
 def log_position(row):
-    """A log.jsonl row's or a checkpoint's place in the run, (epoch, step, end), compared in that order: step
-    numbers restart lower when a resume changes the steps per epoch; end is 1 for an epoch's summary row (it has
-    epoch_s) and for a checkpoint written at an epoch's end, 0 for step rows and checkpoints part-way into an
-    epoch, which count in it, so that one at the epoch's last step keeps its steps but not its summary."""
+    """A log.jsonl row's or a checkpoint's place, (epoch, step, end): epoch first, as steps restart lower when a resume
+    changes the steps per epoch; end is 1 for a summary row and an epoch-end checkpoint, 0 for step rows and mid-epoch
+    checkpoints, so one at an epoch's last step keeps the epoch's steps but not its summary."""
     if "epoch_step" in row:  # a checkpoint: "epoch" counts epochs done
         return row["epoch"] + (1 if row["epoch_step"] else 0), row["step"], 0 if row["epoch_step"] else 1
     return row["epoch"], row["step"], int("epoch_s" in row)
@@ -944,13 +820,3 @@ def truncate_log(path, position):
         if before:
             kept.append(line)
     write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
-def run(command):
-    """Run a training command with distributed setup around it. The process group is destroyed after a run
-    that ended well only: after an error, other ranks may be gone and NCCL's teardown could wait for them."""
-    dd = setup_distributed()
-    result = command(dd)
-    if dd.world > 1:
-        dist.destroy_process_group()
-    return result

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -84,6 +85,30 @@ def test_exif_warnings_do_not_reach_the_progress_bar(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         data.read_image_file(path, "RGB")
     assert seen == []
+
+
+class SomeUnreadable(torch.utils.data.Dataset):
+    """Items 0..n-1 (the index itself); reading those in `bad` raises BadImageFile naming item i."""
+
+    def __init__(self, n, bad):
+        self.n, self.bad = n, bad
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise data.BadImageFile(f"item{i}.jpg is not a readable image{data.SKIP_HINT}")
+        return i
+
+
+def test_skip_bad_files_serves_the_next_readable_item_and_names_each_file_once(capsys):
+    items = data.SkipBadFiles(SomeUnreadable(5, bad={1, 2, 4}))
+    assert [items[i] for i in range(5)] == [0, 3, 3, 3, 0] and [items[i] for i in range(5)] == [0, 3, 3, 3, 0]
+    lines = capsys.readouterr().err.splitlines()  # each once, though met again
+    assert lines == [f"--skip-bad-files: item{i}.jpg is not a readable image; skipped ({n} unreadable so far)"
+                     for n, i in enumerate((1, 2, 4), 1)]
+    refused(lambda: data.SkipBadFiles(SomeUnreadable(3, bad={0, 1, 2}))[1], "all 3 image files are unreadable")
 
 
 def gradient_image(mode):

@@ -93,11 +93,11 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     error. A val_from_train > 0 holds out that many training images, drawn under VAL_FROM_TRAIN_SEED,
     as the val set (read with val_transform) in place of the dataset's val split, and trains on the rest;
     a train_subset > 0 then keeps that many of the training images, the first of a permutation drawn
-    under `seed`; with skip_bad_files, unreadable image files are skipped (and counted by `fit`)."""
+    under `seed`; with skip_bad_files, an unreadable image file's item is the next readable one (data.SkipBadFiles)."""
     name = flags["data_name"]
     info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
     train_set = data.build_dataset(
-        name, flags["data_dir"], "train", info, train_transform(info, name), flags["skip_bad_files"]
+        name, flags["data_dir"], "train", info, train_transform(info, name)
     )
     held_out = flags.get("val_from_train", 0)  # flags built by hand (knn's) hold out nothing
     if held_out and held_out >= len(train_set):
@@ -105,13 +105,13 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     if held_out:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(VAL_FROM_TRAIN_SEED)).tolist()
         train_images = data.build_dataset(
-            name, flags["data_dir"], "train", info, val_transform(info, name), flags["skip_bad_files"]
+            name, flags["data_dir"], "train", info, val_transform(info, name)
         )
         val_set = Subset(train_images, sorted(order[:held_out]))
         train_set = Subset(train_set, sorted(order[held_out:]))
     else:
         val_set = data.build_dataset(
-            name, flags["data_dir"], "val", info, val_transform(info, name), flags["skip_bad_files"]
+            name, flags["data_dir"], "val", info, val_transform(info, name)
         )
     subset = flags["train_subset"]
     if subset > len(train_set):
@@ -122,6 +122,8 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     if subset:
         keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:subset]
         train_set = Subset(train_set, keep.tolist())
+    if flags["skip_bad_files"]:  # outermost, so that a skip stays within the subset
+        train_set, val_set = data.SkipBadFiles(train_set), data.SkipBadFiles(val_set)
     return info, train_set, val_set
 
 
