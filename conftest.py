@@ -30,7 +30,7 @@ def global_state():
     return {
         **{name: os.environ.get(name) for name in LAUNCH_VARS},
         "cuda": (cuda.is_available, cuda.device_count, cuda.set_device),
-        "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+        "tf32": (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision),
     }
 
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,9 +106,8 @@ def train_one_epoch(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     micro_batches, first = steps_per_epoch * recipe.accum, first_step * recipe.accum
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not dd.main, leave=False, initial=first,
-               total=micro_batches)
-    saved_at, t_log, t_data, n_img = time.monotonic(), time.perf_counter(), 0.0, 0
+    bar = progress(loader, dd, desc=f"epoch {epoch + 1}/{recipe.epochs}", initial=first, total=micro_batches)
+    saved_at, t_log, t_data, n_img, logged = time.monotonic(), time.perf_counter(), 0.0, 0, first_step
     t0 = t_log
     for i, batch in enumerate(bar, start=first):
         if i >= micro_batches:  # the last batches that fill no optimizer step
@@ -137,8 +137,11 @@ def train_one_epoch(
                        "img_per_s": n_img / elapsed, "data_share": t_data / elapsed}
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 log.write(row)
+                if bar.disable:  # no terminal: a plain line a scheduler's log keeps
+                    left_s = (recipe.epochs * steps_per_epoch - step) * elapsed / (epoch_step - logged)
+                    print(progress_line(row, value, recipe.epochs, recipe.epochs * steps_per_epoch, left_s))
             if logging:
-                t_log, t_data, n_img = time.perf_counter(), 0.0, 0
+                t_log, t_data, n_img, logged = time.perf_counter(), 0.0, 0, epoch_step
             if stopping or due:
                 save(epoch, epoch_step)
                 saved_at = time.monotonic()
@@ -149,6 +152,20 @@ def train_one_epoch(
     if first < micro_batches:  # else the run resumed at the epoch's last step, and only the epoch's end is left
         value = loss.item()
         check_finite(dd, value, (epoch + 1) * steps_per_epoch, agree(dd, not math.isfinite(value))[0], out_dir)
+
+
+def progress(iterable, dd, **kwargs):
+    """rank 0's tqdm bar at a terminal; none where the output goes to a file (a SLURM .out), which gets plain lines."""
+    return tqdm(iterable, disable=not dd.main or not sys.stderr.isatty(), leave=False, **kwargs)
+
+
+def progress_line(row, loss, epochs, total_steps, left_s):
+    """A log step as one line: epoch, step of all, loss, lr, images/s, data-loading share, time left, peak memory."""
+    line = (f"epoch {row['epoch']}/{epochs} step {row['step']}/{total_steps} loss {loss:.4f} lr {row['lr']:.3g} "
+            f"img/s {row['img_per_s']:.0f} data {row['data_share']:.0%} eta {left_s / 60:.1f} min")
+    if torch.cuda.is_available():
+        line += f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return line
 
 
 def optimizer_step(model, optimizer, lr, clip_grad):
@@ -342,7 +359,7 @@ def evaluate(model, loader, dd, seed, precision=autocast):
     devices = [dd.device] if dd.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for batch in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
+        for batch in progress(loader, dd, desc="eval"):
             x, y = to_device(batch, dd.device)
             with precision(dd.device):
                 _, metrics = model(x, y)
@@ -446,11 +463,12 @@ def local_device():
 
 
 def setup_distributed():
-    """Distributed when torchrun launched us (RANK is set), else one process. Rank r takes GPU LOCAL_RANK modulo the
-    visible GPUs (SLURM shows each task one); fp32 matmuls (detection's heads) run in TF32."""
+    """Distributed when torchrun (RANK) or srun (SLURM's task variables) launched us, else one process. Rank r takes
+    GPU LOCAL_RANK modulo the visible GPUs (SLURM may show each task one); fp32 matmuls (detection's heads) in TF32."""
     if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    from_slurm(os.environ)
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, local_device())
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -463,6 +481,25 @@ def setup_distributed():
     dist.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world, timeout=DIST_TIMEOUT)
     flags = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT) if backend == "nccl" else None
     return Dist(rank, local_rank, world, device, flags)
+
+
+def from_slurm(env):
+    """torchrun's variables from SLURM's where srun started one process per task and nothing set RANK (as timm and
+    MAE map them): rank, local rank and world size from the task's; the rendezvous on the job's first node at a port
+    derived from the job id, unless MASTER_ADDR / MASTER_PORT are given. A job of one task stays one process."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", 1)) < 2:
+        return
+    env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NTASKS"]
+    env["LOCAL_WORLD_SIZE"] = re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", "1"))[0]  # "8(x2)": 8 on each node
+    env.setdefault("MASTER_ADDR", first_host(env["SLURM_JOB_NODELIST"]))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu01" -> "gpu07"."""
+    head = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist)[0]
+    name, _, ranges = head.partition("[")
+    return name + re.split(r"[-,\]]", ranges)[0] if ranges else name
 
 
 def attempt_store():
@@ -605,8 +642,9 @@ def take_lock(out_dir):
 
 @contextmanager
 def stop_on_signals():
-    """SIGINT and SIGTERM (a scheduler's notice) append to the list yielded, which the loop reads at each step: every
-    rank then checkpoints and stops. A second signal 2 s later stops at once (torchrun forwards the terminal's)."""
+    """SIGINT, SIGTERM and SIGUSR1 (a scheduler's notices) append to the list yielded, which the loop reads at each
+    step: every rank then checkpoints and stops. A second signal 2 s later stops at once (torchrun forwards the
+    terminal's)."""
     received = []
 
     def note(signum, frame):
@@ -617,7 +655,7 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():  # handlers can be set in the main thread alone
         yield received
         return
-    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield received
     finally:

@@ -26,8 +26,8 @@ from torch.utils.data import TensorDataset
 import data
 import engine
 from conftest import (
-    CEILING_S, TINY_IMAGES, TINY_RUN, crash_after_epoch, free_port, global_state, invoke, one_line_error, photo_folder,
-    write_idx,
+    CEILING_S, LAUNCH_VARS, TINY_IMAGES, TINY_RUN, crash_after_epoch, free_port, global_state, invoke, one_line_error,
+    photo_folder, write_idx,
 )
 
 REPO = Path(__file__).parent
@@ -285,7 +285,10 @@ def wait_for_step(out_dir, step, proc, timeout=CEILING_S):
 
 @pytest.mark.parametrize(
     "sig, flags",
-    [(signal.SIGTERM, ["--workers", 2]), (signal.SIGINT, []), (signal.SIGKILL, ["--save-every-min", 0.0002])],
+    [
+        (signal.SIGTERM, ["--workers", 2]), (signal.SIGINT, []), (signal.SIGUSR1, []),
+        (signal.SIGKILL, ["--save-every-min", 0.0002]),
+    ],
 )
 def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterrupted_run(
     long_epochs, tmp_path, sig, flags
@@ -506,14 +509,14 @@ def test_a_leaked_launcher_variable_or_patched_probe_is_seen():
 
 @pytest.fixture
 def tf32_flags():
-    """The two TF32 flags set False, and put back as they were: they are properties that monkeypatch cannot undo."""
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [f.allow_tf32 for f in flags]
+    """The two fp32 precisions set to IEEE, and put back as they were: properties that monkeypatch cannot undo."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [f.fp32_precision for f in flags]
     for f in flags:
-        f.allow_tf32 = False
+        f.fp32_precision = "ieee"
     yield
     for f, value in zip(flags, saved):
-        f.allow_tf32 = value
+        f.fp32_precision = value
 
 
 def test_setup_takes_a_visible_gpu_one_timeout_and_tf32(monkeypatch, tf32_flags):
@@ -530,7 +533,24 @@ def test_setup_takes_a_visible_gpu_one_timeout_and_tf32(monkeypatch, tf32_flags)
     assert dd.device == calls["device"] == torch.device("cuda", 0) and (dd.rank, dd.world) == (5, 8)
     assert calls["backend"] == "nccl" and calls["timeout"].total_seconds() >= 30 * 60
     assert calls["flags"] == {"backend": "gloo", "timeout": calls["timeout"]} and dd.flags == "gloo group"
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def test_srun_s_task_variables_become_torchrun_s_and_one_task_stays_one_process():
+    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_TASKS_PER_NODE": "8(x2)",
+           "SLURM_JOB_NODELIST": "gpu[07-08,12],cpu01", "SLURM_JOB_ID": "123456"}
+    engine.from_slurm(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("9", "1", "16", "8")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu07", "23456")
+    assert [engine.first_host(n) for n in ("node01", "cpu01,gpu[1-2]", "n[001-004]")] == ["node01", "cpu01", "n001"]
+    given = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a[1-2]",
+             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    engine.from_slurm(given)
+    assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.1", "29500")  # what the user set wins
+    for alone in ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, {"RANK": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}):
+        before = dict(alone)
+        engine.from_slurm(alone)  # one task, or torchrun's variables already there (torchrun inside an allocation)
+        assert alone == before
 
 
 # ---------------------------------------------------------------- #24: two processes under torchrun
@@ -607,6 +627,40 @@ def test_torchrun_sigterm_mid_epoch_checkpoints_on_both_ranks_and_a_rerun_ends_a
     model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(model[k], whole[k]) for k in whole)
     assert [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r] == list(range(1, 41))
+
+
+def test_two_tasks_started_as_srun_starts_them_train_one_run_equal_to_torchrun_s(two_rank_run, tmp_path):
+    common, whole = two_rank_run
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    slurm = {"SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
+             "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "train.py", *map(str, common), "--out-dir", str(tmp_path)], cwd=REPO,
+            env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [task.communicate(timeout=CEILING_S)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "x 2 processes" in outputs[0]
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[k], whole[k]) for k in whole)
+
+
+def test_a_run_whose_output_is_a_file_prints_plain_progress_lines(fake_fmnist, tmp_path):
+    log = tmp_path / "slurm-42.out"
+    with open(log, "w") as out:
+        subprocess.run(
+            [sys.executable, "train.py", "pretrain", "--data-dir", str(fake_fmnist), *map(str, TINY_RUN), "--epochs", "2",
+             "--log-every", "2", "--out-dir", str(tmp_path / "run")],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=True,
+        )
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if re.match(r"epoch \d+/\d+ step ", line)]  # not the epochs' summaries
+    assert "\r" not in text and [line.split()[3] for line in lines] == ["2/6", "4/6", "6/6"], text
+    assert all(re.search(r"loss \S+ lr \S+ img/s \d+ data \d+% eta \S+ min$", line) for line in lines), lines
 
 
 def test_torchrun_restarts_a_killed_rank_with_one_rank_late_and_ends_as_an_uninterrupted_run(two_rank_run, tmp_path):
