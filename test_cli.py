@@ -2,6 +2,7 @@
 nothing already written lost. Checkpoints say what they are; exports carry their config."""
 
 import json
+import os
 from dataclasses import asdict
 
 import click
@@ -146,6 +147,27 @@ def test_export_of_a_non_default_preset_carries_its_config_into_finetune_and_tim
         pos_embed="none", global_pool="avg", fc_norm=False,
     )
     model.load_state_dict(state)  # strict
+
+
+def test_an_export_killed_mid_write_leaves_the_old_export_whole_and_a_foreign_folder_is_refused(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    invoke("pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1, "--out-dir", tmp_path / "pre")
+    ckpt, out = tmp_path / "pre" / "checkpoint.pt", tmp_path / "export"
+    assert invoke("export", "--ckpt", ckpt, "--out-dir", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as a kill between the encoder's files and timm's
+
+    monkeypatch.setattr(weights, "write_timm_export", killed)
+    assert invoke("export", "--ckpt", ckpt, "--out-dir", out).exit_code != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    result = invoke("export", "--ckpt", ckpt, "--out-dir", tmp_path / "mine")
+    assert one_line_error(result, "holds more than an export") and os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_export_refuses_a_detector_and_writes_nothing(tmp_path):

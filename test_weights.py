@@ -8,6 +8,7 @@ import timm
 import torch
 
 import baselines
+import engine
 import part
 import weights
 from vit import patchify, vit_config
@@ -182,3 +183,9 @@ def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="timm has no 1D ViT"):
         weights.timm_config(model.cfg.to_dict(), "part1d", None, positions=False)
+
+
+def test_a_file_that_holds_no_dict_is_named_in_one_line(tmp_path):
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(engine.RunError, match=f"{tmp_path / 'list.pt'} holds a list, not a checkpoint or a state dict"):
+        weights.read_checkpoint(tmp_path / "list.pt", weights.ENCODER_KINDS[2], foreign=True)

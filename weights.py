@@ -11,6 +11,8 @@ the architecture (a registered model function), model_args that override its def
 
 import json
 import math
+import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -53,8 +55,10 @@ def read_checkpoint(path, kinds, foreign=False):
     or an export's encoder.json beside it); foreign: any state dict of no kind of ours too (timm's), config {}.
     Why: a wrong file stops with one line that says what it is, never half-loaded."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint or a state dict")
     beside = Path(path).with_suffix(".json")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    config = ckpt.get("config")
     if beside.is_file():
         try:
             config = json.loads(beside.read_text())
@@ -239,6 +243,9 @@ PHOTOS = ("in1k", "imagefolder", "images")  # data.eval_transform's DeiT centre 
 PROBE_EPS = 1e-6  # the eps of part.Classifier's linear-probe BatchNorm
 
 
+EXPORT_FILES = {"encoder.pt", "encoder.json", "config.json", "model.safetensors"}
+
+
 def export(ckpt, out_dir):
     """A checkpoint's encoder alone to out_dir: encoder.pt with its config in encoder.json, so that
     `--init OUT_DIR/encoder.pt` needs no other flag, and the same weights for timm."""
@@ -252,11 +259,26 @@ def export(ckpt, out_dir):
         "model": {k: model[k] for k in ("vit", "img_size", "mean", "std") if k in model},
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "encoder.pt", state)
-    write_atomic(out / "encoder.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= EXPORT_FILES):
+        fail(f"--out-dir {out} holds more than an export ({', '.join(sorted(EXPORT_FILES))}): pass a new folder")
+    building = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # renamed whole: a kill leaves the old export or none
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    save_checkpoint(building / "encoder.pt", state)
+    write_atomic(building / "encoder.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    timm = write_timm_export(building, state, model, kind, config.get("data"))
+    replace_folder(building, out)
     print(f"wrote {len(state)} tensors to {out / 'encoder.pt'} and their config to {out / 'encoder.json'}")
-    print(write_timm_export(out, state, model, kind, config.get("data")))
+    print(timm.replace(str(building), str(out)))
+
+
+def replace_folder(new, old):
+    """new renamed to old, the old folder (if any) removed after: at no moment a half-written folder at old."""
+    stale = old.with_name(f"{old.name}.{os.getpid()}.old")
+    if old.exists():
+        os.replace(old, stale)
+    os.replace(new, old)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_timm_export(out_dir, state, model_config, kind, data_name):
