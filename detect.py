@@ -7,11 +7,7 @@ the ViTDet simple feature pyramid (paper section 5.2, Table 2; details in 8.1).
     python detect.py eval --ckpt out/detect/checkpoint.pt
     torchrun --nproc_per_node=8 detect.py --data-dir coco/ --init part_vitb16.pt --img-size 1024 ...  # README
 
-The encoder runs on the on-grid patches of the whole image with learnable position
-embeddings (PART pretrains without them), resized to each input's token grid; its
-stride-P map feeds ViTDet's simple feature pyramid (strides 4, 8, 16, 32, plus 64 for the
-RPN) and torchvision's ViTDet-like heads. Training is engine.fit, the loop of pretraining;
-evaluation is pycocotools' COCOeval on the held-out split.
+Training is engine.fit, the loop of pretraining; evaluation is pycocotools' COCOeval on the held-out split.
 """
 
 import contextlib
@@ -58,10 +54,7 @@ PYRAMID_DIM = 256  # out_channels of ViTDet's pyramid and torchvision's FPN alik
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels at every position of a (B, C, H, W) map: ViTDet's "LN".
-
-    nn.GroupNorm(1, C) is not the same: it also averages over H and W.
-    """
+    """LayerNorm over the channels at every position of a (B, C, H, W) map: ViTDet's "LN" (not GroupNorm(1, C))."""
 
     def __init__(self, C, eps=1e-6):
         super().__init__()
@@ -76,13 +69,9 @@ class LayerNorm2d(nn.Module):
 
 
 def pyramid_level(dim, patch_size, stride):
-    """One level of the simple feature pyramid: the stride-P map (B, dim, h, w) rescaled to
-    `stride`, then 1x1 conv -> LN -> 3x3 conv -> LN to 256 channels (ViTDet, no biases).
-
-    ViTDet's scales 4, 2, 1, 1/2 of a stride-16 map generalise to P / stride: 2x2 transposed
-    convs (LN + GELU between, halving the width each time) to go up, max-pooling to go down.
-    A PART checkpoint with P = 4 thus keeps its own map at stride 4 and pools the coarser levels.
-    """
+    """One pyramid level: the stride-P map (B, dim, h, w) rescaled to `stride`, then 1x1 conv -> LN -> 3x3 conv
+    -> LN to 256 channels (ViTDet, no biases). ViTDet's scales 4, 2, 1, 1/2 of a stride-16 map generalise to
+    P / stride: 2x2 transposed convs (LN + GELU between) to go up, max-pooling to go down."""
     layers = []
     if stride < patch_size:
         for i in range(int(math.log2(patch_size // stride))):
@@ -92,12 +81,8 @@ def pyramid_level(dim, patch_size, stride):
             dim //= 2
     elif stride > patch_size:
         layers.append(nn.MaxPool2d(stride // patch_size))
-    layers += [
-        nn.Conv2d(dim, PYRAMID_DIM, 1, bias=False),
-        LayerNorm2d(PYRAMID_DIM),
-        nn.Conv2d(PYRAMID_DIM, PYRAMID_DIM, 3, padding=1, bias=False),
-        LayerNorm2d(PYRAMID_DIM),
-    ]
+    layers += [nn.Conv2d(dim, PYRAMID_DIM, 1, bias=False), LayerNorm2d(PYRAMID_DIM)]
+    layers += [nn.Conv2d(PYRAMID_DIM, PYRAMID_DIM, 3, padding=1, bias=False), LayerNorm2d(PYRAMID_DIM)]
     return nn.Sequential(*layers)
 
 
@@ -112,21 +97,14 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, x):
         maps = OrderedDict((str(i), level(x)) for i, level in enumerate(self.levels))
-        maps["pool"] = F.max_pool2d(
-            maps["3"], kernel_size=1, stride=2
-        )  # stride 64 for the RPN (torchvision's LastLevelMaxPool)
+        maps["pool"] = F.max_pool2d(maps["3"], kernel_size=1, stride=2)  # stride 64 for the RPN (LastLevelMaxPool)
         return maps
 
 
 class ViTBackbone(nn.Module):
-    """The PART encoder as a detection backbone: normalised images (B, C, H, W) of any size ->
-    OrderedDict of five (B, 256, H/s, W/s) maps, s = 4, 8, 16, 32, 64.
-
-    Images are zero-padded to multiples of P and the encoder runs on their on-grid patches with
-    the token grid given, for its window attention (vit_cfg.window, global_blocks) and its position
-    embeddings, learnt for the grid vit_cfg.pos_grid and resized to another (the identity inside
-    Detector, which pads every batch to the fixed canvas whose grid that is).
-    """
+    """The PART encoder as a detection backbone: normalised images (B, C, H, W) -> OrderedDict of five
+    (B, 256, H/s, W/s) maps, s = 4, 8, 16, 32, 64. The token grid goes to the encoder for its window
+    attention and its position embeddings (resized where the grid is not vit_cfg.pos_grid)."""
 
     out_channels = PYRAMID_DIM  # what torchvision's MaskRCNN reads
 
@@ -136,15 +114,13 @@ class ViTBackbone(nn.Module):
         self.pyramid = SimpleFeaturePyramid(vit_cfg.embed_dim, vit_cfg.patch_size)
 
     def forward(self, images):
-        with engine.autocast(images.device):  # bf16 on CUDA; the heads stay fp32 (see Detector)
-            return {k: v.float() for k, v in self.features(images).items()}
-
-    def features(self, images):
         P = self.encoder.cfg.patch_size
-        images = F.pad(images, (0, -images.shape[-1] % P, 0, -images.shape[-2] % P))
+        images = F.pad(images, (0, -images.shape[-1] % P, 0, -images.shape[-2] % P))  # to multiples of P
         grid = (images.shape[-2] // P, images.shape[-1] // P)
-        x = self.encoder.forward_features(patchify(images, P), grid=grid)  # (B, N, D)
-        return self.pyramid(feature_map(x, grid))  # from (B, D, h, w)
+        with engine.autocast(images.device):  # bf16 on CUDA; the heads stay fp32 (see train_cmd)
+            x = self.encoder.forward_features(patchify(images, P), grid=grid)  # (B, N, D)
+            maps = self.pyramid(feature_map(x, grid))  # from (B, D, h, w)
+        return {k: v.float() for k, v in maps.items()}
 
 
 # ---------------------------------------------------------------- the detector
@@ -152,8 +128,7 @@ class ViTBackbone(nn.Module):
 
 @dataclass
 class DetectConfig:
-    vit: ViTConfig = field(default_factory=ViTConfig)  # the encoder; pos_grid: the token grid of img_size;
-    # window, global_blocks: ViTDet's window attention (14 tokens, blocks 2, 5, 8, 11 global), 0: global in every block
+    vit: ViTConfig = field(default_factory=ViTConfig)  # the encoder; pos_grid: the token grid of img_size
     num_classes: int = 80  # object categories, background not counted
     masks: bool = True  # Mask R-CNN; False: Faster R-CNN, for box-only data
     img_size: int = 1024  # longest side the images are resized to, and the square canvas's side (ViTDet: 1024)
@@ -166,37 +141,28 @@ class DetectConfig:
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = ViTConfig(**self.vit)
-        self.vit = replace(
-            self.vit, pos_grid=tuple(self.vit.pos_grid), class_token=False, num_classes=0,
-            global_blocks=tuple(self.vit.global_blocks),
-        )
-        self.mean, self.std = part.check_stats(self.mean, self.std, self.vit.in_chans)
-        if self.img_size % 64 or self.img_size % self.vit.patch_size:
+        grids = dict(pos_grid=tuple(self.vit.pos_grid), global_blocks=tuple(self.vit.global_blocks))
+        self.vit = vit = replace(self.vit, class_token=False, num_classes=0, **grids)
+        self.mean, self.std = part.check_stats(self.mean, self.std, vit.in_chans)
+        if self.img_size % 64 or self.img_size % vit.patch_size:
             raise part.ConfigError(
                 f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
-                f"and of the patch size {self.vit.patch_size}"
+                f"and of the patch size {vit.patch_size}"
             )
-        if any(not 0 <= i < self.vit.depth for i in self.vit.global_blocks):
-            raise part.ConfigError(
-                f"--global-blocks {list(self.vit.global_blocks)}: the encoder has blocks 0..{self.vit.depth - 1}"
-            )
+        if any(not 0 <= i < vit.depth for i in vit.global_blocks):
+            raise part.ConfigError(f"--global-blocks {list(vit.global_blocks)}: the ViT has blocks 0..{vit.depth - 1}")
 
 
 class Detector(nn.Module):
-    """torchvision's Mask R-CNN (Faster R-CNN without masks) on ViTBackbone with ViTDet's heads:
-    a two-conv RPN head, a 4conv1fc box head and a four-conv mask head, both with LN.
-
-    forward(images, targets): uint8 images, a list of (C, H, W), and torchvision's target
-    dicts -> (loss, the five losses) in training mode, torchvision's detections in eval mode.
-    """
+    """torchvision's Mask R-CNN (Faster R-CNN without masks) on ViTBackbone with ViTDet's heads: a two-conv RPN
+    head, a 4conv1fc box head and a four-conv mask head, both with LN. forward(a list of uint8 (C, H, W), target
+    dicts) -> (loss, the five losses) in training mode, torchvision's detections in eval mode."""
 
     def __init__(self, cfg: DetectConfig):
         super().__init__()
         self.cfg = cfg
         C = PYRAMID_DIM
-        sizes = tuple(
-            (cfg.anchor_size * 2**i,) for i in range(len(STRIDES) + 1)
-        )  # one size per level, as torchvision's FPN
+        sizes = tuple((cfg.anchor_size * 2**i,) for i in range(len(STRIDES) + 1))  # one per level, as torchvision's FPN
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         heads = dict(
             rpn_anchor_generator=anchors,
@@ -206,9 +172,8 @@ class Detector(nn.Module):
         if cfg.masks:
             heads["mask_head"] = MaskRCNNHeads(C, [C] * 4, 1, norm_layer=LayerNorm2d)
         rcnn = MaskRCNN if cfg.masks else FasterRCNN
-        # min_size = max_size: the longest side becomes img_size; size_divisible = img_size pads every batch to
-        # the fixed img_size x img_size canvas (ViTDet's 1024^2), in training and evaluation alike, so the token grid
-        # is always the position embeddings' own and no image's layout depends on the others in its batch
+        # the longest side becomes img_size, and every batch is padded to the img_size^2 canvas (ViTDet's 1024^2):
+        # the token grid is always the position embeddings' own, and no image's layout depends on its batch
         self.rcnn = rcnn(
             ViTBackbone(cfg.vit), cfg.num_classes + 1, min_size=cfg.img_size, max_size=cfg.img_size,
             image_mean=list(cfg.mean), image_std=list(cfg.std), size_divisible=cfg.img_size,
@@ -226,13 +191,6 @@ class Detector(nn.Module):
 
 
 # ---------------------------------------------------------------- COCO data
-
-
-@contextlib.contextmanager
-def quiet():
-    """pycocotools prints progress to stdout; keep it out of the log."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 def read_coco(path):
@@ -260,28 +218,21 @@ def read_coco(path):
                 raise data.DataError(
                     f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}"
                 )
-    if not dataset[
-        "annotations"
-    ]:  # COCOeval scores a split without objects as AP -100; training would learn background only
+    if not dataset["annotations"]:  # COCOeval scores a split without objects as AP -100
         raise data.DataError(f"{path} has no annotations: COCOeval and training need objects in both splits")
     categories, images = {c["id"] for c in dataset["categories"]}, {i["id"]: i for i in dataset["images"]}
     for ann in dataset["annotations"]:
-        if ann["category_id"] not in categories or ann["image_id"] not in images:
-            field, value = (
-                ("category_id", ann["category_id"])
-                if ann["category_id"] not in categories
-                else ("image_id", ann["image_id"])
-            )
-            raise data.DataError(
-                f"{path}: annotation {ann['id']} has {field} {value}, which is not in its {field[:-3]}s list"
-            )
+        for key, known in (("category_id", categories), ("image_id", images)):
+            if ann[key] not in known:
+                raise data.DataError(
+                    f"{path}: annotation {ann['id']} has {key} {ann[key]}, which is not in its {key[:-3]}s list"
+                )
         check_annotation(path, ann, images[ann["image_id"]])
-    for ann in dataset["annotations"]:  # what COCOeval reads, as COCO defines it where a file leaves it out
-        ann.setdefault("iscrowd", 0)
+        ann.setdefault("iscrowd", 0)  # what COCOeval reads, as COCO defines it where a file leaves it out
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
     coco = COCO()
     coco.dataset = dataset
-    with quiet():
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
 
@@ -294,10 +245,8 @@ def is_number(value):
 
 
 def check_annotation(path, ann, image):
-    """One annotation against COCO's format and its image: a bbox of 4 numbers [x, y, width, height] inside
-    the image (within BOX_TOLERANCE), polygons of x, y pairs of at least 3 points; data.DataError naming the
-    file and the annotation. Boxes of width or height 0 pass (COCO 2017's train split has two): training
-    drops them (CocoDetection)."""
+    """One annotation against COCO's format and its image: a bbox [x, y, width, height] inside the image, polygons
+    of at least 3 x, y points; data.DataError naming it. Empty boxes pass (COCO 2017 has two): training drops them."""
     where, box = f"{path}: annotation {ann['id']}", ann["bbox"]
     if not (isinstance(box, list) and len(box) == 4 and all(map(is_number, box))):
         raise data.DataError(f"{where} has bbox {box!r}, expected 4 numbers [x, y, width, height]")
@@ -320,9 +269,6 @@ def check_annotation(path, ann, image):
             )
 
 
-IMAGE_MODES = {1: "L", 3: "RGB"}  # the channels images are read with -> their PIL mode
-
-
 def is_colour(path):
     """From the file's header alone: one colour image makes a split colour (the first image would not do)."""
     with Image.open(path) as img:
@@ -332,10 +278,9 @@ def is_colour(path):
 class CocoDetection(Dataset):
     """One split of a COCO-format folder: annotations/instances_{split}.json and {split}/ images.
 
-    Items: a uint8 image (C, H, W) and {boxes (n, 4) x0 y0 x1 y1, labels (n,) in 1..K, masks
-    (n, H, W) when the split has any segmentation, image_id}. Polygons and RLE are decoded by
-    pycocotools; crowd regions are left to COCOeval; images without objects are kept.
-    in_chans None takes the split's: 3 if any of its images is colour, else 1.
+    Items: a uint8 image (C, H, W) and {boxes (n, 4) x0 y0 x1 y1, labels (n,) in 1..K, masks (n, H, W) when the
+    split has any segmentation, image_id}; crowd regions are left to COCOeval. in_chans None: 3 if any image is
+    colour, else 1.
     """
 
     def __init__(self, root, split, in_chans=None, transform=None):
@@ -356,10 +301,9 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, i):
         info = self.coco.imgs[self.ids[i]]
-        image = data.read_image(self.image_dir / info["file_name"], IMAGE_MODES[self.in_chans])  # (C, H, W)
-        anns = [
-            a for a in self.coco.imgToAnns[info["id"]] if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0
-        ]
+        image = data.read_image(self.image_dir / info["file_name"], data.FILE_MODES[self.in_chans])  # (C, H, W)
+        objects = self.coco.imgToAnns[info["id"]]
+        anns = [a for a in objects if not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0]  # crowds: COCOeval's
         boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
@@ -379,14 +323,12 @@ class CocoDetection(Dataset):
 def train_transform(img_size, scale_range):
     """ViTDet's large-scale jitter: resize by a random factor of the img_size square, crop or
     pad to it, flip; boxes and masks follow, objects cropped away are dropped."""
-    return v2.Compose(
-        [
-            v2.ScaleJitter((img_size, img_size), scale_range=scale_range),
-            v2.RandomCrop(img_size, pad_if_needed=True),
-            v2.RandomHorizontalFlip(),
-            v2.SanitizeBoundingBoxes(),
-        ]
-    )
+    return v2.Compose([
+        v2.ScaleJitter((img_size, img_size), scale_range=scale_range),
+        v2.RandomCrop(img_size, pad_if_needed=True),
+        v2.RandomHorizontalFlip(),
+        v2.SanitizeBoundingBoxes(),
+    ])
 
 
 def collate(batch):
@@ -414,11 +356,9 @@ def stardist_images():
 
 
 def write_nuclei(root):
-    """The 2018 Data Science Bowl nuclei image that ships with stardist (512 x 512, 16-bit, 125
-    instance masks) as COCO-format tiles: the bottom-right 256 x 256 quadrant, 4 tiles, is
-    held out (val2017); the 105 overlapping tiles that do not touch it train (train2017).
-    Intensities are scaled from the 1st..99.8th percentile to uint8; masks are stored as RLE.
-    """
+    """The 2018 Data Science Bowl nuclei image that ships with stardist (512 x 512, 16-bit, 125 instance masks) as
+    COCO-format tiles: the bottom-right 256 x 256 quadrant, 4 tiles, is held out (val2017); the 105 overlapping
+    tiles that do not touch it train (train2017). Intensities: the 1st..99.8th percentile scaled to uint8."""
     root = Path(root)
     if (root / "annotations" / "instances_val2017.json").is_file():
         return
@@ -445,17 +385,11 @@ def write_nuclei(root):
             for k in np.unique(tile[tile > 0]):
                 rle = mask_utils.encode(np.asfortranarray((tile == k).astype(np.uint8)))
                 if mask_utils.area(rle) >= MIN_FRAGMENT:
-                    anns.append(
-                        {
-                            "id": len(anns) + 1,
-                            "image_id": len(images),
-                            "category_id": 1,
-                            "iscrowd": 0,
-                            "bbox": mask_utils.toBbox(rle).tolist(),
-                            "area": int(mask_utils.area(rle)),
-                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                        }
-                    )
+                    anns.append({
+                        "id": len(anns) + 1, "image_id": len(images), "category_id": 1, "iscrowd": 0,
+                        "bbox": mask_utils.toBbox(rle).tolist(), "area": int(mask_utils.area(rle)),
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    })
         coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
@@ -494,7 +428,7 @@ def coco_metrics(coco, results, iou_type):
     """COCOeval's AP, AP50, AP75 in percent; 0 for a model that detects nothing."""
     if not results:
         return dict.fromkeys(("AP", "AP50", "AP75"), 0.0)
-    with quiet():
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
@@ -505,11 +439,8 @@ def coco_metrics(coco, results, iou_type):
 
 @torch.no_grad()
 def evaluate(model, loader, dd, seed):
-    """COCOeval on the held-out split -> {AP_box, AP50_box, AP75_box (, AP_mask, ...)} on rank 0.
-
-    Each process detects on its shard (engine.make_loader's, each image once) and rank 0 scores
-    them all. Other ranks return {} (engine.fit reads rank 0's).
-    """
+    """COCOeval on the held-out split -> {AP_box, AP50_box, AP75_box (, AP_mask, ...)} on rank 0, {} elsewhere.
+    Each process detects on its shard (each image once) and rank 0 scores them all."""
     model.eval()
     dataset = loader.dataset
     per_image = {}  # image_id -> (box results, mask results)
@@ -524,10 +455,8 @@ def evaluate(model, loader, dd, seed):
         if not dd.main:
             return {}
         per_image = {k: v for shard in shards for k, v in shard.items()}
-    metrics = {
-        f"{k}_box": v
-        for k, v in coco_metrics(dataset.coco, [r for b, _ in per_image.values() for r in b], "bbox").items()
-    }
+    boxes = [r for b, _ in per_image.values() for r in b]
+    metrics = {f"{k}_box": v for k, v in coco_metrics(dataset.coco, boxes, "bbox").items()}
     if dataset.masks:
         masks = [r for _, m in per_image.values() for r in m]
         metrics.update({f"{k}_mask": v for k, v in coco_metrics(dataset.coco, masks, "segm").items()})
@@ -547,34 +476,26 @@ def table(metrics):
 
 
 def encoder_init(init, preset, patch_size, in_chans):
-    """(ViTConfig, pretrained: (encoder state, the checkpoint's model config) or None, (mean, std) or None)
-    for --init: a checkpoint of ours brings its own encoder config and input statistics; a bare encoder
-    state dict takes --preset and --patch-size, scratch those and --in-chans."""
-    vit, state, config = weights.encoder_from_init(
-        init, vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3)
-    )
+    """--init -> (ViTConfig, (encoder state, the checkpoint's model config) or None, (mean, std) or None): a
+    checkpoint of ours brings its encoder config and input statistics; a bare state dict and scratch take the flags."""
+    fallback = vit_config(preset, patch_size=patch_size, in_chans=in_chans or 3)
+    vit, state, config = weights.encoder_from_init(init, fallback)
     if state is None:
         return vit, None, None
     source = config.get("model", {})
     stats = (tuple(source["mean"]), tuple(source["std"])) if "mean" in source else None
     if in_chans and in_chans != vit.in_chans:
-        engine.fail(
-            f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave --in-chans out to "
-            "use them"
-        )
+        engine.fail(f"--in-chans {in_chans}: the encoder of {init} takes {vit.in_chans} channel(s); leave it out")
     return vit, (state, source), stats
 
 
 def build_detector(cfg, pretrained, path, main=True):
-    """The Detector with the encoder weights loaded (pretrained: (state, the checkpoint's model config), or
-    None from scratch), saying which it kept, interpolated or started fresh; a checkpoint of another size
-    stops with a clear message. PART pretrains without position embeddings, so they start fresh."""
+    """The Detector with the encoder weights of `pretrained` (state, its model config; None: scratch) loaded."""
     model = Detector(cfg)
-    if pretrained is None:
-        if main:
-            print("encoder: random weights (--init scratch)")
-    else:
+    if pretrained is not None:
         weights.load_encoder(model.rcnn.backbone.encoder, *pretrained, path, main)
+    elif main:
+        print("encoder: random weights (--init scratch)")
     return model
 
 
@@ -582,21 +503,16 @@ def prepare(
     init, root, img_size, preset, patch_size, window, global_blocks, anchor_size, proposals, in_chans=None, mean=(),
     std=(), xavier_init=False, drop_path=0.0, rois=512, scale_range=(0.1, 2.0), main=True,
 ):
-    """The splits of `root`, the DetectConfig and the encoder weights (None for scratch) of a run.
+    """The DetectConfig, the encoder weights (None for scratch) and the splits of `root`.
 
-    The images are read with the encoder's channels (a grayscale encoder reads colour as grey; for
-    scratch, --in-chans or the data's) and normalised with --mean / --std, else the statistics the
-    encoder was pretrained with, else data.py's for "images" (ImageNet's, averaged for grayscale). So a
-    scratch row given a PART row's --in-chans, --mean and --std sees the same inputs: the rows differ
-    in the weights alone.
+    Images are read with the encoder's channels and normalised with --mean / --std, else the encoder's pretraining
+    statistics, else ImageNet's: a scratch row given a PART row's flags sees the same inputs.
     """
     train_set = CocoDetection(root, "train2017", transform=train_transform(img_size, scale_range))
     val_set = CocoDetection(root, "val2017")
-    data_chans = max(train_set.in_chans, val_set.in_chans)
-    vit, pretrained, stats = encoder_init(
-        init, preset, patch_size, in_chans or (data_chans if init == "scratch" else None)
-    )
-    if vit.in_chans not in IMAGE_MODES:
+    data_chans = max(train_set.in_chans, val_set.in_chans) if init == "scratch" else None
+    vit, pretrained, stats = encoder_init(init, preset, patch_size, in_chans or data_chans)
+    if vit.in_chans not in (1, 3):
         given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
         raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
     train_set.in_chans = val_set.in_chans = vit.in_chans
@@ -604,12 +520,9 @@ def prepare(
     if mean or std:
         stats = (tuple(mean), tuple(std))
     mean, std = stats or (info.mean, info.std)
-    if img_size % vit.patch_size:
-        engine.fail(f"--img-size {img_size} is not a multiple of the patch size {vit.patch_size}")
     grid = (img_size // vit.patch_size,) * 2
     vit = replace(
-        vit, pos_grid=grid, drop_path=drop_path, window=window, global_blocks=tuple(global_blocks),
-        xavier_init=xavier_init,
+        vit, pos_grid=grid, drop_path=drop_path, window=window, global_blocks=global_blocks, xavier_init=xavier_init
     )
     cfg = DetectConfig(
         vit=vit, num_classes=len(train_set.cat_ids), masks=train_set.masks, img_size=img_size, rois=rois,
@@ -617,11 +530,8 @@ def prepare(
     )
     if main:
         origin = "--mean / --std or the encoder's pretraining" if stats else "ImageNet's"
-        print(
-            f"input: {vit.in_chans} channel(s), mean {', '.join(f'{m:.3f}' for m in mean)}, std "
-            f"{', '.join(f'{s:.3f}' for s in std)} "
-            f"({origin}), padded to a {img_size}x{img_size} canvas"
-        )
+        values = f"mean {', '.join(f'{m:.3f}' for m in mean)}, std {', '.join(f'{s:.3f}' for s in std)}"
+        print(f"input: {vit.in_chans} channel(s), {values} ({origin}), padded to a {img_size}x{img_size} canvas")
     return cfg, pretrained, train_set, val_set
 
 
@@ -645,10 +555,8 @@ def main():
 
 data_options = cli.options(
     click.option(
-        "--data-dir",
-        default=None,
-        help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, "
-        "val2017/; default: the nuclei tiles, written to OUT_DIR/nuclei",
+        "--data-dir", help="COCO layout: annotations/instances_{train,val}2017.json, train2017/, val2017/; default: "
+        "the nuclei tiles, written to OUT_DIR/nuclei",
     ),
     click.option(
         "--out-dir", default="out/detect", show_default=True, help=cli.OUT_DIR_HELP + "; nuclei/ the default data"
@@ -669,17 +577,11 @@ model_options = cli.options(
     ),
     click.option("--patch-size", type=cli.POSITIVE, default=4, show_default=True, help="as --preset"),
     click.option(
-        "--in-chans",
-        type=cli.POSITIVE,
-        default=None,
-        help="channels the images are read with: default the encoder's; for scratch 3 if any image is colour, else 1 "
-             "(1 reads colour as grey)",
+        "--in-chans", type=cli.POSITIVE, help="channels the images are read with: default the encoder's; for scratch 3 "
+        "if any image is colour, else 1 (1 reads colour as grey)",
     ),
     click.option(
-        "--mean",
-        type=cli.Finite(),
-        multiple=True,
-        help="input mean per channel (repeat the flag); default: the "
+        "--mean", type=cli.Finite(), multiple=True, help="input mean per channel (repeat the flag); default: the "
         "statistics the encoder was pretrained with, else ImageNet's (averaged for grayscale)",
     ),
     click.option("--std", type=cli.Finite(), multiple=True, help="input std per channel, as --mean"),
@@ -767,10 +669,8 @@ def trained_detector(ckpt, data_dir):
 
 
 @main.command("eval")
-@click.option("--ckpt", default=None, help="a detect.py checkpoint (out/detect/checkpoint.pt)")
-@click.option(
-    "--init", default=None, help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)"
-)
+@click.option("--ckpt", help="a detect.py checkpoint (out/detect/checkpoint.pt)")
+@click.option("--init", help="instead of --ckpt: the untrained detector on this encoder (PATH or scratch)")
 @data_options
 @model_options
 @click.option("--batch-size", type=cli.POSITIVE, default=4, show_default=True, help="images per evaluation batch")

@@ -64,6 +64,13 @@ class RecordRef:
     read: Callable  # read(channels) -> signal (C, T) float, fs Hz, runs [(onset_s, duration_s, stage)]
 
 
+def check_channels(where, channels, available):
+    """DataError naming the channels asked for that `where` does not have."""
+    missing = [c for c in channels if c not in available]
+    if missing:
+        raise DataError(f"{where} has no channel {missing}; it has {list(available)} (pass --channels)")
+
+
 PHYSIONET_CHANNELS = ("F3-M2", "F4-M1", "C3-M2", "C4-M1", "O1-M2", "O2-M1")  # the six scalp EEG channels (8.1)
 PHYSIONET_STAGES = {"wake": 0, "nonrem1": 1, "nonrem2": 2, "nonrem3": 3, "rem": 4}  # "undefined" epochs are dropped
 
@@ -77,9 +84,7 @@ def read_wfdb(header, channels):
         head = wfdb.rdheader(base)
     except Exception as e:  # wfdb raises several kinds on bad headers
         raise DataError(f"{header} is not a readable WFDB header ({type(e).__name__}: {e})") from None
-    missing = [c for c in channels if c not in head.sig_name]
-    if missing:
-        raise DataError(f"{header} has no channel {missing}; it has {head.sig_name} (pass --channels)")
+    check_channels(header, channels, head.sig_name)
     signal_files = sorted({str(Path(header).parent / f) for f in head.file_name})
     for f in signal_files:
         if not Path(f).is_file():
@@ -96,11 +101,8 @@ def read_wfdb(header, channels):
 
 
 def read_arousal_stages(path, length):
-    """Per-sample stages (length,) from the data.sleep_stages struct of a PhysioNet 2018 -arousal.mat:
-    one 0/1 vector per stage (wake, nonrem1..3, rem, undefined); samples in none, or undefined, are -1.
-
-    The published files are MATLAB v7.3, i.e. HDF5, read with h5py; older MATLAB versions with scipy.
-    """
+    """Per-sample stages (length,) from the data.sleep_stages 0/1 vectors of a PhysioNet 2018 -arousal.mat, -1 where
+    none is set. The published files are MATLAB v7.3 (HDF5, h5py's); older versions are scipy's."""
     import h5py  # imported here: only the PhysioNet loader needs it
 
     expected = f"a MATLAB file with data.sleep_stages.{{{','.join(PHYSIONET_STAGES)}}}"
@@ -125,12 +127,9 @@ def read_physionet2018(header, channels):
     """One PhysioNet/CinC 2018 record: <rec>.hea + <rec>.mat (WFDB), stages from <rec>-arousal.mat if present."""
     signal, fs, length = read_wfdb(header, channels)
     arousal = Path(header).with_name(Path(header).stem + "-arousal.mat")
-    runs = (
-        runs_from_labels(read_arousal_stages(arousal, length), fs)
-        if arousal.exists()
-        else [(0.0, length / fs, UNSCORED)]
-    )
-    return signal, fs, runs
+    if not arousal.exists():
+        return signal, fs, [(0.0, length / fs, UNSCORED)]
+    return signal, fs, runs_from_labels(read_arousal_stages(arousal, length), fs)
 
 
 def physionet2018_records(data_dir):
@@ -143,11 +142,7 @@ def physionet2018_records(data_dir):
 
 SLEEP_EDF_CHANNELS = ("EEG Fpz-Cz", "EEG Pz-Oz")  # Sleep-EDF's two EEG derivations
 SLEEP_EDF_STAGES = {  # R&K: stages 3 and 4 merged into N3 (AASM); "Sleep stage ?" and "Movement time" dropped
-    "Sleep stage W": 0,
-    "Sleep stage 1": 1,
-    "Sleep stage 2": 2,
-    "Sleep stage 3": 3,
-    "Sleep stage 4": 3,
+    "Sleep stage W": 0, "Sleep stage 1": 1, "Sleep stage 2": 2, "Sleep stage 3": 3, "Sleep stage 4": 3,
     "Sleep stage R": 4,
 }
 
@@ -166,9 +161,7 @@ def read_edf_signals(path, channels):
     edf = open_edf(path)
     try:
         labels = [s.strip() for s in edf.getSignalLabels()]
-        missing = [c for c in channels if c not in labels]
-        if missing:
-            raise DataError(f"{path} has no channel {missing}; it has {labels} (pass --channels)")
+        check_channels(path, channels, labels)
         index = [labels.index(c) for c in channels]
         rates = {edf.getSampleFrequency(i) for i in index}
         if len(rates) > 1:
@@ -192,10 +185,8 @@ def read_hypnogram(path):
         if str(t) in SLEEP_EDF_STAGES
     ]
     if not runs:
-        raise DataError(
-            f"{path} has no sleep-stage annotations ({sorted(set(map(str, labels)))[:5]}); expected 'Sleep stage W' "
-            "etc."
-        )
+        found = sorted(set(map(str, labels)))[:5]
+        raise DataError(f"{path} has no sleep-stage annotations ({found}); expected 'Sleep stage W' etc.")
     return runs
 
 
@@ -211,9 +202,8 @@ def sleep_edf_records(data_dir):
     refs = []
     for psg in sorted(Path(data_dir).rglob("*-PSG.edf")):
         hypnogram = next(iter(sorted(psg.parent.glob(psg.name[:6] + "*-Hypnogram.edf"))), None)
-        refs.append(
-            RecordRef(psg.name[:5], psg.name[:8], hypnogram is not None, partial(read_sleep_edf, psg, hypnogram))
-        )
+        read = partial(read_sleep_edf, psg, hypnogram)
+        refs.append(RecordRef(psg.name[:5], psg.name[:8], hypnogram is not None, read))
     return refs
 
 
@@ -239,9 +229,8 @@ def instance_normalise(epochs):
 
 
 def cut_epochs(signal, runs):
-    """30-s epochs along the scored runs of a 100 Hz record: (C, T), [(onset_s, duration_s, stage)] ->
-    epochs (n, C, 3000), stages (n,), start samples (n,). Each run is cut from its own onset; a partial
-    epoch is dropped."""
+    """30-s epochs along the runs of a 100 Hz record, each from its run's onset, partial ones dropped: (C, T), runs
+    [(onset_s, duration_s, stage)] -> epochs (n, C, 3000), stages (n,), start samples (n,)."""
     L = EPOCH_S * FS
     starts, stages = [], []
     for onset, duration, stage in runs:
@@ -255,16 +244,15 @@ def cut_epochs(signal, runs):
 
 
 def preprocess(signal, fs, runs):
-    """The paper's pipeline (8.1): band-pass 0.1-30 Hz, resample to 100 Hz, cut 30-s epochs,
-    instance-normalise each. (C, T) at fs Hz -> float16 epochs (n, C, 3000), stages (n,), start samples (n,)."""
+    """The paper's pipeline (8.1): band-pass, resample, cut 30-s epochs, instance-normalise each: (C, T) at fs Hz ->
+    float16 epochs (n, C, 3000), stages (n,), start samples (n,)."""
     signal = resample(bandpass(np.asarray(signal, dtype=np.float64), fs), fs)
     epochs, stages, starts = cut_epochs(signal, runs)
     return instance_normalise(epochs).astype(np.float16), stages, starts
 
 
 def runs_from_labels(stage, fs):
-    """Per-sample stage indices (T,) -> runs [(onset_s, duration_s, stage)] of constant stage, unscored (-1)
-    runs dropped."""
+    """Per-sample stages (T,) -> runs [(onset_s, duration_s, stage)] of constant stage, unscored (-1) ones dropped."""
     change = np.flatnonzero(np.diff(stage)) + 1
     bounds = np.concatenate([[0], change, [len(stage)]])
     return [(a / fs, (b - a) / fs, int(stage[a])) for a, b in zip(bounds[:-1], bounds[1:]) if stage[a] >= 0]
@@ -273,22 +261,18 @@ def runs_from_labels(stage, fs):
 # ---------------------------------------------------------------- synthetic polysomnography
 
 SYNTHETIC_CHANNELS = PHYSIONET_CHANNELS
-FRONTAL, CENTRAL, OCCIPITAL = (
-    np.array([1, 1, 0.6, 0.6, 0.3, 0.3]),
-    np.array([0.6, 0.6, 1, 1, 0.6, 0.6]),
-    np.array([0.3, 0.3, 0.6, 0.6, 1, 1]),
-)
+FRONTAL = np.array([1, 1, 0.6, 0.6, 0.3, 0.3])  # topographies: gains over the six channels
+CENTRAL = np.array([0.6, 0.6, 1, 1, 0.6, 0.6])
+OCCIPITAL = np.array([0.3, 0.3, 0.6, 0.6, 1, 1])
 # stage-to-stage transitions per 30-s epoch, rows W N1 N2 N3 REM: long bouts, the usual paths
 # W -> N1 -> N2 <-> N3, N2 -> REM -> W/N1; stationary shares ~ W 25%, N1 9%, N2 39%, N3 13%, REM 14%
-HYPNOGRAM_TRANSITIONS = np.array(
-    [
-        [0.90, 0.08, 0.02, 0.00, 0.00],
-        [0.06, 0.70, 0.22, 0.00, 0.02],
-        [0.02, 0.02, 0.90, 0.04, 0.02],
-        [0.01, 0.00, 0.10, 0.89, 0.00],
-        [0.03, 0.03, 0.03, 0.00, 0.91],
-    ]
-)
+HYPNOGRAM_TRANSITIONS = np.array([
+    [0.90, 0.08, 0.02, 0.00, 0.00],
+    [0.06, 0.70, 0.22, 0.00, 0.02],
+    [0.02, 0.02, 0.90, 0.04, 0.02],
+    [0.01, 0.00, 0.10, 0.89, 0.00],
+    [0.03, 0.03, 0.03, 0.00, 0.91],
+])
 # rhythm: (band centre Hz or None for the subject's own, band width Hz, amplitude uV, topography,
 #          gain in W N1 N2 N3 REM)
 RHYTHMS = {
@@ -317,17 +301,13 @@ def synthetic_hypnogram(n, rng):
 def shaped_noise(rng, shape, gain):
     """Gaussian noise (float32) whose spectrum is shaped by gain(f in Hz), unit std per row."""
     f = scipy.fft.rfftfreq(shape[-1], 1 / FS)
-    x = scipy.fft.irfft(
-        scipy.fft.rfft(rng.standard_normal(shape, dtype=np.float32), axis=-1) * gain(f).astype(np.float32),
-        n=shape[-1],
-        axis=-1,
-    )
+    spectrum = scipy.fft.rfft(rng.standard_normal(shape, dtype=np.float32), axis=-1) * gain(f).astype(np.float32)
+    x = scipy.fft.irfft(spectrum, n=shape[-1], axis=-1)
     return x / x.std(axis=-1, keepdims=True)
 
 
 def band_noise(rng, shape, centre, width):
-    """Noise in a band around `centre` Hz (a Gaussian bump in the spectrum): a rhythm whose phase and
-    amplitude drift."""
+    """Noise in a Gaussian band around `centre` Hz: a rhythm whose phase and amplitude drift."""
     return shaped_noise(rng, shape, lambda f: np.exp(-0.5 * ((f - centre) / width) ** 2))
 
 
@@ -340,12 +320,8 @@ def event_wave(kind, rng, subject):
     """One event's waveform at 100 Hz (samples,) in uV, and its topography (6,)."""
     if kind == "spindle":
         t = np.arange(int(rng.uniform(0.5, 2.0) * FS)) / FS
-        wave = (
-            rng.uniform(15, 35)
-            * np.hanning(len(t))
-            * np.sin(2 * np.pi * (subject["spindle_hz"] + rng.normal(0, 0.3)) * t)
-        )
-        return wave, CENTRAL
+        amp = rng.uniform(15, 35)
+        return amp * np.hanning(len(t)) * np.sin(2 * np.pi * (subject["spindle_hz"] + rng.normal(0, 0.3)) * t), CENTRAL
     if kind == "k_complex":  # a sharp negative deflection followed by a slower positive one, ~1 s
         t = np.arange(FS) / FS
         amp = rng.uniform(60, 140)
@@ -355,29 +331,20 @@ def event_wave(kind, rng, subject):
         return -rng.uniform(30, 60) * np.exp(-0.5 * ((t - 0.2) / 0.05) ** 2), CENTRAL
     if kind == "sawtooth":
         t = np.arange(int(rng.uniform(1.0, 3.0) * FS)) / FS
-        return rng.uniform(15, 30) * np.hanning(len(t)) * scipy.signal.sawtooth(
-            2 * np.pi * rng.uniform(2, 5) * t, width=0.2
-        ), CENTRAL
+        amp = rng.uniform(15, 30)
+        return amp * np.hanning(len(t)) * scipy.signal.sawtooth(2 * np.pi * rng.uniform(2, 5) * t, width=0.2), CENTRAL
     t = np.arange(int(1.0 * FS)) / FS  # an eye movement: a fast step that decays, of either sign
     step = rng.choice([-1, 1]) * rng.uniform(40, 100) * (1 - np.exp(-t / 0.05)) * np.exp(-t / 0.4)
     return step, np.array([1, 1, 0.2, 0.2, 0.05, 0.05])
 
 
 def synthetic_night(subject_index, n_epochs=120):
-    """SYNTHETIC polysomnography of one made-up subject, 6 EEG channels at 100 Hz, and its hypnogram.
-
-    Not recordings: stage-specific content on a 1/f background (alpha in W, theta in N1, spindles
-    and K-complexes in N2, high-amplitude delta in N3, sawtooth waves and theta in REM, eye
-    movements in W and REM), with per-subject alpha and spindle frequencies, channel gains and
-    amplitudes; rhythms wax and wane within an epoch and blend over ~10 s at stage changes.
-    Returns signal (6, n_epochs * 3000) in uV, FS, runs [(onset_s, 30, stage)].
-    """
+    """SYNTHETIC polysomnography of one made-up subject -> signal (6, n_epochs * 3000) in uV, FS, runs
+    [(onset_s, 30, stage)]. Not recordings: RHYTHMS and EVENT_RATES by stage on a 1/f background, with
+    per-subject frequencies, gains and amplitudes, blended over ~10 s at stage changes."""
     rng = np.random.default_rng(10_000 + subject_index)
-    subject = {
-        "alpha_hz": rng.uniform(8.5, 11.5),
-        "theta_hz": rng.uniform(5.0, 7.0),
-        "spindle_hz": rng.uniform(12.0, 14.5),
-    }
+    alpha, theta, spindle = rng.uniform(8.5, 11.5), rng.uniform(5.0, 7.0), rng.uniform(12.0, 14.5)  # Hz
+    subject = {"alpha_hz": alpha, "theta_hz": theta, "spindle_hz": spindle}
     C, L = len(SYNTHETIC_CHANNELS), EPOCH_S * FS
     T = n_epochs * L
     stages = synthetic_hypnogram(n_epochs, rng)
@@ -405,30 +372,22 @@ def synthetic_night(subject_index, n_epochs=120):
 
 def read_synthetic(index, n_epochs, channels):
     """The `channels` of synthetic night `index` (a subset of SYNTHETIC_CHANNELS, in the order asked for)."""
-    missing = [c for c in channels if c not in SYNTHETIC_CHANNELS]
-    if missing:
-        raise DataError(
-            f"the synthetic data have no channel {missing}; they have {list(SYNTHETIC_CHANNELS)} (pass --channels)"
-        )
+    check_channels("the synthetic data", channels, SYNTHETIC_CHANNELS)
     signal, fs, runs = synthetic_night(index, n_epochs)
     return signal[[SYNTHETIC_CHANNELS.index(c) for c in channels]], fs, runs
 
 
 def synthetic_records(count, n_epochs):
-    return [
-        RecordRef(f"synthetic-{i:03d}", f"synthetic-{i:03d}", True, partial(read_synthetic, i, n_epochs))
-        for i in range(count)
-    ]
+    names = [f"synthetic-{i:03d}" for i in range(count)]
+    return [RecordRef(name, name, True, partial(read_synthetic, i, n_epochs)) for i, name in enumerate(names)]
 
 
 # ---------------------------------------------------------------- datasets and subject splits
 
-SOURCES = ("synthetic", "physionet2018", "sleep-edf")
-DEFAULT_CHANNELS = {
-    "synthetic": SYNTHETIC_CHANNELS,
-    "physionet2018": PHYSIONET_CHANNELS,
-    "sleep-edf": SLEEP_EDF_CHANNELS,
+DEFAULT_CHANNELS = {  # each source's EEG channels
+    "synthetic": SYNTHETIC_CHANNELS, "physionet2018": PHYSIONET_CHANNELS, "sleep-edf": SLEEP_EDF_CHANNELS,
 }
+SOURCES = tuple(DEFAULT_CHANNELS)
 
 
 def list_records(source, data_dir=None, synthetic_subjects=50, synthetic_epochs=120):
@@ -448,17 +407,12 @@ def list_records(source, data_dir=None, synthetic_subjects=50, synthetic_epochs=
 
 def split_subjects(refs, finetune=10, test=10, seed=0):
     """Subject-wise splits as the paper (8.1): {"pretrain", "finetune", "test"} -> sorted subject ids, disjoint.
-
-    Scored subjects are shuffled with `seed`; the first `test` are held out from everything, the
-    next `finetune` are the labelled set; the rest, with every unscored subject, pretrain.
-    """
+    Scored subjects are shuffled with `seed`: `test` held out from all, `finetune` labelled, the rest pretrain."""
     scored = sorted({r.subject for r in refs if r.scored})
     unscored = sorted({r.subject for r in refs} - set(scored))
     if len(scored) < finetune + test:
-        raise DataError(
-            f"{len(scored)} subjects have sleep stages; --finetune-subjects {finetune} + --test-subjects {test} need "
-            "more"
-        )
+        flags = f"--finetune-subjects {finetune} + --test-subjects {test}"
+        raise DataError(f"{len(scored)} subjects have sleep stages; {flags} need more")
     order = [scored[i] for i in np.random.default_rng(seed).permutation(len(scored))]
     return {
         "test": sorted(order[:test]),
@@ -468,12 +422,11 @@ def split_subjects(refs, finetune=10, test=10, seed=0):
 
 
 class SleepEpochs(Dataset):
-    """Preprocessed 30-s epochs in memory: float16 (n, C, 3000), stages (n,), subject index (n,), and where
-    each was cut: its night's index (n,) and start sample at 100 Hz (n,)."""
+    """Preprocessed 30-s epochs: float16 (n, C, 3000), stages (n,), and where each was cut: its night's index (n,)
+    and start sample at 100 Hz (n,)."""
 
-    def __init__(self, epochs, stages, subjects, names, nights, starts):
-        self.epochs, self.stages, self.subjects, self.names = epochs, stages, subjects, names
-        self.nights, self.starts = nights, starts
+    def __init__(self, epochs, stages, nights, starts):
+        self.epochs, self.stages, self.nights, self.starts = epochs, stages, nights, starts
 
     def __len__(self):
         return len(self.epochs)
@@ -483,19 +436,16 @@ class SleepEpochs(Dataset):
 
 
 class ContextEpochs(Dataset):
-    """Runs of `context` consecutive epochs of one night as one signal (5.2's "longer sequences"):
-    item i -> (C, context * 3000), the stage of its first epoch. Only runs without a gap (an unscored
-    stretch dropped at preprocessing) are items."""
+    """Runs of `context` consecutive epochs of one night as one signal (5.2's "longer sequences"): item i -> (C,
+    context * 3000), the stage of its first epoch. Runs across a gap (unscored epochs dropped) are not items."""
 
     def __init__(self, epochs: SleepEpochs, context):
         self.epochs, self.context = epochs, context
-        n, L = len(epochs), EPOCH_S * FS
-        last = n - context + 1
+        L, last = EPOCH_S * FS, len(epochs) - context + 1
         ok = torch.ones(max(last, 0), dtype=torch.bool)
-        for k in range(1, context):
-            ok &= (epochs.nights[k : last + k] == epochs.nights[:last]) & (
-                epochs.starts[k : last + k] == epochs.starts[:last] + k * L
-            )
+        for k in range(1, context):  # the epoch k later is of the same night, and starts k epochs later
+            ok &= epochs.nights[k : last + k] == epochs.nights[:last]
+            ok &= epochs.starts[k : last + k] == epochs.starts[:last] + k * L
         self.first = ok.nonzero().flatten()
         if len(self.first) == 0:
             raise DataError(f"no run of {context} consecutive scored epochs in one night (--context {context})")
@@ -527,9 +477,8 @@ def cache_stem(ref, channels):
 
 
 def write_night(ref, channels, stem):
-    """One night preprocessed into stem.labels.npy (stages and start samples, (2, n)) and stem.npy (float16
-    epochs (n, C, 3000)), each through a file of this process alone and a rename, the epochs last: a night whose
-    stem.npy exists is whole."""
+    """One night preprocessed into stem.labels.npy (stages and start samples, (2, n)) and stem.npy (float16 epochs
+    (n, C, 3000)), each written atomically, the epochs last: a night whose stem.npy exists is whole."""
     epochs, stages, starts = preprocess(*ref.read(channels))
     for path, array in ((f"{stem}.labels.npy", np.stack([stages, starts])), (f"{stem}.npy", epochs)):
         engine.write_atomic(path, partial(save_array, array))
@@ -566,17 +515,14 @@ def read_night(stem, n_channels):
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{stem}.npy, a cached night, is unreadable ({engine.first_line(e)}): {again}") from None
     if epochs.shape[1:] != (n_channels, EPOCH_S * FS) or labels.shape != (2, len(epochs)):
-        raise DataError(
-            f"{stem}.npy holds epochs {epochs.shape} and labels {labels.shape}, not a night of {n_channels} channels: "
-            f"{again}"
-        )
+        shapes = f"epochs {epochs.shape} and labels {labels.shape}"
+        raise DataError(f"{stem}.npy holds {shapes}, not a night of {n_channels} channels: {again}")
     return epochs, labels
 
 
 class NightEpochs:
-    """The epochs of several nights' memory-mapped arrays (n_night, C, 3000) as one sequence: item i is row
-    rows[i] of night nights[i], read into a (C, 3000) float16 tensor. Every rank maps the same files, so the
-    operating system's page cache holds them once per node."""
+    """Several nights' memory-mapped epochs (n_night, C, 3000) as one sequence: item i, (C, 3000) float16, is row
+    rows[i] of night nights[i]. Every rank maps the same files, so the page cache holds them once per node."""
 
     def __init__(self, arrays, nights, rows):
         self.arrays, self.nights, self.rows = arrays, nights, rows
@@ -590,8 +536,7 @@ class NightEpochs:
 
 def wake_trimmed(stages, starts, minutes):
     """The epochs from `minutes` before a night's first sleep epoch to `minutes` after its last: (n,), (n,) -> bool
-    (n,). Sleep-EDF's nights are mostly wake; the field keeps 30 minutes either
-    side (Supratak et al., DeepSleepNet, 2017). A night without stages keeps every epoch."""
+    (n,). Sleep-EDF's nights are mostly wake; the field keeps 30 minutes (Supratak et al., DeepSleepNet, 2017)."""
     if minutes is None or not (stages >= 0).any():
         return np.ones(len(stages), dtype=bool)
     sleep = starts[stages > 0]
@@ -607,28 +552,23 @@ def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim
     if not subjects:  # all subjects with stages were split off for finetuning and testing
         raise DataError(
             f"the subject split leaves no {desc}: --finetune-subjects and --test-subjects take every subject with "
-            "sleep "
-            "stages; lower them, or add subjects (--synthetic-subjects, or recordings in --data-dir)"
+            "sleep stages; lower them, or add subjects (--synthetic-subjects, or recordings in --data-dir)"
         )
     wanted = set(subjects)
     picked = [r for r in refs if r.subject in wanted]
     names = sorted({r.subject for r in picked})
-    arrays, columns = [], {"rows": [], "stages": [], "subjects": [], "nights": [], "starts": []}
-    for night, (ref, stem) in enumerate(zip(picked, cache_nights(picked, channels, cache_dir, dd, desc))):
+    arrays, columns = [], {"rows": [], "stages": [], "nights": [], "starts": []}
+    for night, stem in enumerate(cache_nights(picked, channels, cache_dir, dd, desc)):
         epochs, (y, starts) = read_night(stem, len(channels))
         arrays.append(epochs)
         keep = (y >= 0 if scored_only else np.ones(len(y), dtype=bool)) & wake_trimmed(y, starts, trim_wake)
-        for name, values in zip(
-            columns, (np.arange(len(y)), y, np.full(len(y), names.index(ref.subject)), np.full(len(y), night), starts)
-        ):
+        for name, values in zip(columns, (np.arange(len(y)), y, np.full(len(y), night), starts)):
             columns[name].append(values[keep])
     if sum(len(y) for y in columns["stages"]) == 0:
-        raise DataError(
-            f"no {'scored ' if scored_only else ''}30-s epochs in the {len(picked)} recordings of subjects {names[:5]}"
-        )
+        scored = "scored " if scored_only else ""
+        raise DataError(f"no {scored}30-s epochs in the {len(picked)} recordings of subjects {names[:5]}")
     c = {name: torch.from_numpy(np.concatenate(values)) for name, values in columns.items()}
-    epochs = NightEpochs(arrays, c["nights"], c["rows"])
-    return SleepEpochs(epochs, c["stages"], c["subjects"], names, c["nights"], c["starts"])
+    return SleepEpochs(NightEpochs(arrays, c["nights"], c["rows"]), c["stages"], c["nights"], c["starts"])
 
 
 def stage_counts(dataset):
@@ -662,11 +602,8 @@ def cohen_kappa(confusion):
 
 @torch.no_grad()
 def evaluate_staging(model, loader, dd, seed=None):
-    """Kappa, accuracy, loss and the confusion matrix over the whole held-out set, for engine.fit.
-
-    Processes add up their confusion matrices, so the kappa is that of the full set (engine.make_loader
-    shards held-out sets without repeats). Deterministic: seed unused.
-    """
+    """Kappa, accuracy, loss and the confusion matrix over the whole held-out set, for engine.fit. Processes add up
+    their confusion matrices, so the kappa is that of the full set. Deterministic: seed unused."""
     model.eval()
     confusion = torch.zeros(len(STAGES), len(STAGES), dtype=torch.long, device=dd.device)
     loss_sum = torch.zeros((), dtype=torch.double, device=dd.device)
@@ -681,12 +618,8 @@ def evaluate_staging(model, loader, dd, seed=None):
         dist.all_reduce(loss_sum)
     model.train()
     n = confusion.sum().item()
-    return {
-        "kappa": cohen_kappa(confusion),
-        "acc": confusion.trace().item() / n,
-        "loss": loss_sum.item() / n,
-        "confusion": confusion.tolist(),
-    }
+    metrics = {"kappa": cohen_kappa(confusion), "acc": confusion.trace().item() / n, "loss": loss_sum.item() / n}
+    return {**metrics, "confusion": confusion.tolist()}
 
 
 # ---------------------------------------------------------------- models: part.py's, in 1D
@@ -694,9 +627,7 @@ def evaluate_staging(model, loader, dd, seed=None):
 PRESETS = {
     "eeg_test": dict(embed_dim=32, depth=2, num_heads=2),  # for the test suite only
     "eeg_tiny": dict(embed_dim=64, depth=4, num_heads=4),  # CPU-sized default
-    "eeg_base": dict(
-        embed_dim=384, depth=7, num_heads=6
-    ),  # 12.7M parameters as finetuned, near the paper's 12.9M (8.1)
+    "eeg_base": dict(embed_dim=384, depth=7, num_heads=6),  # 12.7M parameters as finetuned, the paper's 12.9M (8.1)
 }
 
 
@@ -713,9 +644,8 @@ def signal_stats(vit):
 
 
 def stager_config(vit, pos_mask):
-    """Finetuning for sleep staging (8.1): the epoch's 30 on-grid 1-s windows, a class token, learnable position
-    embeddings of which `pos_mask` are masked per epoch in training, a linear head on the class token over the
-    5 stages, cross-entropy without label smoothing."""
+    """Sleep staging (8.1): the epoch's 30 on-grid 1-s windows, a class token, learnable position embeddings of which
+    `pos_mask` are masked in training, a linear head on the class token, cross-entropy without label smoothing."""
     return part.ClassifierConfig(
         vit=vit, img_size=(EPOCH_S * FS,), num_classes=len(STAGES), pool="cls", smoothing=0.0, pos_mask=pos_mask,
         **signal_stats(vit),
@@ -735,10 +665,8 @@ data_options = cli.options(
         "--data", "source", type=click.Choice(SOURCES), default="synthetic", show_default=True,
         help="synthetic: made-up polysomnography, not recordings",
     ),
-    click.option(
-        "--data-dir", default=None, help="recordings: PhysioNet 2018 training/ (and test/) or Sleep-EDF's *.edf"
-    ),
-    click.option("--channels", default=None, help="comma-separated channel names; default: the source's EEG channels"),
+    click.option("--data-dir", help="recordings: PhysioNet 2018 training/ (and test/) or Sleep-EDF's *.edf"),
+    click.option("--channels", help="comma-separated channel names; default: the source's EEG channels"),
     click.option(
         "--finetune-subjects", type=cli.POSITIVE, default=10, show_default=True, help="labelled subjects (8.1: 10)"
     ),
@@ -773,12 +701,15 @@ def parse_channels(flag, source):
         return DEFAULT_CHANNELS[source]
     channels = tuple(c.strip() for c in flag.split(",") if c.strip())
     if not channels:
-        raise DataError(
-            f"--channels {flag!r} names no channel; give comma-separated names, e.g. "
-            f"{','.join(DEFAULT_CHANNELS[source])} "
-            f"({source}'s EEG channels)"
-        )
+        example = f"{','.join(DEFAULT_CHANNELS[source])} ({source}'s EEG channels)"
+        raise DataError(f"--channels {flag!r} names no channel; give comma-separated names, e.g. {example}")
     return channels
+
+
+SPLIT_FLAGS = (  # the data_options that choose the records and their split: load_split's parameters
+    "source", "data_dir", "channels", "finetune_subjects", "test_subjects", "split_seed", "synthetic_subjects",
+    "synthetic_epochs", "trim_wake",
+)
 
 
 def load_split(
@@ -805,12 +736,8 @@ def load_set(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim_wa
     return ContextEpochs(epochs, context) if context > 1 else epochs
 
 
-def held_out(source, split, val_set):
-    return (
-        f"{source} data{' (SYNTHETIC, not recordings)' if source == 'synthetic' else ''}: held out "
-        f"{len(split['test'])} subjects, "
-        f"{len(val_set)} items"
-    )
+def data_name(source):
+    return f"{source} data{' (SYNTHETIC, not recordings)' if source == 'synthetic' else ''}"
 
 
 @main.command()
@@ -837,17 +764,11 @@ def held_out(source, split, val_set):
 )
 @cli.recipe_options(epochs=25, batch_size=64, blr=2e-3, warmup_epochs=2.0, log_every=20)
 @click.option("--out-dir", default="out/sleep-pretrain", show_default=True, help=cli.OUT_DIR_HELP)
-def pretrain(
-    source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
-    trim_wake, cache_dir, preset, method, context, drop_path, out_dir, **kwargs,
-):
+def pretrain(cache_dir, preset, method, context, drop_path, out_dir, **kwargs):
     """Pretraining (PART, or MAE, DropPos or MP3 in 1D) on the pretraining subjects' epochs; the pretext's
     error on the held-out test subjects."""
     recipe = cli.recipe_from(kwargs)
-    refs, channels, split, data_config = load_split(
-        source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
-        trim_wake,
-    )
+    refs, channels, split, data_config = load_split(**{k: kwargs.pop(k) for k in SPLIT_FLAGS})
     vit = eeg_vit(preset, FS, len(channels), drop_path)
     cfg = cli.method_config(method, vit=vit, img_size=(context * EPOCH_S * FS,), **signal_stats(vit), **kwargs)
 
@@ -859,19 +780,15 @@ def pretrain(
         val_set = load_set(refs, split["test"], channels, True, "held-out subjects", cache_dir, dd, trim, context)
         if dd.main:
             print(
-                f"{held_out(source, split, val_set)}; pretraining on {len(split['pretrain'])} subjects, "
-                f"{len(train_set)} items of "
-                f"{context} epoch{'s' if context > 1 else ''}"
+                f"{data_name(data_config['source'])}: held out {len(split['test'])} subjects, {len(val_set)} items; "
+                f"pretraining on {len(split['pretrain'])} subjects, {len(train_set)} items of {context} epoch"
+                f"{'s' if context > 1 else ''}"
             )
         torch.manual_seed(recipe.seed)
         model = baselines.pretext_model(method, cfg)
         set_grad_checkpointing(model, recipe.grad_ckpt)
-        config = {
-            "kind": f"{method}1d",
-            "data": {**data_config, "context": context},
-            "model": cfg.to_dict(),
-            "recipe": asdict(recipe),
-        }
+        data = {**data_config, "context": context}
+        config = {"kind": f"{method}1d", "data": data, "model": cfg.to_dict(), "recipe": asdict(recipe)}
         metrics = engine.fit(
             model, train_set, val_set, recipe, out_dir, config, dd, on_epoch=getattr(model, "set_epoch", None)
         )
@@ -885,30 +802,21 @@ DEFAULT_INIT = "out/sleep-pretrain/checkpoint.pt"  # where `python sleep1d.py pr
 
 
 def encoder_from(init, preset, channels, drop_path):
-    """The encoder config and weights to finetune, the checkpoint's model config, and the data config they
-    were pretrained on: from a 1D checkpoint (sleep1d.py pretrain of any method, or finetune, or an exported
-    1D encoder), or fresh (scratch)."""
+    """The encoder config and weights to finetune, the checkpoint's model config and the data config they were
+    pretrained on: from a 1D checkpoint of any sleep1d.py command or an exported 1D encoder, or fresh (scratch)."""
     fallback = eeg_vit(preset or "eeg_tiny", FS, len(channels), drop_path)
     vit, state, config = weights.encoder_from_init(init, fallback, patch_ndim=1)
-    vit = (
-        fallback if preset else replace(vit, drop_path=drop_path)
-    )  # an explicit --preset: loading checks it against the weights
+    vit = fallback if preset else replace(vit, drop_path=drop_path)  # an explicit --preset: checked against the weights
     return vit, state, config.get("model", {}), config.get("data", {})
 
 
 @main.command()
 @data_options
 @click.option(
-    "--init",
-    default=DEFAULT_INIT,
-    show_default=True,
-    help="a sleep1d.py pretrain checkpoint (any --method), a stager or an export, or 'scratch' for the supervised "
-         "baseline",
+    "--init", default=DEFAULT_INIT, show_default=True,
+    help="a sleep1d.py pretrain checkpoint (any --method), a stager or an export; scratch: the supervised baseline",
 )
-@click.option(
-    "--preset", type=click.Choice(list(PRESETS)), default=None,
-    help="default: the checkpoint's, or eeg_tiny from scratch",
-)
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="default: the checkpoint's, or eeg_tiny from scratch")
 @click.option(
     "--pos-mask", type=cli.SHARE, default=0.2, show_default=True,
     help="share of position embeddings masked in training (8.1)",
@@ -919,30 +827,23 @@ def encoder_from(init, preset, channels, drop_path):
 )
 @cli.recipe_options(epochs=20, batch_size=64, blr=5e-4, warmup_epochs=2.0, beta2=0.999, log_every=20)
 @click.option("--out-dir", default="out/sleep-finetune", show_default=True, help=cli.OUT_DIR_HELP)
-def finetune(
-    source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
-    trim_wake, cache_dir, init, preset, pos_mask, drop_path, out_dir, **kwargs,
-):
+def finetune(cache_dir, init, preset, pos_mask, drop_path, out_dir, **kwargs):
     """Sleep staging on the finetuning subjects; kappa, accuracy and confusion matrix on the held-out ones.
     --init scratch trains the same ViT from random weights with the same recipe (no layer decay, as DeiT,
     unless --layer-decay is given, then for either init)."""
     recipe = cli.recipe_from(kwargs)
-    refs, channels, split, data_config = load_split(
-        source, data_dir, channels, finetune_subjects, test_subjects, split_seed, synthetic_subjects, synthetic_epochs,
-        trim_wake,
-    )
+    refs, channels, split, data_config = load_split(**{k: kwargs.pop(k) for k in SPLIT_FLAGS})
+    source = data_config["source"]
     vit, state, pretrained_model, pretrained_data = encoder_from(init, preset, channels, drop_path)
     if state is not None and "pos_embed" in state and pretrained_data.get("context", 1) > 1:
-        # positions pretrained over several epochs: an epoch's windows take those of the span's first epoch,
-        # not the span squeezed
+        # positions pretrained over several epochs: an epoch takes those of the span's first, not the span squeezed
         state["pos_embed"] = state["pos_embed"][:, : EPOCH_S * FS // vit.patch_size]
         pretrained_model = {**pretrained_model, "img_size": [EPOCH_S * FS]}
     leaked = set(pretrained_data.get("split", {}).get("pretrain", [])) & set(split["finetune"] + split["test"])
     if leaked:
         engine.fail(
             f"{init} was pretrained on subjects {sorted(leaked)[:5]} that this split finetunes or tests on; use its "
-            "--split-seed "
-            f"{pretrained_data.get('split_seed')} and subject counts"
+            f"--split-seed {pretrained_data.get('split_seed')} and subject counts"
         )
     cfg = stager_config(vit, pos_mask)
 
@@ -956,16 +857,12 @@ def finetune(
             weights.load_encoder(model.encoder, state, pretrained_model, init, dd.main)
         if dd.main:
             print(
-                f"{source} data{' (SYNTHETIC, not recordings)' if source == 'synthetic' else ''}: finetune on "
-                f"{len(split['finetune'])} subjects ({len(train_set)} epochs: {stage_counts(train_set)}); "
+                f"{data_name(source)}: finetune on {len(split['finetune'])} subjects ({len(train_set)} epochs: "
+                f"{stage_counts(train_set)}); "
                 f"test on {len(split['test'])} held-out subjects ({len(val_set)} epochs: {stage_counts(val_set)})"
             )
         config = {
-            "kind": "sleep-stager",
-            "init": init,
-            "data": data_config,
-            "model": cfg.to_dict(),
-            "recipe": asdict(recipe),
+            "kind": "sleep-stager", "init": init, "data": data_config, "model": cfg.to_dict(), "recipe": asdict(recipe),
         }
         # no checkpoint_best.pt: the evaluation set is the held-out test subjects, not one to select on
         set_grad_checkpointing(model, recipe.grad_ckpt)

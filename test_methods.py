@@ -392,7 +392,7 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
     nights = torch.tensor([0, 0, 0, 0, 1, 1, 1])
     starts = torch.tensor([0, 1, 2, 4, 0, 1, 2]) * L  # night 0 has a gap after its third epoch
     ds = sleep1d.ContextEpochs(
-        sleep1d.SleepEpochs(epochs, torch.zeros(n, dtype=torch.long), nights, ["a"], nights, starts), 2
+        sleep1d.SleepEpochs(epochs, torch.zeros(n, dtype=torch.long), nights, starts), 2
     )
     assert ds.first.tolist() == [0, 1, 4, 5]  # no run across the gap or across nights
     x, _ = ds[2]
