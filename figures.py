@@ -132,15 +132,13 @@ def save(fig, path):
     plt.close(fig)
 
 
-def imshow(ax, pixels, box, **kwargs):
+def imshow(ax, pixels, box):
     """Draw (C, h, w) pixels in [0, 1] stretched over a box (x0, y0, x1, y1), nearest neighbour."""
     x0, y0, x1, y1 = (float(v) for v in box)
     pixels = pixels.clamp(0, 1).numpy()
     grey = pixels.shape[0] != 3
     img = pixels[0] if grey else pixels.transpose(1, 2, 0)  # (h, w) or (h, w, 3)
-    ax.imshow(
-        img, extent=(x0, x1, y1, y0), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest", **kwargs
-    )
+    ax.imshow(img, extent=(x0, x1, y1, y0), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest")
 
 
 def outline(ax, box, colour, width=1.5):
@@ -322,7 +320,7 @@ def show_image(model, name, image, ref, target, seed, out_dir):
 
 
 def read_log(out_dir):
-    """A run's log.jsonl rows in order (train.fit writes them); ValueError naming the path when there are none."""
+    """A run's log.jsonl rows in order (engine.fit writes them); ValueError naming the path when there are none."""
     path = Path(out_dir) / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} not found: not the folder of a training run")
