@@ -25,21 +25,35 @@ def bench(vit, size, batch_size, num_patches, pairs, sampler, head, steps, use_c
     """A line per (N, K) of num_patches x pairs: the PART step beside the bare ViT step; with methods,
     every method's step (defaults, PART's as given) on the same ViT and images."""
     device = local_device()
-    stats = (0.5,) * vit.in_chans, (0.25,) * vit.in_chans
     print(
         f"ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, at {'x'.join(map(str, size))}px, batch "
-        f"{batch_size}, "
-        f"{head}, {sampler}, on {describe(device)}; "
+        f"{batch_size}, {head}, {sampler}, on {describe(device)}; "
         "PART: sampler + ViT + head + loss; bare ViT: the same ViT on the same patches, no sampler, no head"
     )
     for n, k in itertools.product(num_patches, pairs):
-        cfg = baselines.pretext_config(
-            "part", vit=vit, img_size=size, mean=stats[0], std=stats[1], sampler=sampler, num_patches=n, num_pairs=k,
-            head=head,
-        )
+        cfg = config("part", vit, size, sampler=sampler, num_patches=n, num_pairs=k, head=head)
         bench_one(cfg, batch_size, steps, use_compile, device)
     if methods:
-        bench_methods(vit, size, stats, batch_size, steps, device, sampler=sampler, num_pairs=pairs[0], head=head)
+        bench_methods(vit, size, batch_size, steps, device, sampler=sampler, num_pairs=pairs[0], head=head)
+
+
+def config(method, vit, size, **flags):
+    """The pretext config of `method` for random uint8 images, which any mean and std suit."""
+    stats = dict(mean=(0.5,) * vit.in_chans, std=(0.25,) * vit.in_chans)
+    return baselines.pretext_config(method, vit=vit, img_size=size, **stats, **flags)
+
+
+def train_step(forward, images, optimizer, device):
+    """One optimizer step on forward(images) -> (loss, extras), as a function to time."""
+
+    def step():
+        with autocast(device):
+            loss, _ = forward(images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 # dense bf16 peaks from the vendor sheets, the first name the device's contains wins: NVL and PCIe before SXM
@@ -77,26 +91,15 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bench_methods(vit, size, stats, batch_size, steps, device, **part_flags):
+def bench_methods(vit, size, batch_size, steps, device, **part_flags):
     """A pretraining step of each method (the default flags, PART's as given) on the same ViT and images,
     timed in turn: ms per step, the ratio to PART's, and GFLOP per image."""
     images = torch.randint(0, 256, (batch_size, vit.in_chans, *size), dtype=torch.uint8, device=device)
     steps_of = {}
     for method in baselines.METHODS:
         torch.manual_seed(0)
-        model = baselines.pretext_model(
-            method, baselines.pretext_config(method, vit=vit, img_size=size, mean=stats[0], std=stats[1], **part_flags)
-        ).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step(model=model, optimizer=optimizer):
-            with autocast(device):
-                loss, _ = model(images)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        steps_of[method] = step
+        model = baselines.pretext_model(method, config(method, vit, size, **part_flags)).to(device)
+        steps_of[method] = train_step(model, images, torch.optim.AdamW(model.parameters(), lr=1e-4), device)
     times = dict(zip(steps_of, timed(list(steps_of.values()), steps, device)))
     for method, step in steps_of.items():
         print(
@@ -118,33 +121,18 @@ def bench_one(cfg, batch_size, steps, use_compile, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def optimise(loss):
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def bare_vit(x):  # the same patches through the encoder, a stand-in loss
+        return model.encoder.forward_features(x).float().square().mean(), None
 
-    def step():  # the whole PART step
-        with autocast(device):
-            loss, _ = forward(images)
-        optimise(loss)
-
-    def vit_step():  # the bare ViT: the same patches through the encoder, a stand-in loss
-        with autocast(device):
-            loss = model.encoder.forward_features(patches).float().square().mean()
-        optimise(loss)
-
+    step, vit_step = train_step(forward, images, optimizer, device), train_step(bare_vit, patches, optimizer, device)
     t_step, t_vit, t_sample = timed([step, vit_step, lambda: model.sample(images)], steps, device)
     flops, vit_flops = (count_flops(fn) / batch_size / 1e9 for fn in (step, vit_step))  # per image
-    line = (
-        f"N {cfg.num_patches:4d}, K {cfg.num_pairs:5d}: PART step {t_step * 1e3:8.1f} ms = "
-        f"{batch_size / t_step:7.1f} img/s, "
-        f"bare ViT {t_vit * 1e3:8.1f} ms, ratio {t_step / t_vit:.3f}; sampler {t_sample / t_step:.1%}; "
-        f"GFLOP/img (fwd+bwd) {flops:.2f} vs {vit_flops:.2f}; peak memory {peak_memory_gib(device):.2f} GiB"
-    )
     peak = peak_flops(device)
+    mfu = f"; MFU {flops * 1e9 * batch_size / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""
     print(
-        line
-        + (f"; MFU {flops * 1e9 * batch_size / t_step / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "")
+        f"N {cfg.num_patches:4d}, K {cfg.num_pairs:5d}: PART step {t_step * 1e3:8.1f} ms = {batch_size / t_step:7.1f} "
+        f"img/s, bare ViT {t_vit * 1e3:8.1f} ms, ratio {t_step / t_vit:.3f}; sampler {t_sample / t_step:.1%}; "
+        f"GFLOP/img (fwd+bwd) {flops:.2f} vs {vit_flops:.2f}; peak memory {peak_memory_gib(device):.2f} GiB{mfu}"
     )
 
 
@@ -188,76 +176,45 @@ def compile_counts():
 
 def preflight_step(method, flags, vit, size, batch_size, steps, device, compiled):
     """`steps` pretraining steps of one variant, eager or compiled (inductor on CUDA, dynamo's graphs alone on
-    CPU, where inductor's build would take the test suite's minutes) -> a row of figures."""
+    CPU, where inductor's build would take the test suite's minutes) -> its line of figures."""
     torch.manual_seed(0)
     name = method.split()[0]
-    stats = (0.5,) * vit.in_chans, (0.25,) * vit.in_chans
-    model = baselines.pretext_model(
-        name, baselines.pretext_config(name, vit=vit, img_size=size, mean=stats[0], std=stats[1], **flags)
-    ).to(device)
+    model = baselines.pretext_model(name, config(name, vit, size, **flags)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     images = torch.randint(0, 256, (batch_size, vit.in_chans, *size), dtype=torch.uint8, device=device)
     torch._dynamo.reset()
     counters.clear()
     forward = torch.compile(model, backend="inductor" if device.type == "cuda" else "eager") if compiled else model
-
-    def step():
-        with autocast(device):
-            loss, _ = forward(images)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = train_step(forward, images, optimizer, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed([step], steps, device)[0]
     graphs, breaks, recompiles = compile_counts() if compiled else (0, 0, 0)
     peak = peak_flops(device)
     flops = count_flops(step) if peak else None  # eager, after the timing
-    return {
-        "method": method,
-        "compiled": compiled,
-        "ms": seconds * 1e3,
-        "img_per_s": batch_size / seconds,
-        "mfu": flops / seconds / peak if peak else None,
-        "peak_gib": peak_memory_gib(device),
-        "graphs": graphs,
-        "breaks": breaks,
-        "recompiles": recompiles,
-    }
+    mfu = f"MFU {flops / seconds / peak:.1%}" if peak else "MFU unknown for this device"
+    dynamo = f"; graphs {graphs}, breaks {breaks}, recompiles {recompiles}" if compiled else ""
+    return (
+        f"{method:34s} {'compiled' if compiled else 'eager':8s} {seconds * 1e3:8.1f} ms {batch_size / seconds:8.1f} "
+        f"img/s; {mfu}; peak {peak_memory_gib(device):.2f} GiB{dynamo}"
+    )
 
 
 def preflight(vit, size, batch_size, steps, num_pairs):
     """Before a multi-day run, on the node it will run on: every method's step eager and compiled, bf16 on CUDA;
     ms, images/s, MFU and peak memory, dynamo's graphs, breaks and recompiles; with 2 or more GPUs, DDP
-    replicas equal after a few steps (ddp_replicas_agree). PART's steps take num_pairs. -> the rows, printed as
-    they come."""
+    replicas equal after a few steps (ddp_replicas_agree). PART's steps take num_pairs."""
     device = local_device()
     print(
         f"pre-flight on {describe(device)}: ViT {vit.embed_dim} wide x {vit.depth}, patch {vit.patch_size}, "
         f"{'x'.join(map(str, size))} px, batch {batch_size}, {steps} timed steps each"
     )
-    rows = []
     for method, flags in preflight_variants():
+        flags = {"num_pairs": num_pairs, **flags}
         for compiled in (False, True):
-            row = preflight_step(
-                method, {"num_pairs": num_pairs, **flags}, vit, size, batch_size, steps, device, compiled
-            )
-            mfu = f"MFU {row['mfu']:.1%}" if row["mfu"] is not None else "MFU unknown for this device"
-            print(
-                f"{method:34s} {'compiled' if compiled else 'eager':8s} {row['ms']:8.1f} ms {row['img_per_s']:8.1f} "
-                "img/s; "
-                f"{mfu}; peak {row['peak_gib']:.2f} GiB"
-                + (
-                    f"; graphs {row['graphs']}, breaks {row['breaks']}, recompiles {row['recompiles']}"
-                    if compiled
-                    else ""
-                )
-            )
-            rows.append(row)
+            print(preflight_step(method, flags, vit, size, batch_size, steps, device, compiled))
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
         print(f"DDP over 2 GPUs: replicas {'equal' if ddp_replicas_agree(vit, size) else 'DIFFER'} after 3 steps")
-    return rows
 
 
 def ddp_replica_worker(rank, vit, size, port, result):
@@ -265,10 +222,7 @@ def ddp_replica_worker(rank, vit, size, port, result):
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.cuda.set_device(rank)
     torch.manual_seed(0)
-    cfg = baselines.pretext_config(
-        "part", vit=vit, img_size=size, mean=(0.5,) * vit.in_chans, std=(0.25,) * vit.in_chans
-    )
-    model = DDP(part.PART(cfg).cuda(), device_ids=[rank])
+    model = DDP(part.PART(config("part", vit, size)).cuda(), device_ids=[rank])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     torch.manual_seed(1 + rank)  # each rank its own images and sampling, as in training
     for _ in range(3):

@@ -21,9 +21,6 @@ import part
 from engine import Recipe, RunError, fail
 
 
-# ---------------------------------------------------------------- the error layer and option groups
-
-
 class Finite(click.FloatRange):
     """A float flag that refuses NaN and the infinities (click's FloatRange lets NaN through every bound)."""
 
@@ -53,8 +50,7 @@ def options(*decorators, section=None):
 
 
 class SectionedCommand(click.Command):
-    """--help lists the options in sections (data, model, method, recipe, then the command's own), as timm's
-    and MAE's argparse groups do."""
+    """--help lists the options in sections (data, model, method, recipe, then the command's own), as timm's do."""
 
     def format_options(self, ctx, formatter):
         sections = {}
@@ -67,17 +63,20 @@ class SectionedCommand(click.Command):
                 formatter.write_dl(records)
 
 
-# what reading a file can raise, beyond our own errors: the OS's (a full disk, a missing or unreadable path; gzip's and
-# PIL's are OSErrors too), a file cut short, a broken pickle or zip (torch.save's format), JSON that is not
+# what reading a file raises beyond our own errors: the OS's (gzip's, PIL's), a file cut short, torch.save's format
 FILE_ERRORS = (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError)
 
 
 class Cli(click.Group):
     """The commands of train.py, sleep1d.py and detect.py: our own errors (a bad setting, bad data, a run
     that cannot go on) and what a file can throw stop them with one line instead of a traceback; anything
-    else is a bug, shown with its traceback and a line that says so. Their --help lists options in sections."""
+    else is a bug, shown with its traceback and a line that says so. Their --help lists options in sections,
+    with their defaults."""
 
     command_class = SectionedCommand
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, context_settings={"show_default": True}, **kwargs)
 
     def invoke(self, ctx):
         try:
@@ -124,6 +123,7 @@ class CommaList(click.ParamType):
 
 
 POSITIVE, COUNT, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0), Finite(min=0)
+SHARE = Finite(0, 1, max_open=True)
 OUT_DIR_HELP = "gets checkpoint.pt, log.jsonl (and checkpoint_best.pt); a run resumes from its own"
 XAVIER_HELP = (
     "every Linear xavier-uniform, MAE's and DropPos' official init (theirs always), in place of DeiT's trunc-normal "
@@ -140,8 +140,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "warmup_epochs": (NON_NEGATIVE, "linear lr warmup, in epochs (fractions allowed)"),
     "weight_decay": (NON_NEGATIVE, "AdamW's, not on norms, biases, tokens and position embeddings"),
     "layer_decay": (
-        Finite(min=0, max=1, min_open=True),
-        "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off",
+        Finite(min=0, max=1, min_open=True), "layer-wise lr decay: block i's lr x decay^(depth + 1 - i); 1: off"
     ),
     "beta2": (Finite(min=0, max=1, max_open=True), "AdamW's beta2: 0.95 pretraining (MAE), 0.999 finetuning (DeiT)"),
     "clip_grad": (NON_NEGATIVE, "max gradient norm; 0: no clipping"),
@@ -157,8 +156,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     ),
     "lr_drops": (CommaList(float), "a step schedule instead of cosine: epochs where the lr drops x0.1, e.g. 8,11"),
     "resume_changed": (
-        bool,
-        "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's",
+        bool, "resume the run in --out-dir with the recipe given now where it differs from its checkpoint's"
     ),
     "tensorboard": (bool, "also log.jsonl's rows as TensorBoard events in OUT_DIR/tensorboard (needs tensorboard)"),
 }
@@ -169,42 +167,35 @@ def recipe_options(**defaults):
     flags = []
     for name, default in {**asdict(Recipe()), **defaults}.items():
         kind, text = RECIPE_FLAGS[name]
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            flags.append(click.option(flag, is_flag=True, default=default, help=text))
-        else:
-            flags.append(click.option(flag, type=kind, default=default, show_default=True, help=text))
+        how = {"is_flag": True} if kind is bool else {"type": kind}
+        flags.append(click.option("--" + name.replace("_", "-"), **how, default=default, help=text))
     return options(*flags, section="recipe")
 
 
+def take(kwargs, names):
+    """The values of `names` popped out of a command's kwargs."""
+    return {k: kwargs.pop(k) for k in names}
+
+
 def recipe_from(kwargs):
-    return Recipe(**{k: kwargs.pop(k) for k in asdict(Recipe())})
-
-
-SHARE = Finite(0, 1, max_open=True)
+    return Recipe(**take(kwargs, asdict(Recipe())))
 
 
 BASELINE_OPTIONS = (  # the flags of MAE, DropPos and MP3, each naming the methods it is for
     click.option(
-        "--mask-ratio",
-        type=SHARE,
-        default=0.75,
-        show_default=True,
+        "--mask-ratio", type=SHARE, default=0.75,
         help="mae, droppos: share of patches hidden from the encoder; mp3: share that gives no keys and values "
              "(its eta)",
     ),
     click.option(
-        "--pos-mask-ratio", type=SHARE, default=0.75, show_default=True,
+        "--pos-mask-ratio", type=SHARE, default=0.75,
         help="droppos: share of the visible patches whose position embedding is dropped",
     ),
     click.option(
-        "--decoder-dim", type=POSITIVE, default=128, show_default=True,
+        "--decoder-dim", type=POSITIVE, default=128,
         help="mae, droppos: decoder width, CPU-sized (the official code: 512, 16 heads)",
     ),
-    click.option(
-        "--decoder-depth", type=POSITIVE, default=2, show_default=True,
-        help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)",
-    ),
+    click.option("--decoder-depth", type=POSITIVE, default=2, help="mae, droppos: decoder blocks (MAE: 8, DropPos: 2)"),
     click.option(
         "--class-token", is_flag=True,
         help="mae, droppos: a class token through encoder and decoder, as their official code (default: none, as "
@@ -215,7 +206,7 @@ BASELINE_OPTIONS = (  # the flags of MAE, DropPos and MP3, each naming the metho
         help="droppos: attentive reconstruction, its --attn_guide (a second encoder pass); needs --class-token",
     ),
     click.option(
-        "--sigma", type=NON_NEGATIVE, default=1.0, show_default=True,
+        "--sigma", type=NON_NEGATIVE, default=1.0,
         help="droppos: position smoothing in patches, (1 - epoch / epochs) sigma in each epoch (DropPos: 1)",
     ),
 )
@@ -226,24 +217,18 @@ def method_options(pos_mask=0.0):
     default of --pos-mask); each flag names the methods it is for."""
     return options(
         click.option(
-            "--method", type=click.Choice(list(baselines.METHODS)), default="part", show_default=True,
+            "--method", type=click.Choice(list(baselines.METHODS)), default="part",
             help="part: the paper's; mae, droppos, mp3: the baselines of its Tables 1-3, on the same ViT",
         ),
         click.option(
-            "--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True,
+            "--sampler", type=click.Choice(part.SAMPLERS), default="offgrid",
             help="part: offgrid the paper's; offgrid-scale also dw, dh (5.1 ii); grid: PART-grid (Table 4)",
         ),
+        click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", help="part: " + HEAD_HELP),
         click.option(
-            "--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True,
-            help="part: " + HEAD_HELP,
-        ),
-        click.option(
-            "--pos-mask",
-            type=SHARE,
-            default=pos_mask,
-            show_default=True,
+            "--pos-mask", type=SHARE, default=pos_mask,
             help="part: 0, no position information (section 4); >0: sin-cos positions for all but this share, "
-            "loss on pairs with a masked patch (README, the 1D readings)",
+                 "loss on pairs with a masked patch (README, the 1D readings)",
         ),
         *BASELINE_OPTIONS,
         section="method",
@@ -254,40 +239,27 @@ def method_config(method, **fields):
     """baselines.pretext_config of `method` from a pretrain command's flags (the method_options, --num-patches,
     --pairs) and inputs; a flag given on the command line that the method does not take stops with one line."""
     ctx = click.get_current_context()
-    taken = {f.name for f in dataclasses.fields(baselines.METHODS[method][0])}
+    taken = {m: {f.name for f in dataclasses.fields(config)} for m, (config, _) in baselines.METHODS.items()}
     for param in ctx.command.params:
-        if (
-            param.name in fields
-            and param.name not in taken
-            and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
-        ):
-            takers = [
-                m
-                for m, (config_class, _) in baselines.METHODS.items()
-                if param.name in {f.name for f in dataclasses.fields(config_class)}
-            ]
+        given = param.name in fields and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
+        if given and param.name not in taken[method]:
+            takers = [m for m in taken if param.name in taken[m]]
             fail(f"{param.opts[0]} is not a flag of --method {method}: it is for {', '.join(takers)}")
     return baselines.pretext_config(method, **fields)
 
 
 def pretrain_summary(method, metrics, out_dir, signals=False):
-    """The line a pretraining run ends on: the held-out metric it is judged by (PART's: its error as a share of
-    the zero predictor's), and where the checkpoint is; for signals (sleep1d.py), a PART pretext no better than
-    predicting no shift says so and points to --pos-mask."""
-    where = f"checkpoint {Path(out_dir) / 'checkpoint.pt'}"
+    """The line a pretraining run ends on: its held-out metric (PART's: its error as a share of the zero predictor's)
+    and its checkpoint; for signals (sleep1d.py), a PART no better than no shift points to --pos-mask."""
     if not metrics:  # another rank, or nothing was evaluated
         return None
+    where = f"checkpoint {Path(out_dir) / 'checkpoint.pt'}"
     if metrics.get("euclid_zero"):
         ratio = metrics["euclid"] / metrics["euclid_zero"]
-        stuck = signals and ratio > 0.99
-        hint = (
-            (
-                "; no better than predicting no shift: 1-s windows without positions may leave nothing to learn "
-                "(README, the 1D readings; try --pos-mask 0.2)"
-            )
-            if stuck
-            else ""
-        )
+        hint = ""
+        if signals and ratio > 0.99:
+            hint = ("; no better than predicting no shift: 1-s windows without positions may leave nothing to learn "
+                    "(README, the 1D readings; try --pos-mask 0.2)")
         return (
             f"{method}: held-out error {ratio:.3f} x the zero predictor's ({metrics['euclid']:.3f} / "
             f"{metrics['euclid_zero']:.3f} patch sizes){hint}; {where}"

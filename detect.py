@@ -593,7 +593,7 @@ model_options = cli.options(
         help="window attention in tokens, 0: global (ViTDet: 14)",
     ),
     click.option(
-        "--global-blocks", type=cli.CommaList(int), default="",
+        "--global-blocks", type=cli.CommaList(int), default=(),
         help="blocks that stay global with --window, e.g. 2,5,8,11 (ViTDet)",
     ),
     click.option(

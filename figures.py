@@ -7,10 +7,8 @@
 
     python train.py show --ckpt out/pretrain/checkpoint.pt [--image photo.jpg]
 
-First the analysis (all-pair predictions and the numbers behind each figure), then the drawings, then
-`show_image`, both for one image; at the end `plot_runs`, training curves from log.jsonl. Only train.py's
-show and plot import this file, so matplotlib loads for them alone. Images are (C, H, W) floats in [0, 1],
-boxes pixels as x0, y0, x1, y1; a figure of c x r panels is (c * PANEL * DPI, r * PANEL * DPI) pixels.
+The analysis, the drawings, `show_image` for one image, then `plot_runs` (curves from log.jsonl); only train.py's
+show and plot import this, so matplotlib loads for them alone. Images are (C, H, W) floats in [0, 1], boxes pixels.
 """
 
 import json
@@ -28,9 +26,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 # ---------------------------------------------------------------- what PART learned (section 5.1, Figures 4-6)
-#
-# For one image: all N*N ordered pairs predicted, pred[i, j] = target j relative to reference i.
-# `show_image` prints these numbers and draws them below.
+# For one image all N*N ordered pairs are predicted: pred[i, j] = target j relative to reference i.
 
 
 def all_pairs(N, device=None):
@@ -58,21 +54,16 @@ def all_pair_targets(boxes, scale=False):
 
 def off_diagonal(m):
     """The entries (i, j), i != j, of (N, N, ...) in row-major order -> (N*(N-1), ...)."""
-    N = m.shape[0]
-    return m[~torch.eye(N, dtype=torch.bool, device=m.device)]
+    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
 
 
 def placed_boxes(boxes, pred):
-    """Where each reference puts each target (Figure 4): boxes (N, 4), pred (N, N, 2|4) -> (N, N, 4).
-
-    Entry [i, j] is box i's centre moved by the predicted shift times box i's size, with
-    the predicted relative size (offgrid-scale) or else box i's own size (all patches are P x P).
-    """
-    N = boxes.shape[0]
+    """Where each reference puts each target (Figure 4): boxes (N, 4), pred (N, N, 2|4) -> (N, N, 4): box i's centre
+    moved by the shift times box i's size, sized by the predicted relative size (offgrid-scale) or box i's own."""
     centre, size = part.centres_sizes(boxes)  # (N, 2) each
     shift, rel_size = pred[..., :2], pred[..., 2:]  # (N, N, 2), (N, N, 0|2)
     new_centre = centre[:, None] + shift * size[:, None]  # (N, N, 2)
-    new_size = size[:, None] * rel_size if rel_size.shape[-1] else size[:, None].expand(N, N, 2)
+    new_size = size[:, None] * rel_size if rel_size.shape[-1] else size[:, None].expand_as(shift)
     return torch.cat([new_centre - new_size / 2, new_centre + new_size / 2], dim=-1)
 
 
@@ -101,20 +92,14 @@ OUTPUT_NAMES = ("dx", "dy", "dw", "dh")
 
 def correlations(a, b):
     """Per output, the correlation of a and b over the pairs i != j: (N, N, k) twice -> {"dx": r, ...}."""
-    return {
-        name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k]))
-        for k, name in enumerate(OUTPUT_NAMES[: a.shape[-1]])
-    }
+    names = OUTPUT_NAMES[: a.shape[-1]]
+    return {name: pearson(off_diagonal(a[..., k]), off_diagonal(b[..., k])) for k, name in enumerate(names)}
 
 
 def symmetry_scores(pred):
-    """Negative symmetry (Figure 6) of all-pair predictions (N, N, 2|4): {"dx", "dy"(, "dw", "dh")},
-    each corr(P, -P^T) over i != j, 1 for a perfectly symmetric model.
-
-    dx_ij = -dx_ji holds for equal-sized patches. With offgrid-scale a shift is measured in the
-    reference's size, so dx_ij = -dx_ji * dw_ij, and sizes are multiplicative, dw_ij * dw_ji = 1,
-    scored as log dw_ij = -log dw_ji.
-    """
+    """Negative symmetry (Figure 6) of all-pair predictions (N, N, 2|4): {"dx", "dy"(, "dw", "dh")}, each
+    corr(P, -P^T) over i != j, 1 for a perfectly symmetric model. With offgrid-scale shifts are in the reference's
+    size, dx_ij = -dx_ji * dw_ij, and sizes multiply, dw_ij * dw_ji = 1: scored as log dw_ij = -log dw_ji."""
     shift, rel_size = pred[..., :2], pred[..., 2:]
     if not rel_size.shape[-1]:
         return correlations(shift, -shift.transpose(0, 1))
@@ -138,10 +123,8 @@ TARGET_COLOURS = ("tab:orange", "gold", "tab:cyan", "tab:pink")  # the paper's F
 
 
 def figure(cols, rows=1):
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * PANEL, rows * PANEL), dpi=DPI, layout="constrained", squeeze=False
-    )
-    return fig, axes
+    """A figure of cols x rows panels, (cols * PANEL * DPI, rows * PANEL * DPI) pixels, and its (rows, cols) axes."""
+    return plt.subplots(rows, cols, figsize=(cols * PANEL, rows * PANEL), dpi=DPI, layout="constrained", squeeze=False)
 
 
 def save(fig, path):
@@ -149,15 +132,13 @@ def save(fig, path):
     plt.close(fig)
 
 
-def imshow(ax, pixels, box, **kwargs):
+def imshow(ax, pixels, box):
     """Draw (C, h, w) pixels in [0, 1] stretched over a box (x0, y0, x1, y1), nearest neighbour."""
     x0, y0, x1, y1 = (float(v) for v in box)
     pixels = pixels.clamp(0, 1).numpy()
     grey = pixels.shape[0] != 3
     img = pixels[0] if grey else pixels.transpose(1, 2, 0)  # (h, w) or (h, w, 3)
-    ax.imshow(
-        img, extent=(x0, x1, y1, y0), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest", **kwargs
-    )
+    ax.imshow(img, extent=(x0, x1, y1, y0), cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest")
 
 
 def outline(ax, box, colour, width=1.5):
@@ -172,11 +153,7 @@ def frame(ax, H, W, boxes=None, title=""):
         b = boxes.reshape(-1, 4).numpy()
         lo = np.maximum(np.minimum(lo, b[:, :2].min(axis=0)), -hi)
         hi = np.minimum(np.maximum(hi, b[:, 2:].max(axis=0)), 2 * hi)
-    ax.set_xlim(lo[0], hi[0])
-    ax.set_ylim(hi[1], lo[1])
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xlim=(lo[0], hi[0]), ylim=(hi[1], lo[1]), aspect="equal", xticks=[], yticks=[])
     ax.set_title(title, fontsize=9)
 
 
@@ -189,8 +166,7 @@ def paste(ax, crops, boxes, ref):
 
 
 def reconstruction(path, image, crops, boxes, placed, ref, error_px):
-    """Figure 4: the image with its sampled boxes; the patches at their true boxes; the patches
-    where reference `ref` puts them. crops (N, C, P, P), boxes and placed (N, 4)."""
+    """Figure 4: the image and its boxes (N, 4); the crops (N, C, P, P) at them; where reference `ref` puts them."""
     C, H, W = image.shape
     fig, axes = figure(3)
     ax = axes[0, 0]
@@ -206,10 +182,9 @@ def reconstruction(path, image, crops, boxes, placed, ref, error_px):
 
 
 def uncertainty(path, image, boxes, placed, spread, targets):
-    """Figure 5: each target's true box and its centres as predicted from every other patch;
-    a heat map of every patch's spread (pixels), averaged where boxes overlap. placed (N, N, 4)."""
+    """Figure 5: each target's box and centres placed (N, N, 4) by every other patch; a heat map of the spreads."""
     C, H, W = image.shape
-    centres = ((placed[..., :2] + placed[..., 2:]) / 2).numpy()  # (N, N, 2): [i, j] = j's centre from i
+    centres = part.centres_sizes(placed)[0].numpy()  # (N, N, 2): [i, j] = j's centre from i
     fig, axes = figure(2)
     ax = axes[0, 0]
     imshow(ax, image, (0, 0, W, H))
@@ -237,34 +212,27 @@ def coverage_map(boxes, values, H, W):
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def symmetry(path, pred, target, order, shuffled, names):
-    """Figure 6: rows dx, dy (log dw, log dh), columns predicted / true in raster order, then
-    in a shuffled order. pred and target (N, N, k); entry (i, j): target j from reference i.
-    Grey is zero, bright positive, dark negative, on one scale per row."""
-    rows = pred.shape[-1]
-    fig, axes = figure(4, rows)
-    columns = (
-        ("predicted", pred, order), ("true", target, order), ("predicted", pred, shuffled), ("true", target, shuffled),
-    )
-    for k, name in enumerate(names):
+def symmetry(path, pred, target, order, shuffled):
+    """Figure 6: rows dx, dy (log dw, log dh) of pred and target (N, N, k), columns predicted / true in raster order,
+    then shuffled. Grey is zero, bright positive, dark negative, on one scale per row."""
+    fig, axes = figure(4, pred.shape[-1])
+    columns = [(kind, m, idx) for idx in (order, shuffled) for kind, m in (("predicted", pred), ("true", target))]
+    for k, name in enumerate(OUTPUT_NAMES[: pred.shape[-1]]):
         log = name in ("dw", "dh")  # sizes are ratios: log puts "same size" at grey
         mats = [(m[..., k].clamp_min(1e-3).log() if log else m[..., k])[idx][:, idx] for _, m, idx in columns]
         vmax = max(float(m.abs().max()) for m in mats) or 1.0
         for c, ((kind, _, idx), m) in enumerate(zip(columns, mats)):
             ax = axes[k, c]
             im = ax.imshow(m.numpy(), cmap="gray", vmin=-vmax, vmax=vmax, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(
-                f"{kind} {'log ' if log else ''}{name}, {'ordered' if idx is order else 'shuffled'}", fontsize=9
-            )
+            ax.set(xticks=[], yticks=[])
+            arranged = "ordered" if idx is order else "shuffled"
+            ax.set_title(f"{kind} {'log ' if log else ''}{name}, {arranged}", fontsize=9)
         fig.colorbar(im, ax=axes[k, :], shrink=0.8)
     save(fig, path)
 
 
 def errors(path, error_px, zero_px):
-    """Histograms of the placement errors of all ordered pairs (pixels, centre to centre): the
-    model's and the trivial answer's (every target on its reference), with their medians."""
+    """Histograms of all ordered pairs' placement errors (px): the model's, and every target's put on its reference."""
     fig, axes = figure(1)
     ax = axes[0, 0]
     bins = np.linspace(0, float(max(error_px.max(), zero_px.max())), 30)
@@ -281,16 +249,14 @@ def errors(path, error_px, zero_px):
 
 
 def report_symmetry(pred, truth, scale):
-    """Figure 6's numbers printed: negative symmetry of the prediction matrices and their correlation with the
-    truth -> (the outputs' names, the symmetry scores, the correlations)."""
-    names = OUTPUT_NAMES[: pred.shape[-1]]
+    """Figure 6's numbers printed: the prediction matrices' negative symmetry and correlation with the truth."""
     mirrored, agreement = symmetry_scores(pred), correlations(pred, truth)
     print("  Figure 6, negative symmetry corr(P, -P^T): " + " ".join(f"{k} {v:.3f}" for k, v in mirrored.items())
           + "; correlation with the truth: " + " ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
     if scale:
         print("  (offgrid-scale: shifts are in the reference's size, so dx, dy are scored as dx_ij = -dx_ji * dw_ij; "
               "sizes are multiplicative, dw_ij * dw_ji = 1, scored as log dw_ij = -log dw_ji)")
-    return names, mirrored, agreement
+    return mirrored, agreement
 
 
 def show_image(model, name, image, ref, target, seed, out_dir):
@@ -319,9 +285,8 @@ def show_image(model, name, image, ref, target, seed, out_dir):
     print(  # Figure 4
         f"  Figure 4, off-grid reconstruction from reference #{ref} at ({centre[ref, 0]:.1f}, {centre[ref, 1]:.1f}): "
         f"mean placement error {err_px[row].mean():.2f} px = {err_ref[row].mean():.3f} reference sizes over {N - 1} "
-        "targets "
-        f"(all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); "
-        f"over all {N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: "
+        f"targets (all on the reference: {zero_px[row].mean():.2f} px = {zero_ref[row].mean():.3f}); over all "
+        f"{N * (N - 1)} pairs {err_px.mean():.2f} px = {err_ref.mean():.3f} (all on the reference: "
         f"{zero_px.mean():.2f} px = {zero_ref.mean():.3f})"
     )
 
@@ -329,21 +294,19 @@ def show_image(model, name, image, ref, target, seed, out_dir):
     spread = patch_uncertainty(placed)  # (N,)
     targets = [target] if target >= 0 else [int(spread.argmin()), int(spread.argmax())]
     contrast = crops.flatten(1).std(dim=1)  # a flat patch could sit anywhere alike
+    listed = ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
     print(
         f"  Figure 5, patch uncertainty (RMS spread of a patch's {N - 1} predicted centres): median "
-        f"{spread.median():.2f} px, "
-        + ", ".join(f"#{t} {spread[t]:.2f} px" for t in targets)
-        + f"; correlation with the patch's pixel std {pearson(spread, contrast):+.2f}"
+        f"{spread.median():.2f} px, {listed}; correlation with the patch's pixel std {pearson(spread, contrast):+.2f}"
     )
 
-    names, mirrored, agreement = report_symmetry(pred, truth, scale)  # Figure 6: the N x N prediction matrices
-
+    mirrored, agreement = report_symmetry(pred, truth, scale)  # Figure 6: the N x N prediction matrices
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}_{kind}.png" for kind in ("reconstruction", "uncertainty", "symmetry", "errors")]
     reconstruction(paths[0], pixels, crops, boxes, placed[ref], ref, err_px[row].mean().item())
     uncertainty(paths[1], pixels, boxes, placed, spread, targets)
     order = raster_order(boxes, P)
-    symmetry(paths[2], pred, truth, order, torch.randperm(N), names)
+    symmetry(paths[2], pred, truth, order, torch.randperm(N))
     errors(paths[3], err_px, zero_px)
     numbers = dict(image=name, sampler=model.cfg.sampler, patch_size=P, reference=ref, targets=targets,
                    boxes=boxes.tolist(), pred=pred.tolist(), truth=truth.tolist(), uncertainty_px=spread.tolist(),
@@ -355,11 +318,9 @@ def show_image(model, name, image, ref, target, seed, out_dir):
 
 # ---------------------------------------------------------------- training curves
 
-CURVE_COLS = 3  # panels a row
-
 
 def read_log(out_dir):
-    """A run's log.jsonl rows in order (train.fit writes them); ValueError naming the path when there are none."""
+    """A run's log.jsonl rows in order (engine.fit writes them); ValueError naming the path when there are none."""
     path = Path(out_dir) / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} not found: not the folder of a training run")
@@ -370,16 +331,15 @@ def read_log(out_dir):
 
 
 def plot_runs(out_dirs, path):
-    """The runs' loss and lr against the step (log rows every --log-every steps), then each held-out
-    metric (the val_* keys of epoch rows) against it: one panel each, one line per run labelled by
-    its folder's name, CURVE_COLS panels a row, into one PNG at path."""
+    """The runs' loss, lr and held-out metrics (the val_* keys of epoch rows) against the step, one panel each,
+    one line per run labelled by its folder's name, into one PNG at path."""
     runs = [(Path(d).name, read_log(d)) for d in out_dirs]
     logged = {k for _, rows in runs for row in rows for k in row}
     held_out = sorted(k for k in logged if k.startswith("val_"))
     keys = [k for k in ("loss", "lr") if k in logged] + held_out  # no step rows in a run shorter than --log-every
     if not keys:
         raise ValueError(f"the log.jsonl of {', '.join(map(str, out_dirs))} has no loss, lr or val_* values")
-    cols = min(len(keys), CURVE_COLS)
+    cols = min(len(keys), 3)  # panels a row
     fig, axes = figure(cols, math.ceil(len(keys) / cols))
     for ax, key in zip(axes.flat, keys):
         for i, (name, rows) in enumerate(runs):

@@ -31,7 +31,7 @@ import part
 import weights
 from cli import (
     COUNT, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, XAVIER_HELP, Cli, Finite, method_config, method_options,
-    options, pretrain_summary, recipe_from, recipe_options,
+    options, pretrain_summary, recipe_from, recipe_options, take,
 )
 from engine import Dist, autocast, fail, fit, local_device, make_loader, run
 from vit import PRESETS, set_grad_checkpointing, vit_config
@@ -44,7 +44,7 @@ def main():
 
 data_options = options(
     click.option(
-        "--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist", show_default=True,
+        "--data", "data_name", type=click.Choice(list(data.DATASETS)), default="fashion-mnist",
         help="dataset; README lists the --data-dir layout of each",
     ),
     click.option("--data-dir", default=None, help="dataset root; fashion-mnist falls back to Debian's package"),
@@ -78,41 +78,30 @@ data_options = options(
 DATA_FLAGS = (
     "data_name", "data_dir", "img_size", "in_chans", "mean", "std", "train_subset", "val_from_train", "skip_bad_files",
 )
-VAL_FROM_TRAIN_SEED = (
-    20240  # the draw of --val-from-train: fixed, so every seed and method is selected on the same images
-)
-
-
-def data_from(kwargs):
-    """The data_options' values, taken out of a command's kwargs."""
-    return {k: kwargs.pop(k) for k in DATA_FLAGS}
+# the draw of --val-from-train: fixed, so every seed and method is selected on the same images
+VAL_FROM_TRAIN_SEED = 20240
 
 
 def load_sets(flags, train_transform, val_transform, seed=0):
-    """Train and val sets of the data_options `flags`, with data.DataError turned into a clean CLI
-    error. A val_from_train > 0 holds out that many training images, drawn under VAL_FROM_TRAIN_SEED,
-    as the val set (read with val_transform) in place of the dataset's val split, and trains on the rest;
-    a train_subset > 0 then keeps that many of the training images, the first of a permutation drawn
-    under `seed`; with skip_bad_files, an unreadable image file's item is the next readable one (data.SkipBadFiles)."""
+    """Train and val sets of the data_options `flags`. val_from_train holds out that many training images (one
+    fixed draw) as the val set; train_subset then keeps that many training images, drawn under `seed`; with
+    skip_bad_files an unreadable image's item is the next readable one (data.SkipBadFiles)."""
     name = flags["data_name"]
     info = data.data_info(name, flags["img_size"], flags["in_chans"], flags["mean"], flags["std"])
-    train_set = data.build_dataset(
-        name, flags["data_dir"], "train", info, train_transform(info, name)
-    )
+
+    def build(split, transform):
+        return data.build_dataset(name, flags["data_dir"], split, info, transform(info, name))
+
+    train_set = build("train", train_transform)
     held_out = flags.get("val_from_train", 0)  # flags built by hand (knn's) hold out nothing
     if held_out and held_out >= len(train_set):
         fail(f"--val-from-train {held_out} leaves none of the {len(train_set)} training images to train on")
     if held_out:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(VAL_FROM_TRAIN_SEED)).tolist()
-        train_images = data.build_dataset(
-            name, flags["data_dir"], "train", info, val_transform(info, name)
-        )
-        val_set = Subset(train_images, sorted(order[:held_out]))
+        val_set = Subset(build("train", val_transform), sorted(order[:held_out]))
         train_set = Subset(train_set, sorted(order[held_out:]))
     else:
-        val_set = data.build_dataset(
-            name, flags["data_dir"], "val", info, val_transform(info, name)
-        )
+        val_set = build("val", val_transform)
     subset = flags["train_subset"]
     if subset > len(train_set):
         fail(
@@ -127,36 +116,22 @@ def load_sets(flags, train_transform, val_transform, seed=0):
     return info, train_set, val_set
 
 
-def data_source(flags):
-    """Where the data come from, as an absolute path (--data-dir, or the folder fashion-mnist falls back to):
-    recorded in the run's config, so that a resume on other data is refused (engine.check_same_run)."""
-    name, data_dir = flags["data_name"], flags["data_dir"]
-    return str(Path(data.fashion_mnist_dir(data_dir) if name == "fashion-mnist" else data_dir or ".").resolve())
-
-
 def data_config(flags):
-    """The data flags a run's config records, so that a resume on other data stops. val_from_train only
-    when set: checkpoints written before the flag existed still resume."""
+    """The data flags a run's config records, so that a resume on other data stops; the data as an absolute
+    path (--data-dir, or fashion-mnist's fallback); val_from_train only when set, so runs without it still resume."""
+    name, data_dir = flags["data_name"], flags["data_dir"]
+    source = str(Path(data.fashion_mnist_dir(data_dir) if name == "fashion-mnist" else data_dir or ".").resolve())
     held_out = {"val_from_train": flags["val_from_train"]} if flags["val_from_train"] else {}
-    return {
-        "data": flags["data_name"],
-        "data_dir": data_source(flags),
-        "train_subset": flags["train_subset"],
-        **held_out,
-    }
+    return {"data": name, "data_dir": source, "train_subset": flags["train_subset"], **held_out}
 
 
 model_options = options(
     click.option(
-        "--preset", type=click.Choice(list(PRESETS)), default="vit_mini", show_default=True,
+        "--preset", type=click.Choice(list(PRESETS)), default="vit_mini",
         help="ViT width and depth; the paper: vit_s at 32 px, vit_b at 224 px",
     ),
-    click.option(
-        "--patch-size", type=POSITIVE, default=4, show_default=True, help="P; the paper: 4 at 32 px, 16 at 224 px"
-    ),
-    click.option(
-        "--drop-path", type=Finite(0, 1, max_open=True), default=0.0, show_default=True, help="stochastic depth"
-    ),
+    click.option("--patch-size", type=POSITIVE, default=4, help="P; the paper: 4 at 32 px, 16 at 224 px"),
+    click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.0, help="stochastic depth"),
     click.option("--xavier-init", is_flag=True, help=XAVIER_HELP),
     section="model",
 )
@@ -169,17 +144,17 @@ model_options = options(
 @options(
     click.option("--num-patches", type=COUNT, default=0, help="part: N; 0: (H/P)(W/P) as the paper"),
     click.option(
-        "--pairs", "num_pairs", type=POSITIVE, default=128, show_default=True,
+        "--pairs", "num_pairs", type=POSITIVE, default=128,
         help="part: K (ref, tgt) pairs per image; the paper sweeps 512-4096 at 64-196 patches (Figure 8)",
     ),
     section="method",
 )
 @recipe_options(epochs=3, batch_size=256, blr=1.5e-3, warmup_epochs=0.3, log_every=50)
-@click.option("--out-dir", default="out/pretrain", show_default=True, help=OUT_DIR_HELP)
+@click.option("--out-dir", default="out/pretrain", help=OUT_DIR_HELP)
 def pretrain(preset, patch_size, drop_path, xavier_init, method, out_dir, **kwargs):
     """Self-supervised pretraining: PART (section 4, relative positions of off-grid patches), or MAE,
     DropPos or MP3 on the same ViT, data and loop."""
-    recipe, flags = recipe_from(kwargs), data_from(kwargs)
+    recipe, flags = recipe_from(kwargs), take(kwargs, DATA_FLAGS)
     info, train_set, val_set = load_sets(flags, data.pretrain_transform, data.eval_transform, recipe.seed)
     vit = vit_config(
         preset, patch_size=patch_size, in_chans=info.in_chans, drop_path=drop_path, xavier_init=xavier_init
@@ -248,7 +223,7 @@ def classifier_config(
 @main.command()
 @data_options
 @click.option(
-    "--init", default=weights.DEFAULT_INIT, show_default=True,
+    "--init", default=weights.DEFAULT_INIT,
     help="a PART checkpoint (training dict, {'model'}, {'state_dict'} or bare; module.-prefixed or not), or 'scratch'",
 )
 @click.option(
@@ -276,31 +251,15 @@ def classifier_config(
     "--freeze-pos-embed", is_flag=True,
     help="keep the pretrained sin-cos position embeddings fixed (DropPos' finetuning)",
 )
-@click.option(
-    "--drop-path", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
-    help="DeiT: 0.1; 0 with --linear-probe",
-)
-@click.option(
-    "--smoothing", type=Finite(0, 1, max_open=True), default=0.1, show_default=True, help="label smoothing; DeiT: 0.1"
-)
-@click.option(
-    "--randaug-n", type=COUNT, default=2, show_default=True, help="RandAugment ops per image, 0: off; DeiT: 2"
-)
-@click.option(
-    "--randaug-m", type=click.IntRange(0, 30), default=9, show_default=True, help="RandAugment magnitude; DeiT: 9"
-)
-@click.option(
-    "--mixup", type=NON_NEGATIVE, default=0.0, show_default=True, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)"
-)
-@click.option(
-    "--cutmix", type=NON_NEGATIVE, default=0.0, show_default=True,
-    help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)",
-)
-@click.option(
-    "--reprob", type=Finite(0, 1), default=0.25, show_default=True, help="RandomErasing probability; DeiT: 0.25"
-)
+@click.option("--drop-path", type=Finite(0, 1, max_open=True), default=0.1, help="DeiT: 0.1; 0 with --linear-probe")
+@click.option("--smoothing", type=Finite(0, 1, max_open=True), default=0.1, help="label smoothing; DeiT: 0.1")
+@click.option("--randaug-n", type=COUNT, default=2, help="RandAugment ops per image, 0: off; DeiT: 2")
+@click.option("--randaug-m", type=click.IntRange(0, 30), default=9, help="RandAugment magnitude; DeiT: 9")
+@click.option("--mixup", type=NON_NEGATIVE, default=0.0, help="MixUp alpha, 0: off; DeiT: 0.8 (for 300 epochs)")
+@click.option("--cutmix", type=NON_NEGATIVE, default=0.0, help="CutMix alpha, 0: off; DeiT: 1.0 (for 300 epochs)")
+@click.option("--reprob", type=Finite(0, 1), default=0.25, help="RandomErasing probability; DeiT: 0.25")
 @recipe_options(epochs=5, batch_size=128, blr=1e-3, warmup_epochs=1.0, beta2=0.999, log_every=50)
-@click.option("--out-dir", default="out/finetune", show_default=True, help=OUT_DIR_HELP)
+@click.option("--out-dir", default="out/finetune", help=OUT_DIR_HELP)
 def finetune(
     init, linear_probe, preset, patch_size, pool, xavier_init, fc_norm, no_pos_embed, freeze_pos_embed, drop_path,
     smoothing, randaug_n, randaug_m, mixup, cutmix, reprob, out_dir, **kwargs,
@@ -310,7 +269,7 @@ def finetune(
     same ViT from random weights with the same recipe. As the paper (DeiT), no layer decay unless
     --layer-decay is given, and then for either init alike. --fc-norm, --no-pos-embed and
     --freeze-pos-embed are the baselines' own protocols (README)."""
-    recipe, flags = recipe_from(kwargs), data_from(kwargs)
+    recipe, flags = recipe_from(kwargs), take(kwargs, DATA_FLAGS)
     base, state, source = weights.encoder_from_init(init, vit_config("vit_mini", patch_size=4))
     pool = pool or default_pool(state, linear_probe)
     augment = partial(data.finetune_transform, randaug_n=randaug_n, randaug_m=randaug_m, reprob=reprob)
@@ -327,20 +286,9 @@ def finetune(
         model = part.Classifier(cfg)
         if state is not None:
             weights.load_encoder(model.encoder, state, source.get("model", {}), init, dd.main)
-        augmentation = {
-            "randaug_n": randaug_n,
-            "randaug_m": randaug_m,
-            "mixup": mixup,
-            "cutmix": cutmix,
-            "reprob": reprob,
-        }
-        config = {
-            "kind": "classifier",
-            **data_config(flags),
-            "init": init,
-            "model": cfg.to_dict(),
-            "recipe": {**asdict(recipe), **augmentation},
-        }
+        augmentation = dict(randaug_n=randaug_n, randaug_m=randaug_m, mixup=mixup, cutmix=cutmix, reprob=reprob)
+        config = {"kind": "classifier", **data_config(flags), "init": init, "model": cfg.to_dict()}
+        config["recipe"] = {**asdict(recipe), **augmentation}
         set_grad_checkpointing(model, recipe.grad_ckpt)
         metrics = fit(
             model, train_set, val_set, recipe, out_dir, config, dd, best_key="acc",
@@ -350,31 +298,26 @@ def finetune(
             what = "linear probe" if linear_probe else "finetune"
             print(
                 f"{what}: held-out top-1 {metrics['acc']:.4f} on {len(val_set)} images; checkpoints "
-                f"{Path(out_dir) / 'checkpoint.pt'} "
-                f"(last) and {Path(out_dir) / 'checkpoint_best.pt'} (best)"
+                f"{Path(out_dir) / 'checkpoint.pt'} (last) and {Path(out_dir) / 'checkpoint_best.pt'} (best)"
             )
 
     run(command)
 
 
 @main.command()
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="vit_mini", help="ViT width and depth")
+@click.option("--img-size", type=POSITIVE, default=28, help="square side of the random images")
+@click.option("--patch-size", type=POSITIVE, default=4, help="P")
+@click.option("--in-chans", type=POSITIVE, default=1, help="image channels")
+@click.option("--batch-size", type=POSITIVE, default=256, help="images per step")
 @click.option(
-    "--preset", type=click.Choice(list(PRESETS)), default="vit_mini", show_default=True, help="ViT width and depth"
-)
-@click.option("--img-size", type=POSITIVE, default=28, show_default=True, help="square side of the random images")
-@click.option("--patch-size", type=POSITIVE, default=4, show_default=True, help="P")
-@click.option("--in-chans", type=POSITIVE, default=1, show_default=True, help="image channels")
-@click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="images per step")
-@click.option(
-    "--num-patches", type=COUNT, multiple=True, default=(0,), show_default=True,
+    "--num-patches", type=COUNT, multiple=True, default=(0,),
     help="N (repeatable, for a sweep); 0: (H/P)(W/P) as the paper",
 )
-@click.option(
-    "--pairs", type=POSITIVE, multiple=True, default=(128,), show_default=True, help="K (repeatable, for a sweep)"
-)
-@click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", show_default=True, help="as pretrain's")
-@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", show_default=True, help=HEAD_HELP)
-@click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps per configuration")
+@click.option("--pairs", type=POSITIVE, multiple=True, default=(128,), help="K (repeatable, for a sweep)")
+@click.option("--sampler", type=click.Choice(part.SAMPLERS), default="offgrid", help="as pretrain's")
+@click.option("--head", type=click.Choice(part.HEADS), default="cross-attention", help=HEAD_HELP)
+@click.option("--steps", type=POSITIVE, default=10, help="timed steps per configuration")
 @click.option("--compile", "use_compile", is_flag=True, help="time the PART step under torch.compile")
 @click.option(
     "--methods",
@@ -404,13 +347,10 @@ def bench(
 
 @main.command()
 @click.option(
-    "--ckpt", default=weights.DEFAULT_INIT, show_default=True,
+    "--ckpt", default=weights.DEFAULT_INIT,
     help="a checkpoint of train.py pretrain / finetune or sleep1d.py pretrain / finetune",
 )
-@click.option(
-    "--out-dir", default="out/export", show_default=True,
-    help="gets encoder.pt (timm's names) and encoder.json (its config)",
-)
+@click.option("--out-dir", default="out/export", help="gets encoder.pt (timm's names) and encoder.json (its config)")
 def export(ckpt, out_dir):
     """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
     them, so that `--init OUT_DIR/encoder.pt` needs no other flag (README)."""
@@ -419,7 +359,7 @@ def export(ckpt, out_dir):
 
 @main.command()
 @click.argument("out_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default="curves.png", show_default=True, help="the PNG to write")
+@click.option("--out", default="curves.png", help="the PNG to write")
 def plot(out_dirs, out):
     """Loss, lr and held-out metrics of one or several runs (their log.jsonl) against the step, in one PNG."""
     import figures  # matplotlib: loaded by the drawing commands alone
@@ -470,13 +410,13 @@ def held_out_images(config, cfg, data_dir, indices):
 
 
 @main.command()
-@click.option("--ckpt", default=weights.DEFAULT_INIT, show_default=True, help="a PART pretraining checkpoint")
+@click.option("--ckpt", default=weights.DEFAULT_INIT, help="a PART pretraining checkpoint")
 @click.option(
     "--image", "image_paths", multiple=True,
     help="an image file (repeatable); default: held-out images of the checkpoint's dataset",
 )
 @click.option(
-    "--index", "indices", type=COUNT, multiple=True, default=(0,), show_default=True,
+    "--index", "indices", type=COUNT, multiple=True, default=(0,),
     help="held-out image(s) shown without --image",
 )
 @click.option(
@@ -486,8 +426,8 @@ def held_out_images(config, cfg, data_dir, indices):
 )
 @click.option("--ref", type=int, default=-1, help="reference patch of Figure 4; -1: the one nearest the image centre")
 @click.option("--target", type=int, default=-1, help="target patch of Figure 5; -1: the most and the least certain")
-@click.option("--seed", type=int, default=0, show_default=True, help="seeds the patch sampler and the shuffled order")
-@click.option("--out-dir", default="out/show", show_default=True, help="gets the figures and their numbers")
+@click.option("--seed", type=int, default=0, help="seeds the patch sampler and the shuffled order")
+@click.option("--out-dir", default="out/show", help="gets the figures and their numbers")
 def show(ckpt, image_paths, indices, data_dir, ref, target, seed, out_dir):
     """What PART learned (section 5.1): off-grid reconstruction, patch uncertainty, negative symmetry."""
     model, config = load_part(ckpt)
@@ -520,7 +460,7 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
 
 @main.command()
 @click.option(
-    "--ckpt", default=weights.DEFAULT_INIT, show_default=True,
+    "--ckpt", default=weights.DEFAULT_INIT,
     help="a PART checkpoint, a finetuned classifier or an export of either",
 )
 @click.option(
@@ -531,12 +471,12 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
     "--data-dir", default=None, help="the checkpoint's dataset (fashion-mnist falls back to Debian's package)"
 )
 @click.option(
-    "--pool", type=click.Choice(part.POOLS), default="avg", show_default=True,
+    "--pool", type=click.Choice(part.POOLS), default="avg",
     help="avg: the patch tokens' mean (PART trains no class token); cls: a finetuned model's class token",
 )
-@click.option("--k", type=POSITIVE, default=20, show_default=True, help="neighbours (DINO: 20)")
+@click.option("--k", type=POSITIVE, default=20, help="neighbours (DINO: 20)")
 @click.option(
-    "--temperature", type=Finite(min=0, min_open=True), default=0.07, show_default=True,
+    "--temperature", type=Finite(min=0, min_open=True), default=0.07,
     help="a vote weighs exp(cosine / T) (DINO: 0.07)",
 )
 @click.option("--random-init", is_flag=True, help="the checkpoint's encoder with fresh random weights: the baseline")
@@ -548,16 +488,10 @@ def knn(ckpt, data_name, data_dir, pool, k, temperature, random_init):
         fail(f"--pool cls: {ckpt} has no class token (PART pretrains without one); use --pool avg")
     if not name:
         fail(f"{ckpt} records no dataset")
-    flags = {
-        "data_name": name,
-        "data_dir": data_dir,
-        "img_size": model["img_size"][0],
-        "in_chans": encoder.cfg.in_chans,
-        "mean": model["mean"],
-        "std": model["std"],
-        "train_subset": 0,
-        "skip_bad_files": False,
-    }
+    flags = dict(
+        data_name=name, data_dir=data_dir, img_size=model["img_size"][0], in_chans=encoder.cfg.in_chans,
+        mean=model["mean"], std=model["std"], train_subset=0, skip_bad_files=False,
+    )
     info, train_set, val_set = load_sets(flags, data.eval_transform, data.eval_transform)
     count_classes(name, info, train_set)  # stops on unlabelled data
     if k > len(train_set):
