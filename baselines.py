@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from part import (
-    PART, ConfigError, InputConfig, Normalize, PARTConfig, as_mask, check_share, grid_positions, random_split,
+    PART, UserError, InputConfig, Normalize, PARTConfig, as_mask, check_share, grid_positions, random_split,
 )
 from vit import Block, VisionTransformer, patchify, run_blocks, sincos_embed, take_rows, weight_init, xavier_init
 
@@ -74,7 +74,7 @@ def split_sizes(flag, ratio, n, kept_role=None, dropped_role=None):
     dropped = round(ratio * n)
     for count, role in ((n - dropped, kept_role), (dropped, dropped_role)):
         if role and count == 0:
-            raise ConfigError(f"{flag} {ratio} leaves no patch of the {n} {role}")
+            raise UserError(f"{flag} {ratio} leaves no patch of the {n} {role}")
     return n - dropped, dropped
 
 
@@ -152,7 +152,7 @@ class DropPosConfig(MaskedGridConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.attentive and not self.class_token:
-            raise ConfigError("--attentive weighs patches by their similarity to the class token: add --class-token")
+            raise UserError("--attentive weighs patches by their similarity to the class token: add --class-token")
         check_share("--pos-mask-ratio", self.pos_mask_ratio)
         visible, _ = split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see")
         split_sizes(
@@ -284,7 +284,7 @@ METHODS = {
 def pretext_config(method, **fields):
     """The config of `method`'s pretraining model from flags; the flags of other methods are left out."""
     if method not in METHODS:
-        raise ConfigError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
+        raise UserError(f"unknown --method {method!r}, expected one of {list(METHODS)}")
     config_class = METHODS[method][0]
     names = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in fields.items() if k in names})

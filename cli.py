@@ -16,9 +16,8 @@ import click
 from click.core import ParameterSource
 
 import baselines
-import data
 import part
-from engine import Recipe, RunError, fail
+from engine import Recipe, UserError, fail
 
 
 class Finite(click.FloatRange):
@@ -83,7 +82,7 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except (RunError, part.ConfigError, data.DataError) as e:
+        except UserError as e:
             # re-raised from a loader worker, the message ends with the original exception's own line
             message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
             raise click.ClickException(message) from None

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-import data
 import engine
 import part
 import train
@@ -187,8 +186,8 @@ TINY_IMAGES = [
 
 
 def refused(call, *needles):
-    """call() raises data.DataError with a one-line message holding every needle."""
-    with pytest.raises(data.DataError) as error:
+    """call() raises engine.UserError with a one-line message holding every needle."""
+    with pytest.raises(engine.UserError) as error:
         call()
     message = str(error.value)
     assert "\n" not in message and all(str(n) in message for n in needles), message

@@ -31,6 +31,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from engine import UserError
+
 FILE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # --in-chans: PIL mode image files are converted to
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
@@ -61,13 +63,13 @@ DATASETS = {
 def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
     """The dataset's defaults, with --img-size, --in-chans, --mean and --std overrides."""
     if name not in DATASETS:
-        raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
+        raise UserError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     info = DATASETS[name]
     chans = in_chans or info.in_chans
     check_stats(mean, std)
     if mean or std:
         if not len(mean) == len(std) == chans:
-            raise DataError(
+            raise UserError(
                 f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag "
                 "repeated"
             )
@@ -84,14 +86,10 @@ def check_stats(mean, std):
         f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)
     ]
     if bad:
-        raise DataError(
+        raise UserError(
             f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
             "and each --std finite and > 0"
         )
-
-
-class DataError(ValueError):
-    """A dataset is missing or not in the expected layout; the message says which and how."""
 
 
 # ---------------------------------------------------------------- in-memory sets
@@ -117,16 +115,16 @@ def read_idx(path):
         with gzip.open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:  # not gzip (gzip.BadGzipFile is an OSError), cut short, or corrupt
-        raise DataError(
+        raise UserError(
             f"{path} is not a whole gzip file ({type(e).__name__}: {e}); idx files are read gzipped, as published"
         ) from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise DataError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
+        raise UserError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != np.prod(shape):
-        raise DataError(f"{path} holds {body.size} bytes, its header promises {shape}")
+        raise UserError(f"{path} holds {body.size} bytes, its header promises {shape}")
     return body.reshape(shape)
 
 
@@ -140,7 +138,7 @@ def fashion_mnist_dir(data_dir):
         listing = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True).stdout
         return next(Path(p).parent for p in listing.split() if p.endswith("train-images-idx3-ubyte.gz"))
     except (OSError, StopIteration):
-        raise DataError(
+        raise UserError(
             "Fashion-MNIST not found: pass --data-dir with the four *-idx?-ubyte.gz files, "
             "or install Debian's package: apt-get install dataset-fashion-mnist"
         ) from None
@@ -152,10 +150,10 @@ def load_fashion_mnist(data_dir, split):
     paths = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
     for p in paths:
         if not p.is_file():
-            raise DataError(f"{p} not found: Fashion-MNIST expects {[q.name for q in paths]} in {root}")
+            raise UserError(f"{p} not found: Fashion-MNIST expects {[q.name for q in paths]} in {root}")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or len(images) != len(labels):
-        raise DataError(f"{paths[0]}: expected (N, 28, 28) images and N labels, got {images.shape} and {labels.shape}")
+        raise UserError(f"{paths[0]}: expected (N, 28, 28) images and N labels, got {images.shape} and {labels.shape}")
     return torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))
 
 
@@ -171,7 +169,7 @@ def load_cifar(data_dir, split, classes):
     for name in names:
         path = root / name
         if not path.is_file():
-            raise DataError(
+            raise UserError(
                 f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')"
             )
         batch_images, batch_labels = read_cifar_batch(path, label_key)
@@ -181,19 +179,19 @@ def load_cifar(data_dir, split, classes):
 
 
 def read_cifar_batch(path, label_key):
-    """One pickle of CIFAR's python version -> images uint8 (n, 3, 32, 32), labels (n,); DataError naming the
+    """One pickle of CIFAR's python version -> images uint8 (n, 3, 32, 32), labels (n,); UserError naming the
     file when it is cut short, lacks b"data" or `label_key`, or holds rows other than 3 x 32 x 32 bytes."""
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")  # the format CIFAR is published in
     except Exception as e:  # a cut-short or foreign pickle fails in many ways
-        raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise DataError(f"{path} lacks b'data' or {label_key!r}: not a CIFAR batch of this dataset (it holds {keys})")
+        raise UserError(f"{path} lacks b'data' or {label_key!r}: not a CIFAR batch of this dataset (it holds {keys})")
     images, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
     if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or labels.shape != (len(images),):
-        raise DataError(
+        raise UserError(
             f"{path}: expected rows of 3072 bytes (3 x 32 x 32) and one label each, "
             f"got data of shape {images.shape} and {labels.size} labels"
         )
@@ -203,7 +201,7 @@ def read_cifar_batch(path, label_key):
 # ---------------------------------------------------------------- folders
 
 
-class BadImageFile(DataError):
+class BadImageFile(UserError):
     """An image file that cannot be read; the message names it."""
 
 
@@ -278,7 +276,7 @@ class SkipBadFiles(Dataset):
                 return self.dataset[j % n]
             except BadImageFile as e:
                 self.report(j % n, e)
-        raise DataError(f"all {n} image files are unreadable: --skip-bad-files has nothing left to read")
+        raise UserError(f"all {n} image files are unreadable: --skip-bad-files has nothing left to read")
 
     def report(self, index, error):
         if not self.bad[index]:
@@ -313,7 +311,7 @@ def image_files(root, split, mode, transform):
     """Every image below root, searched recursively; every 50th file (by name) is held out as val."""
     files = sorted(p for p in Path(root).rglob("*") if is_image(p, root))
     if len(files) < 2:
-        raise DataError(f"found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}) below {root}, need at least 2")
+        raise UserError(f"found {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}) below {root}, need at least 2")
     held_out = set(range(0, len(files), 50))
     return ImageFiles([f for i, f in enumerate(files) if (i in held_out) == (split == "val")], mode, transform)
 
@@ -321,11 +319,11 @@ def image_files(root, split, mode, transform):
 def image_folder(root, mode, transform):
     """train/ or val/ of an ImageNet-style tree: one sub-folder per class."""
     if not Path(root).is_dir():
-        raise DataError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
+        raise UserError(f"{root} not found: expected class sub-folders in {Path(root).parent}/train and /val")
     try:
         return ImageFolder(root, transform, loader=partial(read_image_file, mode=mode, skippable=True))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
-        raise DataError(f"{root}: expected one sub-folder of images per class ({e})") from None
+        raise UserError(f"{root}: expected one sub-folder of images per class ({e})") from None
 
 
 def check_val_classes(val_set, train_root):
@@ -336,7 +334,7 @@ def check_val_classes(val_set, train_root):
     train_classes = {p.name for p in folders if p.is_dir() and not hidden(p, train_root)}
     extra, missing = sorted(set(val_set.classes) - train_classes), sorted(train_classes - set(val_set.classes))
     if extra or missing:
-        raise DataError(
+        raise UserError(
             f"{val_set.root}: its class folders must be those of {train_root}; extra {extra}, missing {missing}"
         )
 
@@ -425,10 +423,10 @@ def build_dataset(name, data_dir, split, info, transform):
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if data_dir and not os.path.isdir(data_dir):
-        raise DataError(f"--data-dir {data_dir} is not a folder")
+        raise UserError(f"--data-dir {data_dir} is not a folder")
     if name in ("fashion-mnist", "cifar10", "cifar100"):
         if info.in_chans != DATASETS[name].in_chans:
-            raise DataError(f"--in-chans {info.in_chans}: {name} images have {DATASETS[name].in_chans} channel(s)")
+            raise UserError(f"--in-chans {info.in_chans}: {name} images have {DATASETS[name].in_chans} channel(s)")
         images = (
             load_fashion_mnist(data_dir, split)
             if name == "fashion-mnist"
@@ -436,9 +434,9 @@ def build_dataset(name, data_dir, split, info, transform):
         )
         return TensorImages(*images, transform)
     if not data_dir:
-        raise DataError(f"--data {name} needs --data-dir")
+        raise UserError(f"--data {name} needs --data-dir")
     if info.in_chans not in FILE_MODES:
-        raise DataError(
+        raise UserError(
             f"--in-chans {info.in_chans}: image files are read as "
             f"{', '.join(f'{c} ({m})' for c, m in FILE_MODES.items())} "
             "channels; for other counts, train from a Dataset of uint8 (C, H, W) tensors in your own code"
@@ -451,5 +449,5 @@ def build_dataset(name, data_dir, split, info, transform):
         if split == "val":
             check_val_classes(dataset, Path(data_dir) / "train")
     else:
-        raise DataError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
+        raise UserError(f"unknown --data {name!r}, expected one of {list(DATASETS)}")
     return dataset

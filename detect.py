@@ -92,7 +92,7 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, dim, patch_size):
         super().__init__()
         if patch_size & (patch_size - 1):
-            raise part.ConfigError(f"the feature pyramid needs a power-of-two patch size, not {patch_size}")
+            raise engine.UserError(f"the feature pyramid needs a power-of-two patch size, not {patch_size}")
         self.levels = nn.ModuleList(pyramid_level(dim, patch_size, s) for s in STRIDES)
 
     def forward(self, x):
@@ -145,12 +145,12 @@ class DetectConfig:
         self.vit = vit = replace(self.vit, class_token=False, num_classes=0, **grids)
         self.mean, self.std = part.check_stats(self.mean, self.std, vit.in_chans)
         if self.img_size % 64 or self.img_size % vit.patch_size:
-            raise part.ConfigError(
+            raise engine.UserError(
                 f"--img-size {self.img_size}: the canvas side must be a multiple of 64 (the pyramid's coarsest stride) "
                 f"and of the patch size {vit.patch_size}"
             )
         if any(not 0 <= i < vit.depth for i in vit.global_blocks):
-            raise part.ConfigError(f"--global-blocks {list(vit.global_blocks)}: the ViT has blocks 0..{vit.depth - 1}")
+            raise engine.UserError(f"--global-blocks {list(vit.global_blocks)}: the ViT has blocks 0..{vit.depth - 1}")
 
 
 class Detector(nn.Module):
@@ -194,17 +194,17 @@ class Detector(nn.Module):
 
 
 def read_coco(path):
-    """A COCO instances JSON as a pycocotools COCO index; data.DataError naming the file when it is not one."""
+    """A COCO instances JSON as a pycocotools COCO index; engine.UserError naming the file when it is not one."""
     try:
         with open(path) as f:
             dataset = json.load(f)
     except FileNotFoundError:
-        raise data.DataError(
+        raise engine.UserError(
             f"{path} not found: --data-dir must hold annotations/instances_{{train2017,val2017}}.json "
             "and the image folders train2017/, val2017/ (COCO's layout)"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise data.DataError(f"{path} is not valid JSON ({e})") from None
+        raise engine.UserError(f"{path} is not valid JSON ({e})") from None
     needs = {
         "images": ("id", "file_name", "height", "width"),
         "annotations": ("id", "image_id", "category_id", "bbox"),
@@ -212,19 +212,19 @@ def read_coco(path):
     }
     for key, fields in needs.items():
         if not isinstance(dataset, dict) or not isinstance(dataset.get(key), list):
-            raise data.DataError(f"{path} has no list {key!r}: not a COCO instances file")
+            raise engine.UserError(f"{path} has no list {key!r}: not a COCO instances file")
         for entry in dataset[key]:
             if not isinstance(entry, dict) or any(k not in entry for k in fields):
-                raise data.DataError(
+                raise engine.UserError(
                     f"{path}: every entry of {key!r} needs {list(fields)}, this one does not: {str(entry)[:200]}"
                 )
     if not dataset["annotations"]:  # COCOeval scores a split without objects as AP -100
-        raise data.DataError(f"{path} has no annotations: COCOeval and training need objects in both splits")
+        raise engine.UserError(f"{path} has no annotations: COCOeval and training need objects in both splits")
     categories, images = {c["id"] for c in dataset["categories"]}, {i["id"]: i for i in dataset["images"]}
     for ann in dataset["annotations"]:
         for key, known in (("category_id", categories), ("image_id", images)):
             if ann[key] not in known:
-                raise data.DataError(
+                raise engine.UserError(
                     f"{path}: annotation {ann['id']} has {key} {ann[key]}, which is not in its {key[:-3]}s list"
                 )
         check_annotation(path, ann, images[ann["image_id"]])
@@ -246,24 +246,24 @@ def is_number(value):
 
 def check_annotation(path, ann, image):
     """One annotation against COCO's format and its image: a bbox [x, y, width, height] inside the image, polygons
-    of at least 3 x, y points; data.DataError naming it. Empty boxes pass (COCO 2017 has two): training drops them."""
+    of at least 3 x, y points; engine.UserError naming it. Empty boxes pass (COCO 2017 has two): training drops them."""
     where, box = f"{path}: annotation {ann['id']}", ann["bbox"]
     if not (isinstance(box, list) and len(box) == 4 and all(map(is_number, box))):
-        raise data.DataError(f"{where} has bbox {box!r}, expected 4 numbers [x, y, width, height]")
+        raise engine.UserError(f"{where} has bbox {box!r}, expected 4 numbers [x, y, width, height]")
     x, y, w, h = box
     if w < 0 or h < 0:
-        raise data.DataError(f"{where} has bbox {box} of negative width or height, expected [x, y, width, height]")
+        raise engine.UserError(f"{where} has bbox {box} of negative width or height, expected [x, y, width, height]")
     W, H = image["width"], image["height"]
     if not (is_number(W) and is_number(H)):
-        raise data.DataError(f"{path}: image {image['id']} has width {W!r} and height {H!r}, expected numbers")
+        raise engine.UserError(f"{path}: image {image['id']} has width {W!r} and height {H!r}, expected numbers")
     if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > W + BOX_TOLERANCE or y + h > H + BOX_TOLERANCE:
-        raise data.DataError(f"{where} has bbox {box} outside its image {image['id']} of {W} x {H} pixels")
+        raise engine.UserError(f"{where} has bbox {box} outside its image {image['id']} of {W} x {H} pixels")
     polygons = ann.get("segmentation") if isinstance(ann.get("segmentation"), list) else []  # a dict is RLE
     for polygon in polygons:
         if not (
             isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))
         ):
-            raise data.DataError(
+            raise engine.UserError(
                 f"{where} has polygon {str(polygon)[:80]}, expected x, y numbers of at least 3 points "
                 "(an even count >= 6)"
             )
@@ -293,7 +293,7 @@ class CocoDetection(Dataset):
         files = [self.image_dir / self.coco.imgs[i]["file_name"] for i in self.ids]
         missing = [f for f in files if not f.is_file()]
         if missing:
-            raise data.DataError(f"{len(missing)} images of instances_{split}.json are missing, e.g. {missing[0]}")
+            raise engine.UserError(f"{len(missing)} images of instances_{split}.json are missing, e.g. {missing[0]}")
         self.in_chans = in_chans or (3 if any(map(is_colour, files)) else 1)
 
     def __len__(self):
@@ -348,7 +348,7 @@ def stardist_images():
     spec = importlib.util.find_spec("stardist")
     folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "images" if spec else None
     if folder is None or not (folder / "img2d.tif").is_file():
-        raise data.DataError(
+        raise engine.UserError(
             "the default data set is the nuclei image of the stardist package: pip install --no-deps "
             "stardist==0.9.2, or pass --data-dir with a COCO-format folder"
         )
@@ -514,7 +514,7 @@ def prepare(
     vit, pretrained, stats = encoder_init(init, preset, patch_size, in_chans or data_chans)
     if vit.in_chans not in (1, 3):
         given = f"--in-chans {in_chans}" if in_chans else f"{init}: its encoder takes {vit.in_chans} channels"
-        raise data.DataError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
+        raise engine.UserError(f"{given}, but detect.py reads images as 1 (grayscale) or 3 (RGB) channels")
     train_set.in_chans = val_set.in_chans = vit.in_chans
     info = data.data_info("images", in_chans=vit.in_chans, mean=mean, std=std)  # which checks --mean and --std
     if mean or std:

@@ -519,13 +519,13 @@ def run(command):
     return result
 
 
-class RunError(Exception):
-    """A run cannot go on (a missing checkpoint, a resume of another run, a loss gone non-finite): the CLIs
-    print the message as one line, as they do part.ConfigError and data.DataError (cli.Cli)."""
+class UserError(Exception):
+    """A run cannot go on for what its user gave it (a setting, a file, the data) or did (a stop signal):
+    every program prints the message as one line (cli.Cli), and every rank the same one (`together`)."""
 
 
 def fail(message):
-    raise RunError(message)
+    raise UserError(message)
 
 
 def first_line(e):
@@ -535,12 +535,12 @@ def first_line(e):
 
 @contextmanager
 def together(dd):
-    """A block any rank may stop with a RunError: every rank then raises the same message (the first rank's),
+    """A block any rank may stop with a UserError: every rank then raises the same message (the first rank's),
     so none is left waiting in a collective for one that stopped alone."""
     error = None
     try:
         yield
-    except RunError as e:
+    except UserError as e:
         error = str(e)
     if dd.world > 1:
         errors = [None] * dd.world

@@ -21,6 +21,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 import part
+from engine import UserError
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
@@ -272,7 +273,7 @@ def show_image(model, name, image, ref, target, seed, out_dir):
     centre = part.centres_sizes(boxes)[0]  # (N, 2)
     for flag, index in (("--ref", ref), ("--target", target)):
         if index >= N:
-            raise part.ConfigError(f"{flag} {index} is not a patch: the checkpoint samples {N} patches, 0..{N - 1}")
+            raise UserError(f"{flag} {index} is not a patch: the checkpoint samples {N} patches, 0..{N - 1}")
     if ref < 0:  # the patch nearest the image centre sees the others in every direction
         ref = int((centre - torch.tensor([image.shape[2], image.shape[1]]) / 2).norm(dim=1).argmin())
     placed = placed_boxes(boxes, pred)  # (N, N, 4)

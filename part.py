@@ -17,11 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine import UserError
 from vit import ViTConfig, VisionTransformer, patchify, sincos_embed, take_rows, weight_init
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work, its message naming the flag: the CLIs print it as one line."""
 
 
 # ---------------------------------------------------------------- the sampler (section 4 "Sampling")
@@ -48,7 +45,7 @@ def sample_boxes(B, size, P, N, mode, device=None):
     elif mode == "offgrid-scale":  # 5.1 ii: each side uniform in [P/2, 2P]
         sides = torch.minimum(torch.empty(B, N, len(size), device=device).uniform_(P / 2, 2 * P), extent)
     else:
-        raise ConfigError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
+        raise UserError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
     lo = torch.rand(B, N, len(size), device=device) * (extent - sides)  # uniform over the positions that fit
     return torch.cat([lo, lo + sides], dim=-1)
 
@@ -97,7 +94,7 @@ def sample_pairs(B, N, K, device=None, masked=None):
     give the paper's 4096 pairs only with a patch paired with itself. masked (B, N): only pairs with a masked
     member (--pos-mask; PARTConfig checked there are K, as reading a count back would break a compiled graph)."""
     if K > N * N:
-        raise ConfigError(f"--pairs {K} is more than the {N * N} ordered pairs of {N} patches")
+        raise UserError(f"--pairs {K} is more than the {N * N} ordered pairs of {N} patches")
     scores = torch.rand(B, N * N, device=device)  # (B, N*N)
     if masked is not None:
         scores = scores.masked_fill(~(masked[:, :, None] | masked[:, None, :]).flatten(1), -1.0)
@@ -204,11 +201,11 @@ class InputConfig:
         self.vit = ViTConfig(**self.vit) if isinstance(self.vit, dict) else self.vit
         self.img_size, P = tuple(self.img_size), self.vit.patch_size
         if len(self.img_size) != self.vit.patch_ndim:
-            raise ConfigError(
+            raise UserError(
                 f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}"
             )
         if any(s % P for s in self.img_size):
-            raise ConfigError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
+            raise UserError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
         self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
 
     @property
@@ -236,25 +233,25 @@ class PARTConfig(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
+            raise UserError(f"unknown --sampler {self.sampler!r}, expected one of {SAMPLERS}")
         if self.head not in HEADS:
-            raise ConfigError(f"unknown --head {self.head!r}, expected one of {HEADS}")
+            raise UserError(f"unknown --head {self.head!r}, expected one of {HEADS}")
         check_share("--pos-mask", self.pos_mask)
         grid_n = math.prod(self.grid)
         self.num_patches = self.num_patches or grid_n
         if self.sampler == "grid" and self.num_patches != grid_n:
-            raise ConfigError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
+            raise UserError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
         if self.num_patches > 16 * grid_n:
-            raise ConfigError(
+            raise UserError(
                 f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
                 f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)"
             )
         N, M = self.num_patches, round(self.pos_mask * self.num_patches)
         pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
         if self.pos_mask and M == 0:
-            raise ConfigError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
+            raise UserError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
         if self.num_pairs > pairs:
-            raise ConfigError(
+            raise UserError(
                 f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
                 + (f" with one of the {M} masked" if self.pos_mask else "")
             )
@@ -310,13 +307,13 @@ def check_stats(mean, std, in_chans):
     """Input statistics as tuples, one value per channel -> (mean, std)."""
     mean, std = tuple(mean), tuple(std)
     if not len(mean) == len(std) == in_chans:
-        raise ConfigError(f"mean {mean} and std {std} need one value per input channel, {in_chans}")
+        raise UserError(f"mean {mean} and std {std} need one value per input channel, {in_chans}")
     return mean, std
 
 
 def check_share(name, value):
     if not 0 <= value < 1:
-        raise ConfigError(f"{name} {value} must be in [0, 1)")
+        raise UserError(f"{name} {value} must be in [0, 1)")
 
 
 class Normalize(nn.Module):
@@ -385,7 +382,7 @@ def relative_head(kind, dim, num_patches, n_out):
         return PairwiseMlpHead(dim, n_out)
     if kind == "mlp":
         return MlpHead(dim, num_patches, n_out)
-    raise ConfigError(f"unknown relative head {kind!r}, expected one of {HEADS}")
+    raise UserError(f"unknown relative head {kind!r}, expected one of {HEADS}")
 
 
 # ---------------------------------------------------------------- finetuning and kNN
@@ -411,16 +408,16 @@ class ClassifierConfig(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.pool not in POOLS:
-            raise ConfigError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
+            raise UserError(f"unknown --pool {self.pool!r}, expected one of {POOLS}")
         if self.fc_norm and self.pool != "avg":
-            raise ConfigError("--fc-norm normalises the mean of the patch tokens: it needs --pool avg")
+            raise UserError("--fc-norm normalises the mean of the patch tokens: it needs --pool avg")
         check_share("--pos-mask", self.pos_mask)
         if not self.pos_embed and (self.pos_mask or self.freeze_pos_embed):
-            raise ConfigError(
+            raise UserError(
                 "--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze (--freeze-pos-embed)"
             )
         if self.freeze_pos_embed and not self.pos_pretrained:
-            raise ConfigError(
+            raise UserError(
                 "--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; these weights "
                 "bring none"
             )

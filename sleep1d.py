@@ -43,7 +43,6 @@ import cli
 import engine
 import part
 import weights
-from data import DataError
 from vit import ViTConfig, set_grad_checkpointing
 
 FS = 100  # Hz, the paper's rate after resampling (8.1)
@@ -65,10 +64,10 @@ class RecordRef:
 
 
 def check_channels(where, channels, available):
-    """DataError naming the channels asked for that `where` does not have."""
+    """engine.UserError naming the channels asked for that `where` does not have."""
     missing = [c for c in channels if c not in available]
     if missing:
-        raise DataError(f"{where} has no channel {missing}; it has {list(available)} (pass --channels)")
+        raise engine.UserError(f"{where} has no channel {missing}; it has {list(available)} (pass --channels)")
 
 
 PHYSIONET_CHANNELS = ("F3-M2", "F4-M1", "C3-M2", "C4-M1", "O1-M2", "O2-M1")  # the six scalp EEG channels (8.1)
@@ -83,20 +82,20 @@ def read_wfdb(header, channels):
     try:
         head = wfdb.rdheader(base)
     except Exception as e:  # wfdb raises several kinds on bad headers
-        raise DataError(f"{header} is not a readable WFDB header ({type(e).__name__}: {e})") from None
+        raise engine.UserError(f"{header} is not a readable WFDB header ({type(e).__name__}: {e})") from None
     check_channels(header, channels, head.sig_name)
     signal_files = sorted({str(Path(header).parent / f) for f in head.file_name})
     for f in signal_files:
         if not Path(f).is_file():
-            raise DataError(f"{f} not found: {header} names it as its signal file")
+            raise engine.UserError(f"{f} not found: {header} names it as its signal file")
     try:
         record = wfdb.rdrecord(base, channel_names=list(channels), return_res=32)
     except Exception as e:
-        raise DataError(
+        raise engine.UserError(
             f"{signal_files[0]}: cannot read the signals that {header} describes ({type(e).__name__}: {e})"
         ) from None
     if record.p_signal is None or len(record.p_signal) != head.sig_len:
-        raise DataError(f"{signal_files[0]} holds fewer samples than the {head.sig_len} that {header} promises")
+        raise engine.UserError(f"{signal_files[0]} holds fewer samples than the {head.sig_len} that {header} promises")
     return record.p_signal.T, float(head.fs), head.sig_len
 
 
@@ -114,11 +113,11 @@ def read_arousal_stages(path, length):
             stages = scipy.io.loadmat(path, simplify_cells=True)["data"]["sleep_stages"]
             masks = {k: np.asarray(stages[k]).ravel() for k in PHYSIONET_STAGES}
     except (OSError, KeyError, ValueError, TypeError, scipy.io.matlab.MatReadError) as e:
-        raise DataError(f"{path} is not {expected} ({type(e).__name__}: {e})") from None
+        raise engine.UserError(f"{path} is not {expected} ({type(e).__name__}: {e})") from None
     stage = np.full(length, UNSCORED, dtype=np.int64)
     for name, index in PHYSIONET_STAGES.items():
         if len(masks[name]) != length:
-            raise DataError(f"{path}: sleep_stages.{name} has {len(masks[name])} samples, the record {length}")
+            raise engine.UserError(f"{path}: sleep_stages.{name} has {len(masks[name])} samples, the record {length}")
         stage[masks[name] > 0] = index
     return stage
 
@@ -153,7 +152,7 @@ def open_edf(path):
     try:
         return pyedflib.EdfReader(str(path))
     except OSError as e:
-        raise DataError(f"{path} is not a readable EDF/EDF+ file ({e})") from None
+        raise engine.UserError(f"{path} is not a readable EDF/EDF+ file ({e})") from None
 
 
 def read_edf_signals(path, channels):
@@ -165,7 +164,7 @@ def read_edf_signals(path, channels):
         index = [labels.index(c) for c in channels]
         rates = {edf.getSampleFrequency(i) for i in index}
         if len(rates) > 1:
-            raise DataError(f"{path}: channels {list(channels)} are sampled at different rates {sorted(rates)}")
+            raise engine.UserError(f"{path}: channels {list(channels)} are sampled at different rates {sorted(rates)}")
         length = min(edf.getNSamples()[i] for i in index)
         return np.stack([edf.readSignal(i)[:length] for i in index]), float(rates.pop())
     finally:
@@ -186,7 +185,7 @@ def read_hypnogram(path):
     ]
     if not runs:
         found = sorted(set(map(str, labels)))[:5]
-        raise DataError(f"{path} has no sleep-stage annotations ({found}); expected 'Sleep stage W' etc.")
+        raise engine.UserError(f"{path} has no sleep-stage annotations ({found}); expected 'Sleep stage W' etc.")
     return runs
 
 
@@ -395,13 +394,13 @@ def list_records(source, data_dir=None, synthetic_subjects=50, synthetic_epochs=
     if source == "synthetic":
         return synthetic_records(synthetic_subjects, synthetic_epochs)
     if source not in SOURCES:
-        raise DataError(f"unknown --data {source!r}, expected one of {SOURCES}")
+        raise engine.UserError(f"unknown --data {source!r}, expected one of {SOURCES}")
     if not data_dir or not Path(data_dir).is_dir():
-        raise DataError(f"--data {source} needs --data-dir, a folder holding the recordings (got {data_dir!r})")
+        raise engine.UserError(f"--data {source} needs --data-dir, a folder holding the recordings (got {data_dir!r})")
     refs = physionet2018_records(data_dir) if source == "physionet2018" else sleep_edf_records(data_dir)
     if not refs:
         pattern = "<record>.hea + <record>.mat" if source == "physionet2018" else "*-PSG.edf + *-Hypnogram.edf"
-        raise DataError(f"no recordings ({pattern}) found below {data_dir}")
+        raise engine.UserError(f"no recordings ({pattern}) found below {data_dir}")
     return refs
 
 
@@ -412,7 +411,7 @@ def split_subjects(refs, finetune=10, test=10, seed=0):
     unscored = sorted({r.subject for r in refs} - set(scored))
     if len(scored) < finetune + test:
         flags = f"--finetune-subjects {finetune} + --test-subjects {test}"
-        raise DataError(f"{len(scored)} subjects have sleep stages; {flags} need more")
+        raise engine.UserError(f"{len(scored)} subjects have sleep stages; {flags} need more")
     order = [scored[i] for i in np.random.default_rng(seed).permutation(len(scored))]
     return {
         "test": sorted(order[:test]),
@@ -448,7 +447,7 @@ class ContextEpochs(Dataset):
             ok &= epochs.starts[k : last + k] == epochs.starts[:last] + k * L
         self.first = ok.nonzero().flatten()
         if len(self.first) == 0:
-            raise DataError(f"no run of {context} consecutive scored epochs in one night (--context {context})")
+            raise engine.UserError(f"no run of {context} consecutive scored epochs in one night (--context {context})")
 
     def __len__(self):
         return len(self.first)
@@ -513,10 +512,10 @@ def read_night(stem, n_channels):
     try:
         epochs, labels = np.load(f"{stem}.npy", mmap_mode="r"), np.load(f"{stem}.labels.npy")
     except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{stem}.npy, a cached night, is unreadable ({engine.first_line(e)}): {again}") from None
+        raise engine.UserError(f"{stem}.npy, a cached night, is unreadable ({engine.first_line(e)}): {again}") from None
     if epochs.shape[1:] != (n_channels, EPOCH_S * FS) or labels.shape != (2, len(epochs)):
         shapes = f"epochs {epochs.shape} and labels {labels.shape}"
-        raise DataError(f"{stem}.npy holds {shapes}, not a night of {n_channels} channels: {again}")
+        raise engine.UserError(f"{stem}.npy holds {shapes}, not a night of {n_channels} channels: {again}")
     return epochs, labels
 
 
@@ -550,7 +549,7 @@ def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim
     """The nights of `subjects`, preprocessed once into cache_dir (cache_nights) and memory-mapped ->
     SleepEpochs; scored_only drops unscored epochs, trim_wake (minutes) the wake far from sleep."""
     if not subjects:  # all subjects with stages were split off for finetuning and testing
-        raise DataError(
+        raise engine.UserError(
             f"the subject split leaves no {desc}: --finetune-subjects and --test-subjects take every subject with "
             "sleep stages; lower them, or add subjects (--synthetic-subjects, or recordings in --data-dir)"
         )
@@ -566,7 +565,7 @@ def load_epochs(refs, subjects, channels, scored_only, desc, cache_dir, dd, trim
             columns[name].append(values[keep])
     if sum(len(y) for y in columns["stages"]) == 0:
         scored = "scored " if scored_only else ""
-        raise DataError(f"no {scored}30-s epochs in the {len(picked)} recordings of subjects {names[:5]}")
+        raise engine.UserError(f"no {scored}30-s epochs in the {len(picked)} recordings of subjects {names[:5]}")
     c = {name: torch.from_numpy(np.concatenate(values)) for name, values in columns.items()}
     return SleepEpochs(NightEpochs(arrays, c["nights"], c["rows"]), c["stages"], c["nights"], c["starts"])
 
@@ -634,7 +633,7 @@ PRESETS = {
 def eeg_vit(preset, window, channels, drop_path=0.0):
     """A 1D ViT: each window of `window` samples x `channels` channels is one token (a linear layer, 8.1)."""
     if preset not in PRESETS:
-        raise part.ConfigError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
+        raise engine.UserError(f"unknown --preset {preset!r}, expected one of {list(PRESETS)}")
     return ViTConfig(**PRESETS[preset], patch_size=window, in_chans=channels, patch_ndim=1, drop_path=drop_path)
 
 
@@ -702,7 +701,7 @@ def parse_channels(flag, source):
     channels = tuple(c.strip() for c in flag.split(",") if c.strip())
     if not channels:
         example = f"{','.join(DEFAULT_CHANNELS[source])} ({source}'s EEG channels)"
-        raise DataError(f"--channels {flag!r} names no channel; give comma-separated names, e.g. {example}")
+        raise engine.UserError(f"--channels {flag!r} names no channel; give comma-separated names, e.g. {example}")
     return channels
 
 

@@ -378,14 +378,14 @@ def tiny_set(n, seed, nan=False):
 
 
 def tiny_fit(dd, out_dir, train_set, **recipe):
-    """fit of Tiny, 8 a batch, a log row every step; -> its weights, or the line of the RunError it stopped with."""
+    """fit of Tiny, 8 a batch, a log row every step; -> its weights, or the line of the engine.UserError it stopped with."""
     model = Tiny()
     recipe = engine.Recipe(
         **{"epochs": 1, "batch_size": 8, "blr": 1e-2, "warmup_epochs": 0, "workers": 0, "log_every": 1, **recipe}
     )
     try:
         engine.fit(model, train_set, tiny_set(16, 99), recipe, out_dir, {"kind": "test"}, dd)
-    except engine.RunError as e:
+    except engine.UserError as e:
         return str(e)
     return model.state_dict()
 
@@ -417,6 +417,20 @@ def two_ranks(fn, tmp_path, *args, timeout=CEILING_S):
 
 def _one_rank_goes_non_finite(dd, out_dir):
     return tiny_fit(dd, out_dir, tiny_set(64, dd.rank, nan=dd.rank == 1), epochs=2)
+
+
+def _one_rank_meets_bad_data(dd):
+    try:
+        with engine.together(dd):
+            if dd.rank == 1:
+                raise data.BadImageFile("img_7.jpg is not a readable image")
+        return "no error"
+    except engine.UserError as e:
+        return str(e)
+
+
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
+    assert two_ranks(_one_rank_meets_bad_data, tmp_path) == ["img_7.jpg is not a readable image"] * 2
 
 
 def test_a_non_finite_loss_on_one_rank_stops_both_with_the_same_line(tmp_path):
@@ -475,7 +489,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_takes_every_step_with_the_others
 
 
 def _own_out_dirs(dd, tmp_path):
-    """Node-local out-dirs: rank 0 writes rank0/ and rank 1 sees rank1/; the ranks go on after a RunError."""
+    """Node-local out-dirs: rank 0 writes rank0/ and rank 1 sees rank1/; the ranks go on after a engine.UserError."""
     out = tmp_path / f"rank{dd.rank}"
     tiny_fit(dd, out, tiny_set(64, dd.rank), epochs=1)
     before = checksums(tmp_path / "rank0")

@@ -299,7 +299,7 @@ def test_idx_reader_round_trips_and_rejects_garbage(tmp_path):
     assert (data.read_idx(tmp_path / "x.gz") == array).all()
     with gzip.open(tmp_path / "bad.gz", "wb") as f:
         f.write(b"\x12\x34\x56\x78garbage")
-    with pytest.raises(data.DataError, match="bad.gz is not an idx file"):
+    with pytest.raises(engine.UserError, match="bad.gz is not an idx file"):
         data.read_idx(tmp_path / "bad.gz")
 
 

@@ -24,7 +24,7 @@ import engine
 import part
 import sleep1d
 import weights
-from data import DataError
+from data import UserError
 from conftest import crash_after_epoch, one_line_error
 from vit import patchify
 
@@ -268,21 +268,21 @@ def test_sleep_edf_night_is_read_and_rk_stages_3_4_become_n3(tmp_path):
 def test_physionet2018_bad_files_name_the_file(tmp_path):
     header = write_physionet_record(tmp_path / "a", "tr03-0005")
     read = sleep1d.list_records("physionet2018", tmp_path)[0].read
-    with pytest.raises(DataError, match=r"no channel \['Fz-Cz'\]"):
+    with pytest.raises(UserError, match=r"no channel \['Fz-Cz'\]"):
         read(("Fz-Cz",))
     arousal = header.with_name("tr03-0005-arousal.mat")
     arousal.write_bytes(b"not a MATLAB file")
-    with pytest.raises(DataError, match=f"{arousal}.*data.sleep_stages"):
+    with pytest.raises(UserError, match=f"{arousal}.*data.sleep_stages"):
         read(sleep1d.PHYSIONET_CHANNELS)
     signal_file = header.with_suffix(".mat")
     signal_file.write_bytes(signal_file.read_bytes()[:5000])  # truncated
-    with pytest.raises(DataError, match=str(signal_file)):
+    with pytest.raises(UserError, match=str(signal_file)):
         read(sleep1d.PHYSIONET_CHANNELS)
     signal_file.unlink()
-    with pytest.raises(DataError, match=f"{signal_file} not found"):
+    with pytest.raises(UserError, match=f"{signal_file} not found"):
         read(sleep1d.PHYSIONET_CHANNELS)
     header.write_text("this is not a header\n")
-    with pytest.raises(DataError, match=f"{header} is not a readable WFDB header"):
+    with pytest.raises(UserError, match=f"{header} is not a readable WFDB header"):
         read(sleep1d.PHYSIONET_CHANNELS)
 
 
@@ -290,21 +290,21 @@ def test_physionet2018_stages_of_another_length_name_the_file(tmp_path):
     header = write_physionet_record(tmp_path / "a", "tr03-0005", arousal="v5")
     arousal = header.with_name("tr03-0005-arousal.mat")
     scipy.io.savemat(arousal, {"data": {"sleep_stages": {k: np.zeros((1, 10)) for k in sleep1d.PHYSIONET_STAGES}}})
-    with pytest.raises(DataError, match=f"{arousal}: sleep_stages.wake has 10 samples"):
+    with pytest.raises(UserError, match=f"{arousal}: sleep_stages.wake has 10 samples"):
         sleep1d.list_records("physionet2018", tmp_path)[0].read(sleep1d.PHYSIONET_CHANNELS)
 
 
 def test_sleep_edf_bad_files_name_the_file(tmp_path):
     psg, hypnogram = write_sleep_edf(tmp_path, "SC4011E", annotations=[(0, 30, "Lights off")])
     read = sleep1d.list_records("sleep-edf", tmp_path)[0].read
-    with pytest.raises(DataError, match=f"{hypnogram} has no sleep-stage annotations"):
+    with pytest.raises(UserError, match=f"{hypnogram} has no sleep-stage annotations"):
         read(sleep1d.SLEEP_EDF_CHANNELS)
-    with pytest.raises(DataError, match=rf"{psg} has no channel \['EEG C3'\]"):
+    with pytest.raises(UserError, match=rf"{psg} has no channel \['EEG C3'\]"):
         read(("EEG C3",))
-    with pytest.raises(DataError, match=f"{psg}: channels .* different rates"):
+    with pytest.raises(UserError, match=f"{psg}: channels .* different rates"):
         read(("EEG Fpz-Cz", "EMG submental"))
     psg.write_bytes(b"0       garbage")
-    with pytest.raises(DataError, match=f"{psg} is not a readable EDF"):
+    with pytest.raises(UserError, match=f"{psg} is not a readable EDF"):
         read(sleep1d.SLEEP_EDF_CHANNELS)
 
 
@@ -327,7 +327,7 @@ def test_subject_splits_are_disjoint_and_cover_every_subject():
     assert (
         sleep1d.split_subjects(refs, 10, 10, seed=0) == split and sleep1d.split_subjects(refs, 10, 10, seed=1) != split
     )
-    with pytest.raises(DataError, match="30 subjects have sleep stages"):
+    with pytest.raises(UserError, match="30 subjects have sleep stages"):
         sleep1d.split_subjects(refs, finetune=25, test=10)
 
 
@@ -351,7 +351,7 @@ def test_nights_are_preprocessed_once_into_memory_mapped_files_that_give_the_sam
     assert len(list(tmp_path.glob("*.npy"))) == 2 * 3 and not list(tmp_path.glob("*.tmp"))  # epochs and labels
     night = next(p for p in sorted(tmp_path.glob("*.npy")) if not p.name.endswith(".labels.npy"))
     night.write_bytes(b"")  # a cache damaged after it was written
-    with pytest.raises(DataError, match=f"{night}, a cached night, is unreadable .*: delete it and rerun"):
+    with pytest.raises(UserError, match=f"{night}, a cached night, is unreadable .*: delete it and rerun"):
         sleep1d.load_epochs(refs, subjects, channels, True, "nights", tmp_path, ONE_PROCESS)
 
 

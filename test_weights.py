@@ -75,9 +75,9 @@ def test_every_layout_reads_as_the_encoder_and_a_missing_or_misshapen_weight_sto
     fresh, unexpected = weights.load_encoder(classifier(tiny_vit()), state)
     assert sorted(fresh) == ["cls_token", "head.bias", "head.weight", "pos_embed"] and unexpected == []
     lacking = {k: v for k, v in state.items() if k != "blocks.0.attn.qkv.weight"}
-    with pytest.raises(part.ConfigError, match=r"lacks encoder weights \['blocks.0.attn.qkv.weight'\]"):
+    with pytest.raises(engine.UserError, match=r"lacks encoder weights \['blocks.0.attn.qkv.weight'\]"):
         weights.load_encoder(classifier(tiny_vit()), lacking)
-    with pytest.raises(part.ConfigError, match="of another size"):
+    with pytest.raises(engine.UserError, match="of another size"):
         weights.load_encoder(classifier(vit_config("vit_test", patch_size=2, in_chans=3)), state)
 
 
@@ -187,5 +187,5 @@ def test_one_dimensional_model_is_refused_with_the_reason(tmp_path):
 
 def test_a_file_that_holds_no_dict_is_named_in_one_line(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(engine.RunError, match=f"{tmp_path / 'list.pt'} holds a list, not a checkpoint or a state dict"):
+    with pytest.raises(engine.UserError, match=f"{tmp_path / 'list.pt'} holds a list, not a checkpoint or a state dict"):
         weights.read_checkpoint(tmp_path / "list.pt", weights.ENCODER_KINDS[2], foreign=True)

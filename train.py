@@ -33,7 +33,7 @@ from cli import (
     COUNT, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, XAVIER_HELP, Cli, Finite, method_config, method_options,
     options, pretrain_summary, recipe_from, recipe_options, take,
 )
-from engine import Dist, autocast, fail, fit, local_device, make_loader, run
+from engine import Dist, UserError, autocast, fail, fit, local_device, make_loader, run
 from vit import PRESETS, set_grad_checkpointing, vit_config
 
 
@@ -401,7 +401,7 @@ def held_out_images(config, cfg, data_dir, indices):
     try:
         info = data.data_info(name, cfg.img_size[0], cfg.vit.in_chans)
         val_set = data.build_dataset(name, data_dir, "val", info, data.eval_transform(info, name))
-    except data.DataError as e:
+    except UserError as e:
         fail(f"{e} (or pass --image)")
     for i in indices:
         if not 0 <= i < len(val_set):

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 import baselines
 import data
-import part
-from engine import fail, load_checkpoint, save_checkpoint, write_atomic
+from engine import UserError, fail, load_checkpoint, save_checkpoint, write_atomic
 from vit import PRESETS, ViTConfig, VisionTransformer, resize_pos_embed
 
 DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `train.py pretrain` writes by default
@@ -184,14 +183,14 @@ def load_encoder(encoder, state, source=None, path="checkpoint", main=False):
     state = {k: v for k, v in state.items() if k not in fresh or v.shape == own[k].shape}  # else left at init
     missing = [k for k in own if k not in state and k not in fresh]
     if missing:
-        raise part.ConfigError(
+        raise UserError(
             f"{path} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT "
             "checkpoint?"
         )
     wrong = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
     if wrong:
         shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]]
-        raise part.ConfigError(f"{path} is of another size (preset, patch size or channels): {shapes}")
+        raise UserError(f"{path} is of another size (preset, patch size or channels): {shapes}")
     unexpected = [k for k in state if k not in own]
     encoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     fresh = [k for k in fresh if k not in state]

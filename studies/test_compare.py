@@ -65,7 +65,7 @@ def test_val_from_train_is_recorded_and_a_resume_on_another_split_stops(fake_fmn
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["val_from_train"] == 32
     result = invoke(*common, "--val-from-train", 16)
     assert result.exit_code == 1 and "another model or data (val_from_train: 32 -> 16)" in result.output, result.output
-    with pytest.raises(engine.RunError, match="leaves none of the 96 training images"):
+    with pytest.raises(engine.UserError, match="leaves none of the 96 training images"):
         train.load_sets(flags(fake_fmnist, 96), data.eval_transform, data.eval_transform)
 
 
