@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import detect
+import engine
 import part
 import weights
 from conftest import one_line_error, refused, square_mask, write_coco
@@ -304,7 +305,7 @@ def test_a_bare_state_dict_is_read_at_its_own_size_and_a_wrong_checkpoint_named(
 
 
 def test_pyramid_needs_a_power_of_two_patch_size():
-    with pytest.raises(ValueError, match="power-of-two patch size, not 6"):
+    with pytest.raises(engine.UserError, match="power-of-two patch size, not 6"):
         detect.SimpleFeaturePyramid(32, 6)
 
 

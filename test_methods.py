@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import baselines
 import bench
 import detect
+import engine
 import part
 import sleep1d
 import weights
@@ -382,7 +383,7 @@ def test_pos_mask_loss_covers_exactly_the_pairs_with_a_masked_window(monkeypatch
     pairs = seen["sample_pairs"][0]  # (B, K, 2)
     involved = torch.gather(masked, 1, pairs[..., 0]) | torch.gather(masked, 1, pairs[..., 1])
     assert involved.all() and pairs.shape == (3, 256, 2)
-    with pytest.raises(ValueError, match="more than the 576 ordered pairs of 40 patches with one of the 8 masked"):
+    with pytest.raises(engine.UserError, match="more than the 576 ordered pairs of 40 patches with one of the 8 masked"):
         pos_mask_part(num_pairs=577)
 
 

@@ -125,7 +125,7 @@ def test_pairs_are_distinct_and_bounded():
     assert pairs.shape == (8, 25, 2) and pairs.min() >= 0 and pairs.max() < 5
     for p in pairs:
         assert len(set(map(tuple, p.tolist()))) == 25
-    with pytest.raises(ValueError, match="more than the 25"):
+    with pytest.raises(engine.UserError, match="more than the 25"):
         part.sample_pairs(8, 5, 26)
 
 
@@ -263,9 +263,9 @@ def test_grad_ckpt_flag_reaches_the_encoder_and_changes_no_result(fake_fmnist, t
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="--patch-size 5 must divide"):
+    with pytest.raises(engine.UserError, match="--patch-size 5 must divide"):
         tiny_config(vit=vit_config("vit_test", patch_size=5, in_chans=1))
-    with pytest.raises(ValueError, match="--pairs 300 is more than the 256"):
+    with pytest.raises(engine.UserError, match="--pairs 300 is more than the 256"):
         tiny_config(num_pairs=300)
 
 
