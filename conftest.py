@@ -19,6 +19,10 @@ import train
 from vit import vit_config
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run (pretraining, two ranks, torchrun); -m 'not slow' skips")
+
+
 CEILING_S = 900  # the longest a test waits for another process: a hang, never a busy machine, reaches it
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -329,6 +329,7 @@ def test_a_file_error_is_one_line_naming_the_file_and_a_bug_says_it_is_one(fake_
     )
 
 
+@pytest.mark.slow
 def test_a_foreign_timm_state_dict_is_read_at_its_own_size_by_finetune_and_detect(fake_fmnist, tmp_path):
     theirs = timm.models.VisionTransformer(
         img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=3, num_classes=7

@@ -138,6 +138,7 @@ def targets_for(images, with_masks=True):
     return [first, empty]
 
 
+@pytest.mark.slow
 def test_mask_rcnn_gives_five_losses_in_training_and_detections_in_eval():
     torch.manual_seed(0)
     model = detect.Detector(tiny_config())
@@ -209,6 +210,7 @@ def test_ground_truth_as_detections_scores_100_ap(coco):
     assert detect.coco_metrics(ds.coco, shifted, "bbox")["AP50"] < 50
 
 
+@pytest.mark.slow
 def test_train_from_a_part_checkpoint_then_eval(coco, part_checkpoint, tmp_path):
     path, pretrained = part_checkpoint
     out = tmp_path / "run"
@@ -250,6 +252,7 @@ def test_xavier_init_starts_a_scratch_encoder_as_mae_and_keeps_the_weights_a_che
     torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, pretrained.encoder.blocks[0].attn.qkv.weight)
 
 
+@pytest.mark.slow
 def test_box_only_data_trains_without_masks(tmp_path):
     root = write_coco(tmp_path / "boxes", masks=False)
     result = run_cli("train", "--data-dir", root, "--init", "scratch", "--out-dir", tmp_path / "run", *TINY_RUN)
@@ -371,6 +374,7 @@ def common_flags(options):
     ]
 
 
+@pytest.mark.slow
 def test_compile_compiles_the_vit_alone_and_keeps_the_checkpoint_names(coco, tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(VisionTransformer, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))

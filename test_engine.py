@@ -290,6 +290,7 @@ def wait_for_step(out_dir, step, proc, timeout=CEILING_S):
         (signal.SIGKILL, ["--save-every-min", 0.0002]),
     ],
 )
+@pytest.mark.slow
 def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterrupted_run(
     long_epochs, tmp_path, sig, flags
 ):
@@ -315,6 +316,7 @@ def test_a_stop_mid_epoch_checkpoints_that_step_and_a_rerun_ends_as_an_uninterru
     assert [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r] == list(range(1, 81))
 
 
+@pytest.mark.slow
 def test_a_crash_and_rerun_with_two_workers_ends_as_an_uninterrupted_run(fake_fmnist, tmp_path, monkeypatch):
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 2]
     assert invoke(*common, "--workers", 2, "--out-dir", tmp_path / "whole").exit_code == 0
@@ -429,10 +431,12 @@ def _one_rank_meets_bad_data(dd):
         return str(e)
 
 
+@pytest.mark.slow
 def test_a_data_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
     assert two_ranks(_one_rank_meets_bad_data, tmp_path) == ["img_7.jpg is not a readable image"] * 2
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_both_with_the_same_line(tmp_path):
     lines = two_ranks(_one_rank_goes_non_finite, tmp_path, tmp_path / "run")  # a hang would last DIST_TIMEOUT
     assert lines[0] == lines[1] and "loss is nan at step 1 on rank 1; stopping (no checkpoint yet)" in lines[0]
@@ -443,6 +447,7 @@ def _held_out_metrics(dd):
     return engine.evaluate(model, engine.make_loader(held_out, 8, dd, 0, 0, False), dd, seed=0)
 
 
+@pytest.mark.slow
 def test_held_out_metrics_over_two_ranks_count_each_item_once(tmp_path):
     one = _held_out_metrics(engine.Dist(0, 0, 1, torch.device("cpu")))
     two = two_ranks(_held_out_metrics, tmp_path)  # 101 items: DistributedSampler would add item 0 a second time
@@ -462,6 +467,7 @@ def _compile_records(dd, out_dir):
     return compiled, tiny_fit(dd, out_dir, tiny_set(64, dd.rank), compile=True, accum=2)
 
 
+@pytest.mark.slow
 def test_compile_wraps_the_ddp_module_so_gradient_all_reduces_overlap_the_backward(tmp_path):
     (compiled, a), (_, b) = two_ranks(_compile_records, tmp_path, tmp_path / "run")
     assert compiled == ["DistributedDataParallel"]
@@ -482,6 +488,7 @@ def _bad_first_batch_on_rank_1(dd, out_dir):
     return tiny_fit(dd, out_dir, train_set)
 
 
+@pytest.mark.slow
 def test_a_rank_whose_whole_batch_is_unreadable_takes_every_step_with_the_others(tmp_path):
     a, b = two_ranks(_bad_first_batch_on_rank_1, tmp_path, tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["fc.weight"], Tiny().fc.weight)
@@ -502,6 +509,7 @@ def _own_out_dirs(dd, tmp_path):
     return refused, tiny_fit(dd, out, tiny_set(64, dd.rank), epochs=2)
 
 
+@pytest.mark.slow
 def test_ranks_that_see_different_out_dirs_stop_with_one_line_and_resume_when_they_agree(tmp_path):
     ((line, kept), a), ((other_line, _), b) = two_ranks(_own_out_dirs, tmp_path, tmp_path)
     assert line == other_line and f"rank 1 sees no checkpoint at {tmp_path / 'rank1' / 'checkpoint.pt'}" in line
@@ -624,6 +632,7 @@ def two_rank_run(long_epochs, tmp_path_factory):
     return common, torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_torchrun_sigterm_mid_epoch_checkpoints_on_both_ranks_and_a_rerun_ends_as_an_uninterrupted_run(
     two_rank_run, tmp_path
 ):
@@ -643,6 +652,7 @@ def test_torchrun_sigterm_mid_epoch_checkpoints_on_both_ranks_and_a_rerun_ends_a
     assert [r["step"] for r in log_rows(tmp_path) if "img_per_s" in r] == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_two_tasks_started_as_srun_starts_them_train_one_run_equal_to_torchrun_s(two_rank_run, tmp_path):
     common, whole = two_rank_run
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
@@ -663,6 +673,7 @@ def test_two_tasks_started_as_srun_starts_them_train_one_run_equal_to_torchrun_s
     assert all(torch.equal(model[k], whole[k]) for k in whole)
 
 
+@pytest.mark.slow
 def test_a_run_whose_output_is_a_file_prints_plain_progress_lines(fake_fmnist, tmp_path):
     log = tmp_path / "slurm-42.out"
     with open(log, "w") as out:
@@ -677,6 +688,7 @@ def test_a_run_whose_output_is_a_file_prints_plain_progress_lines(fake_fmnist, t
     assert all(re.search(r"loss \S+ lr \S+ img/s \d+ data \d+% eta \S+ min$", line) for line in lines), lines
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_with_one_rank_late_and_ends_as_an_uninterrupted_run(two_rank_run, tmp_path):
     common, whole = two_rank_run
     (tmp_path / "launch.py").write_text(LAUNCHER)
@@ -710,6 +722,7 @@ def test_a_peak_lr_below_the_min_lr_is_named_on_the_start_line(fake_fmnist, tmp_
     assert result.exit_code == 0 and "below --min-lr" not in result.output, result.output
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_number_of_processes_stops_unless_told(fake_fmnist, tmp_path):
     common = ["pretrain", "--data-dir", fake_fmnist, *TINY_RUN, "--epochs", 1]
     output = torchrun(common, tmp_path / "run").communicate(timeout=CEILING_S)[0]
@@ -725,6 +738,7 @@ def test_a_resume_on_another_number_of_processes_stops_unless_told(fake_fmnist, 
 TIMINGS = {"img_per_s", "data_share", "epoch_s", "peak_mem_gib"}
 
 
+@pytest.mark.slow
 def test_a_run_killed_at_20_random_moments_resumes_to_the_weights_and_log_of_an_uninterrupted_one(long_epochs, tmp_path):
     """Finetuning (a best checkpoint in play) killed with SIGKILL 20 times at random moments, writes included
     (--save-every-min saves about every step), each time rerun: it ends as the run that was never killed."""
@@ -760,6 +774,7 @@ def test_the_log_of_an_attempt_killed_before_its_first_checkpoint_is_not_kept(fa
     assert steps == sorted(set(steps)) and steps[0] == 1 and 9.0 not in [r["loss"] for r in log_rows(tmp_path) if "loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dies_at", ["the last step's save", "the epoch's end save"])
 def test_a_checkpoint_at_an_epochs_last_step_resumes_to_that_epochs_end(long_epochs, tmp_path, monkeypatch, dies_at):
     """A mid-epoch checkpoint at the epoch's last step (step 40 of 40), then a kill right after it, or after the

@@ -416,6 +416,7 @@ def test_context_spans_consecutive_epochs_of_one_night_and_targets_are_window_sh
 # ---------------------------------------------------------------- every method's checkpoints downstream
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_path):
     pre = tmp_path / "pre"
@@ -474,6 +475,7 @@ def test_checkpoints_load_into_finetune_knn_and_detect(method, fake_fmnist, tmp_
         torch.testing.assert_close(encoder.state_dict()["pos_embed"], pos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, flags", [("mae", ["--class-token"]), ("droppos", ["--class-token", "--attentive"])])
 def test_a_class_token_pretrained_as_the_official_code_carries_into_finetune_knn_and_detect(
     method, flags, fake_fmnist, tmp_path
@@ -662,6 +664,7 @@ def test_droppos_sigma_is_constant_within_an_epoch_and_steps_per_epoch_as_its_co
     ]  # (1 - e/E) 2
 
 
+@pytest.mark.slow
 def test_preflight_compiles_every_method_without_graph_breaks_or_recompiles():
     result = invoke(
         "bench", "--preflight", "--preset", "vit_test", "--img-size", 16, "--batch-size", 4, "--steps", 20, "--pairs",

@@ -210,6 +210,7 @@ def test_loss_is_zero_on_perfect_prediction():
     assert loss.item() == pytest.approx(0.25)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", part.HEADS)
 @pytest.mark.parametrize("sampler", ["offgrid", "offgrid-scale"])
 def test_a_few_steps_lower_the_loss(head, sampler):
@@ -460,6 +461,7 @@ def _ddp_worker(rank, world, port, out_dir, kind):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [*baselines.METHODS, "classifier", "probe"])
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, kind):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), kind), nprocs=2)
@@ -661,6 +663,7 @@ def test_finetune_resume_continues_exactly(pretrained, fake_fmnist, tmp_path, mo
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_the_model_file_and_the_engine_import_lean():
     code = (
         "import sys, part; lean = not {'click', 'PIL', 'matplotlib'} & set(sys.modules); import train; "

@@ -105,6 +105,7 @@ def assert_png(path, cols, rows):
         assert img.size == (round(cols * figures.PANEL * figures.DPI), round(rows * figures.PANEL * figures.DPI))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["offgrid", "offgrid-scale"])
 def test_show_writes_the_four_figures_from_an_image_file(tmp_path, sampler):
     photo = tmp_path / "photo.jpg"
