@@ -144,7 +144,7 @@ RECIPE_FLAGS = {  # Recipe field: (click type, help)
     "beta2": (Finite(min=0, max=1, max_open=True), "AdamW's beta2: 0.95 pretraining (MAE), 0.999 finetuning (DeiT)"),
     "clip_grad": (NON_NEGATIVE, "max gradient norm; 0: no clipping"),
     "workers": (click.IntRange(min=-1), "data-loader workers per process; -1: 8 on CUDA, 0 on CPU"),
-    "seed": (int, "seeds weights, sampling and data order: the same seed repeats a run"),
+    "seed": (click.IntRange(0, 2**32 - 1), "seeds weights, sampling and data order: the same seed repeats a run"),
     "compile": (bool, "torch.compile the model"),
     "grad_ckpt": (bool, "activation checkpointing in the ViT blocks: less memory, ~1/3 more compute, same gradients"),
     "log_every": (POSITIVE, "optimizer steps between log.jsonl lines"),

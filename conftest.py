@@ -20,7 +20,7 @@ from vit import vit_config
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run (pretraining, two ranks, torchrun); -m 'not slow' skips")
+    config.addinivalue_line("markers", "slow: an end-to-end run (training, two ranks, torchrun): -m 'not slow' skips")
 
 
 CEILING_S = 900  # the longest a test waits for another process: a hang, never a busy machine, reaches it
@@ -80,6 +80,14 @@ def fake_fmnist(tmp_path):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images.clamp(0, 255).numpy())
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), generator=g).numpy())
     return tmp_path
+
+
+def fmnist_flags(data_dir, val_from_train=0, train_subset=0):
+    """train.py's data flags for a Fashion-MNIST folder, as load_sets takes them."""
+    return {
+        "data_name": "fashion-mnist", "data_dir": data_dir, "img_size": None, "in_chans": None, "mean": (), "std": (),
+        "train_subset": train_subset, "val_from_train": val_from_train, "skip_bad_files": False,
+    }
 
 
 TINY_RUN = ["--preset", "vit_test", "--pairs", "16", "--batch-size", "32", "--log-every", "1", "--warmup-epochs", "0.5"]

@@ -315,6 +315,13 @@ def test_float_flags_refuse_nan_and_infinity(fake_fmnist, tmp_path):
         assert result.exit_code == 2 and f"'{flag}': {value} is not a finite number" in result.output, result.output
 
 
+def test_a_seed_beyond_what_numpy_and_torch_take_is_refused_when_parsed(fake_fmnist, tmp_path):
+    for seed in (2**32, -1):
+        result = invoke("pretrain", "--seed", seed, "--data-dir", fake_fmnist, *TINY_RUN, "--out-dir", tmp_path / "run")
+        assert result.exit_code == 2 and "'--seed'" in result.output and "0<=x<=4294967295" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
 def test_a_file_error_is_one_line_naming_the_file_and_a_bug_says_it_is_one(fake_fmnist, tmp_path, monkeypatch):
     def unreadable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "secret.idx"))

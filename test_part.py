@@ -19,7 +19,7 @@ import engine
 import part
 import train
 import weights
-from conftest import TINY_RUN, crash_after_epoch, free_port, invoke, tiny_config, write_idx
+from conftest import TINY_RUN, crash_after_epoch, fmnist_flags, free_port, invoke, tiny_config, write_idx
 from vit import VisionTransformer, _init_weights, patchify, resize_pos_embed, vit_config
 
 # ---------------------------------------------------------------- sampler and targets
@@ -614,20 +614,7 @@ def test_knn_reads_the_tokens_a_checkpoint_trained(pretrained, fake_fmnist, tmp_
     # the class token's features, by hand: the finetuned encoder with its position embeddings, token 0
     encoder, model, _ = weights.frozen_encoder(ft / "checkpoint.pt", random_init=False)
     dd = engine.Dist(0, 0, 1, torch.device("cpu"))
-    info, _, val_set = train.load_sets(
-        {
-            "data_name": "fashion-mnist",
-            "data_dir": fake_fmnist,
-            "img_size": None,
-            "in_chans": None,
-            "mean": (),
-            "std": (),
-            "train_subset": 0,
-            "skip_bad_files": False,
-        },
-        data.eval_transform,
-        data.eval_transform,
-    )
+    info, _, val_set = train.load_sets(fmnist_flags(fake_fmnist), data.eval_transform, data.eval_transform)
     feats, _ = train.knn_features(encoder, model["mean"], model["std"], "cls", val_set, dd)
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
     patches = patchify(

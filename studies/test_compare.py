@@ -11,21 +11,7 @@ import compare_table
 import data
 import engine
 import train
-from conftest import TINY_RUN, invoke
-
-
-def flags(fake_fmnist, val_from_train, train_subset=0):
-    return {
-        "data_name": "fashion-mnist",
-        "data_dir": fake_fmnist,
-        "img_size": None,
-        "in_chans": None,
-        "mean": (),
-        "std": (),
-        "train_subset": train_subset,
-        "val_from_train": val_from_train,
-        "skip_bad_files": False,
-    }
+from conftest import TINY_RUN, fmnist_flags, invoke
 
 
 def images_of(dataset):
@@ -33,7 +19,8 @@ def images_of(dataset):
 
 
 def test_val_from_train_holds_out_training_images_the_same_under_every_seed(fake_fmnist):
-    _, train_set, val_set = train.load_sets(flags(fake_fmnist, 24), data.eval_transform, data.eval_transform, seed=0)
+    flags = fmnist_flags(fake_fmnist, 24)
+    _, train_set, val_set = train.load_sets(flags, data.eval_transform, data.eval_transform, seed=0)
     assert (len(train_set), len(val_set)) == (96 - 24, 24)
     everything = images_of(
         data.build_dataset("fashion-mnist", fake_fmnist, "train", data.DATASETS["fashion-mnist"], None)
@@ -50,12 +37,12 @@ def test_val_from_train_holds_out_training_images_the_same_under_every_seed(fake
     assert not any(torch.equal(x, t) for x in images_of(val_set) for t in test_images)  # never the test images
     for seed in (1, 7):  # --seed draws the subset, never the split
         _, subset, other_val = train.load_sets(
-            flags(fake_fmnist, 24, train_subset=40), data.eval_transform, data.eval_transform, seed
+            fmnist_flags(fake_fmnist, 24, train_subset=40), data.eval_transform, data.eval_transform, seed
         )
         assert indices(other_val) == held_out
         assert len(subset) == 40 and indices(subset) <= rest
     blank = lambda info, name: torch.zeros_like  # noqa: E731  a training transform the held-out images must not get
-    _, train_set, val_set = train.load_sets(flags(fake_fmnist, 24), blank, data.eval_transform)
+    _, train_set, val_set = train.load_sets(fmnist_flags(fake_fmnist, 24), blank, data.eval_transform)
     assert images_of(train_set).eq(0).all() and indices(val_set) == held_out
 
 
@@ -66,7 +53,7 @@ def test_val_from_train_is_recorded_and_a_resume_on_another_split_stops(fake_fmn
     result = invoke(*common, "--val-from-train", 16)
     assert result.exit_code == 1 and "another model or data (val_from_train: 32 -> 16)" in result.output, result.output
     with pytest.raises(engine.UserError, match="leaves none of the 96 training images"):
-        train.load_sets(flags(fake_fmnist, 96), data.eval_transform, data.eval_transform)
+        train.load_sets(fmnist_flags(fake_fmnist, 96), data.eval_transform, data.eval_transform)
 
 
 # ---------------------------------------------------------------- compare_table.py on fake run folders
