@@ -3,7 +3,10 @@ nothing already written lost. Checkpoints say what they are; exports carry their
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 import pytest
@@ -21,6 +24,8 @@ from conftest import (
     TINY_IMAGES, TINY_RUN, crash_after_epoch, invoke, one_line_error, photo_folder, tiny_run, write_coco,
 )
 from vit import VisionTransformer, vit_config
+
+REPO = Path(__file__).parent
 
 
 def test_a_corrupt_jpeg_stops_the_run_naming_it_and_can_be_skipped_and_counted(tmp_path):
@@ -415,3 +420,16 @@ def test_knn_reads_a_foreign_timm_state_dict_on_the_dataset_named(fake_fmnist, t
     assert result.exit_code == 0 and "kNN top-1" in result.output, result.output
     encoder, _, _ = weights.frozen_encoder(str(ckpt), False, "fashion-mnist")
     torch.testing.assert_close(encoder.pos_embed, theirs.pos_embed)  # its own 7 x 7 grid and class slot, kept
+
+
+@pytest.mark.slow
+def test_rerun_repeats_a_finished_run_s_command_to_the_same_weights(fake_fmnist, tmp_path):
+    command = ["train.py", "pretrain", "--data-dir", str(fake_fmnist), *map(str, TINY_RUN), "--epochs", "1"]
+    subprocess.run([sys.executable, *command, "--out-dir", str(tmp_path / "run")], cwd=REPO, check=True)
+    result = invoke("rerun", tmp_path / "run", "--out-dir", tmp_path / "again")
+    assert result.exit_code == 0 and "repeating train.py pretrain --data-dir" in result.output, result.output
+    first, again = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("run", "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "run.json").write_text("[]")
+    assert one_line_error(invoke("rerun", tmp_path / "bad", "--out-dir", tmp_path / "x"), "not a run.json of ours")

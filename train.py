@@ -13,7 +13,10 @@ Each command builds its data and model and hands them to engine.fit; the models 
 baselines.py's, the shared flags cli.py's, --init loading and export weights.py's.
 """
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -355,6 +358,25 @@ def export(ckpt, out_dir):
     """Write the encoder's weights alone, loadable into timm's VisionTransformer, and its config beside
     them, so that `--init OUT_DIR/encoder.pt` needs no other flag (README)."""
     weights.export(ckpt, out_dir)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out-dir", required=True, help="the repeat's folder (a new one: the same folder would resume the run)")
+def rerun(run_dir, out_dir):
+    """Repeat the run recorded in RUN_DIR/run.json: its first command (train.py, sleep1d.py or detect.py, any
+    flags) with --out-dir replaced, in this checkout; the same seed gives the same weights on CPU."""
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text())
+        first, world = record["starts"][0], record["recipe"]["world_size"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        fail(f"{path} is not a run.json of ours ({type(e).__name__}: {e}): no command to repeat")
+    command = [*first["argv"], "--out-dir", out_dir]  # click takes an option's last value
+    if world > 1:
+        fail(f"{path} ran on {world} processes: repeat it as torchrun --nproc_per_node={world} {' '.join(command)}")
+    print(f"repeating {' '.join(command)} (commit {first.get('commit', '?')[:10]}, this checkout's code)")
+    sys.exit(subprocess.call([sys.executable, *command], cwd=Path(__file__).parent))
 
 
 @main.command()
