@@ -188,11 +188,9 @@ class InputConfig:
 
     def __post_init__(self):
         self.vit = ViTConfig(**self.vit) if isinstance(self.vit, dict) else self.vit
-        self.img_size, P = tuple(self.img_size), self.vit.patch_size
-        if len(self.img_size) != self.vit.patch_ndim:
-            raise UserError(
-                f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}"
-            )
+        self.img_size, P, d = tuple(self.img_size), self.vit.patch_size, self.vit.patch_ndim
+        if len(self.img_size) != d:
+            raise UserError(f"a {d}D ViT takes inputs of {d} dimensions, not {self.img_size}")
         if any(s % P for s in self.img_size):
             raise UserError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
         self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
@@ -231,19 +229,15 @@ class PARTConfig(InputConfig):
         if self.sampler == "grid" and self.num_patches != grid_n:
             raise UserError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
         if self.num_patches > 16 * grid_n:
-            raise UserError(
-                f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
-                f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)"
-            )
+            raise UserError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
+                            f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
         N, M = self.num_patches, round(self.pos_mask * self.num_patches)
         pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
         if self.pos_mask and M == 0:
             raise UserError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
         if self.num_pairs > pairs:
-            raise UserError(
-                f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
-                + (f" with one of the {M} masked" if self.pos_mask else "")
-            )
+            masked = f" with one of the {M} masked" if self.pos_mask else ""
+            raise UserError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches{masked}")
 
 
 class PART(nn.Module):
@@ -399,20 +393,15 @@ class ClassifierConfig(InputConfig):
             raise UserError("--fc-norm normalises the mean of the patch tokens: it needs --pool avg")
         check_share("--pos-mask", self.pos_mask)
         if not self.pos_embed and (self.pos_mask or self.freeze_pos_embed):
-            raise UserError(
-                "--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze (--freeze-pos-embed)"
-            )
+            raise UserError("--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze "
+                            "(--freeze-pos-embed)")
         if self.freeze_pos_embed and not self.pos_pretrained:
-            raise UserError(
-                "--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; these weights "
-                "bring none"
-            )
+            raise UserError("--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; "
+                            "these weights bring none")
         # a probed encoder keeps the positions it was pretrained with, if any: random ones it cannot adapt to are noise
         grid = () if not self.pos_embed or (self.linear_probe and not self.pos_pretrained) else self.grid
-        self.vit = replace(
-            self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool,
-            fc_norm=self.fc_norm,
-        )
+        self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool,
+                           fc_norm=self.fc_norm)
 
 
 class Classifier(nn.Module):

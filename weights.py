@@ -59,10 +59,8 @@ def read_checkpoint(path, kinds, foreign=False):
     config = config if isinstance(config, dict) else {}
     kind = config.get("kind")
     if kind not in kinds and not (foreign and kind is None):
-        got = KINDS.get(
-            kind,
-            f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)",
-        )
+        no_kind = "not a checkpoint of this project (its config names no kind)"
+        got = KINDS.get(kind, f"a checkpoint of kind {kind!r}" if kind else no_kind)
         fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
     if not foreign and "model" not in ckpt:
         fail(f"{path} holds no weights under 'model': expected the checkpoint.pt of a training run")
@@ -200,11 +198,10 @@ def frozen_encoder(path, random_init, data_name=None):
     model = config.get("model") or foreign_model(path, state, data_name)
     vit = replace(ViTConfig(**model["vit"]), num_classes=0)
     name = data_name or config.get("data")
-    if random_init:
-        return VisionTransformer(replace(vit, pos_grid=())).eval(), model, name
-    grid = tuple(s // vit.patch_size for s in model["img_size"])
-    encoder = VisionTransformer(replace(vit, pos_grid=grid if "pos_embed" in state else ()))
-    load_encoder(encoder, state, model, path)
+    grid = tuple(s // vit.patch_size for s in model["img_size"]) if "pos_embed" in state and not random_init else ()
+    encoder = VisionTransformer(replace(vit, pos_grid=grid))
+    if not random_init:
+        load_encoder(encoder, state, model, path)
     return encoder.eval(), model, name
 
 
