@@ -1,10 +1,8 @@
 """The baselines of the paper's Tables 1-3 on vit.py's ViT: MAE and DropPos (grid patches with position
-embeddings), MP3 (without them); and METHODS, which `--method` chooses from.
+embeddings), MP3 (without them); and METHODS, which `--method` chooses from. Each returns (loss, metrics) as PART
+does; docs/comparison.md says where they differ from their official code.
 
     python train.py pretrain --method mae|droppos|mp3
-
-Each takes inputs (B, C, H, W) or (B, C, T) and returns (loss, metrics), as PART does, so they share the
-engine, checkpoints and exports. docs/comparison.md says where they differ from their official code.
 """
 
 import dataclasses
@@ -52,7 +50,6 @@ class MaskedGridConfig(InputConfig):
     def __post_init__(self):
         super().__post_init__()
         self.vit = replace(self.vit, class_token=self.class_token)
-        check_share("--mask-ratio", self.mask_ratio)
 
 
 def class_slot(pos):
@@ -69,13 +66,14 @@ def hide_patches(patches, ratio):
 
 
 def split_sizes(flag, ratio, n, kept_role=None, dropped_role=None):
-    """random_split's (kept, dropped) counts of n tokens; an error when a side the method needs (its role
-    named) would be empty, so that no run trains on nothing."""
+    """random_split's count of kept tokens of n; an error when the ratio is not a share or a side the method
+    needs (its role named) would be empty, so that no run trains on nothing."""
+    check_share(flag, ratio)
     dropped = round(ratio * n)
     for count, role in ((n - dropped, kept_role), (dropped, dropped_role)):
         if role and count == 0:
             raise UserError(f"{flag} {ratio} leaves no patch of the {n} {role}")
-    return n - dropped, dropped
+    return n - dropped
 
 
 # ---------------------------------------------------------------- MAE
@@ -153,8 +151,7 @@ class DropPosConfig(MaskedGridConfig):
         super().__post_init__()
         if self.attentive and not self.class_token:
             raise UserError("--attentive weighs patches by their similarity to the class token: add --class-token")
-        check_share("--pos-mask-ratio", self.pos_mask_ratio)
-        visible, _ = split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see")
+        visible = split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "for the encoder to see")
         split_sizes(
             "--pos-mask-ratio", self.pos_mask_ratio, visible, dropped_role="visible to lose its position (the loss)"
         )
@@ -242,7 +239,6 @@ class MP3Config(InputConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_share("--mask-ratio", self.mask_ratio)
         split_sizes("--mask-ratio", self.mask_ratio, math.prod(self.grid), "to give keys and values")
 
 

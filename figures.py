@@ -7,8 +7,7 @@
 
     python train.py show --ckpt out/pretrain/checkpoint.pt [--image photo.jpg]
 
-The analysis, the drawings, `show_image` for one image, then `plot_runs` (curves from log.jsonl); only train.py's
-show and plot import this, so matplotlib loads for them alone. Images are (C, H, W) floats in [0, 1], boxes pixels.
+Also `plot_runs` (curves from log.jsonl). Images are (C, H, W) floats in [0, 1], boxes pixels.
 """
 
 import json

@@ -42,22 +42,16 @@ def sample_boxes(B, size, P, N, mode, device=None):
     extent = torch.tensor(size[::-1], device=device, dtype=torch.float)  # (d,) as x, y
     if mode == "offgrid":  # the paper's: P-sided boxes anywhere
         sides = torch.full((B, N, len(size)), float(P), device=device)
-    elif mode == "offgrid-scale":  # 5.1 ii: each side uniform in [P/2, 2P]
+    else:  # offgrid-scale, 5.1 ii: each side uniform in [P/2, 2P]
         sides = torch.minimum(torch.empty(B, N, len(size), device=device).uniform_(P / 2, 2 * P), extent)
-    else:
-        raise UserError(f"unknown sampler {mode!r}, expected one of {SAMPLERS}")
     lo = torch.rand(B, N, len(size), device=device) * (extent - sides)  # uniform over the positions that fit
     return torch.cat([lo, lo + sides], dim=-1)
 
 
 def crop_patches(images, boxes, P, scaled=False):
-    """Every box cropped and resized to P a side: (B, C, H, W), (B, N, 4) -> (B, N, C, P, P);
-    signals (B, C, T), windows (B, N, 2) -> (B, N, C, P), read as images one pixel high.
-
-    roi_align(aligned=True) takes one bilinear sample per output pixel of a P-sided box, so an integer box
-    returns its pixels exactly (its adaptive rule would take two for a width of P + eps); scaled boxes
-    average ceil(size / P) samples per pixel instead of aliasing.
-    """
+    """Every box cropped and resized to P a side: (B, C, H, W), (B, N, 4) -> (B, N, C, P, P); signals (B, C, T),
+    windows (B, N, 2) -> (B, N, C, P). One bilinear sample per pixel returns an integer box's pixels exactly;
+    scaled boxes average ceil(size / P) samples per pixel instead of aliasing."""
     from torchvision.ops import roi_align  # here: torchvision brings PIL and datasets, which part.py needs not
 
     if images.ndim == 3:
@@ -165,24 +159,19 @@ class CrossAttentionHead(nn.Module):
 # ---------------------------------------------------------------- the loss
 
 
-def relative_errors(pred, target, d=2):
-    """Table 5's errors (8.1) over the d translation coordinates, in reference sizes, as 0-dim tensors:
-    mse_x, mse_y, mae_x, mae_y, euclid (mean l2), and euclid_zero, that of predicting no shift."""
-    err = (pred[..., :d] - target[..., :d]).float()
-    out = {}
-    for k, axis in zip(range(d), "xy"):
-        out[f"mse_{axis}"] = err[..., k].square().mean()
-        out[f"mae_{axis}"] = err[..., k].abs().mean()
-    out["euclid"] = err.norm(dim=-1).mean()
-    out["euclid_zero"] = target[..., :d].float().norm(dim=-1).mean()
-    return out
-
-
 def relative_loss(pred, target, d=2):
-    """MSE over pairs and coordinates (section 4), in fp32 -> (loss, metrics)."""
+    """MSE over pairs and coordinates (section 4), in fp32 -> (loss, metrics): Table 5's errors (8.1) over the d
+    translation coordinates in reference sizes (mse_x, mae_x, ..., euclid) and euclid_zero, that of no shift."""
     pred = pred.float()
     loss = F.mse_loss(pred, target)
-    return loss, {"loss": loss.detach(), **relative_errors(pred.detach(), target, d)}
+    err = (pred.detach()[..., :d] - target[..., :d]).float()
+    metrics = {"loss": loss.detach()}
+    for k, axis in zip(range(d), "xy"):
+        metrics[f"mse_{axis}"] = err[..., k].square().mean()
+        metrics[f"mae_{axis}"] = err[..., k].abs().mean()
+    metrics["euclid"] = err.norm(dim=-1).mean()
+    metrics["euclid_zero"] = target[..., :d].float().norm(dim=-1).mean()
+    return loss, metrics
 
 
 # ---------------------------------------------------------------- PART
@@ -199,11 +188,9 @@ class InputConfig:
 
     def __post_init__(self):
         self.vit = ViTConfig(**self.vit) if isinstance(self.vit, dict) else self.vit
-        self.img_size, P = tuple(self.img_size), self.vit.patch_size
-        if len(self.img_size) != self.vit.patch_ndim:
-            raise UserError(
-                f"a {self.vit.patch_ndim}D ViT takes inputs of {self.vit.patch_ndim} dimensions, not {self.img_size}"
-            )
+        self.img_size, P, d = tuple(self.img_size), self.vit.patch_size, self.vit.patch_ndim
+        if len(self.img_size) != d:
+            raise UserError(f"a {d}D ViT takes inputs of {d} dimensions, not {self.img_size}")
         if any(s % P for s in self.img_size):
             raise UserError(f"--patch-size {P} must divide the input size {'x'.join(map(str, self.img_size))}")
         self.mean, self.std = check_stats(self.mean, self.std, self.vit.in_chans)
@@ -242,19 +229,15 @@ class PARTConfig(InputConfig):
         if self.sampler == "grid" and self.num_patches != grid_n:
             raise UserError(f"the grid sampler takes all {grid_n} grid patches, not --num-patches {self.num_patches}")
         if self.num_patches > 16 * grid_n:
-            raise UserError(
-                f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
-                f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)"
-            )
+            raise UserError(f"--num-patches {self.num_patches} is more than 16 x the {grid_n} grid patches of a "
+                            f"{'x'.join(map(str, self.img_size))} input (the paper samples as many as the grid has)")
         N, M = self.num_patches, round(self.pos_mask * self.num_patches)
         pairs = N * N - (N - M) ** 2 if self.pos_mask else N * N
         if self.pos_mask and M == 0:
             raise UserError(f"--pos-mask {self.pos_mask} masks no patch of {N}")
         if self.num_pairs > pairs:
-            raise UserError(
-                f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches"
-                + (f" with one of the {M} masked" if self.pos_mask else "")
-            )
+            masked = f" with one of the {M} masked" if self.pos_mask else ""
+            raise UserError(f"--pairs {self.num_pairs} is more than the {pairs} ordered pairs of {N} patches{masked}")
 
 
 class PART(nn.Module):
@@ -376,13 +359,10 @@ class MlpHead(nn.Module):
 
 
 def relative_head(kind, dim, num_patches, n_out):
-    if kind == "cross-attention":
-        return CrossAttentionHead(dim, n_out)
-    if kind == "pairwise-mlp":
-        return PairwiseMlpHead(dim, n_out)
+    """Table 5's head `kind` (one of HEADS, PARTConfig checked)."""
     if kind == "mlp":
         return MlpHead(dim, num_patches, n_out)
-    raise UserError(f"unknown relative head {kind!r}, expected one of {HEADS}")
+    return {"cross-attention": CrossAttentionHead, "pairwise-mlp": PairwiseMlpHead}[kind](dim, n_out)
 
 
 # ---------------------------------------------------------------- finetuning and kNN
@@ -413,20 +393,15 @@ class ClassifierConfig(InputConfig):
             raise UserError("--fc-norm normalises the mean of the patch tokens: it needs --pool avg")
         check_share("--pos-mask", self.pos_mask)
         if not self.pos_embed and (self.pos_mask or self.freeze_pos_embed):
-            raise UserError(
-                "--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze (--freeze-pos-embed)"
-            )
+            raise UserError("--no-pos-embed leaves no position embeddings to mask (--pos-mask) or freeze "
+                            "(--freeze-pos-embed)")
         if self.freeze_pos_embed and not self.pos_pretrained:
-            raise UserError(
-                "--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; these weights "
-                "bring none"
-            )
+            raise UserError("--freeze-pos-embed keeps pretrained position embeddings (MAE's, DropPos') fixed; "
+                            "these weights bring none")
         # a probed encoder keeps the positions it was pretrained with, if any: random ones it cannot adapt to are noise
         grid = () if not self.pos_embed or (self.linear_probe and not self.pos_pretrained) else self.grid
-        self.vit = replace(
-            self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool,
-            fc_norm=self.fc_norm,
-        )
+        self.vit = replace(self.vit, class_token=True, pos_grid=grid, num_classes=self.num_classes, pool=self.pool,
+                           fc_norm=self.fc_norm)
 
 
 class Classifier(nn.Module):
@@ -438,26 +413,23 @@ class Classifier(nn.Module):
         self.cfg = cfg
         self.encoder = VisionTransformer(cfg.vit)
         if cfg.linear_probe:  # MAE's probe: only a BatchNorm without affine and the linear head learn
-            self.encoder.head = nn.Sequential(
-                nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6), self.encoder.head
-            )
+            probe_norm = nn.BatchNorm1d(cfg.vit.embed_dim, affine=False, eps=1e-6)
+            self.encoder.head = nn.Sequential(probe_norm, self.encoder.head)
             for name, p in self.encoder.named_parameters():
                 p.requires_grad = name.startswith("head.")
         if cfg.freeze_pos_embed:  # the class token's slot too: a constant added to a learnt token changes nothing
             self.encoder.pos_embed.requires_grad = False
         self.normalize = Normalize(cfg.mean, cfg.std, len(cfg.img_size))
 
-    def masked_positions(self, B, device):
-        """The position embeddings (B, 1 + N, D) with a fresh random share of each input's patch tokens' zeroed
-        (8.1's "mask out 20%", read as MP3 / DropPos: those tokens must be placed by their content)."""
-        N = math.prod(self.cfg.grid)
-        masked = as_mask(random_split(B, N, self.cfg.pos_mask, device)[1], N)  # (B, N)
-        keep = torch.cat([torch.ones(B, 1, device=device), (~masked).float()], dim=1)  # (B, 1 + N): class token kept
-        return self.encoder.pos_embed * keep[..., None]
-
     def logits(self, images):
-        """uint8 or float inputs (B, C, *size) -> logits (B, classes); position masking only in training."""
-        pos = self.masked_positions(len(images), images.device) if self.training and self.cfg.pos_mask > 0 else None
+        """uint8 or float inputs (B, C, *size) -> logits (B, classes). In training with --pos-mask a fresh share of
+        the patch tokens' positions is zeroed (8.1's "mask out 20%"): those must be placed by their content."""
+        pos = None
+        if self.training and self.cfg.pos_mask > 0:
+            B, N = len(images), math.prod(self.cfg.grid)
+            masked = as_mask(random_split(B, N, self.cfg.pos_mask, images.device)[1], N)  # (B, N)
+            keep = torch.cat([torch.ones(B, 1, device=images.device), (~masked).float()], dim=1)  # (B, 1 + N)
+            pos = self.encoder.pos_embed * keep[..., None]  # (B, 1 + N, D), the class token's kept
         return self.encoder.head(self.encoder.pool(encode_grid(self.encoder, self.normalize, images, pos))).float()
 
     def forward(self, images, labels):
@@ -482,8 +454,7 @@ def knn_predict(bank, bank_labels, queries, k=20, temperature=0.07, chunk=1024):
     preds = []
     for q in queries.split(chunk):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k) the nearest neighbours
-        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(
-            1, bank_labels[idx], (sim / temperature).exp()
-        )
+        weight = (sim / temperature).exp()  # (q, k)
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_labels[idx], weight)
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)

@@ -1,9 +1,6 @@
 """The Vision Transformer that every method here trains, in timm / DINO parameter names (as DINO's
-vision_transformer.py): config and presets, attention, blocks, the encoder, its inits and position embeddings.
-
-It reads a sequence of patches that may come from anywhere (PART's crops, `patchify`'s grid) and adds a class
-token and position embeddings only when its config asks for them (finetuning). ViTDet's windowed attention
-serves detection (detect.py), a shared key/value context MP3 (baselines.py).
+vision_transformer.py). It reads patches from anywhere (PART's crops, `patchify`'s grid), adds a class token and
+position embeddings only when its config asks (finetuning); ViTDet's windows serve detect.py, a key/value context MP3.
 """
 
 import math
@@ -175,7 +172,7 @@ class VisionTransformer(nn.Module):
         D = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D, cfg.patch_ndim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
-        num_pos = math.prod(cfg.pos_grid) + int(cfg.class_token) if cfg.pos_grid else 0
+        num_pos = math.prod(cfg.pos_grid) + int(cfg.class_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, D)) if cfg.pos_grid else None
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         windows = [0 if i in cfg.global_blocks else cfg.window for i in range(cfg.depth)]
@@ -196,12 +193,9 @@ class VisionTransformer(nn.Module):
         return resize_pos_embed(self.pos_embed, self.cfg.pos_grid, grid, int(self.cfg.class_token))
 
     def forward_features(self, patches, pos=None, grid=None, context=None):
-        """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first).
-
-        pos (B or 1, T, D): position embeddings the caller computed (MAE's sin-cos, a masked share), else the
-        encoder's own. grid (h, w): the token grid of on-grid patches (windows, resized embeddings; detection).
-        context (B, M): the tokens that alone give keys and values in every block (MP3).
-        """
+        """(B, N, C, *patch) -> tokens (B, T, D), T = N (+1 with a class token first). pos (B or 1, T, D): the
+        caller's position embeddings, else the encoder's own; grid (h, w): the token grid (windows, resized
+        embeddings; detection); context (B, M): the tokens that alone give keys and values (MP3)."""
         x = self.patch_embed(patches)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)

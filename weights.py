@@ -4,9 +4,6 @@ config.json + model.safetensors in the layout of timm's hub exports).
 
     python train.py export --ckpt out/pretrain/checkpoint.pt        # -> out/export
     model = timm.create_model("local-dir:out/export", pretrained=True)
-
-timm's config.json is what its `save_config_for_hf` writes and `_parse_model_cfg` reads (timm/models/_hub.py):
-the architecture (a registered model function), model_args that override its defaults, the pretrained_cfg.
 """
 
 import json
@@ -17,7 +14,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import baselines
 import data
@@ -27,11 +23,8 @@ from vit import PRESETS, ViTConfig, VisionTransformer, resize_pos_embed
 DEFAULT_INIT = "out/pretrain/checkpoint.pt"  # where `train.py pretrain` writes by default
 KINDS = {  # what a checkpoint's config "kind" says it is
     **{
-        m: f"a {model.__name__} 2D pretraining checkpoint (train.py pretrain --method {m})"
-        for m, (_, model) in baselines.METHODS.items()
-    },
-    **{
-        f"{m}1d": f"a {model.__name__} 1D pretraining checkpoint (sleep1d.py pretrain --method {m})"
+        m + suffix: f"a {model.__name__} {d}D pretraining checkpoint ({script} pretrain --method {m})"
+        for suffix, d, script in (("", 2, "train.py"), ("1d", 1, "sleep1d.py"))
         for m, (_, model) in baselines.METHODS.items()
     },
     "classifier": "an image classifier (train.py finetune)",
@@ -66,10 +59,8 @@ def read_checkpoint(path, kinds, foreign=False):
     config = config if isinstance(config, dict) else {}
     kind = config.get("kind")
     if kind not in kinds and not (foreign and kind is None):
-        got = KINDS.get(
-            kind,
-            f"a checkpoint of kind {kind!r}" if kind else "not a checkpoint of this project (its config names no kind)",
-        )
+        no_kind = "not a checkpoint of this project (its config names no kind)"
+        got = KINDS.get(kind, f"a checkpoint of kind {kind!r}" if kind else no_kind)
         fail(f"{path} is {got}; expected " + " or ".join(KINDS[k] for k in kinds))
     if not foreign and "model" not in ckpt:
         fail(f"{path} holds no weights under 'model': expected the checkpoint.pt of a training run")
@@ -77,13 +68,9 @@ def read_checkpoint(path, kinds, foreign=False):
 
 
 def encoder_state_dict(checkpoint):
-    """The encoder's weights in timm's names from a training dict, {"state_dict": ...} or a bare state dict.
-
-    DDP's "module." and torch.compile's "_orig_mod." go; of a model with an `encoder` the pretext parts
-    (heads, decoders, mask tokens) go too, but the fixed position embeddings it was pretrained with
-    (MAE's, DropPos', PART's with --pos-mask) stay as pos_embed (1, N, D), with a zero slot first for a
-    pretrained class token, as their code has it.
-    """
+    """The encoder's weights in timm's names from a training dict, {"state_dict": ...} or a bare state dict;
+    of a pretraining model the pretext parts go, but its fixed position embeddings (MAE's, DropPos', PART
+    --pos-mask's) stay as pos_embed (1, [1 +] N, D), a class token's zero slot first as in their code."""
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     if not any(k.startswith("encoder.") for k in state):
@@ -91,7 +78,7 @@ def encoder_state_dict(checkpoint):
     encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     if "fixed_pos_embed" in state:
         fixed = state["fixed_pos_embed"]  # (1, N, D)
-        encoder["pos_embed"] = F.pad(fixed, (0, 0, 1, 0)) if "cls_token" in encoder else fixed
+        encoder["pos_embed"] = baselines.class_slot(fixed) if "cls_token" in encoder else fixed
     return encoder
 
 
@@ -102,10 +89,8 @@ def vit_of_state(state, fallback):
     D, C, P = weight.shape[0], weight.shape[1], weight.shape[-1]
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * D
-    heads = next(
-        (p["num_heads"] for p in PRESETS.values() if (p["embed_dim"], p["depth"]) == (D, depth)),
-        max(1, D // 64),
-    )
+    preset_heads = {(p["embed_dim"], p["depth"]): p["num_heads"] for p in PRESETS.values()}
+    heads = preset_heads.get((D, depth), max(1, D // 64))
     return replace(
         fallback, embed_dim=D, depth=depth, num_heads=heads, mlp_ratio=hidden / D, in_chans=C, patch_size=P,
         patch_ndim=weight.ndim - 2,
@@ -119,11 +104,9 @@ def pretrained_encoder(path, patch_ndim=2):
     """(encoder weights in timm's names, the checkpoint's config or {} for a foreign state dict); stops with
     one line when the file is missing or holds no `patch_ndim`-D encoder to start from."""
     if not Path(path).is_file():
-        fail(
-            f"{path} not found: finetuning starts from a PART checkpoint; run `python "
-            f"{'train.py' if patch_ndim == 2 else 'sleep1d.py'} "
-            "pretrain` first, or pass --init PATH, or --init scratch for the supervised baseline"
-        )
+        script = "train.py" if patch_ndim == 2 else "sleep1d.py"
+        fail(f"{path} not found: finetuning starts from a PART checkpoint; run `python {script} pretrain` first, or "
+             "pass --init PATH, or --init scratch for the supervised baseline")
     ckpt, config = read_checkpoint(path, ENCODER_KINDS[patch_ndim], foreign=True)
     ndim = config.get("model", {}).get("vit", {}).get("patch_ndim", patch_ndim)
     if ndim != patch_ndim:  # an export of the other kind of ViT
@@ -168,13 +151,9 @@ def resize_positions(pos_embed, source, encoder):
 
 def load_encoder(encoder, state, source=None, path="checkpoint", main=False):
     """Encoder weights into `encoder`, the ViT of a classifier, sleep stager or detector (source: the
-    checkpoint's model config) -> (keys left at init, keys ignored), printed when `main`.
-
-    The class token, position embeddings and head the new model adds start fresh unless the weights bring
-    them in shape; position embeddings the weights bring (a finetuned model's, MAE's, DropPos' or PART
-    --pos-mask's fixed ones) are resized to the new grid and kept. PART pretrains without them, so its new
-    ones start fresh, as the paper's. Every other weight must come from `state` in shape, or it stops.
-    """
+    checkpoint's model config) -> (keys left at init, keys ignored), printed when `main`. Class token, head and
+    position embeddings start fresh unless `state` brings them (positions resized to the new grid); every other
+    weight must come from `state` in shape, or it stops."""
     state, note = dict(state), ""
     if "pos_embed" in state and encoder.pos_embed is not None and source and source.get("vit"):
         state["pos_embed"], note = resize_positions(state["pos_embed"], source, encoder)
@@ -183,10 +162,8 @@ def load_encoder(encoder, state, source=None, path="checkpoint", main=False):
     state = {k: v for k, v in state.items() if k not in fresh or v.shape == own[k].shape}  # else left at init
     missing = [k for k in own if k not in state and k not in fresh]
     if missing:
-        raise UserError(
-            f"{path} lacks encoder weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: not a PART/ViT "
-            "checkpoint?"
-        )
+        more = " ..." if len(missing) > 5 else ""
+        raise UserError(f"{path} lacks encoder weights {missing[:5]}{more}: not a PART/ViT checkpoint?")
     wrong = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
     if wrong:
         shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]]
@@ -195,10 +172,8 @@ def load_encoder(encoder, state, source=None, path="checkpoint", main=False):
     encoder.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     fresh = [k for k in fresh if k not in state]
     if main:
-        print(
-            f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: "
-            f"{', '.join(unexpected) or 'none'}"
-        )
+        print(f"encoder from {path}; {note + '; ' if note else ''}new: {', '.join(fresh) or 'none'}; ignored: "
+              f"{', '.join(unexpected) or 'none'}")
     return fresh, unexpected
 
 
@@ -223,11 +198,10 @@ def frozen_encoder(path, random_init, data_name=None):
     model = config.get("model") or foreign_model(path, state, data_name)
     vit = replace(ViTConfig(**model["vit"]), num_classes=0)
     name = data_name or config.get("data")
-    if random_init:
-        return VisionTransformer(replace(vit, pos_grid=())).eval(), model, name
-    grid = tuple(s // vit.patch_size for s in model["img_size"])
-    encoder = VisionTransformer(replace(vit, pos_grid=grid if "pos_embed" in state else ()))
-    load_encoder(encoder, state, model, path)
+    grid = tuple(s // vit.patch_size for s in model["img_size"]) if "pos_embed" in state and not random_init else ()
+    encoder = VisionTransformer(replace(vit, pos_grid=grid))
+    if not random_init:
+        load_encoder(encoder, state, model, path)
     return encoder.eval(), model, name
 
 
@@ -240,8 +214,6 @@ TIMM_ARCHITECTURES = {  # the timm model function named for each preset of the s
 }
 PHOTOS = ("in1k", "imagefolder", "images")  # data.eval_transform's DeiT centre crop (crop_pct 0.875)
 PROBE_EPS = 1e-6  # the eps of part.Classifier's linear-probe BatchNorm
-
-
 EXPORT_FILES = {"encoder.pt", "encoder.json", "config.json", "model.safetensors"}
 
 
@@ -266,18 +238,13 @@ def export(ckpt, out_dir):
     save_checkpoint(building / "encoder.pt", state)
     write_atomic(building / "encoder.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     timm = write_timm_export(building, state, model, kind, config.get("data"))
-    replace_folder(building, out)
+    stale = out.with_name(f"{out.name}.{os.getpid()}.old")  # the old export, removed once the new one is in place
+    if out.exists():
+        os.replace(out, stale)
+    os.replace(building, out)
+    shutil.rmtree(stale, ignore_errors=True)
     print(f"wrote {len(state)} tensors to {out / 'encoder.pt'} and their config to {out / 'encoder.json'}")
     print(timm.replace(str(building), str(out)))
-
-
-def replace_folder(new, old):
-    """new renamed to old, the old folder (if any) removed after: at no moment a half-written folder at old."""
-    stale = old.with_name(f"{old.name}.{os.getpid()}.old")
-    if old.exists():
-        os.replace(old, stale)
-    os.replace(new, old)
-    shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_timm_export(out_dir, state, model_config, kind, data_name):
@@ -303,8 +270,8 @@ def write_timm_export(out_dir, state, model_config, kind, data_name):
 
 
 def timm_config(model_config, kind, data_name, positions):
-    """timm's config.json for a model of `kind` (a pretraining method or classifier) with `model_config`, trained
-    on `data_name`, whose weights bring position embeddings or not; ValueError for a 1D model."""
+    """timm's config.json (what timm/models/_hub.py reads) for a model of `kind` (a pretraining method or
+    classifier) with `model_config`, trained on `data_name`, with or without positions; ValueError for 1D."""
     vit = model_config["vit"]
     if vit["patch_ndim"] != 2:
         raise ValueError(f"timm has no {vit['patch_ndim']}D ViT (its vision_transformer takes images)")
@@ -338,10 +305,8 @@ def timm_architecture(vit):
     """timm's ViT of the same width, depth and heads, else ViT-B's: model_args override all its sizes, so
     any would do; the name tells the size."""
     size = {k: vit[k] for k in ("embed_dim", "depth", "num_heads")}
-    return next(
-        (name for preset, name in TIMM_ARCHITECTURES.items() if PRESETS[preset] == size),
-        TIMM_ARCHITECTURES["vit_b"],
-    )
+    same = [name for preset, name in TIMM_ARCHITECTURES.items() if PRESETS[preset] == size]
+    return same[0] if same else TIMM_ARCHITECTURES["vit_b"]
 
 
 def timm_model_args(model_config, kind, positions):
