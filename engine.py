@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -64,7 +64,7 @@ def fit(
             print(describe_start(recipe, dd, eff_batch, lr, steps_per_epoch))
         wrapped, t_run = wrap(model, recipe, dd), time.perf_counter()
         purge_step = first_epoch * steps_per_epoch + first_step + 1  # the first step this start logs
-        with closing(RunLog(out_dir, recipe.tensorboard, purge_step)) if dd.main else nullcontext() as log:
+        with RunLog(out_dir, recipe.tensorboard, purge_step) if dd.main else nullcontext() as log:
             for epoch in range(first_epoch, recipe.epochs):
                 step = first_step if epoch == first_epoch else 0
                 train_loader.sampler.set_epoch(epoch)
@@ -432,8 +432,7 @@ def local_device():
 
 
 def setup_distributed():
-    """Distributed when torchrun (RANK) or srun (SLURM's task variables) launched us, else one process. Rank r takes
-    GPU LOCAL_RANK modulo the visible GPUs (SLURM may show each task one); fp32 matmuls (detection's heads) in TF32."""
+    """Distributed when torchrun or srun launched us, else one process; rank r on GPU LOCAL_RANK % visible GPUs."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -617,8 +616,7 @@ def stop_on_signals():
 
 
 def with_record(config, recipe, dd, eff_batch, lr):
-    """The run's config plus the world size and effective batch, checked on resume like the recipe (another GPU count
-    changes batch and lr), and under "record", which resume ignores, what ran it: command, commit, versions, device."""
+    """The config plus world size and effective batch, checked on resume, and under "record" what ran it."""
     cuda = dd.device.type == "cuda"
     record = {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], **git_state(), "versions": versions(),
               "device": torch.cuda.get_device_name(dd.device) if cuda else f"CPU, {torch.get_num_threads()} threads",
@@ -679,7 +677,10 @@ class RunLog:
                     self.events.add_scalar(name, value, row["step"])
             self.events.flush()
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.file.close()
         if self.events:
             self.events.close()
@@ -732,8 +733,7 @@ def read_run_checkpoint(path, config):
 
 
 def resume(out_dir, model, optimizer, config, dd, steps_per_epoch):
-    """out_dir's checkpoint.pt into model and optimizer -> (epochs done, steps done of the next, best, metrics), and
-    log.jsonl cut back to it. Every rank must see rank 0's checkpoint, or their replicas would diverge."""
+    """out_dir's checkpoint.pt into model and optimizer -> (epochs done, steps of the next, best, metrics)."""
     ckpt_path = out_dir / "checkpoint.pt"
     with together(dd):
         ckpt = read_run_checkpoint(ckpt_path, config) if ckpt_path.exists() else None
