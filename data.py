@@ -69,10 +69,8 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
     check_stats(mean, std)
     if mean or std:
         if not len(mean) == len(std) == chans:
-            raise UserError(
-                f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, each flag "
-                "repeated"
-            )
+            raise UserError(f"--mean {list(mean)} and --std {list(std)}: give one value per input channel, {chans}, "
+                            "each flag repeated")
         return DataInfo(chans, img_size or info.img_size, info.num_classes, tuple(mean), tuple(std))
     mean, std = info.mean, info.std
     if chans != info.in_chans:  # e.g. grayscale ImageNet: average the per-channel statistics
@@ -82,14 +80,11 @@ def data_info(name, img_size=None, in_chans=None, mean=(), std=()):
 
 def check_stats(mean, std):
     """--mean and --std normalise as (x - mean) / std: each must be finite, and std > 0."""
-    bad = [f"--mean {m}" for m in mean if not math.isfinite(m)] + [
-        f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)
-    ]
+    bad = [f"--mean {m}" for m in mean if not math.isfinite(m)]
+    bad += [f"--std {s}" for s in std if not (math.isfinite(s) and s > 0)]
     if bad:
-        raise UserError(
-            f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
-            "and each --std finite and > 0"
-        )
+        raise UserError(f"{', '.join(bad)}: inputs are normalised as (x - mean) / std, so each --mean must be finite "
+                        "and each --std finite and > 0")
 
 
 # ---------------------------------------------------------------- in-memory sets
@@ -160,21 +155,18 @@ def load_fashion_mnist(data_dir, split):
 def load_cifar(data_dir, split, classes):
     folder, label_key = ("cifar-10-batches-py", b"labels") if classes == 10 else ("cifar-100-python", b"fine_labels")
     root = Path(data_dir or ".") / folder
-    names = (
-        ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"])
-        if classes == 10
-        else [split if split == "train" else "test"]
-    )
-    images, labels = [], []
+    if classes == 10:
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    else:
+        names = [split if split == "train" else "test"]
+    batches = []
     for name in names:
         path = root / name
         if not path.is_file():
-            raise UserError(
-                f"{path} not found: --data-dir must hold {folder}/ with {names} (the CIFAR 'python version')"
-            )
-        batch_images, batch_labels = read_cifar_batch(path, label_key)
-        images.append(batch_images)
-        labels.append(batch_labels)
+            raise UserError(f"{path} not found: --data-dir must hold {folder}/ with {names} "
+                            "(the CIFAR 'python version')")
+        batches.append(read_cifar_batch(path, label_key))
+    images, labels = zip(*batches)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -209,10 +201,8 @@ SKIP_HINT = "; --skip-bad-files skips such files"
 
 
 def full_range(img):
-    """A high-bit-depth grayscale image as 8-bit "L" over its full range: 16-bit integers (PIL modes
-    "I;16*", and "I", the mode older Pillow reads 16-bit PNGs in) by their high byte, floats ("F") taken
-    to span [0, 1]. PIL's own convert() clips them to 0..255, so most 16-bit pixels read as white.
-    Other modes (P, LA, CMYK, ...) convert() maps faithfully: returned as they are."""
+    """A 16-bit ("I;16*", "I") or float ("F", taken as [0, 1]) grayscale image as 8-bit "L" over its full range, where
+    PIL's convert() would clip to 0..255 and read most pixels as white; other modes are returned as they are."""
     if img.mode.startswith("I"):
         pixels = np.asarray(img).astype(np.int64) >> 8  # 0..65535 -> 0..255
     elif img.mode == "F":
@@ -223,9 +213,8 @@ def full_range(img):
 
 
 def read_image_file(path, mode, skippable=False):
-    """A PIL image of the file at `path`, decoded in full and converted to `mode`; BadImageFile when
-    it is missing, truncated or not an image (saying that --skip-bad-files would skip it, if skippable).
-    Every reader of image files here (datasets, detect.py's COCO images, train.py show's --image) calls it."""
+    """The file at `path` decoded in full and converted to `mode`, the one reader of image files here; BadImageFile
+    when it is missing, truncated or not an image (naming --skip-bad-files if skippable)."""
     try:
         with Image.open(path) as img, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "(?i).*exif")  # a camera's odd EXIF would print inside the progress bar
@@ -348,68 +337,45 @@ BICUBIC = v2.InterpolationMode.BICUBIC  # MAE's, DeiT's and timm's resizing (int
 def pretrain_transform(info, name):
     """Pretraining augmentation: MAE's random resized crop and flip for large photos, flip alone for small sets."""
     if name in ("in1k", "imagefolder", "images"):
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), interpolation=BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.PILToTensor(),
-            ]
-        )
+        crop = v2.RandomResizedCrop(info.img_size, scale=(0.2, 1.0), interpolation=BICUBIC, antialias=True)
+        return v2.Compose([crop, v2.RandomHorizontalFlip(), v2.PILToTensor()])
     return v2.Compose([*resize_if_needed(info, name), v2.RandomHorizontalFlip()])
 
 
 def eval_transform(info, name):
     """Held-out images: resize to 1/0.875 and centre crop (DeiT) for photos, resize only for small sets."""
     if name in ("in1k", "imagefolder", "images"):
-        return v2.Compose(
-            [
-                v2.Resize(int(info.img_size / 0.875), interpolation=BICUBIC, antialias=True),
-                v2.CenterCrop(info.img_size),
-                v2.PILToTensor(),
-            ]
-        )
+        resize = v2.Resize(int(info.img_size / 0.875), interpolation=BICUBIC, antialias=True)
+        return v2.Compose([resize, v2.CenterCrop(info.img_size), v2.PILToTensor()])
     return v2.Compose(resize_if_needed(info, name) or [v2.Identity()])
 
 
 def resize_if_needed(info, name):
     """Small in-memory sets are used at their native size unless --img-size asks otherwise."""
-    return (
-        []
-        if info.img_size == DATASETS[name].img_size
-        else [v2.Resize(info.img_size, interpolation=BICUBIC, antialias=True)]
-    )
+    if info.img_size == DATASETS[name].img_size:
+        return []
+    return [v2.Resize(info.img_size, interpolation=BICUBIC, antialias=True)]
 
 
 def finetune_transform(info, name, randaug_n, randaug_m, reprob):
     """DeiT's finetuning augmentation, torchvision's ops on uint8: random resized crop for photos
     (random crop with 1/8 padding for small sets), flip, RandAugment(n, m), RandomErasing(p)."""
     if name in ("in1k", "imagefolder"):
-        crop = [
-            v2.RandomResizedCrop(info.img_size, interpolation=BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.PILToTensor(),
-        ]
+        resized_crop = v2.RandomResizedCrop(info.img_size, interpolation=BICUBIC, antialias=True)
+        crop = [resized_crop, v2.RandomHorizontalFlip(), v2.PILToTensor()]
     else:
-        crop = [
-            *resize_if_needed(info, name),
-            v2.RandomCrop(info.img_size, padding=info.img_size // 8),
-            v2.RandomHorizontalFlip(),
-        ]
+        padded_crop = v2.RandomCrop(info.img_size, padding=info.img_size // 8)
+        crop = [*resize_if_needed(info, name), padded_crop, v2.RandomHorizontalFlip()]
     augment = [v2.RandAugment(randaug_n, randaug_m)] if randaug_n else []
     erase = [v2.RandomErasing(reprob)] if reprob else []
     return v2.Compose([*crop, *augment, *erase])
 
 
 def mix_collate(mixup, cutmix, num_classes):
-    """DeiT's MixUp / CutMix, one of them per batch, as a training collate_fn; None when both are off.
-
-    Labels become soft targets (B, classes); images become floats in [0, 1] so they can be blended.
-    """
-    mixes = [
-        mix(alpha=alpha, num_classes=num_classes)
-        for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
-        if alpha > 0
-    ]
+    """DeiT's MixUp / CutMix, one of them per batch, as a training collate_fn; None when both are off. Labels become
+    soft targets (B, classes), images floats in [0, 1] to be blended."""
+    kinds = ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in kinds if alpha > 0]
     return partial(mix_batch, mix=v2.RandomChoice(mixes)) if mixes else None
 
 
@@ -427,20 +393,15 @@ def build_dataset(name, data_dir, split, info, transform):
     if name in ("fashion-mnist", "cifar10", "cifar100"):
         if info.in_chans != DATASETS[name].in_chans:
             raise UserError(f"--in-chans {info.in_chans}: {name} images have {DATASETS[name].in_chans} channel(s)")
-        images = (
-            load_fashion_mnist(data_dir, split)
-            if name == "fashion-mnist"
-            else load_cifar(data_dir, split, 10 if name == "cifar10" else 100)
-        )
-        return TensorImages(*images, transform)
+        if name == "fashion-mnist":
+            return TensorImages(*load_fashion_mnist(data_dir, split), transform)
+        return TensorImages(*load_cifar(data_dir, split, 10 if name == "cifar10" else 100), transform)
     if not data_dir:
         raise UserError(f"--data {name} needs --data-dir")
     if info.in_chans not in FILE_MODES:
-        raise UserError(
-            f"--in-chans {info.in_chans}: image files are read as "
-            f"{', '.join(f'{c} ({m})' for c, m in FILE_MODES.items())} "
-            "channels; for other counts, train from a Dataset of uint8 (C, H, W) tensors in your own code"
-        )
+        modes = ", ".join(f"{c} ({m})" for c, m in FILE_MODES.items())
+        raise UserError(f"--in-chans {info.in_chans}: image files are read as {modes} channels; for other counts, "
+                        "train from a Dataset of uint8 (C, H, W) tensors in your own code")
     mode = FILE_MODES[info.in_chans]
     if name == "images":
         dataset = image_files(data_dir, split, mode, transform)

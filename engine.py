@@ -1,10 +1,9 @@
-"""The training loop of every command here (train.py, sleep1d.py and detect.py build a model and data, then call
-`fit`), and below it the run's hygiene: distributed setup, the out-dir lock, atomic checkpoints, signals, resume.
+"""The training loop of every command (train.py, sleep1d.py and detect.py build a model and data, then call `fit`),
+and below it the run's hygiene: distributed setup, the out-dir lock, atomic checkpoints, signals, resume.
 
     fit: loaders -> AdamW -> lock -> resume -> wrap (DDP, compile) -> epochs of train_one_epoch + evaluate + save
 
-A model is anything whose forward(x, y) returns (loss, metrics); the engine reads nothing else of it but its
-parameters and state. What a run survives: README, "What is safe".
+A model is anything whose forward(x, y) returns (loss, metrics). What a run survives: README, "What is safe".
 """
 
 import fcntl
@@ -40,13 +39,8 @@ def fit(
     model, train_set, val_set, recipe, out_dir, config, dd, best_key=None, evaluate_fn=None, collate_fn=None,
     train_collate_fn=None, precision=None, on_epoch=None,
 ):
-    """Train model, resuming from out_dir's checkpoint.pt, -> the last held-out metrics.
-
-    out_dir gets checkpoint.pt (each epoch, and at a stop or every --save-every-min within one), checkpoint_best.pt
-    (when metrics[best_key] rises) and log.jsonl. evaluate_fn(model, loader, dd, seed) -> metrics (default
-    `evaluate`); train_collate_fn batches the training set alone (MixUp); precision(device) is forward's context
-    (default `autocast`); on_epoch(epoch, epochs) runs before each epoch.
-    """
+    """Train model, resuming from out_dir's checkpoint.pt, -> the last held-out metrics. out_dir gets checkpoint.pt,
+    checkpoint_best.pt (when metrics[best_key] rises) and log.jsonl; train_collate_fn batches training alone (MixUp)."""
     out_dir, precision = Path(out_dir), precision or autocast
     evaluate_fn = evaluate_fn or partial(evaluate, precision=precision)
     train_collate_fn = train_collate_fn or collate_fn
@@ -100,9 +94,7 @@ def train_one_epoch(
     model, loader, optimizer, schedule, precision, recipe, dd, epoch, first_step, steps_per_epoch, out_dir, signals,
     log, save,
 ):
-    """One epoch from optimizer step first_step on: forward, backward, and every `accum` micro-batches a step, a log
-    row and what all ranks agree on (a signal: save and stop; --save-every-min: save; a non-finite loss: stop).
-    Micro-batch i's randomness (pairs, drop-path) is seeded from (seed, rank, epoch, i): a resumed epoch repeats it."""
+    """Optimizer steps first_step.. of an epoch; micro-batch i seeded by (seed, rank, epoch, i): a resume repeats it."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     micro_batches, first = steps_per_epoch * recipe.accum, first_step * recipe.accum
@@ -204,10 +196,8 @@ def report_epoch(dd, summary, log, eta_s, metrics, best_key, best):
         if dd.main:
             if torch.cuda.is_available():
                 summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            print(
-                " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-                + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else "")
-            )
+            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+            print(line + (f"; about {eta_s / 60:.1f} min to go" if eta_s is not None else ""))
             log.write(summary)
             if best_key is not None and best_key not in metrics:
                 fail(f"the held-out evaluation gave no {best_key!r} to keep the best checkpoint by "
@@ -218,8 +208,7 @@ def report_epoch(dd, summary, log, eta_s, metrics, best_key, best):
 
 def save_run(dd, out_dir, model, optimizer, config, steps_per_epoch, epochs_done, epoch_step, best, metrics,
              improved=False):
-    """The run after epochs_done epochs and epoch_step steps of the next, written by rank 0 while the others wait to
-    learn whether it worked. The best goes first: a crash between the writes never leaves a best behind the last."""
+    """The run after epochs_done epochs + epoch_step steps, by rank 0; the best first, so it never trails the last."""
     with together(dd):
         if dd.main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
@@ -270,8 +259,7 @@ def lr_at(step, lr, warmup_steps, total_steps, min_lr, drop_steps=()):
 
 
 def lr_schedule(recipe, batches, world):
-    """-> optimizer steps per epoch, effective batch, peak lr (--lr, else blr x effective batch / 256, MAE's
-    rule), and the schedule: step -> lr."""
+    """-> optimizer steps per epoch, effective batch, peak lr (--lr, else MAE's blr x batch / 256), step -> lr."""
     steps_per_epoch = batches // recipe.accum
     if steps_per_epoch == 0:
         fail(f"--accum {recipe.accum} is more than the {batches} batches of an epoch")
@@ -285,23 +273,16 @@ def lr_schedule(recipe, batches, world):
 
 def describe_start(recipe, dd, eff_batch, lr, steps_per_epoch):
     """The line that opens a run: the batch arithmetic and the lr it gives."""
-    return (
-        f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = {eff_batch} "
-        "effective; "
-        + (f"lr {lr:.3g} (--lr)" if recipe.lr else f"base lr {recipe.blr:.3g} -> lr {lr:.3g}")
-        + (f", below --min-lr {recipe.min_lr:.3g}: the cosine rises to it" if lr < recipe.min_lr else "")
-        + f"; {steps_per_epoch} steps/epoch, {recipe.epochs * steps_per_epoch} steps in all; device {dd.device}"
-    )
-
-
-def encoder_name(name):
-    """A parameter's name inside the ViT: after the last "encoder." (PART, classifiers, detect.py's backbone)."""
-    return name.rpartition("encoder.")[2]
+    lr_from = f"lr {lr:.3g} (--lr)" if recipe.lr else f"base lr {recipe.blr:.3g} -> lr {lr:.3g}"
+    below = f", below --min-lr {recipe.min_lr:.3g}: the cosine rises to it" if lr < recipe.min_lr else ""
+    return (f"batch {recipe.batch_size}/process x {dd.world} processes x {recipe.accum} accumulation = {eff_batch} "
+            f"effective; {lr_from}{below}; {steps_per_epoch} steps/epoch, {recipe.epochs * steps_per_epoch} steps in "
+            f"all; device {dd.device}")
 
 
 def layer_id(name, depth):
-    """0 for embeddings and tokens, i+1 for blocks.i, depth+1 for everything after the blocks (BEiT)."""
-    name = encoder_name(name)
+    """0 for embeddings and tokens, i+1 for blocks.i, depth+1 after the blocks (BEiT); names read after "encoder."."""
+    name = name.rpartition("encoder.")[2]
     if name.startswith(("patch_embed", "cls_token", "pos_embed")):
         return 0
     if name.startswith("blocks."):
@@ -310,10 +291,8 @@ def layer_id(name, depth):
 
 
 def param_groups(model, weight_decay, layer_decay):
-    """AdamW groups: no decay on norms, biases, tokens and position embeddings (ndim < 2),
-    and, with layer_decay < 1, lr scaled by layer_decay ** (depth + 1 - layer)."""
-    blocks = [encoder_name(n) for n, _ in model.named_parameters() if encoder_name(n).startswith("blocks.")]
-    depth = 1 + max((int(n.split(".")[1]) for n in blocks), default=-1)
+    """AdamW groups: no decay where ndim < 2 (norms, biases) or on tokens; lr x layer_decay ** (depth + 1 - layer)."""
+    depth = max((layer_id(n, -1) for n, _ in model.named_parameters()), default=0)  # blocks; -1: none after them
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -329,9 +308,7 @@ def param_groups(model, weight_decay, layer_decay):
 
 def autocast(device):
     """bf16 autocast on CUDA (no GradScaler needed), plain fp32 on CPU; detection passes its own precision."""
-    if device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def wrap(model, recipe, dd):
@@ -343,8 +320,7 @@ def wrap(model, recipe, dd):
 
 
 def agree_on_buffers(model, dd):
-    """Every rank takes rank 0's buffers (a probe's BatchNorm statistics): DDP broadcasts them before each forward,
-    so after an epoch's last step each rank holds its own update."""
+    """Every rank takes rank 0's buffers (BatchNorm's): DDP syncs them before a forward, not after the last step."""
     if dd.world > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
@@ -352,8 +328,7 @@ def agree_on_buffers(model, dd):
 
 @torch.no_grad()
 def evaluate(model, loader, dd, seed, precision=autocast):
-    """Metrics averaged over a held-out set, weighted by batch size and summed over processes. Under a fixed seed
-    (PART's sampler and pairs are random), so that epochs compare like with like; the training RNG is restored."""
+    """Held-out metrics averaged over all ranks' items, under a fixed seed (PART's pairs) so epochs compare alike."""
     model.eval()
     sums, count = {}, 0
     devices = [dd.device] if dd.device.type == "cuda" else []
@@ -379,8 +354,7 @@ def derive_seed(*parts):
 
 
 class Seeded(Dataset):
-    """A training set read as dataset[(index, seed)], the RNG seeded before each item's augmentation: an image's
-    crop and flip depend on (seed, epoch, index) alone, not on the workers or where a run resumed."""
+    """dataset[(index, seed)], the RNG seeded first: an item's augmentation depends on (seed, epoch, index) alone."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -395,8 +369,7 @@ class Seeded(Dataset):
 
 
 class TrainSampler(DistributedSampler):
-    """DistributedSampler's order (seed, epoch; each rank its shard) as (index, augmentation seed) pairs for
-    `Seeded`, from item `skip` on: an epoch resumed part-way leaves out the items its steps have seen."""
+    """DistributedSampler's order as (index, seed) pairs for `Seeded`, from item `skip` on (a part-way resume)."""
 
     skip = 0
 
@@ -420,9 +393,7 @@ def to_device(batch, device):
 
 
 def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
-    """Each process its shard, in an order that depends on (seed, epoch) alone; a training item's augmentation on
-    (seed, epoch, index) (`Seeded`). A held-out set's rank r takes items r, r + world, ...: DistributedSampler would
-    pad the shards with repeated items, which an evaluation counts twice."""
+    """Each rank its shard in (seed, epoch) order; held-out items r, r + world, ... (DistributedSampler pads)."""
     if train and len(dataset) // dd.world < batch_size:
         fail(f"--batch-size {batch_size} is larger than the {len(dataset) // dd.world} training images per process")
     if train:
@@ -439,9 +410,7 @@ def make_loader(dataset, batch_size, dd, seed, workers, train, collate_fn=None):
 
 # ---------------------------------------------------------------- distributed setup and errors
 
-# every collective's limit: rank 0 evaluates alone (detect.py's COCOeval) and writes checkpoints while the others
-# wait in the next collective, which torch's default of 10 minutes cut short
-DIST_TIMEOUT = timedelta(minutes=60)
+DIST_TIMEOUT = timedelta(minutes=60)  # per collective: the others wait while rank 0 evaluates (COCOeval) or saves
 
 
 @dataclass(frozen=True)
@@ -463,8 +432,7 @@ def local_device():
 
 
 def setup_distributed():
-    """Distributed when torchrun (RANK) or srun (SLURM's task variables) launched us, else one process. Rank r takes
-    GPU LOCAL_RANK modulo the visible GPUs (SLURM may show each task one); fp32 matmuls (detection's heads) in TF32."""
+    """Distributed when torchrun or srun launched us, else one process; rank r on GPU LOCAL_RANK % visible GPUs."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -472,11 +440,10 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, local_device())
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
+    device = local_device()
+    if device.type == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world, timeout=DIST_TIMEOUT)
     flags = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT) if backend == "nccl" else None
@@ -484,9 +451,8 @@ def setup_distributed():
 
 
 def from_slurm(env):
-    """torchrun's variables from SLURM's where srun started one process per task and nothing set RANK (as timm and
-    MAE map them): rank, local rank and world size from the task's; the rendezvous on the job's first node at a port
-    derived from the job id, unless MASTER_ADDR / MASTER_PORT are given. A job of one task stays one process."""
+    """torchrun's variables from SLURM's where srun started one process per task (as timm and MAE map them); the
+    rendezvous on the job's first node, at a port derived from the job id. A job of one task stays one process."""
     if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", 1)) < 2:
         return
     env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NTASKS"]
@@ -503,15 +469,13 @@ def first_host(nodelist):
 
 
 def attempt_store():
-    """torchrun's store, its keys under this attempt's prefix: workers that --max-restarts starts again must not
-    read the addresses the last attempt left, or a rank that arrives early connects to a dead one."""
+    """torchrun's store under this attempt's prefix: a restarted worker must not reach the last attempt's ranks."""
     store, _, _ = next(dist.rendezvous("env://", timeout=DIST_TIMEOUT))
     return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def run(command):
-    """command(dd) inside the distributed setup. The group is destroyed after a good run only: after an error, other
-    ranks may be gone and NCCL's teardown would wait for them."""
+    """command(dd) in the distributed setup; the group destroyed after a good run only (NCCL waits for dead ranks)."""
     dd = setup_distributed()
     result = command(dd)
     if dd.world > 1:
@@ -520,8 +484,7 @@ def run(command):
 
 
 class UserError(Exception):
-    """A run cannot go on for what its user gave it (a setting, a file, the data) or did (a stop signal):
-    every program prints the message as one line (cli.Cli), and every rank the same one (`together`)."""
+    """A run cannot go on for what its user gave or did: one line printed (cli.Cli), the same on every rank."""
 
 
 def fail(message):
@@ -535,17 +498,13 @@ def first_line(e):
 
 @contextmanager
 def together(dd):
-    """A block any rank may stop with a UserError: every rank then raises the same message (the first rank's),
-    so none is left waiting in a collective for one that stopped alone."""
+    """A block any rank may stop with a UserError: every rank then raises the first rank's, so none waits alone."""
     error = None
     try:
         yield
     except UserError as e:
         error = str(e)
-    if dd.world > 1:
-        errors = [None] * dd.world
-        dist.all_gather_object(errors, error, group=dd.flags)
-        error = next((e for e in errors if e), None)
+    error = next((e for e in gather(dd, error) if e), None)
     if error:
         fail(error)
 
@@ -571,9 +530,7 @@ def gather(dd, value):
 
 
 def write_atomic(path, write):
-    """write(temporary), then rename it to path: a crash never leaves a half-written file, and a failed write (a
-    full disk) leaves path as it was and stops with one line. The temporary is this process's: nodes that share a
-    cache may write one file at once."""
+    """write(this process's temporary), then rename to path: no half-written file, even from nodes sharing a cache."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -603,12 +560,9 @@ def load_checkpoint(path, mmap=False):
 
 @contextmanager
 def out_dir_lock(out_dir, dd):
-    """The out-dir, created and locked by rank 0 for the run's life: one run at a time writes there. flock ends
-    with its process, so a killed run leaves no stale lock, and holds across NFS nodes."""
-    lock = None
+    """The out-dir, made and flock'ed by rank 0 for the run's life; flock ends with its process: no stale lock."""
     with together(dd):
-        if dd.main:
-            lock = take_lock(Path(out_dir))
+        lock = take_lock(Path(out_dir)) if dd.main else None
     try:
         yield
     finally:
@@ -635,16 +589,14 @@ def take_lock(out_dir):
     except OSError as e:  # a file system without flock (Lustre mounted without -o flock): run unlocked, and say so
         print(f"note: {out_dir} cannot be locked ({first_line(e)}); make sure no other run writes there")
     lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
     return lock
 
 
 @contextmanager
 def stop_on_signals():
-    """SIGINT, SIGTERM and SIGUSR1 (a scheduler's notices) append to the list yielded, which the loop reads at each
-    step: every rank then checkpoints and stops. A second signal 2 s later stops at once (torchrun forwards the
-    terminal's)."""
+    """SIGINT, SIGTERM and SIGUSR1 (a scheduler's notice) append to the list yielded: the loop then checkpoints and
+    stops. A second signal over 2 s later stops at once (torchrun forwards the terminal's own)."""
     received = []
 
     def note(signum, frame):
@@ -664,24 +616,22 @@ def stop_on_signals():
 
 
 def with_record(config, recipe, dd, eff_batch, lr):
-    """The run's config plus the world size and effective batch, checked on resume like the recipe (another GPU count
-    changes batch and lr), and under "record", which resume ignores, what ran it: command, commit, versions, device."""
+    """The config plus world size and effective batch, checked on resume, and under "record" what ran it."""
+    cuda = dd.device.type == "cuda"
     record = {"argv": [Path(sys.argv[0]).name, *sys.argv[1:]], **git_state(), "versions": versions(),
-              "device": device_name(dd.device), "devices": torch.cuda.device_count() if dd.device.type == "cuda" else 1,
-              "world_size": dd.world, "effective_batch": eff_batch, "lr": lr}
+              "device": torch.cuda.get_device_name(dd.device) if cuda else f"CPU, {torch.get_num_threads()} threads",
+              "devices": torch.cuda.device_count() if cuda else 1, "world_size": dd.world, "effective_batch": eff_batch,
+              "lr": lr}
     return {**config, "recipe": {**config.get("recipe", {}), "world_size": dd.world, "effective_batch": eff_batch},
             "record": record}
 
 
 def git_state():
     """The commit of the code that runs and whether its tree differs from it; None outside a git checkout."""
-    here = Path(__file__).parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    if commit.returncode:
+        git = partial(subprocess.run, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        commit, status = git(["git", "rev-parse", "HEAD"], check=True), git(["git", "status", "--porcelain"])
+    except (OSError, subprocess.SubprocessError):  # not a git checkout, or no git
         return {"commit": None, "dirty": None}
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
@@ -697,13 +647,8 @@ def versions():
     return found
 
 
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-
-
 def write_record(out_dir, config):
-    """out_dir/run.json: the config and its record as JSON a person reads without torch (timm's args.yaml); each
-    start adds itself to the list of starts."""
+    """out_dir/run.json: the config as JSON a person reads without torch (timm's args.yaml), plus a list of starts."""
     path = Path(out_dir) / "run.json"
     starts = json.loads(path.read_text()).get("starts", []) if path.is_file() else []
     record = {**config, "starts": [*starts, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **config["record"]}]}
@@ -711,11 +656,16 @@ def write_record(out_dir, config):
 
 
 class RunLog:
-    """Rank 0's rows in log.jsonl, one JSON row a line; with tensorboard, each number also a scalar at its row's step,
-    and earlier starts' events from purge_step on hidden, as resume cut log.jsonl back."""
+    """Rank 0's rows in log.jsonl, with tensorboard also as scalars (events from purge_step on, redone, hidden)."""
 
     def __init__(self, out_dir, tensorboard, purge_step):
-        self.events = tensorboard_writer(out_dir / "tensorboard", purge_step) if tensorboard else None
+        self.events = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional: imported for --tensorboard alone
+            except ImportError:
+                fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+            self.events = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
         self.file = open(out_dir / "log.jsonl", "a")
 
     def write(self, row):
@@ -736,14 +686,6 @@ class RunLog:
             self.events.close()
 
 
-def tensorboard_writer(folder, purge_step):
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional: imported for --tensorboard alone
-    except ImportError:
-        fail("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(str(folder), purge_step=purge_step)
-
-
 # ---------------------------------------------------------------- resume
 
 RESUMABLE = {  # the recipe settings a resume may change
@@ -761,8 +703,7 @@ def flat(config, prefix=""):
 
 
 def check_same_run(path, old_config, config):
-    """Stops when the checkpoint at path is of another model or data, or of another recipe or data location
-    unless --resume-changed."""
+    """Stops on a checkpoint of another model or data, or (without --resume-changed) recipe or data location."""
     old, new = flat(old_config), flat(config)
     changed = [  # record.*, what ran it (command, commit, versions), may differ in a rerun
         k for k in sorted(old.keys() | new.keys())
@@ -792,13 +733,13 @@ def read_run_checkpoint(path, config):
 
 
 def resume(out_dir, model, optimizer, config, dd, steps_per_epoch):
-    """out_dir's checkpoint.pt into model and optimizer -> (epochs done, steps done of the next, best, metrics); a
-    fresh start without one. log.jsonl is cut back to it. Rank 0 decides, and every rank must see what it sees (an
-    out-dir that all nodes share), or all stop with one line where their replicas would diverge."""
+    """out_dir's checkpoint.pt into model and optimizer -> (epochs done, steps of the next, best, metrics)."""
     ckpt_path = out_dir / "checkpoint.pt"
     with together(dd):
         ckpt = read_run_checkpoint(ckpt_path, config) if ckpt_path.exists() else None
-        best = best_so_far(ckpt, ckpt_path) if ckpt else -math.inf
+        best_path = out_dir / "checkpoint_best.pt"  # written first: a crash between the writes leaves it ahead
+        if ckpt and best_path.is_file():
+            ckpt["best"] = max(ckpt["best"], load_checkpoint(best_path, mmap=True)["best"])
     seen = gather(dd, ((ckpt["epoch"], ckpt["step"]) if ckpt else None, str(ckpt_path)))
     if seen[0][0] is None:
         if dd.main:  # the rows of an attempt killed before its first checkpoint are redone: they go
@@ -819,30 +760,19 @@ def resume(out_dir, model, optimizer, config, dd, steps_per_epoch):
             truncate_log(out_dir / "log.jsonl", log_position(ckpt))
             part_way = f" and {ckpt['epoch_step']} steps of epoch {ckpt['epoch'] + 1}" if ckpt["epoch_step"] else ""
             print(f"resuming from {ckpt_path} after epoch {ckpt['epoch']}{part_way}")
-    return ckpt["epoch"], epoch_step, best, ckpt["metrics"]
-
-
-def best_so_far(ckpt, ckpt_path):
-    """The metric a new best must beat: checkpoint_best.pt's, written first and so never behind the last
-    checkpoint's record (a crash may fall between the two writes)."""
-    best_path = ckpt_path.parent / "checkpoint_best.pt"
-    if best_path.is_file():
-        return max(ckpt["best"], load_checkpoint(best_path, mmap=True)["best"])
-    return ckpt["best"]
+    return ckpt["epoch"], epoch_step, ckpt["best"], ckpt["metrics"]
 
 
 def log_position(row):
-    """A log.jsonl row's or a checkpoint's place, (epoch, step, end): epoch first, as steps restart lower when a resume
-    changes the steps per epoch; end is 1 for a summary row and an epoch-end checkpoint, 0 for step rows and mid-epoch
-    checkpoints, so one at an epoch's last step keeps the epoch's steps but not its summary."""
+    """A log.jsonl row's or a checkpoint's place, (epoch, step, end): end is 1 for summary rows and epoch-end
+    checkpoints, so a checkpoint at an epoch's last step keeps the epoch's steps but not its summary."""
     if "epoch_step" in row:  # a checkpoint: "epoch" counts epochs done
         return row["epoch"] + (1 if row["epoch_step"] else 0), row["step"], 0 if row["epoch_step"] else 1
     return row["epoch"], row["step"], int("epoch_s" in row)
 
 
 def truncate_log(path, position):
-    """Keep the log.jsonl rows up to the checkpoint's position, rewritten atomically: the rows of steps that the
-    resumed run redoes go. A last line that is not JSON, cut short by a kill, goes too; any other stops the run."""
+    """Keep the log.jsonl rows up to position: the resumed run redoes the rest. A last line cut short by a kill goes."""
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
