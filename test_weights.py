@@ -166,6 +166,7 @@ def test_pretrained_cfg_holds_only_what_timm_accepts(tmp_path):
 
 def test_architecture_names_the_timm_vit_of_the_same_size():
     assert weights.timm_architecture(dataclasses.asdict(vit_config("vit_s"))) == "vit_small_patch16_224"
+    assert weights.timm_architecture(dataclasses.asdict(vit_config("vit_l"))) == "vit_large_patch16_224"
     assert (
         weights.timm_architecture(dataclasses.asdict(vit_config("vit_mini"))) == "vit_base_patch16_224"
     )  # none in timm

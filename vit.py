@@ -39,6 +39,7 @@ PRESETS = {  # widths and depths of DeiT / timm
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_s": dict(embed_dim=384, depth=12, num_heads=6),  # the paper's CIFAR-100 backbone (ViT-S/4)
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12),  # the paper's ImageNet / COCO backbone (ViT-B/16)
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),  # the baselines' ViT-L rows (MAE, DropPos)
 }
 
 

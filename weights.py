@@ -211,6 +211,7 @@ TIMM_ARCHITECTURES = {  # the timm model function named for each preset of the s
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_s": "vit_small_patch16_224",
     "vit_b": "vit_base_patch16_224",
+    "vit_l": "vit_large_patch16_224",
 }
 PHOTOS = ("in1k", "imagefolder", "images")  # data.eval_transform's DeiT centre crop (crop_pct 0.875)
 PROBE_EPS = 1e-6  # the eps of part.Classifier's linear-probe BatchNorm
