@@ -38,7 +38,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import cli
 import data
@@ -444,7 +443,7 @@ def evaluate(model, loader, dd, seed):
     model.eval()
     dataset = loader.dataset
     per_image = {}  # image_id -> (box results, mask results)
-    for images, targets in tqdm(loader, desc="eval", disable=not dd.main, leave=False):
+    for images, targets in engine.progress(loader, dd, desc="eval"):
         outputs = model(engine.to_device(images, dd.device))
         for out, target in zip(outputs, targets):
             per_image[int(target["image_id"])] = image_results(out, int(target["image_id"]), dataset.cat_ids)

@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 import baselines
 import cli
@@ -497,7 +496,7 @@ def cache_nights(refs, channels, cache_dir, dd, desc):
     stems = [str(folder / cache_stem(ref, channels)) for ref in refs]
     share = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     mine = [(r, s) for k, (r, s) in enumerate(zip(refs, stems)) if k % share == dd.local_rank % share]
-    for ref, stem in tqdm(mine, desc=f"preprocessing {desc}", leave=False, disable=not dd.main):
+    for ref, stem in engine.progress(mine, dd, desc=f"preprocessing {desc}"):
         if not Path(f"{stem}.npy").exists():
             write_night(ref, channels, stem)
     while not all(Path(f"{stem}.npy").exists() for stem in stems):  # the other processes' shares

@@ -25,7 +25,6 @@ import click
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 import baselines
 import bench as benchmark
@@ -36,7 +35,7 @@ from cli import (
     COUNT, HEAD_HELP, NON_NEGATIVE, OUT_DIR_HELP, POSITIVE, XAVIER_HELP, Cli, Finite, method_config, method_options,
     options, pretrain_summary, recipe_from, recipe_options, take,
 )
-from engine import Dist, UserError, autocast, fail, fit, local_device, make_loader, run
+from engine import Dist, UserError, autocast, fail, fit, local_device, make_loader, progress, run
 from vit import PRESETS, set_grad_checkpointing, vit_config
 
 
@@ -471,7 +470,7 @@ def knn_features(encoder, mean, std, pool, dataset, dd, batch_size=512):
     L2-normalised, on dd.device -> (n, D), labels (n,)."""
     feats, labels = [], []
     normalize = part.Normalize(mean, std).to(dd.device)
-    for images, y in tqdm(make_loader(dataset, batch_size, dd, 0, -1, False), desc="features", leave=False):
+    for images, y in progress(make_loader(dataset, batch_size, dd, 0, -1, False), dd, desc="features"):
         with autocast(dd.device):
             tokens = part.encode_grid(encoder, normalize, images.to(dd.device, non_blocking=True))  # (B, T, D)
         pooled = encoder.pool(tokens, pool)  # (B, D)
